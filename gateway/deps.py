@@ -1,0 +1,45 @@
+"""Dependency aliases: singletons created in the app's lifespan, reached through these."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.catalog import ModelCatalog
+from gateway.engine.client import EngineClient
+from gateway.errors import EngineUnavailable
+from gateway.services.generation import GenerationService
+
+
+def _state(request: Request, name: str):  # type: ignore[no-untyped-def]
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise EngineUnavailable("The gateway is starting; try again shortly.")
+    return value
+
+
+def get_service(request: Request) -> GenerationService:
+    service: GenerationService = _state(request, "generation")
+    return service
+
+
+def get_engine(request: Request) -> EngineClient:
+    engine: EngineClient = _state(request, "engine")
+    return engine
+
+
+def get_catalog(request: Request) -> ModelCatalog:
+    catalog: ModelCatalog = _state(request, "catalog")
+    return catalog
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.state.request_id
+    return rid
+
+
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
+CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
+RequestIdDep = Annotated[str, Depends(request_id)]

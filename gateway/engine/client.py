@@ -1,0 +1,112 @@
+"""The engine-client seam: what the gateway needs from an inference engine, nothing more.
+
+Routes and services speak only these types, so a remote-engine backend (vLLM servers over HTTP)
+can be added beside the embedded one without touching them. Prompts cross the seam as token ids:
+the gateway owns tokenization and chat templates. Adapters cross it as an engine id plus a local
+path resolved by the gateway — never a client-supplied name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class EngineError(Exception):
+    """The engine failed this request (not the client's fault)."""
+
+
+class EngineDead(EngineError):
+    """The engine is gone; no request can be served until the gateway restarts."""
+
+
+class EngineRejected(Exception):
+    """The engine refused the request as invalid (client's fault)."""
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """A servable adapter version as the engine sees it."""
+
+    engine_id: int  # > 0, unique per adapter version for the engine's lifetime
+    path: str  # local directory holding adapter_config.json + adapter_model.safetensors
+
+    @property
+    def engine_name(self) -> str:
+        return f"adapter-{self.engine_id}"
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # number of top alternatives; 0 = chosen token only
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one choice since the previous update."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationUpdate:
+    prompt_tokens: int
+    choices: list[ChoiceDelta] = field(default_factory=list)
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    alive: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineClient(Protocol):
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+    ) -> AsyncIterator[GenerationUpdate]:
+        """Stream deltas; raises EngineRejected, EngineDead or EngineError."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    async def remove_adapter(self, engine_id: int) -> None: ...
+
+    async def health(self) -> EngineHealth: ...
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's own generation defaults (generation_config.json), e.g. temperature."""
+        ...

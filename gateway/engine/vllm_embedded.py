@@ -1,0 +1,220 @@
+"""EngineClient over vLLM's AsyncLLM running inside the gateway process (engine core in a child)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from gateway.engine.client import (
+    AdapterHandle,
+    ChoiceDelta,
+    EngineDead,
+    EngineError,
+    EngineHealth,
+    EngineRejected,
+    GenerationUpdate,
+    SamplingOptions,
+    TokenLogprob,
+)
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+# Share of host memory vLLM's CPU backend reserves when the user did not choose one.
+CPU_MEMORY_UTILIZATION = 0.2
+CUDA_MEMORY_UTILIZATION = 0.9
+HEALTH_PROBE_TIMEOUT_S = 3.0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class EmbeddedVLLM:
+    """One vLLM AsyncLLM; `start()` blocks until the engine serves (15-20 s on 2 CPU cores)."""
+
+    def __init__(self, settings: Settings, model_path: str, served_model_name: str):
+        self._settings = settings
+        self._model_path = model_path
+        self._served_model_name = served_model_name
+        self._engine: AsyncLLM | None = None
+        self.max_model_len = settings.max_model_len
+
+    def _engine_args(self) -> Any:
+        from vllm import AsyncEngineArgs
+
+        s = self._settings
+        utilization = s.gpu_memory_utilization or (
+            CUDA_MEMORY_UTILIZATION if _cuda_available() else CPU_MEMORY_UTILIZATION
+        )
+        return AsyncEngineArgs(
+            model=self._model_path,
+            served_model_name=[self._served_model_name],
+            enable_lora=True,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,  # type: ignore[arg-type]  # validated in Settings
+            max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            dtype=s.dtype,
+            gpu_memory_utilization=utilization,
+            enforce_eager=s.enforce_eager,
+            seed=s.seed,
+        )
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        loop = asyncio.get_running_loop()
+        # Engine construction blocks for seconds (process spawn, weight load, warm-up).
+        self._engine = await asyncio.wait_for(
+            loop.run_in_executor(None, lambda: AsyncLLM.from_engine_args(args)),
+            timeout=self._settings.engine_start_timeout_s,
+        )
+        self.max_model_len = self._engine.model_config.max_model_len
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            engine.shutdown()
+
+    @property
+    def engine(self) -> AsyncLLM:
+        if self._engine is None:
+            raise EngineDead("engine not started")
+        return self._engine
+
+    def default_sampling(self) -> dict[str, Any]:
+        return dict(self.engine.model_config.get_diff_sampling_param())
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+    ) -> AsyncIterator[GenerationUpdate]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        engine = self.engine
+        if engine.errored:
+            raise EngineDead("the inference engine is not running")
+        params = _sampling_params(options)
+        lora = _lora_request(adapter)
+        stream = engine.generate(
+            {"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora
+        )
+        try:
+            async for output in stream:
+                yield _update(output, len(prompt_token_ids), options.logprobs)
+        except EngineDeadError as exc:
+            raise EngineDead("the inference engine stopped") from exc
+        except (VLLMValidationError, ValueError) as exc:
+            raise EngineRejected(str(exc)) from exc
+        except EngineGenerateError as exc:
+            raise EngineError(f"generation failed: {exc.__cause__ or exc}") from exc
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None and not self._engine.errored:
+            await self._engine.abort(request_id)
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        lora = _lora_request(adapter)
+        if not await self.engine.add_lora(lora):
+            raise EngineError(f"engine refused adapter {adapter.engine_name}")
+
+    async def remove_adapter(self, engine_id: int) -> None:
+        await self.engine.remove_lora(engine_id)
+
+    async def health(self) -> EngineHealth:
+        engine = self._engine
+        if engine is None:
+            return EngineHealth(alive=False, detail={"reason": "not started"})
+        if engine.errored:
+            return EngineHealth(alive=False, detail={"reason": "engine stopped"})
+        try:
+            # A call to an engine core that just died waits forever (vLLM notices the death
+            # about a second later but never fails the pending call): bound the whole probe.
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
+                await engine.check_health()
+                loaded = sorted(await engine.list_loras())
+        except Exception as exc:  # any failure of the probe means not ready
+            reason = "engine did not answer" if isinstance(exc, TimeoutError) else str(exc)
+            return EngineHealth(alive=False, detail={"reason": f"health check failed: {reason}"})
+        return EngineHealth(
+            alive=True,
+            detail={
+                "unfinished_requests": engine.get_num_unfinished_requests(),
+                "loaded_adapters": loaded,
+            },
+        )
+
+
+def _lora_request(adapter: AdapterHandle | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.engine_name, adapter.engine_id, adapter.path)
+
+
+def _sampling_params(options: SamplingOptions) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs: dict[str, Any] = {
+        "n": options.n,
+        "max_tokens": options.max_tokens,
+        "seed": options.seed,
+        "stop": list(options.stop) or None,
+        "logprobs": options.logprobs,
+        "ignore_eos": options.ignore_eos,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    return SamplingParams(**kwargs)
+
+
+def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:
+    """vLLM gives per position the k best tokens plus the chosen one (which may rank lower)."""
+    if output.logprobs is None or top_k is None:
+        return None
+    entries = []
+    for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
+        chosen = position[token_id]
+        ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)[:top_k]
+        entries.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                # -inf is not valid JSON; OpenAI clamps the same way.
+                logprob=max(chosen.logprob, -9999.0),
+                top=tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked),
+            )
+        )
+    return entries
+
+
+def _update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpdate:
+    choices = [
+        ChoiceDelta(
+            index=completion.index,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            logprobs=_logprobs(completion, top_k),
+            finish_reason=completion.finish_reason,
+        )
+        for completion in output.outputs
+    ]
+    return GenerationUpdate(prompt_tokens=prompt_tokens, choices=choices, finished=output.finished)

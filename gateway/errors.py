@@ -1,0 +1,131 @@
+"""Typed errors and the one handler set that turns every failure into OpenAI's error shape.
+
+Body: {"error": {"message", "type", "param", "code"}}. FastAPI's {"detail": ...} never leaks;
+5xx bodies carry the request id and the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class LoraplexError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class InvalidRequest(LoraplexError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(LoraplexError):
+    """Unknown, foreign or retired model: one indistinguishable answer, so names can't be probed."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
+
+
+class EngineUnavailable(LoraplexError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_unavailable"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "5"}
+
+
+def error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
+def _validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    param = ".".join(loc) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in errors
+    )
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoraplexError)
+    async def _loraplex(request: Request, exc: LoraplexError) -> JSONResponse:
+        message = exc.message
+        if exc.status_code >= 500:
+            message = f"{message} (request id {_request_id(request)})"
+        return JSONResponse(
+            error_body(message, exc.error_type, param=exc.param, code=exc.code),
+            status_code=exc.status_code,
+            headers=exc.headers(),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_param(exc)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param=param), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), error_type, code=code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = _request_id(request)
+        logger.exception("unhandled error in request %s", request_id)
+        return JSONResponse(
+            error_body(
+                f"The server had an error while processing your request (request id {request_id}).",
+                "server_error",
+            ),
+            status_code=500,
+        )

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from gateway.deps import RequestIdDep, ServiceDep
+from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
+from gateway.schemas.openai import ChatCompletionRequest
+from gateway.services.generation import new_request_id
+from gateway.services.openai_format import chat_completion_body, chat_stream
+
+router = APIRouter(prefix="/v1/chat", tags=["openai"])
+
+
+@router.post("/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, service: ServiceDep, rid: RequestIdDep
+) -> dict[str, Any] | Response:
+    """Create a chat completion with the base model or the adapter named by `model`."""
+    job = await service.prepare_chat(body, new_request_id("chatcmpl"))
+    if body.stream:
+        return event_stream(chat_stream(service, job, body.include_usage_in_stream()))
+    try:
+        choices = await until_disconnected(request, service.collect(job))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return chat_completion_body(job, choices)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the gateway process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
+    """Readiness: the engine is up and answering; 503 while starting or after it died."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    health = await engine.health()
+    if not health.alive:
+        return JSONResponse({"status": "unavailable", "engine": health.detail}, status_code=503)
+    return {"status": "ready", "engine": health.detail}

@@ -1,0 +1,245 @@
+"""Turns an OpenAI request into engine work: resolve the model, build the prompt, run, collect.
+
+The route hands a validated request here and gets back a GenerationJob (everything decided
+before the engine sees anything: model → adapter handle, prompt token ids, sampling options),
+then either streams the job's updates or collects them into final choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.catalog import ModelCatalog, ServedModel
+from gateway.engine.client import (
+    EngineClient,
+    EngineDead,
+    EngineError,
+    EngineRejected,
+    GenerationUpdate,
+    SamplingOptions,
+    TokenLogprob,
+)
+from gateway.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    InvalidRequest,
+    LoraplexError,
+)
+from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
+
+
+class GenerationFailed(LoraplexError):
+    status_code = 500
+    error_type = "server_error"
+    code = "generation_failed"
+
+
+@dataclass
+class GenerationJob:
+    request_id: str
+    kind: str  # "chat.completion" | "text_completion"
+    model: str  # the name the client asked for, echoed back in responses
+    served: ServedModel
+    prompts: list[list[int]]
+    options: SamplingOptions
+    created: int = field(default_factory=lambda: int(time.time()))
+    echo_texts: list[str] | None = None  # completions with echo=true
+
+    def sub_request_id(self, prompt_index: int) -> str:
+        return f"{self.request_id}-{prompt_index}"
+
+    def choice_index(self, prompt_index: int, choice: int) -> int:
+        return prompt_index * self.options.n + choice
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class GenerationService:
+    def __init__(self, engine: EngineClient, catalog: ModelCatalog, tokenizer: Any):
+        self._engine = engine
+        self._catalog = catalog
+        self._tokenizer = tokenizer
+        self._defaults = engine.default_sampling()
+
+    # ---- preparing -------------------------------------------------------------------------
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> GenerationJob:
+        served = await self._catalog.resolve(body.model)
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("This model has no chat template; use /v1/completions.")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = self._tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        prompt = self._tokenizer.encode(text, add_special_tokens=False)
+        top_k = (body.top_logprobs or 0) if body.logprobs else None
+        options = self._options(body, [prompt], body.requested_max_tokens(), top_k)
+        return GenerationJob(request_id, "chat.completion", body.model, served, [prompt], options)
+
+    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> GenerationJob:
+        if body.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequest("echo together with logprobs is not supported", param="echo")
+        served = await self._catalog.resolve(body.model)
+        prompts = self._completion_prompts(body.prompt)
+        options = self._options(body, prompts, body.max_tokens, body.logprobs)
+        echo = self._echo_texts(body.prompt, prompts) if body.echo else None
+        return GenerationJob(
+            request_id, "text_completion", body.model, served, prompts, options, echo_texts=echo
+        )
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
+        if isinstance(prompt, str):
+            return [self._encode(prompt)]
+        if all(isinstance(item, int) for item in prompt):
+            return [self._check_ids(list(prompt))]  # type: ignore[arg-type]
+        return [
+            self._encode(item) if isinstance(item, str) else self._check_ids(list(item))  # type: ignore[arg-type]
+            for item in prompt
+        ]
+
+    def _echo_texts(self, prompt: object, token_prompts: list[list[int]]) -> list[str]:
+        """What the client sent: its strings verbatim, token-id prompts decoded."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        return [self._tokenizer.decode(p, skip_special_tokens=True) for p in token_prompts]
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text)
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = len(self._tokenizer)
+        if not ids or any(not 0 <= i < vocab for i in ids):
+            raise InvalidRequest(f"token ids must be non-empty and in [0, {vocab})", param="prompt")
+        return ids
+
+    def _options(
+        self, body: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
+    ) -> SamplingOptions:
+        limit = self._engine.max_model_len
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens; the prompt has {longest}.",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
+        room = limit - longest
+        if max_tokens is not None and max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or the completion length.",
+                param="max_tokens",
+            )
+        defaults = self._defaults
+        return SamplingOptions(
+            max_tokens=max_tokens if max_tokens is not None else room,
+            temperature=_first(body.temperature, defaults.get("temperature")),
+            top_p=_first(body.top_p, defaults.get("top_p")),
+            n=body.n,
+            seed=body.seed,
+            stop=body.stop_list(),
+            logprobs=logprobs,
+            presence_penalty=_first(body.presence_penalty, defaults.get("presence_penalty")),
+            frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
+            ignore_eos=body.ignore_eos,
+        )
+
+    # ---- running ---------------------------------------------------------------------------
+    async def stream(self, job: GenerationJob) -> AsyncIterator[tuple[int, GenerationUpdate]]:
+        """(prompt index, update) pairs as the engine produces them, all prompts interleaved."""
+        if len(job.prompts) == 1:
+            async for update in self._engine_stream(job, 0):
+                yield 0, update
+            return
+        queue: asyncio.Queue[tuple[int, GenerationUpdate | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for update in self._engine_stream(job, index):
+                    await queue.put((index, update))
+                await queue.put((index, None))
+            except Exception as exc:
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(job.prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _engine_stream(
+        self, job: GenerationJob, prompt_index: int
+    ) -> AsyncIterator[GenerationUpdate]:
+        request_id = job.sub_request_id(prompt_index)
+        finished = False
+        try:
+            async for update in self._engine.generate(
+                request_id, job.prompts[prompt_index], job.options, job.served.adapter
+            ):
+                finished = update.finished
+                yield update
+        except EngineDead as exc:
+            raise EngineUnavailable("The inference engine is unavailable.") from exc
+        except EngineRejected as exc:
+            raise InvalidRequest(str(exc)) from exc
+        except EngineError as exc:
+            raise GenerationFailed("The engine failed to generate a response.") from exc
+        finally:
+            # Client gone or error: make sure the engine stops spending compute on it.
+            if not finished:
+                await asyncio.shield(self._engine.abort(request_id))
+
+    async def collect(self, job: GenerationJob) -> list[ChoiceResult]:
+        choices = {
+            job.choice_index(p, c): ChoiceResult(job.choice_index(p, c))
+            for p in range(len(job.prompts))
+            for c in range(job.options.n)
+        }
+        async for prompt_index, update in self.stream(job):
+            for delta in update.choices:
+                choice = choices[job.choice_index(prompt_index, delta.index)]
+                choice.text += delta.text
+                choice.token_ids.extend(delta.token_ids)
+                if delta.logprobs is not None:
+                    choice.logprobs = (choice.logprobs or []) + delta.logprobs
+                if delta.finish_reason:
+                    choice.finish_reason = delta.finish_reason
+        return [choices[i] for i in sorted(choices)]
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

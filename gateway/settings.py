@@ -1,0 +1,83 @@
+"""All loraplex settings: one pydantic-settings model read from `LORAPLEX_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_DIR_NAME = "demo"
+# vLLM 0.32 preallocates LoRA buffers for these ranks only.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class Settings(BaseSettings):
+    """Built once by the app factory or the CLI, never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path(".loraplex")
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    # Base model: any HF checkpoint directory. Unset → the demo base under data_dir/demo.
+    base_model: Path | None = None
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model; defaults to the folder name."
+    )
+    # Interim adapter source (each subfolder a PEFT adapter, name = folder name) until the
+    # registry serves adapters. Unset → data_dir/demo/adapters when the demo base is served.
+    adapter_dir: Path | None = None
+    demo: bool = Field(False, description="Create the demo model and adapters when missing.")
+
+    # Engine (vLLM AsyncLLM embedded in the gateway process).
+    max_loras: int = Field(4, ge=1, description="Adapters that can share one batch.")
+    max_lora_rank: int = Field(32, description=f"One of {VLLM_LORA_RANKS}.")
+    max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in host memory.")
+    max_model_len: int = Field(1024, ge=16)
+    max_num_seqs: int = Field(64, ge=1)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # On CPU vLLM reads this as the share of host memory it reserves; None picks 0.2 on CPU
+    # (a small node leaves no room for 0.9) and 0.9 on CUDA.
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool = False
+    seed: int = 0
+    engine_start_timeout_s: float = Field(600, gt=0)
+
+    admin_token: SecretStr | None = None
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _supported_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
+        return value
+
+    @property
+    def demo_root(self) -> Path:
+        return self.data_dir / DEMO_DIR_NAME
+
+    def resolved_base_model(self) -> Path:
+        from gateway.demo import demo_paths
+
+        return self.base_model or demo_paths(self.demo_root).base
+
+    def resolved_adapter_dir(self) -> Path | None:
+        from gateway.demo import ADAPTERS_DIR_NAME
+
+        if self.adapter_dir is not None:
+            return self.adapter_dir
+        if self.base_model is None:
+            return self.demo_root / ADAPTERS_DIR_NAME
+        return None
+
+    def resolved_model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.base_model is None:
+            return "loraplex-demo-base"
+        return self.base_model.resolve().name

@@ -1,0 +1,108 @@
+"""Tenant-safe replacements for vLLM 0.32's pure-torch (CPU) LoRA ops.
+
+vLLM marks a token without an adapter with lora index -1 and its CPU ops gather weights with
+`weights[indices]`. In Python -1 is the LAST slot, so once every max_loras slot holds an
+adapter, base-model tokens in the same batch silently receive the last slot's adapter: one
+tenant's fine-tune applied to another's request (fixed upstream after 0.32, vllm PR #48421).
+
+These versions gather with the index clamped to a valid slot and multiply by a 0/1 row mask,
+so rows marked -1 contribute exactly zero. No data-dependent shapes: the ops stay traceable by
+torch.compile, which vLLM applies to the CPU model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gather_masked(
+    weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """[slots, (1,) out, in] weights → [tokens, out, in], zeros for tokens whose index is -1."""
+    valid = (indices >= 0).to(dtype)
+    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
+    if selected.dim() == 4:
+        selected = selected.squeeze(dim=1)
+    return selected * valid.view(-1, 1, 1)
+
+
+def bgmv_shrink(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    scaling: float = 1.0,
+) -> None:
+    """output[t, :r] = scaling · x[t] · A[idx[t]]ᵀ, zero where idx[t] == -1."""
+    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+
+
+def bgmv_expand(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    add_inputs: bool = True,
+) -> None:
+    """output[t] (+)= h[t] · B[idx[t]]ᵀ, nothing added where idx[t] == -1."""
+    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    # The adapter and the model may pad the output dimension differently.
+    common_len = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(
+    inputs: torch.Tensor,
+    lora_b_weights: torch.Tensor,
+    output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+) -> None:
+    """output[t, offset:offset+size] (+)= h[t] · B[idx[t]]ᵀ, nothing added where idx[t] == -1."""
+    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
+
+
+REPLACEMENTS = {
+    "bgmv_shrink": bgmv_shrink,
+    "bgmv_expand": bgmv_expand,
+    "bgmv_expand_slice": bgmv_expand_slice,
+}
+
+
+def install() -> list[str]:
+    """Swap the ops in every vLLM module that bound them; returns the patched module names.
+
+    vLLM's sgmv_* wrappers look their bgmv_* helpers up in the lora_ops module globals, and
+    punica_cpu imported the bgmv_* names directly, so both namespaces are rebound.
+    """
+    import importlib
+
+    patched = []
+    for module_name in (
+        "vllm.lora.ops.torch_ops.lora_ops",
+        "vllm.lora.ops.torch_ops",
+        "vllm.lora.punica_wrapper.punica_cpu",
+    ):
+        module = importlib.import_module(module_name)
+        for name, replacement in REPLACEMENTS.items():
+            if not hasattr(module, name):
+                raise RuntimeError(f"loraplex: {module_name}.{name} not found; vLLM layout changed")
+            setattr(module, name, replacement)
+        patched.append(module_name)
+    return patched

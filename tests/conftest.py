@@ -1,0 +1,108 @@
+"""Session fixtures shared by every test package: the demo world and one real gateway.
+
+The gateway runs as a real `python -m gateway serve` subprocess with its embedded vLLM engine,
+started once per test session (≈ 20 s on 2 cores) and driven over HTTP by the official openai
+client, exactly as users drive it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.demo import DemoPaths, init_demo
+
+BASE_NAME = "loraplex-demo-base"
+# Four adapters in the demo and max_loras 4: a burst with all of them plus the base fills every
+# slot, the exact condition in which vLLM 0.32's CPU ops gave base requests the last adapter.
+MAX_LORAS = 4
+READY_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
+    return init_demo(tmp_path_factory.mktemp("demo"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningGateway:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_gateway(demo: DemoPaths, workdir: Path, **env_overrides: str) -> RunningGateway:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LORAPLEX_PORT": str(port),
+        "LORAPLEX_DATA_DIR": str(workdir / "data"),
+        "LORAPLEX_BASE_MODEL": str(demo.base),
+        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
+        "LORAPLEX_ADAPTER_DIR": str(demo.root / "adapters"),
+        "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
+        "LORAPLEX_MAX_LORA_RANK": "32",
+        "LORAPLEX_MAX_MODEL_LEN": "512",
+        "LORAPLEX_DTYPE": "float32",
+        **env_overrides,
+    }
+    log_path = workdir / f"gateway-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    gateway = RunningGateway(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited early:\n{gateway.log_tail()}")
+        try:
+            if httpx.get(f"{gateway.base_url}/readyz", timeout=2).status_code == 200:
+                return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_gateway(gateway)
+    raise RuntimeError(f"gateway not ready in {READY_TIMEOUT_S}s:\n{gateway.log_tail()}")
+
+
+def stop_gateway(gateway: RunningGateway) -> None:
+    if gateway.process.poll() is None:
+        gateway.process.terminate()
+        try:
+            gateway.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(gateway.process.pid, 9)
+            gateway.process.wait()
+
+
+@pytest.fixture(scope="session")
+def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    running = start_gateway(demo, tmp_path_factory.mktemp("gateway"))
+    yield running
+    stop_gateway(running)

@@ -1,0 +1,89 @@
+"""Client disconnects free engine work; a dead engine answers 503 instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import start_gateway, stop_gateway
+
+pytestmark = pytest.mark.engine
+ADAPTER = "demo-all-r16"
+LONG = {
+    "model": ADAPTER,
+    "prompt": "Tell me a long story",
+    "max_tokens": 480,
+    "temperature": 0,
+    "ignore_eos": True,
+}
+
+
+def unfinished_requests(gateway) -> int:
+    return int(
+        httpx.get(f"{gateway.base_url}/readyz", timeout=10).json()["engine"]["unfinished_requests"]
+    )
+
+
+def wait_for_idle(gateway, timeout_s: float = 10) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (count := unfinished_requests(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
+
+
+def test_stream_disconnect_aborts_engine_request(gateway):
+    assert wait_for_idle(gateway) == 0
+    with httpx.stream(
+        "POST", f"{gateway.v1}/completions", json={**LONG, "stream": True}, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert unfinished_requests(gateway) == 1
+    # Closed after the first chunk: the engine must drop the 480-token request.
+    assert wait_for_idle(gateway) == 0
+
+
+async def test_non_stream_disconnect_aborts_engine_request(gateway):
+    assert wait_for_idle(gateway) == 0
+    async with httpx.AsyncClient(timeout=60) as client:
+        task = asyncio.create_task(client.post(f"{gateway.v1}/completions", json=LONG))
+        deadline = time.monotonic() + 10
+        while unfinished_requests(gateway) == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert unfinished_requests(gateway) == 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert await asyncio.to_thread(wait_for_idle, gateway) == 0
+
+
+def test_engine_death_turns_readyz_false_and_requests_into_503(demo, tmp_path):
+    """Own gateway: killing the engine core must not take the shared session gateway down."""
+    gateway = start_gateway(demo, tmp_path)
+    try:
+        children = psutil.Process(gateway.process.pid).children(recursive=True)
+        engine_cores = [p for p in children if "EngineCore" in " ".join([*p.cmdline(), p.name()])]
+        assert engine_cores, [(p.name(), p.cmdline()) for p in children]
+        for proc in engine_cores:
+            proc.send_signal(signal.SIGKILL)
+
+        deadline = time.monotonic() + 30
+        ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10)
+        while ready.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10)
+        assert ready.status_code == 503
+        assert httpx.get(f"{gateway.base_url}/healthz", timeout=10).status_code == 200
+
+        client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=ADAPTER, prompt="hi", max_tokens=4)
+        assert info.value.status_code == 503
+        assert info.value.body["code"] == "engine_unavailable"
+    finally:
+        stop_gateway(gateway)
