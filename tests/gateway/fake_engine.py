@@ -1,0 +1,77 @@
+"""A scripted EngineClient for fast unit tests of gateway logic (never the only test of a
+user-visible behaviour: tests/e2e drives the same paths through the real vLLM engine)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.engine.client import (
+    AdapterHandle,
+    ChoiceDelta,
+    EngineHealth,
+    GenerationUpdate,
+    SamplingOptions,
+)
+
+
+class ScriptedEngine:
+    max_model_len = 256
+
+    def __init__(
+        self, words: list[str], fail_after: int | None = None, error: Exception | None = None
+    ):
+        self.words = words
+        self.fail_after = fail_after
+        self.error = error
+        self.aborted: list[str] = []
+        self.calls: list[tuple[str, AdapterHandle | None, SamplingOptions]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def default_sampling(self) -> dict[str, Any]:
+        return {}
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+    ) -> AsyncIterator[GenerationUpdate]:
+        self.calls.append((request_id, adapter, options))
+        count = min(options.max_tokens, len(self.words))
+        for i in range(count):
+            if self.fail_after is not None and i == self.fail_after:
+                assert self.error is not None
+                raise self.error
+            last = i == count - 1
+            yield GenerationUpdate(
+                prompt_tokens=len(prompt_token_ids),
+                choices=[
+                    ChoiceDelta(
+                        index=c,
+                        text=self.words[i],
+                        token_ids=[i],
+                        finish_reason="length" if last else None,
+                    )
+                    for c in range(options.n)
+                ],
+                finished=last,
+            )
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        pass
+
+    async def remove_adapter(self, engine_id: int) -> None:
+        pass
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(alive=True, detail={"unfinished_requests": 0})
