@@ -74,7 +74,7 @@ class DemoBaseSpec:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 4096
     vocab_size: int = 2048
     seed: int = 1234
     # Larger than HF's 0.02 so logits are peaked: greedy decoding then has clear winners and
@@ -156,7 +156,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> int:
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 1024
+    fast.model_max_length = 4096
     fast.save_pretrained(out_dir)
     return len(fast)
 

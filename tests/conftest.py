@@ -64,7 +64,7 @@ def start_gateway(demo: DemoPaths, workdir: Path, **env_overrides: str) -> Runni
         "LORAPLEX_ADAPTER_DIR": str(demo.root / "adapters"),
         "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
         "LORAPLEX_MAX_LORA_RANK": "32",
-        "LORAPLEX_MAX_MODEL_LEN": "512",
+        "LORAPLEX_MAX_MODEL_LEN": "2048",
         "LORAPLEX_DTYPE": "float32",
         **env_overrides,
     }

@@ -108,12 +108,14 @@ class EmbeddedVLLM:
         engine = self.engine
         if engine.errored:
             raise EngineDead("the inference engine is not running")
-        params = _sampling_params(options)
-        lora = _lora_request(adapter)
-        stream = engine.generate(
-            {"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora
-        )
         try:
+            params = _sampling_params(options)
+            stream = engine.generate(
+                {"prompt_token_ids": prompt_token_ids},
+                params,
+                request_id,
+                lora_request=_lora_request(adapter),
+            )
             async for output in stream:
                 yield _update(output, len(prompt_token_ids), options.logprobs)
         except EngineDeadError as exc:

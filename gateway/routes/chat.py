@@ -20,7 +20,8 @@ async def create_chat_completion(
     """Create a chat completion with the base model or the adapter named by `model`."""
     job = await service.prepare_chat(body, new_request_id("chatcmpl"))
     if body.stream:
-        return event_stream(chat_stream(service, job, body.include_usage_in_stream()))
+        updates = await service.open_stream(job)
+        return event_stream(chat_stream(job, updates, body.include_usage_in_stream()))
     try:
         choices = await until_disconnected(request, service.collect(job))
     except ClientDisconnected:

@@ -20,7 +20,8 @@ async def create_completion(
     """Create a text completion with the base model or the adapter named by `model`."""
     job = await service.prepare_completion(body, new_request_id("cmpl"))
     if body.stream:
-        return event_stream(completion_stream(service, job, body.include_usage_in_stream()))
+        updates = await service.open_stream(job)
+        return event_stream(completion_stream(job, updates, body.include_usage_in_stream()))
     try:
         choices = await until_disconnected(request, service.collect(job))
     except ClientDisconnected:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.catalog import ModelCatalog, ServedModel
@@ -49,6 +49,8 @@ class GenerationJob:
     options: SamplingOptions
     created: int = field(default_factory=lambda: int(time.time()))
     echo_texts: list[str] | None = None  # completions with echo=true
+    # >1 when greedy n was fanned out: each prompt appears `copies` times in a row with n=1.
+    copies: int = 1
 
     def sub_request_id(self, prompt_index: int) -> str:
         return f"{self.request_id}-{prompt_index}"
@@ -58,7 +60,7 @@ class GenerationJob:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
+        return sum(len(p) for p in self.prompts) // self.copies
 
 
 @dataclass
@@ -89,7 +91,10 @@ class GenerationService:
         prompt = self._tokenizer.encode(text, add_special_tokens=False)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._options(body, [prompt], body.requested_max_tokens(), top_k)
-        return GenerationJob(request_id, "chat.completion", body.model, served, [prompt], options)
+        prompts, options, copies = _fan_out_greedy([prompt], options)
+        return GenerationJob(
+            request_id, "chat.completion", body.model, served, prompts, options, copies=copies
+        )
 
     async def prepare_completion(self, body: CompletionRequest, request_id: str) -> GenerationJob:
         if body.suffix:
@@ -100,8 +105,18 @@ class GenerationService:
         prompts = self._completion_prompts(body.prompt)
         options = self._options(body, prompts, body.max_tokens, body.logprobs)
         echo = self._echo_texts(body.prompt, prompts) if body.echo else None
+        prompts, options, copies = _fan_out_greedy(prompts, options)
+        if echo is not None:
+            echo = [text for text in echo for _ in range(copies)]
         return GenerationJob(
-            request_id, "text_completion", body.model, served, prompts, options, echo_texts=echo
+            request_id,
+            "text_completion",
+            body.model,
+            served,
+            prompts,
+            options,
+            echo_texts=echo,
+            copies=copies,
         )
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
@@ -165,7 +180,7 @@ class GenerationService:
         )
 
     # ---- running ---------------------------------------------------------------------------
-    async def stream(self, job: GenerationJob) -> AsyncIterator[tuple[int, GenerationUpdate]]:
+    async def stream(self, job: GenerationJob) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
         """(prompt index, update) pairs as the engine produces them, all prompts interleaved."""
         if len(job.prompts) == 1:
             async for update in self._engine_stream(job, 0):
@@ -196,6 +211,32 @@ class GenerationService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def open_stream(self, job: GenerationJob) -> AsyncIterator[tuple[int, GenerationUpdate]]:
+        """Start the job and wait for its first update before the response starts.
+
+        Failures before any output (rejected options, dead engine) then raise here and get a
+        proper HTTP status, instead of surfacing inside a stream already answered with 200.
+        """
+        updates = self.stream(job)
+        try:
+            first = await anext(updates)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await updates.aclose()
+            raise
+
+        async def chained() -> AsyncIterator[tuple[int, GenerationUpdate]]:
+            try:
+                if first is not None:
+                    yield first
+                async for item in updates:
+                    yield item
+            finally:
+                await updates.aclose()
+
+        return chained()
 
     async def _engine_stream(
         self, job: GenerationJob, prompt_index: int
@@ -235,6 +276,18 @@ class GenerationService:
                 if delta.finish_reason:
                     choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
+
+
+def _fan_out_greedy(
+    prompts: list[list[int]], options: SamplingOptions
+) -> tuple[list[list[int]], SamplingOptions, int]:
+    """OpenAI accepts n > 1 with temperature 0 (n identical choices); vLLM refuses it. Submit
+    one greedy request per choice instead; prefix caching makes the copies cheap."""
+    if options.n == 1 or options.temperature != 0:
+        return prompts, options, 1
+    copies = options.n
+    expanded = [prompt for prompt in prompts for _ in range(copies)]
+    return expanded, replace(options, n=1), copies
 
 
 def new_request_id(prefix: str) -> str:

@@ -6,9 +6,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.engine.client import TokenLogprob
+from gateway.engine.client import GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, error_body
-from gateway.services.generation import ChoiceResult, GenerationJob, GenerationService
+from gateway.services.generation import ChoiceResult, GenerationJob
+
+Updates = AsyncIterator[tuple[int, GenerationUpdate]]
 
 DONE = "data: [DONE]\n\n"
 
@@ -100,7 +102,7 @@ def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str
     }
 
 
-async def chat_stream(service: GenerationService, job: GenerationJob, include_usage: bool):
+async def chat_stream(job: GenerationJob, updates: Updates, include_usage: bool):
     """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
     envelope = _envelope(job, "chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
@@ -113,7 +115,7 @@ async def chat_stream(service: GenerationService, job: GenerationJob, include_us
             }
         )
     completion_tokens = 0
-    async for chunk in _guarded(service.stream(job)):
+    async for chunk in _guarded(updates):
         if isinstance(chunk, str):
             yield chunk
             return
@@ -137,7 +139,7 @@ def _chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None = 
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def completion_stream(service: GenerationService, job: GenerationJob, include_usage: bool):
+async def completion_stream(job: GenerationJob, updates: Updates, include_usage: bool):
     """text_completion events: text deltas (prompt first when echo), finish, usage, [DONE]."""
     envelope = _envelope(job, "text_completion")
     extra = {"usage": None} if include_usage else {}
@@ -148,7 +150,7 @@ async def completion_stream(service: GenerationService, job: GenerationJob, incl
         if prefix:
             yield sse({**envelope, **extra, "choices": [_text_choice(index, prefix)]})
     completion_tokens = 0
-    async for chunk in _guarded(service.stream(job)):
+    async for chunk in _guarded(updates):
         if isinstance(chunk, str):
             yield chunk
             return

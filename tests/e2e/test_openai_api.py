@@ -114,6 +114,28 @@ def test_n_with_seed_gives_reproducible_distinct_samples(client):
     assert finishes.count("length") * 12 <= first.usage.completion_tokens <= 36
 
 
+def test_greedy_n_returns_identical_choices_like_openai(client):
+    """vLLM refuses n > 1 with greedy sampling; OpenAI answers with n identical choices."""
+    single = client.chat.completions.create(
+        model=ADAPTER, messages=MESSAGES, max_tokens=6, temperature=0
+    )
+    multi = client.chat.completions.create(
+        model=ADAPTER, messages=MESSAGES, max_tokens=6, temperature=0, n=3
+    )
+    assert [c.index for c in multi.choices] == [0, 1, 2]
+    assert {c.message.content for c in multi.choices} == {single.choices[0].message.content}
+    assert multi.usage.prompt_tokens == single.usage.prompt_tokens
+    assert multi.usage.completion_tokens == 18
+    stream = client.completions.create(
+        model=ADAPTER, prompt="Hi", max_tokens=4, temperature=0, n=2, stream=True, echo=True
+    )
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts[0] == texts[1] and texts[0].startswith("Hi")
+
+
 def test_stop_sequence_truncates_output(client):
     full = client.completions.create(model=ADAPTER, prompt="Hello", max_tokens=16, temperature=0)
     text = full.choices[0].text

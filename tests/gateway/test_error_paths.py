@@ -75,6 +75,17 @@ def test_engine_failures_map_to_openai_errors(demo_root, error, status, code):
         assert response.headers["retry-after"]
 
 
+def test_failure_before_first_token_gets_a_real_status_not_a_broken_stream(demo_root):
+    engine = ScriptedEngine(["a"], fail_after=0, error=EngineRejected("n must be 1"))
+    with client_for(demo_root, engine) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "n must be 1"
+
+
 def test_unexpected_exception_is_a_500_with_request_id_and_no_traceback(demo_root):
     engine = ScriptedEngine(["a"], fail_after=0, error=RuntimeError("secret internals"))
     with client_for(demo_root, engine) as client:
