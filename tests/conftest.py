@@ -53,15 +53,25 @@ class RunningGateway:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_gateway(demo: DemoPaths, workdir: Path, **env_overrides: str) -> RunningGateway:
+def start_gateway(
+    demo: DemoPaths | None, workdir: Path, *args: str, **env_overrides: str
+) -> RunningGateway:
+    """`python -m gateway serve ARGS`; demo None → the CLI's own demo mode builds everything."""
     port = free_port()
+    model_env = (
+        {}
+        if demo is None
+        else {
+            "LORAPLEX_BASE_MODEL": str(demo.base),
+            "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
+            "LORAPLEX_ADAPTER_DIR": str(demo.root / "adapters"),
+        }
+    )
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")},
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_DATA_DIR": str(workdir / "data"),
-        "LORAPLEX_BASE_MODEL": str(demo.base),
-        "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-        "LORAPLEX_ADAPTER_DIR": str(demo.root / "adapters"),
+        **model_env,
         "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
         "LORAPLEX_MAX_LORA_RANK": "32",
         "LORAPLEX_MAX_MODEL_LEN": "2048",
@@ -70,7 +80,7 @@ def start_gateway(demo: DemoPaths, workdir: Path, **env_overrides: str) -> Runni
     }
     log_path = workdir / f"gateway-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve"],
+        [sys.executable, "-m", "gateway", "serve", *args],
         env=env,
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,

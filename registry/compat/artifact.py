@@ -1,0 +1,206 @@
+"""Inspection (the I/O half of the gate): read a PEFT adapter folder into a plain AdapterArtifact.
+
+Nothing here decides; it only records what is there (config, tensor header, non-finite tensors,
+file digests, a shipped tokenizer) and any failure to read it, so the pure `check_*` functions
+can report every reason at once. No weights are deserialised: the safetensors header is parsed by
+our own bounded reader and tensor bytes are only streamed for a bit-level NaN/Inf test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from registry.compat.fingerprint import TOKENIZER_FILES, TokenizerInfo, tokenizer_info
+from registry.compat.safetensors_header import HeaderError, TensorEntry, read_header
+from registry.errors import BaseModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The files that make up a servable artifact; everything else in an upload is left behind.
+ARTIFACT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_CONFIG_BYTES = 1024 * 1024
+SCAN_CHUNK = 4 * 1024 * 1024  # a multiple of every itemsize
+# A value is NaN or ±Inf exactly when all its exponent bits are set: test bits, not floats, so
+# bf16 needs no float support and no value is ever converted.
+_EXPONENT_MASKS: dict[str, tuple[type[np.unsignedinteger[Any]], int]] = {
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F32": (np.uint32, 0x7F800000),
+    "F64": (np.uint64, 0x7FF0000000000000),
+}
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterArtifact:
+    """What inspection found in an adapter folder; the pure checks take only this."""
+
+    files: tuple[str, ...] = ()
+    unsafe_files: tuple[str, ...] = ()
+    config: Mapping[str, Any] | None = None
+    config_error: str | None = None
+    tensors: tuple[TensorInfo, ...] = ()
+    header_error: str | None = None
+    nonfinite_tensors: tuple[str, ...] = ()
+    file_digests: Mapping[str, FileDigest] = field(default_factory=dict)
+    tokenizer: TokenizerInfo | None = None
+    tokenizer_error: str | None = None
+    # Claims about the base it was trained on, filled by the service from the card or from the
+    # adapter's earlier versions; None means nothing was claimed.
+    declared_base_sha256: str | None = None
+    declared_tokenizer_sha256: str | None = None
+
+    @property
+    def peft_type(self) -> str | None:
+        value = (self.config or {}).get("peft_type")
+        return value if isinstance(value, str) else None
+
+    @property
+    def rank(self) -> int | None:
+        value = (self.config or {}).get("r")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def alpha(self) -> float | None:
+        value = (self.config or {}).get("lora_alpha")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        try:
+            alpha = float(value)  # a 400-digit JSON integer overflows here
+        except OverflowError:
+            return None
+        return alpha if math.isfinite(alpha) else None
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool((self.config or {}).get("use_rslora"))
+
+    @property
+    def scale(self) -> float | None:
+        """PEFT's scaling: alpha/r, or alpha/√r with rsLoRA."""
+        if self.rank is None or self.alpha is None or self.rank <= 0:
+            return None
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def dtype(self) -> str | None:
+        dtypes = {t.dtype for t in self.tensors}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(d.size for d in self.file_digests.values())
+
+
+def inspect_adapter(path: Path, *, scan_values: bool = True) -> AdapterArtifact:
+    """Read `path` (a PEFT folder) without trusting it; blocking, run it in a thread."""
+    path = Path(path)
+    files: list[str] = []
+    unsafe: list[str] = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        mode = entry.lstat().st_mode
+        files.append(entry.name)
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            unsafe.append(entry.name)  # symlinks, sockets, devices: never followed
+    found: dict[str, Any] = {"files": tuple(files), "unsafe_files": tuple(unsafe)}
+    digests: dict[str, FileDigest] = {}
+    if ADAPTER_CONFIG in files and ADAPTER_CONFIG not in unsafe:
+        found.update(_read_config(path / ADAPTER_CONFIG, digests))
+    if ADAPTER_WEIGHTS in files and ADAPTER_WEIGHTS not in unsafe:
+        found.update(_read_weights(path / ADAPTER_WEIGHTS, digests, scan_values=scan_values))
+    if any(name in files and name not in unsafe for name in TOKENIZER_FILES):
+        try:
+            found["tokenizer"] = tokenizer_info(path)
+        except BaseModelError as exc:
+            found["tokenizer_error"] = exc.message
+    return AdapterArtifact(file_digests=digests, **found)
+
+
+def _read_config(path: Path, digests: dict[str, FileDigest]) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        return {"config_error": f"{ADAPTER_CONFIG} is {size} bytes; limit {MAX_CONFIG_BYTES}"}
+    raw = path.read_bytes()
+    digests[ADAPTER_CONFIG] = FileDigest(len(raw), hashlib.sha256(raw).hexdigest())
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        return {"config_error": f"{ADAPTER_CONFIG} is not valid JSON: {exc}"}
+    if not isinstance(config, dict):
+        return {"config_error": f"{ADAPTER_CONFIG} is not a JSON object"}
+    return {"config": config}
+
+
+def _read_weights(
+    path: Path, digests: dict[str, FileDigest], *, scan_values: bool
+) -> dict[str, Any]:
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        return {"header_error": str(exc)}
+    tensors = tuple(TensorInfo(t.name, t.dtype, t.shape) for t in header.tensors)
+    digest = hashlib.sha256()
+    nonfinite: list[str] = []
+    # One sequential pass: the header reader proved the tensors tile the data region, so reading
+    # them in offset order reads every byte of the file exactly once, for the digest as well.
+    try:
+        with path.open("rb") as handle:
+            digest.update(_read_exact(handle, header.data_start))
+            for tensor in header.tensors:
+                if not _stream_tensor(handle, tensor, digest, scan=scan_values):
+                    nonfinite.append(tensor.name)
+            if handle.read(1):
+                raise HeaderError(["file grew while it was being read"])
+    except HeaderError as exc:
+        return {"header_error": str(exc), "tensors": tensors}
+    digests[ADAPTER_WEIGHTS] = FileDigest(header.file_size, digest.hexdigest())
+    return {"tensors": tensors, "nonfinite_tensors": tuple(nonfinite)}
+
+
+def _read_exact(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    while len(data) < size:
+        more = handle.read(size - len(data))
+        if not more:
+            raise HeaderError(["file shrank while it was being read"])
+        data += more
+    return data
+
+
+def _stream_tensor(handle: BinaryIO, tensor: TensorEntry, digest: Any, *, scan: bool) -> bool:
+    """Hash the tensor's bytes; True when every value is finite (or the dtype is not float)."""
+    mask_spec = _EXPONENT_MASKS.get(tensor.dtype) if scan else None
+    finite = True
+    remaining = tensor.nbytes
+    while remaining:
+        # Chunks are whole multiples of the item size because SCAN_CHUNK is and reads are exact.
+        chunk = _read_exact(handle, min(SCAN_CHUNK, remaining))
+        remaining -= len(chunk)
+        digest.update(chunk)
+        if mask_spec is not None and finite:
+            kind, mask = mask_spec
+            bits = np.frombuffer(chunk, dtype=kind)
+            finite = not bool(np.any((bits & kind(mask)) == kind(mask)))
+    return finite

@@ -1,0 +1,60 @@
+"""One reason a registration is refused: a stable code for machines, a sentence for people."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ProblemCode(StrEnum):
+    # files and formats
+    MISSING_FILE = "missing_file"
+    PICKLE_WEIGHTS = "pickle_weights"
+    UNSAFE_FILE = "unsafe_file"
+    HEADER_INVALID = "safetensors_header_invalid"
+    NON_FINITE = "non_finite_weights"
+    DTYPE_UNSUPPORTED = "dtype_unsupported"
+    # adapter_config.json
+    CONFIG_INVALID = "adapter_config_invalid"
+    PEFT_TYPE = "peft_type_unsupported"
+    FEATURE_UNSUPPORTED = "peft_feature_unsupported"
+    DORA = "dora_unsupported"
+    MODULES_TO_SAVE = "modules_to_save_unsupported"
+    RANK_INVALID = "rank_invalid"
+    RANK_EXCEEDS_LIMIT = "rank_exceeds_limit"
+    ALPHA_INVALID = "alpha_invalid"
+    # against the base
+    BASE_MISMATCH = "base_sha256_mismatch"
+    TOKENIZER_MISMATCH = "tokenizer_mismatch"
+    TOKENS_MISSING = "tokens_missing_in_base"
+    EMBEDDING_DELTA = "embedding_delta_unsupported"
+    UNKNOWN_TENSOR = "unknown_tensor"
+    MODULE_NOT_IN_BASE = "target_module_not_in_base"
+    LAYER_OUT_OF_RANGE = "layer_out_of_range"
+    SHAPE_MISMATCH = "shape_mismatch"
+    UNPAIRED_TENSOR = "unpaired_lora_tensor"
+    NO_LORA_WEIGHTS = "no_lora_weights"
+    # registry-level
+    INVALID_NAME = "invalid_name"
+    CARD_INVALID = "card_invalid"
+    VISIBILITY_MISMATCH = "visibility_mismatch"
+    DUPLICATE_ARTIFACT = "duplicate_artifact"
+    ROLLBACK_PATH_INVALID = "rollback_path_invalid"
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: ProblemCode
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code.value, "message": self.message}
+
+
+def capped(problems: list[Problem], *, limit: int, code: ProblemCode, what: str) -> list[Problem]:
+    """Keep the first `limit` problems and summarise the rest, so a 500-tensor mismatch stays
+    readable while the count still tells the whole story."""
+    if len(problems) <= limit:
+        return problems
+    rest = len(problems) - limit
+    return [*problems[:limit], Problem(code, f"… and {rest} more {what}")]

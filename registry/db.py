@@ -1,0 +1,92 @@
+"""Engine, session factory and migrations.
+
+Gateway start-up, in order:
+
+    await migrate(url)                      # alembic upgrade head; safe to run on every start
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)  # async_sessionmaker, expire_on_commit=False
+    async with sessions() as session: ...    # one session per request
+
+`url` is e.g. `sqlite+aiosqlite:////data/registry.db` (the folder is created) or
+`postgresql+asyncpg://user@host/db`. Migrations ship inside the package; no alembic.ini is
+needed. A schema change is a new revision, generated against a database at head:
+
+    LORAPLEX_DATABASE_URL=sqlite+aiosqlite:////tmp/dev.db python -c "from alembic import command;
+    from registry.db import alembic_config as c; command.upgrade(c(), 'head');
+    command.revision(c(), message='what changed', autogenerate=True, rev_id='0002')"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any constant works; it only has to be the same for every process migrating this database.
+_PG_MIGRATION_LOCK = 0x6C6F7261706C6578  # "loraplex"
+
+
+def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An AsyncEngine; SQLite gets foreign keys on, WAL and a busy timeout per connection."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_async_engine(url, **kwargs)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # SQLite ignores foreign keys unless asked, per connection.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        if parsed.database and parsed.database != ":memory:":
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers no longer block the writer
+        cursor.close()
+
+    return engine
+
+
+def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: objects stay readable after commit without lazy I/O in async code.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        config.attributes["url"] = url  # attributes, not options: no %-interpolation of passwords
+    return config
+
+
+async def migrate(url: str | AsyncEngine, *, revision: str = "head") -> None:
+    """Bring the schema to `revision` (default: the newest). Idempotent; on PostgreSQL an
+    advisory lock serialises gateway replicas that start together."""
+    engine = make_engine(url) if isinstance(url, str) else url
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade, revision)
+    finally:
+        if isinstance(url, str):
+            await engine.dispose()
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)

@@ -1,0 +1,135 @@
+"""Typed registry errors. No HTTP here: the gateway maps each class to a status and an error body.
+
+Suggested mapping for the gateway: AdapterRejected / InvalidName / InvalidCard → 422,
+*NotFound → 404, Duplicate* / RegistryConflict / InvalidStateTransition → 409,
+UploadTooLarge → 413, UnsafeArchive → 400, PathNotAllowed → 403, BaseModelMismatch → refuse start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from registry.compat.problems import Problem
+
+
+class RegistryError(Exception):
+    """Base class; `code` is a stable machine-readable string for API error bodies."""
+
+    code = "registry_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdapterRejected(RegistryError):
+    """Registration refused; `problems` lists every reason found, not only the first."""
+
+    code = "adapter_rejected"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        reasons = "; ".join(f"[{p.code}] {p.message}" for p in self.problems)
+        super().__init__(f"adapter rejected: {reasons}")
+
+
+class BaseModelMismatch(RegistryError):
+    """The served base differs from the one registered under the same name: refuse to start."""
+
+    code = "base_model_mismatch"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("; ".join(p.message for p in self.problems))
+
+
+class InvalidName(RegistryError):
+    code = "invalid_name"
+
+
+class InvalidStateTransition(RegistryError):
+    code = "invalid_state_transition"
+
+
+class RegistryConflict(RegistryError):
+    """A concurrent writer won a race (unique constraint); the caller may retry."""
+
+    code = "conflict"
+
+
+class NotFound(RegistryError):
+    code = "not_found"
+
+
+class AdapterNotFound(NotFound):
+    """Unknown, foreign-private or unservable adapter: one answer so names cannot be probed."""
+
+    code = "adapter_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
+class BaseModelNotFound(NotFound):
+    code = "base_model_not_found"
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+
+
+class Duplicate(RegistryError):
+    code = "duplicate"
+
+
+class DuplicateAdapter(Duplicate):
+    code = "duplicate_adapter"
+
+
+class DuplicateTenant(Duplicate):
+    code = "duplicate_tenant"
+
+
+class DuplicateBaseModel(Duplicate):
+    code = "duplicate_base_model"
+
+
+class IngestError(RegistryError):
+    """Base for upload/staging failures: the input never reached the store."""
+
+    code = "ingest_error"
+
+
+class UploadTooLarge(IngestError):
+    code = "upload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"upload exceeds the limit of {limit} bytes")
+
+
+class UnsafeArchive(IngestError):
+    code = "unsafe_archive"
+
+
+class PathNotAllowed(IngestError):
+    code = "path_not_allowed"
+
+
+class ArtifactError(RegistryError):
+    """The store failed or returned bytes whose digest differs from what was inspected."""
+
+    code = "artifact_error"
+
+
+class BaseModelError(RegistryError):
+    """A base checkpoint directory could not be fingerprinted (missing files, bad config)."""
+
+    code = "base_model_error"

@@ -1,0 +1,213 @@
+"""ORM models (SQLAlchemy 2.0 typed style). Schema changes go through registry/migrations.
+
+Relationships to the "one" side load eagerly (joined) so objects returned by the service can be
+read after their session closes; collections are `lazy="raise"`: query them explicitly.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    event,
+    inspect,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from registry.states import VersionState, Visibility
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite returns naive values otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _enum(cls: type[VersionState] | type[Visibility], name: str) -> Enum:
+    # Stored as plain strings (no native PG enum): adding a state later is a code change only.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=False,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSONType,
+        list[str]: JSONType,
+        datetime: UTCDateTime,
+    }
+
+
+class BaseModel(Base):
+    """A base checkpoint, pinned by the sha256 of its weight files."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    weights_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    tokenizer_sha256: Mapped[str] = mapped_column(String(64))
+    model_type: Mapped[str] = mapped_column(String(64))
+    hidden_size: Mapped[int]
+    intermediate_size: Mapped[int]
+    num_layers: Mapped[int]
+    num_heads: Mapped[int]
+    num_kv_heads: Mapped[int]
+    head_dim: Mapped[int]
+    vocab_size: Mapped[int]
+    # {"q_proj": [in_features, out_features], ...}
+    modules: Mapped[dict[str, Any]]
+    special_tokens: Mapped[list[str]]
+    weight_files: Mapped[list[str]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    # Quotas and rate limits land here (a later issue); API keys get their own table.
+    limits: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Adapter(Base):
+    """A named line of versions, owned by one tenant and bound to one base."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="RESTRICT"), index=True
+    )
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"))
+    visibility: Mapped[Visibility] = mapped_column(_enum(Visibility, "visibility"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Rollout pointers, filled by the rollout issue; None → the newest servable version serves.
+    stable_version: Mapped[int | None]
+    canary_version: Mapped[int | None]
+    rollout_stage: Mapped[str | None] = mapped_column(String(32))
+    rollback_path: Mapped[str | None] = mapped_column(String(80))
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined", innerjoin=True)
+    base_model: Mapped[BaseModel] = relationship(lazy="joined", innerjoin=True)
+
+
+class AdapterVersion(Base):
+    """One immutable artifact of an adapter; only `state` ever changes."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="RESTRICT"))
+    version: Mapped[int]
+    artifact_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    rank: Mapped[int]
+    alpha: Mapped[float] = mapped_column(Float)
+    use_rslora: Mapped[bool] = mapped_column(Boolean)
+    target_modules: Mapped[list[str]]
+    dtype: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    peft_config: Mapped[dict[str, Any]]
+    card: Mapped[dict[str, Any] | None]
+    state: Mapped[VersionState] = mapped_column(_enum(VersionState, "version_state"))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    adapter: Mapped[Adapter] = relationship(lazy="joined", innerjoin=True)
+
+    @property
+    def scale(self) -> float:
+        """PEFT's LoRA scaling: alpha/r, or alpha/√r for rsLoRA."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+class AuditEntry(Base):
+    """Append-only record of every admin action (who, what, on what, when, with which details)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_target_at", "target", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]]
+
+
+MUTABLE_VERSION_COLUMNS = frozenset({"state", "state_changed_at"})
+
+
+@event.listens_for(AdapterVersion, "before_update")
+def _versions_are_immutable(
+    mapper: Mapper[AdapterVersion], connection: Any, target: AdapterVersion
+) -> None:
+    state = inspect(target)
+    changed = {
+        attr.key
+        for attr in state.attrs
+        if attr.key in mapper.columns and attr.history.has_changes()
+    }
+    if changed - MUTABLE_VERSION_COLUMNS:
+        raise ValueError(f"adapter versions are immutable; tried to change {sorted(changed)}")
+
+
+@event.listens_for(AuditEntry, "before_update")
+def _audit_is_append_only(mapper: Mapper[AuditEntry], connection: Any, target: AuditEntry) -> None:
+    raise ValueError("the audit log is append-only")

@@ -1,0 +1,40 @@
+"""The registry's service layer: keyword-only async functions the gateway calls.
+
+Write functions are one transaction each: they commit on success (with their audit row) and
+roll back on error. Read functions never commit. Objects returned stay readable after the
+session closes (expire_on_commit=False, many-to-one relations loaded eagerly).
+"""
+
+from registry.service.adapters import register_adapter_version
+from registry.service.audit import list_audit
+from registry.service.base_models import (
+    get_base_model,
+    get_served_base,
+    list_base_models,
+    register_base_model,
+)
+from registry.service.lifecycle import delete_version, retire_version
+from registry.service.queries import get_adapter, get_version, list_adapters, list_versions
+from registry.service.resolve import ResolvedAdapter, list_resolvable, resolve_adapter
+from registry.service.tenants import create_tenant, get_tenant, list_tenants
+
+__all__ = [
+    "ResolvedAdapter",
+    "create_tenant",
+    "delete_version",
+    "get_adapter",
+    "get_base_model",
+    "get_served_base",
+    "get_tenant",
+    "get_version",
+    "list_adapters",
+    "list_audit",
+    "list_base_models",
+    "list_resolvable",
+    "list_tenants",
+    "list_versions",
+    "register_adapter_version",
+    "register_base_model",
+    "resolve_adapter",
+    "retire_version",
+]

@@ -1,0 +1,248 @@
+"""Registering adapter versions: the name, the card, the gate, then the store and the row.
+
+Order matters: every check runs first and all their problems are collected; only a fully
+accepted upload is copied into the store and recorded. A refusal stores no artifact and no
+version, only an audit row saying who tried what and why it was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.card import AdaptationCard, card_json, parse_card
+from registry.compat.artifact import ARTIFACT_FILES, AdapterArtifact, inspect_adapter
+from registry.compat.checks import EngineLimits, parse_lora_key, run_gate
+from registry.compat.fingerprint import BaseModelFingerprint
+from registry.compat.problems import Problem, ProblemCode
+from registry.errors import AdapterRejected, ArtifactError, DuplicateAdapter, RegistryConflict
+from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
+from registry.naming import name_problem
+from registry.service.audit import record
+from registry.service.base_models import get_served_base
+from registry.service.queries import find_adapter, next_version_number
+from registry.service.rollback_paths import rollback_path_problems
+from registry.service.tenants import get_tenant
+from registry.states import VersionState, Visibility
+from registry.store.base import ArtifactStore
+from registry.store.digest import Entry, tree_digest
+
+
+async def register_adapter_version(
+    session: AsyncSession,
+    *,
+    store: ArtifactStore,
+    artifact_dir: Path,
+    name: str,
+    tenant: str,
+    served_base: BaseModelFingerprint,
+    max_lora_rank: int,
+    actor: str,
+    visibility: Visibility | None = None,
+    card: Mapping[str, Any] | str | bytes | None = None,
+    base_sha256: str | None = None,
+) -> AdapterVersion:
+    """Gate, store and record a new immutable version of adapter `name` (created on first use).
+
+    `artifact_dir` is a local PEFT folder from `registry.ingest`; only adapter_config.json and
+    adapter_model.safetensors are stored. `base_sha256` is the uploader's claim of the base it
+    trained on (a card's `base_sha256` claims the same); an existing adapter stays bound to the
+    base of its first version. New adapters default to private.
+
+    Raises AdapterRejected with every problem, TenantNotFound, BaseModelNotFound,
+    DuplicateAdapter (name owned by another tenant) or RegistryConflict (lost a race)."""
+    visibility = Visibility(visibility) if visibility is not None else None
+    problems: list[Problem] = []
+    if invalid := name_problem(name):
+        problems.append(Problem(ProblemCode.INVALID_NAME, invalid))
+    owner = await get_tenant(session, name=tenant)
+    base = await get_served_base(session, fingerprint=served_base)
+    adapter = None if invalid else await find_adapter(session, name, for_update=True)
+    if adapter is not None and adapter.tenant_id != owner.id:
+        raise DuplicateAdapter(f"adapter name {name!r} is already taken")
+    if adapter is not None and visibility is not None and adapter.visibility != visibility:
+        problems.append(
+            Problem(
+                ProblemCode.VISIBILITY_MISMATCH,
+                f"adapter {name!r} is {adapter.visibility.value}; a new version cannot change that",
+            )
+        )
+    parsed_card, card_problems = parse_card(card)
+    problems += card_problems
+
+    artifact = await asyncio.to_thread(inspect_adapter, Path(artifact_dir))
+    artifact = _with_claims(artifact, card=parsed_card, base_sha256=base_sha256)
+    problems += _binding_problems(adapter, base)
+    problems += run_gate(artifact, served_base, EngineLimits(max_lora_rank=max_lora_rank))
+    if parsed_card is not None and not invalid:
+        problems += await rollback_path_problems(
+            session, target=parsed_card.rollback_path, name=name, tenant=owner, base=base
+        )
+    expected = _expected_digest(artifact)
+    if adapter is not None and expected is not None:
+        problems += await _duplicate_artifact(session, adapter, expected)
+    if problems:
+        await _reject(session, actor=actor, name=name, tenant=tenant, problems=problems)
+
+    assert expected is not None  # the gate refuses artifacts without both files
+    digest = await store.put_dir(Path(artifact_dir), files=ARTIFACT_FILES)
+    if digest != expected:
+        # What was stored is not what was inspected. Left in the store rather than deleted: it
+        # may already be another version's artifact, and an orphan is harmless.
+        raise ArtifactError("the adapter files changed between inspection and storage; retry")
+    try:
+        return await _insert_version(
+            session,
+            adapter=adapter,
+            name=name,
+            owner=owner,
+            base=base,
+            visibility=visibility or Visibility.PRIVATE,
+            artifact=artifact,
+            digest=digest,
+            card=parsed_card,
+            actor=actor,
+        )
+    except IntegrityError:
+        await session.rollback()
+        raise RegistryConflict(f"adapter {name!r} was changed concurrently; retry") from None
+
+
+def _with_claims(
+    artifact: AdapterArtifact, *, card: AdaptationCard | None, base_sha256: str | None
+) -> AdapterArtifact:
+    """Attach what the uploader says the adapter was trained on (explicit claim, else the
+    card's); the gate compares those with the served base. No claim: judged on shapes alone."""
+    claimed_base = base_sha256 or (card.base_sha256 if card else None)
+    return replace(
+        artifact,
+        declared_base_sha256=claimed_base.removeprefix("sha256:") if claimed_base else None,
+        declared_tokenizer_sha256=card.tokenizer_sha256 if card else None,
+    )
+
+
+def _binding_problems(adapter: Adapter | None, base: BaseModel) -> list[Problem]:
+    """Every version of an adapter runs on the base its first version was registered for."""
+    if adapter is None or adapter.base_model_id == base.id:
+        return []
+    return [
+        Problem(
+            ProblemCode.BASE_MISMATCH,
+            f"adapter {adapter.name!r} is bound to base {adapter.base_model.name!r} "
+            f"({adapter.base_model.weights_sha256[:16]}…) but the served base is {base.name!r} "
+            f"({base.weights_sha256[:16]}…); register it under a new name for this base",
+        )
+    ]
+
+
+def _expected_digest(artifact: AdapterArtifact) -> str | None:
+    digests = artifact.file_digests
+    if not all(name in digests for name in ARTIFACT_FILES):
+        return None
+    return tree_digest({n: Entry(digests[n].size, digests[n].sha256) for n in ARTIFACT_FILES})
+
+
+async def _duplicate_artifact(
+    session: AsyncSession, adapter: Adapter, digest: str
+) -> list[Problem]:
+    same = await session.scalar(
+        select(AdapterVersion.version).where(
+            AdapterVersion.adapter_id == adapter.id,
+            AdapterVersion.artifact_sha256 == digest,
+            AdapterVersion.state != VersionState.DELETED,
+        )
+    )
+    if same is None:
+        return []
+    return [
+        Problem(
+            ProblemCode.DUPLICATE_ARTIFACT,
+            f"these exact files are already version {same} of {adapter.name!r}; versions are "
+            "immutable, so a new version must change something",
+        )
+    ]
+
+
+async def _reject(
+    session: AsyncSession, *, actor: str, name: str, tenant: str, problems: list[Problem]
+) -> None:
+    # Nothing but reads happened in this transaction, so committing the audit row stores only
+    # the refusal (and releases the row lock) without expiring the caller's loaded objects.
+    record(
+        session,
+        actor=actor,
+        action="adapter_version.reject",
+        target=f"adapter:{name[:80]}",
+        details={"tenant": tenant, "problems": [p.as_dict() for p in problems]},
+    )
+    await session.commit()
+    raise AdapterRejected(problems)
+
+
+async def _insert_version(
+    session: AsyncSession,
+    *,
+    adapter: Adapter | None,
+    name: str,
+    owner: Tenant,
+    base: BaseModel,
+    visibility: Visibility,
+    artifact: AdapterArtifact,
+    digest: str,
+    card: AdaptationCard | None,
+    actor: str,
+) -> AdapterVersion:
+    if adapter is None:
+        adapter = Adapter(name=name, tenant=owner, base_model=base, visibility=visibility)
+        session.add(adapter)
+        await session.flush()
+        record(
+            session,
+            actor=actor,
+            action="adapter.create",
+            target=f"adapter:{name}",
+            details={"tenant": owner.name, "visibility": visibility.value, "base": base.name},
+        )
+    assert artifact.rank is not None and artifact.alpha is not None and artifact.dtype
+    version = AdapterVersion(
+        adapter=adapter,
+        version=await next_version_number(session, adapter.id),
+        artifact_sha256=digest,
+        rank=artifact.rank,
+        alpha=artifact.alpha,
+        use_rslora=artifact.use_rslora,
+        target_modules=sorted(_modules(artifact)),
+        dtype=artifact.dtype,
+        size_bytes=artifact.weights_bytes,
+        peft_config=dict(artifact.config or {}),
+        card=card_json(card) if card is not None else None,
+        state=VersionState.COMPATIBLE,
+        created_by=actor[:200],
+    )
+    session.add(version)
+    record(
+        session,
+        actor=actor,
+        action="adapter_version.register",
+        target=f"adapter:{name}",
+        details={
+            "version": version.version,
+            "artifact_sha256": digest,
+            "rank": version.rank,
+            "alpha": version.alpha,
+            "use_rslora": version.use_rslora,
+        },
+    )
+    await session.commit()
+    return version
+
+
+def _modules(artifact: AdapterArtifact) -> set[str]:
+    return {key.module for t in artifact.tensors if (key := parse_lora_key(t.name)) is not None}

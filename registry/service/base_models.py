@@ -1,0 +1,116 @@
+"""Base models: registered once from a fingerprint, then pinned by their weights digest.
+
+At start the gateway fingerprints the checkpoint it serves and calls `register_base_model`:
+the first start records it; later starts find the same digest and change nothing; a checkpoint
+whose bytes differ from what was registered under that name raises BaseModelMismatch, and the
+gateway must refuse to start (seed §1: one flipped bit halts init).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.compat.fingerprint import BaseModelFingerprint
+from registry.compat.problems import Problem, ProblemCode
+from registry.errors import BaseModelMismatch, BaseModelNotFound, DuplicateBaseModel
+from registry.models import BaseModel
+from registry.naming import validate_base_name
+from registry.service.audit import record
+
+
+def _mismatches(row: BaseModel, fingerprint: BaseModelFingerprint) -> list[Problem]:
+    problems = []
+    if row.weights_sha256 != fingerprint.weights_sha256:
+        problems.append(
+            Problem(
+                ProblemCode.BASE_MISMATCH,
+                f"base {row.name!r} is registered with weights sha256 {row.weights_sha256[:16]}… "
+                f"but the served checkpoint hashes to {fingerprint.weights_sha256[:16]}…",
+            )
+        )
+    if row.tokenizer_sha256 != fingerprint.tokenizer_sha256:
+        problems.append(
+            Problem(
+                ProblemCode.TOKENIZER_MISMATCH,
+                f"base {row.name!r} is registered with tokenizer {row.tokenizer_sha256[:16]}… but "
+                f"the served tokenizer is {fingerprint.tokenizer_sha256[:16]}…",
+            )
+        )
+    return problems
+
+
+async def register_base_model(
+    session: AsyncSession, *, name: str, fingerprint: BaseModelFingerprint, actor: str
+) -> BaseModel:
+    """Record the base, or return it unchanged if already registered with the same digests."""
+    validate_base_name(name)
+    existing = await session.scalar(select(BaseModel).where(BaseModel.name == name))
+    if existing is not None:
+        problems = _mismatches(existing, fingerprint)
+        if problems:
+            raise BaseModelMismatch(problems)
+        return existing
+    other = await session.scalar(
+        select(BaseModel).where(BaseModel.weights_sha256 == fingerprint.weights_sha256)
+    )
+    if other is not None:
+        raise DuplicateBaseModel(f"these weights are already registered as {other.name!r}")
+    row = BaseModel(
+        name=name,
+        weights_sha256=fingerprint.weights_sha256,
+        tokenizer_sha256=fingerprint.tokenizer_sha256,
+        model_type=fingerprint.model_type,
+        hidden_size=fingerprint.hidden_size,
+        intermediate_size=fingerprint.intermediate_size,
+        num_layers=fingerprint.num_layers,
+        num_heads=fingerprint.num_heads,
+        num_kv_heads=fingerprint.num_kv_heads,
+        head_dim=fingerprint.head_dim,
+        vocab_size=fingerprint.vocab_size,
+        modules={m: [d.in_features, d.out_features] for m, d in fingerprint.modules.items()},
+        special_tokens=sorted(fingerprint.special_tokens),
+        weight_files=list(fingerprint.weight_files),
+    )
+    session.add(row)
+    record(
+        session,
+        actor=actor,
+        action="base_model.register",
+        target=f"base:{name}",
+        details={"weights_sha256": row.weights_sha256, "tokenizer_sha256": row.tokenizer_sha256},
+    )
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise DuplicateBaseModel(f"base {name!r} was registered concurrently") from None
+    return row
+
+
+async def get_served_base(session: AsyncSession, *, fingerprint: BaseModelFingerprint) -> BaseModel:
+    """The registered row for the checkpoint actually served; its digests must match exactly."""
+    row = await session.scalar(
+        select(BaseModel).where(BaseModel.weights_sha256 == fingerprint.weights_sha256)
+    )
+    if row is None:
+        raise BaseModelNotFound(
+            f"the served base (weights sha256 {fingerprint.weights_sha256[:16]}…) is not "
+            "registered; call register_base_model first"
+        )
+    problems = _mismatches(row, fingerprint)
+    if problems:
+        raise BaseModelMismatch(problems)
+    return row
+
+
+async def get_base_model(session: AsyncSession, *, name: str) -> BaseModel:
+    row = await session.scalar(select(BaseModel).where(BaseModel.name == name))
+    if row is None:
+        raise BaseModelNotFound(f"base model {name!r} is not registered")
+    return row
+
+
+async def list_base_models(session: AsyncSession) -> list[BaseModel]:
+    return list((await session.scalars(select(BaseModel).order_by(BaseModel.name))).all())

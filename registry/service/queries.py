@@ -1,0 +1,108 @@
+"""Read-side queries shared by the admin API, rollout and resolution."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import AdapterNotFound, VersionNotFound
+from registry.models import Adapter, AdapterVersion, Tenant
+from registry.states import SERVABLE, VersionState, Visibility
+
+
+async def find_adapter(
+    session: AsyncSession, name: str, *, for_update: bool = False
+) -> Adapter | None:
+    query = select(Adapter).where(Adapter.name == name)
+    if for_update:
+        # Serialises concurrent registrations of the same adapter on PostgreSQL (SQLite already
+        # has a single writer); `of=` keeps the joined tenant/base rows unlocked.
+        query = query.with_for_update(of=Adapter)
+    return await session.scalar(query)
+
+
+async def get_adapter(session: AsyncSession, *, name: str) -> Adapter:
+    adapter = await find_adapter(session, name)
+    if adapter is None:
+        raise AdapterNotFound(f"adapter {name!r} does not exist")
+    return adapter
+
+
+async def list_adapters(
+    session: AsyncSession, *, tenant: str | None = None, include_shared: bool = True
+) -> list[Adapter]:
+    """All adapters (tenant None), or those a tenant owns plus, optionally, shared ones."""
+    query = select(Adapter).order_by(Adapter.name)
+    if tenant is not None:
+        owned = Adapter.tenant.has(Tenant.name == tenant)
+        query = query.where(
+            or_(owned, Adapter.visibility == Visibility.SHARED) if include_shared else owned
+        )
+    return list((await session.scalars(query)).all())
+
+
+async def list_versions(
+    session: AsyncSession, *, name: str, include_deleted: bool = True
+) -> list[AdapterVersion]:
+    adapter = await get_adapter(session, name=name)
+    query = (
+        select(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter.id)
+        .order_by(AdapterVersion.version)
+    )
+    if not include_deleted:
+        query = query.where(AdapterVersion.state != VersionState.DELETED)
+    return list((await session.scalars(query)).all())
+
+
+async def get_version(
+    session: AsyncSession, *, name: str, version: int, for_update: bool = False
+) -> AdapterVersion:
+    query = (
+        select(AdapterVersion)
+        .join(AdapterVersion.adapter)
+        .where(Adapter.name == name, AdapterVersion.version == version)
+    )
+    if for_update:
+        query = query.with_for_update(of=AdapterVersion)
+    row = await session.scalar(query)
+    if row is None:
+        raise VersionNotFound(f"adapter {name!r} has no version {version}")
+    return row
+
+
+async def current_version(session: AsyncSession, adapter: Adapter) -> AdapterVersion | None:
+    """The version `name` resolves to: the rollout's stable pointer when set and servable,
+    otherwise the newest servable version."""
+    servable = (
+        select(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.state.in_(SERVABLE))
+        .order_by(AdapterVersion.version.desc())
+    )
+    if adapter.stable_version is not None:
+        pinned = await session.scalar(
+            servable.where(AdapterVersion.version == adapter.stable_version)
+        )
+        if pinned is not None:
+            return pinned
+    return await session.scalar(servable.limit(1))
+
+
+async def next_version_number(session: AsyncSession, adapter_id: int) -> int:
+    # Deleted versions stay as rows, so max()+1 never reuses a number.
+    highest = await session.scalar(
+        select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter_id)
+    )
+    return int(highest or 0) + 1
+
+
+async def artifact_references(
+    session: AsyncSession, digest: str, *, excluding_id: int | None = None
+) -> int:
+    """Live (non-deleted) versions whose artifact is `digest`."""
+    query = select(func.count(AdapterVersion.id)).where(
+        AdapterVersion.artifact_sha256 == digest, AdapterVersion.state != VersionState.DELETED
+    )
+    if excluding_id is not None:
+        query = query.where(AdapterVersion.id != excluding_id)
+    return int(await session.scalar(query) or 0)

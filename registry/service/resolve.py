@@ -1,0 +1,125 @@
+"""What the gateway serves: a client's `model` string → one version and its local files.
+
+Tenant scoping: with `tenant` set, another tenant's private adapter is indistinguishable from a
+missing one (AdapterNotFound either way), so names cannot be probed. With `base_sha256` set, only
+adapters bound to that base resolve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import AdapterNotFound, InvalidName
+from registry.models import Adapter, AdapterVersion
+from registry.naming import parse_address
+from registry.service.queries import current_version, find_adapter, get_version, list_adapters
+from registry.states import ADDRESSABLE, VersionState, Visibility
+from registry.store.base import ArtifactStore
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    name: str
+    version: int
+    # Unique per version and stable across restarts: usable as vLLM's lora_int_id.
+    version_id: int
+    created_at: datetime
+    state: VersionState
+    tenant: str
+    visibility: Visibility
+    base_model: str
+    base_sha256: str
+    artifact_sha256: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    path: Path | None  # local folder with adapter_config.json + adapter_model.safetensors
+
+    @property
+    def address(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+async def resolve_adapter(
+    session: AsyncSession,
+    *,
+    store: ArtifactStore,
+    model: str,
+    tenant: str | None = None,
+    base_sha256: str | None = None,
+) -> ResolvedAdapter:
+    """Resolve `name` (current servable version) or `name@N` (exactly N). Raises
+    AdapterNotFound for anything unknown, out of scope, on another base or not servable."""
+    try:
+        address = parse_address(model)
+    except InvalidName:
+        raise AdapterNotFound(f"adapter {model[:80]!r} does not exist") from None
+    adapter = await find_adapter(session, address.name)
+    if adapter is None or not _visible(adapter, tenant, base_sha256):
+        raise AdapterNotFound(f"adapter {model!r} does not exist")
+    row: AdapterVersion | None
+    if address.version is None:
+        row = await current_version(session, adapter)
+    else:
+        row = await get_version(session, name=adapter.name, version=address.version)
+        row = row if row.state in ADDRESSABLE else None
+    if row is None:
+        raise AdapterNotFound(f"adapter {model!r} has no servable version")
+    return await _resolved(store, adapter, row, with_path=True)
+
+
+async def list_resolvable(
+    session: AsyncSession,
+    *,
+    store: ArtifactStore,
+    tenant: str | None = None,
+    base_sha256: str | None = None,
+    with_paths: bool = False,
+) -> list[ResolvedAdapter]:
+    """Every adapter `tenant` may use with its current servable version (for /v1/models and
+    engine sync). Paths only on request: a remote store downloads to produce them."""
+    found = []
+    for adapter in await list_adapters(session, tenant=tenant):
+        if not _visible(adapter, tenant, base_sha256):
+            continue
+        row = await current_version(session, adapter)
+        if row is not None:
+            found.append(await _resolved(store, adapter, row, with_path=with_paths))
+    return found
+
+
+def _visible(adapter: Adapter, tenant: str | None, base_sha256: str | None) -> bool:
+    if base_sha256 is not None and adapter.base_model.weights_sha256 != base_sha256:
+        return False
+    return (
+        tenant is None or adapter.visibility == Visibility.SHARED or adapter.tenant.name == tenant
+    )
+
+
+async def _resolved(
+    store: ArtifactStore, adapter: Adapter, row: AdapterVersion, *, with_path: bool
+) -> ResolvedAdapter:
+    return ResolvedAdapter(
+        name=adapter.name,
+        version=row.version,
+        version_id=row.id,
+        created_at=row.created_at,
+        state=row.state,
+        tenant=adapter.tenant.name,
+        visibility=adapter.visibility,
+        base_model=adapter.base_model.name,
+        base_sha256=adapter.base_model.weights_sha256,
+        artifact_sha256=row.artifact_sha256,
+        rank=row.rank,
+        alpha=row.alpha,
+        use_rslora=row.use_rslora,
+        path=await store.get_path(row.artifact_sha256) if with_path else None,
+    )

@@ -1,0 +1,76 @@
+"""Validating a card's rollback_path (seed §1): the fallback must exist, be servable, run on the
+same base, be usable by the same tenant, and following fallbacks must never lead back here.
+
+`base` is always valid. `name@N` pins a version (rolling back to one's own earlier version is
+the usual case); a bare `name` follows that adapter's current version, and so can form cycles.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.compat.problems import Problem, ProblemCode
+from registry.errors import InvalidName, VersionNotFound
+from registry.models import AdapterVersion, BaseModel, Tenant
+from registry.naming import AdapterAddress, parse_address
+from registry.service.queries import current_version, find_adapter, get_version
+from registry.states import SERVABLE, Visibility
+
+MAX_HOPS = 32
+
+
+async def rollback_path_problems(
+    session: AsyncSession, *, target: str, name: str, tenant: Tenant, base: BaseModel
+) -> list[Problem]:
+    if target == "base":
+        return []
+
+    def invalid(why: str) -> list[Problem]:
+        return [Problem(ProblemCode.ROLLBACK_PATH_INVALID, f"rollback_path {target!r} {why}")]
+
+    try:
+        address = parse_address(target)
+    except InvalidName as exc:
+        return invalid(f"is not an adapter address: {exc.message}")
+    if address.name == name and address.version is None:
+        return invalid("points at the adapter itself")
+    fallback = await find_adapter(session, address.name)
+    if fallback is None:
+        return invalid("names an adapter that does not exist")
+    if fallback.base_model_id != base.id:
+        return invalid(f"runs on base {fallback.base_model.name!r}, not {base.name!r}")
+    if fallback.tenant_id != tenant.id and fallback.visibility != Visibility.SHARED:
+        return invalid("belongs to another tenant")
+    node = await _resolve(session, address)
+    if node is None:
+        return invalid("has no servable version")
+    seen = {node.id}
+    for _ in range(MAX_HOPS):
+        path = (node.card or {}).get("rollback_path", "base")
+        if path == "base":
+            return []
+        try:
+            step = parse_address(path)
+        except InvalidName:
+            return []  # a stored card was validated when registered; nothing to follow
+        if step.name == name and step.version is None:
+            return invalid(f"leads back to {name!r} (via {node.adapter.name}@{node.version})")
+        following = await _resolve(session, step)
+        if following is None:
+            return []  # a broken chain ends at the base
+        if following.id in seen:
+            return invalid(f"is part of a cycle through {following.adapter.name}")
+        seen.add(following.id)
+        node = following
+    return invalid(f"chain is longer than {MAX_HOPS} hops")
+
+
+async def _resolve(session: AsyncSession, address: AdapterAddress) -> AdapterVersion | None:
+    if address.version is not None:
+        try:
+            row = await get_version(session, name=address.name, version=address.version)
+        except VersionNotFound:
+            return None
+        return row if row.state in SERVABLE else None
+    adapter = await find_adapter(session, address.name)
+    return None if adapter is None else await current_version(session, adapter)
