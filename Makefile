@@ -9,11 +9,12 @@ PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP   := $(VENV)/.setup-$(VARIANT)
 
-.PHONY: help setup serve test lint typecheck clean
+.PHONY: help setup serve test lint bench bench-quick clean
 
 help:
 	@echo "make serve   start the gateway on the demo model and adapters (does setup first)"
 	@echo "make test    run the whole test suite (does setup first)"
+	@echo "make bench   loraplex vs vLLM's own server, same machine/model/adapters/load"
 	@echo "make setup   create $(VENV) and install loraplex[$(VARIANT),dev] (idempotent)"
 
 setup: $(STAMP)
@@ -36,12 +37,19 @@ serve: setup
 	$(BIN)/loraplex serve --demo
 
 test: setup
-	$(BIN)/ruff check gateway registry kernels tests
+	$(BIN)/ruff check gateway registry kernels benchmarks tests
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check gateway registry kernels tests
+	$(BIN)/ruff check gateway registry kernels benchmarks tests
 	$(BIN)/mypy
+
+# Side-by-side with vLLM's own server; commits go to benchmarks/results/serve/ (6-10 min).
+bench: setup
+	$(BIN)/python -m benchmarks.serve
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.serve --quick
 
 clean:
 	rm -rf $(VENV) .loraplex .pytest_cache

@@ -6,14 +6,25 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from gateway.catalog import DirectoryCatalog, ModelCatalog
+from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.http_utils import RequestIdMiddleware
-from gateway.routes import chat, completions, health, models
+from gateway.registry_runtime import import_adapter_dir, open_registry
+from gateway.routes import (
+    admin_adapters,
+    admin_registry,
+    chat,
+    completions,
+    health,
+    metrics,
+    models,
+)
+from gateway.services.adapter_admin import AdapterAdmin
 from gateway.services.generation import GenerationService
 from gateway.settings import Settings
 
@@ -42,20 +53,33 @@ def create_app(
             await asyncio.to_thread(init_demo, settings.demo_root)
         base_path = str(settings.resolved_base_model())
         model_name = settings.resolved_model_name()
+        # Registry first: a base that differs from the one registered under its name stops
+        # start-up here, before any engine resources are spent.
+        registry = await open_registry(settings, Path(base_path), model_name)
+        served_engine: EngineClient
         if engine is None:
             from gateway.engine.vllm_embedded import EmbeddedVLLM
 
-            served_engine: EngineClient = EmbeddedVLLM(settings, base_path, model_name)
+            served_engine = EmbeddedVLLM(settings, base_path, model_name)
         else:
             served_engine = engine
-        logger.info("starting engine for %s (served as %s)", base_path, model_name)
-        await served_engine.start()
         try:
-            catalog: ModelCatalog = DirectoryCatalog(
-                model_name, settings.resolved_adapter_dir(), settings.max_lora_rank
-            )
+            import_dir = settings.resolved_adapter_dir()
+            if import_dir is not None:
+                await import_adapter_dir(registry, import_dir, settings.resolved_import_tenant())
+            logger.info("starting engine for %s (served as %s)", base_path, model_name)
+            await served_engine.start()
+            catalog = RegistryCatalog(registry)
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
+            app.state.registry = registry
             app.state.catalog = catalog
+            app.state.adapter_admin = AdapterAdmin(
+                registry,
+                served_engine,
+                catalog,
+                settings.upload_max_bytes,
+                settings.import_roots,
+            )
             app.state.generation = GenerationService(served_engine, catalog, tokenizer)
             app.state.engine = served_engine
             names = [m.name for m in await catalog.list_models()]
@@ -64,9 +88,10 @@ def create_app(
                 on_ready(app)
             yield
         finally:
-            app.state.engine = None
-            app.state.generation = None
+            for name in ("engine", "generation", "catalog", "adapter_admin", "registry"):
+                setattr(app.state, name, None)
             await served_engine.stop()
+            await registry.close()
 
     app = FastAPI(
         title="loraplex",
@@ -78,6 +103,15 @@ def create_app(
     app.state.engine = None
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for router in (chat.router, completions.router, models.router, health.router):
+    routers = (
+        chat.router,
+        completions.router,
+        models.router,
+        health.router,
+        admin_adapters.router,
+        admin_registry.router,
+        metrics.router,
+    )
+    for router in routers:
         app.include_router(router)
     return app

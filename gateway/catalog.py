@@ -1,25 +1,26 @@
 """Where servable models come from: the base plus adapters, resolved by the name clients send.
 
-The gateway asks a ModelCatalog, never the file system, which adapter a `model` names. Until the
-registry issue lands the catalog is a directory (each subfolder a PEFT adapter, name = folder
-name); the registry-backed catalog replaces it behind the same two methods.
+The gateway asks a ModelCatalog, never the file system, which adapter a `model` names. The
+registry-backed catalog answers from the database, so a version registered through the admin API
+is servable on the next request and a retired one is gone, without a restart.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from gateway.engine.client import AdapterHandle
 from gateway.errors import ModelNotFound
+from gateway.registry_runtime import RegistryRuntime
+from registry import service
+from registry.compat import EngineLimits, inspect_adapter, run_gate
+from registry.errors import InvalidName, NotFound
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -41,55 +42,60 @@ class ModelCatalog(Protocol):
         ...
 
 
-class DirectoryCatalog:
-    """The base model plus every valid PEFT adapter folder found once at start-up."""
+class RegistryCatalog:
+    """The served base plus every servable adapter version bound to it in the registry."""
 
-    def __init__(self, base_name: str, adapter_dir: Path | None, max_lora_rank: int):
-        self._base = ServedModel(name=base_name, adapter=None, created=int(time.time()))
-        self._adapters: dict[str, ServedModel] = {}
-        if adapter_dir is not None:
-            self._adapters = _scan(adapter_dir, base_name, max_lora_rank)
+    def __init__(self, runtime: RegistryRuntime):
+        self._runtime = runtime
+        self._base = ServedModel(name=runtime.base_name, adapter=None, created=int(time.time()))
+        self._verified: set[int] = set()
 
     async def list_models(self) -> list[ServedModel]:
-        return [self._base, *self._adapters.values()]
+        runtime = self._runtime
+        async with runtime.sessions() as session:
+            resolved = await service.list_resolvable(
+                session, store=runtime.store, base_sha256=runtime.base.weights_sha256
+            )
+        adapters = [
+            ServedModel(r.name, None, int(r.created_at.timestamp()), parent=self._base.name)
+            for r in resolved
+        ]
+        return [self._base, *adapters]
 
     async def resolve(self, name: str) -> ServedModel:
         if name == self._base.name:
             return self._base
-        found = self._adapters.get(name)
-        if found is None:
+        runtime = self._runtime
+        try:
+            async with runtime.sessions() as session:
+                resolved = await service.resolve_adapter(
+                    session,
+                    store=runtime.store,
+                    model=name,
+                    base_sha256=runtime.base.weights_sha256,
+                )
+        except (NotFound, InvalidName):
+            raise ModelNotFound(name) from None
+        if resolved.path is None:
             raise ModelNotFound(name)
-        return found
+        await self._gate_before_first_load(resolved.version_id, resolved.address, resolved.path)
+        handle = AdapterHandle(engine_id=resolved.version_id, path=str(resolved.path))
+        return ServedModel(
+            name, handle, int(resolved.created_at.timestamp()), parent=self._base.name
+        )
 
+    async def _gate_before_first_load(self, version_id: int, address: str, path: object) -> None:
+        """Re-run the whole gate on the stored files once per version and process: what reaches
+        the engine is what passed, even if the store was tampered with since registration."""
+        if version_id in self._verified:
+            return
+        runtime = self._runtime
+        artifact = await asyncio.to_thread(inspect_adapter, path)  # type: ignore[arg-type]
+        problems = run_gate(artifact, runtime.base, EngineLimits(runtime.max_lora_rank))
+        if problems:
+            logger.error("refusing to load %s: %s", address, "; ".join(p.message for p in problems))
+            raise ModelNotFound(address.split("@")[0])
+        self._verified.add(version_id)
 
-def _scan(adapter_dir: Path, base_name: str, max_lora_rank: int) -> dict[str, ServedModel]:
-    if not adapter_dir.is_dir():
-        logger.warning("adapter directory %s does not exist; serving the base only", adapter_dir)
-        return {}
-    found: dict[str, ServedModel] = {}
-    # Sorted so engine ids are stable across restarts over the same folder.
-    for engine_id, folder in enumerate(sorted(p for p in adapter_dir.iterdir() if p.is_dir()), 1):
-        problem = _unservable_reason(folder, max_lora_rank)
-        if problem:
-            logger.warning("skipping adapter %s: %s", folder.name, problem)
-            continue
-        handle = AdapterHandle(engine_id=engine_id, path=str(folder.resolve()))
-        created = int(folder.stat().st_mtime)
-        found[folder.name] = ServedModel(folder.name, handle, created, parent=base_name)
-    return found
-
-
-def _unservable_reason(folder: Path, max_lora_rank: int) -> str | None:
-    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        return f"unreadable adapter_config.json ({exc})"
-    if config.get("peft_type") != "LORA":
-        return f"peft_type {config.get('peft_type')!r} is not LORA"
-    rank = config.get("r")
-    if not isinstance(rank, int) or not 0 < rank <= max_lora_rank:
-        return f"rank {rank!r} outside 1..max_lora_rank ({max_lora_rank})"
-    return None
+    def forget(self, version_id: int) -> None:
+        self._verified.discard(version_id)

@@ -7,9 +7,13 @@ from typing import Annotated
 
 import typer
 
+from gateway.cli_admin import adapters_app, tenants_app
+
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(tenants_app, name="tenants")
 
 
 @app.command()

@@ -9,6 +9,8 @@ from fastapi import Depends, Request
 from gateway.catalog import ModelCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import EngineUnavailable
+from gateway.registry_runtime import RegistryRuntime
+from gateway.services.adapter_admin import AdapterAdmin
 from gateway.services.generation import GenerationService
 
 
@@ -34,6 +36,16 @@ def get_catalog(request: Request) -> ModelCatalog:
     return catalog
 
 
+def get_registry(request: Request) -> RegistryRuntime:
+    registry: RegistryRuntime = _state(request, "registry")
+    return registry
+
+
+def get_adapter_admin(request: Request) -> AdapterAdmin:
+    admin: AdapterAdmin = _state(request, "adapter_admin")
+    return admin
+
+
 def request_id(request: Request) -> str:
     rid: str = request.state.request_id
     return rid
@@ -43,3 +55,5 @@ ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 RequestIdDep = Annotated[str, Depends(request_id)]
+RegistryDep = Annotated[RegistryRuntime, Depends(get_registry)]
+AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from registry import errors as registry_errors
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,6 +67,20 @@ class EngineUnavailable(LoraplexError):
         return {"Retry-After": "5"}
 
 
+# Registry refusals → HTTP status; the registry itself knows nothing about HTTP.
+REGISTRY_STATUS: tuple[tuple[type[registry_errors.RegistryError], int], ...] = (
+    (registry_errors.AdapterRejected, 422),
+    (registry_errors.UploadTooLarge, 413),
+    (registry_errors.NotFound, 404),
+    (registry_errors.Duplicate, 409),
+    (registry_errors.RegistryConflict, 409),
+    (registry_errors.InvalidStateTransition, 409),
+    (registry_errors.BaseModelMismatch, 409),
+    (registry_errors.ArtifactError, 409),
+    (registry_errors.RegistryError, 400),
+)
+
+
 def error_body(
     message: str, error_type: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -100,6 +116,15 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers(),
         )
+
+    @app.exception_handler(registry_errors.RegistryError)
+    async def _registry(request: Request, exc: registry_errors.RegistryError) -> JSONResponse:
+        status = next(code for kind, code in REGISTRY_STATUS if isinstance(exc, kind))
+        body = error_body(exc.message, "invalid_request_error", code=exc.code)
+        problems = getattr(exc, "problems", None)
+        if problems is not None:
+            body["error"]["problems"] = [{"code": p.code, "message": p.message} for p in problems]
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

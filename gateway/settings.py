@@ -29,10 +29,21 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="Name clients use for the base model; defaults to the folder name."
     )
-    # Interim adapter source (each subfolder a PEFT adapter, name = folder name) until the
-    # registry serves adapters. Unset → data_dir/demo/adapters when the demo base is served.
+    # Bulk import at start-up: each subfolder a PEFT adapter (name = folder name), registered
+    # through the compatibility gate to `import_tenant` unless the name already exists.
     adapter_dir: Path | None = None
-    demo: bool = Field(False, description="Create the demo model and adapters when missing.")
+    import_tenant: str = "default"
+    demo: bool = Field(False, description="Create and register the demo model and adapters.")
+
+    # Registry.
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default sqlite+aiosqlite under data_dir."
+    )
+    artifact_dir: Path | None = Field(None, description="Artifact store; default data_dir.")
+    upload_max_bytes: int = Field(2 * 1024**3, gt=0)
+    import_roots: list[Path] = Field(
+        default_factory=list, description="Local roots adapters may be registered from by path."
+    )
 
     # Engine (vLLM AsyncLLM embedded in the gateway process).
     max_loras: int = Field(4, ge=1, description="Adapters that can share one batch.")
@@ -60,6 +71,17 @@ class Settings(BaseSettings):
     @property
     def demo_root(self) -> Path:
         return self.data_dir / DEMO_DIR_NAME
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    def resolved_import_tenant(self) -> str:
+        return "demo" if self.demo and self.adapter_dir is None else self.import_tenant
 
     def resolved_base_model(self) -> Path:
         from gateway.demo import demo_paths

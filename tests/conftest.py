@@ -22,6 +22,8 @@ import pytest
 from gateway.demo import DemoPaths, init_demo
 
 BASE_NAME = "loraplex-demo-base"
+ADMIN_TOKEN = "test-admin-token"
+DEMO_TENANT = "demo"
 # Four adapters in the demo and max_loras 4: a burst with all of them plus the base fills every
 # slot, the exact condition in which vLLM 0.32's CPU ops gave base requests the last adapter.
 MAX_LORAS = 4
@@ -64,13 +66,13 @@ def start_gateway(
         else {
             "LORAPLEX_BASE_MODEL": str(demo.base),
             "LORAPLEX_SERVED_MODEL_NAME": BASE_NAME,
-            "LORAPLEX_ADAPTER_DIR": str(demo.root / "adapters"),
         }
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")},
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_DATA_DIR": str(workdir / "data"),
+        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
         **model_env,
         "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
         "LORAPLEX_MAX_LORA_RANK": "32",
@@ -78,6 +80,7 @@ def start_gateway(
         "LORAPLEX_DTYPE": "float32",
         **env_overrides,
     }
+    workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"gateway-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", *args],
@@ -111,8 +114,35 @@ def stop_gateway(gateway: RunningGateway) -> None:
             gateway.process.wait()
 
 
+def cli(gateway: RunningGateway, *args: str) -> subprocess.CompletedProcess[str]:
+    """`loraplex ARGS` against a running gateway, as an operator would type it."""
+    env = {**os.environ, "LORAPLEX_URL": gateway.base_url, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def register_demo_adapters(gateway: RunningGateway, demo: DemoPaths) -> None:
+    created = cli(gateway, "tenants", "create", DEMO_TENANT)
+    assert created.returncode == 0, created.stderr
+    for name, path in demo.adapters.items():
+        result = cli(
+            gateway, "adapters", "register", str(path), "--name", name, "--tenant", DEMO_TENANT
+        )
+        assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="session")
 def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """One engine for the session; its adapters arrive through the admin API after start-up,
+    so every adapter test also proves registration → first token without a restart."""
     running = start_gateway(demo, tmp_path_factory.mktemp("gateway"))
-    yield running
-    stop_gateway(running)
+    try:
+        register_demo_adapters(running, demo)
+        yield running
+    finally:
+        stop_gateway(running)

@@ -49,6 +49,9 @@ class SamplingOptions:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False
+    # False: the engine reports each choice once, when finished (no per-token work in the
+    # gateway process for non-streaming requests).
+    stream: bool = True
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ def _sampling_params(options: SamplingOptions) -> Any:
         "stop": list(options.stop) or None,
         "logprobs": options.logprobs,
         "ignore_eos": options.ignore_eos,
-        "output_kind": RequestOutputKind.DELTA,
+        "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
     }
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = getattr(options, name)

@@ -177,6 +177,7 @@ class GenerationService:
             presence_penalty=_first(body.presence_penalty, defaults.get("presence_penalty")),
             frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
             ignore_eos=body.ignore_eos,
+            stream=body.stream,
         )
 
     # ---- running ---------------------------------------------------------------------------

@@ -25,7 +25,12 @@ def demo_root(tmp_path_factory):
 
 
 def client_for(demo_root, engine) -> TestClient:
-    settings = Settings(base_model=demo_root / "base", served_model_name=BASE, adapter_dir=None)
+    settings = Settings(
+        base_model=demo_root / "base",
+        served_model_name=BASE,
+        adapter_dir=None,
+        data_dir=demo_root / "data",
+    )
     return TestClient(create_app(settings, engine=engine), raise_server_exceptions=False)
 
 

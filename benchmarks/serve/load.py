@@ -1,0 +1,186 @@
+"""Load generation against an OpenAI-compatible server: streaming completions, timed per request.
+
+One request is a streamed `POST /v1/completions` (SSE) with `ignore_eos` and a fixed
+`max_tokens`, so every output has the same length. Per request:
+  TTFT  time from sending to the first chunk that carries text (a token that decodes to an
+        incomplete UTF-8 sequence streams as an empty chunk and does not count),
+  e2e   time from sending to `data: [DONE]`,
+  TPOT  (e2e - TTFT) / (tokens - 1), tokens from the final usage chunk.
+A non-200 answer, a broken stream or an output of the wrong length is an error.
+
+aiohttp rather than the openai client: the load generator shares the CPU with the server, and
+aiohttp's SSE path costs the least per chunk (it is what vLLM's own serving benchmark uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+REQUEST_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    model: str
+    prompt: str
+
+
+@dataclass
+class Sample:
+    model: str
+    sent_s: float  # offset from the phase start
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.error or self.ttft_s is None or self.e2e_s is None or self.tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.tokens - 1)
+
+
+@dataclass
+class PhaseRun:
+    samples: list[Sample] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def completion_body(spec: RequestSpec, max_tokens: int) -> dict[str, object]:
+    return {
+        "model": spec.model,
+        "prompt": spec.prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def send(
+    session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, max_tokens: int, t0: float
+) -> Sample:
+    start = time.perf_counter()
+    sample = Sample(model=spec.model, sent_s=start - t0)
+    try:
+        async with session.post(
+            f"{base_url}/v1/completions", json=completion_body(spec, max_tokens)
+        ) as response:
+            if response.status != 200:
+                body = (await response.text())[:300]
+                sample.error = f"HTTP {response.status}: {body}"
+                return sample
+            done = await _read_stream(response, sample, start)
+        sample.e2e_s = time.perf_counter() - start
+        if not done:
+            sample.error = "stream ended without [DONE]"
+        elif sample.ttft_s is None:
+            sample.error = "no content chunk"
+        elif sample.tokens != max_tokens:
+            sample.error = f"{sample.tokens} tokens, expected {max_tokens}"
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"
+    return sample
+
+
+async def _read_stream(response: aiohttp.ClientResponse, sample: Sample, start: float) -> bool:
+    async for raw in response.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return True
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise ValueError(f"error in stream: {chunk['error']}")
+        choices = chunk.get("choices") or []
+        if sample.ttft_s is None and choices and choices[0].get("text"):
+            sample.ttft_s = time.perf_counter() - start
+        usage = chunk.get("usage")
+        if usage:
+            sample.tokens = int(usage.get("completion_tokens") or 0)
+            sample.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    return False
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+    )
+
+
+async def closed_loop(
+    base_url: str,
+    requests: Sequence[RequestSpec],
+    concurrency: int,
+    max_tokens: int,
+    on_done: Callable[[Sample], None] | None = None,
+) -> PhaseRun:
+    """`concurrency` clients, each sending its next request as soon as the last one finished."""
+    run = PhaseRun()
+    queue = iter(requests)
+    async with _session() as session:
+        t0 = time.perf_counter()
+
+        async def client() -> None:
+            for spec in queue:  # a shared iterator: each request is taken exactly once
+                sample = await send(session, base_url, spec, max_tokens, t0)
+                run.samples.append(sample)
+                if on_done:
+                    on_done(sample)
+
+        await asyncio.gather(*(client() for _ in range(min(concurrency, len(requests)))))
+        run.duration_s = time.perf_counter() - t0
+    return run
+
+
+async def open_loop(
+    base_url: str,
+    requests: Sequence[RequestSpec],
+    arrivals_s: Sequence[float],
+    max_tokens: int,
+    on_done: Callable[[Sample], None] | None = None,
+) -> PhaseRun:
+    """Send request i at arrivals_s[i] after the start, whatever is still in flight."""
+    if len(arrivals_s) != len(requests):
+        raise ValueError("one arrival time per request")
+    run = PhaseRun()
+    async with _session() as session:
+        t0 = time.perf_counter()
+
+        async def one(spec: RequestSpec) -> None:
+            sample = await send(session, base_url, spec, max_tokens, t0)
+            run.samples.append(sample)
+            if on_done:
+                on_done(sample)
+
+        tasks = []
+        for spec, at in zip(requests, arrivals_s, strict=True):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(spec)))
+        await asyncio.gather(*tasks)
+        run.duration_s = time.perf_counter() - t0
+    return run
+
+
+async def sequential(
+    base_url: str,
+    requests: Sequence[RequestSpec],
+    max_tokens: int,
+    on_done: Callable[[Sample], None] | None = None,
+) -> PhaseRun:
+    """One request at a time on an otherwise idle server (cold-adapter probes)."""
+    return await closed_loop(base_url, requests, 1, max_tokens, on_done)

@@ -1,0 +1,112 @@
+"""The gateway's handle on the registry: database, artifact store and the served base's identity.
+
+Opened before the engine starts: the served base is fingerprinted (sha256 over its weights,
+tokenizer fingerprint, dims) and pinned in the registry under its served name. If that name was
+registered with other weights, start-up is refused: adapters trained for one base never run on
+another, even one bit apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gateway.settings import Settings
+from registry import service
+from registry.compat import BaseModelFingerprint, fingerprint_base_model
+from registry.db import make_engine, make_session_factory, migrate
+from registry.errors import AdapterNotFound, AdapterRejected, TenantNotFound
+from registry.states import Visibility
+from registry.store.local import LocalArtifactStore
+
+logger = logging.getLogger(__name__)
+SYSTEM_ACTOR = "system"
+
+
+@dataclass
+class RegistryRuntime:
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    store: LocalArtifactStore
+    base_name: str
+    base: BaseModelFingerprint
+    max_lora_rank: int
+
+    async def close(self) -> None:
+        await self.db.dispose()
+
+
+async def open_registry(settings: Settings, base_path: Path, base_name: str) -> RegistryRuntime:
+    """Migrate, connect, fingerprint and pin the served base. Raises BaseModelMismatch."""
+    url = settings.resolved_database_url()
+    await migrate(url)
+    db = make_engine(url)
+    sessions = make_session_factory(db)
+    try:
+        fingerprint = await asyncio.to_thread(fingerprint_base_model, base_path)
+        async with sessions() as session:
+            await service.register_base_model(
+                session, name=base_name, fingerprint=fingerprint, actor=SYSTEM_ACTOR
+            )
+    except BaseException:
+        await db.dispose()
+        raise
+    logger.info(
+        "registry at %s; served base %s sha256 %s",
+        url.split("@")[-1],
+        base_name,
+        fingerprint.weights_sha256[:12],
+    )
+    store = LocalArtifactStore(settings.resolved_artifact_dir())
+    return RegistryRuntime(db, sessions, store, base_name, fingerprint, settings.max_lora_rank)
+
+
+async def ensure_tenant(runtime: RegistryRuntime, name: str) -> None:
+    async with runtime.sessions() as session:
+        try:
+            await service.get_tenant(session, name=name)
+        except TenantNotFound:
+            await service.create_tenant(session, name=name, actor=SYSTEM_ACTOR)
+
+
+async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str) -> list[str]:
+    """Register each PEFT subfolder not yet in the registry, through the full gate.
+
+    Names already registered are left alone, so restarts never mint new versions. A refused
+    folder is logged with every reason and skipped; the rest still import.
+    """
+    if not folder.is_dir():
+        logger.warning("adapter import folder %s does not exist", folder)
+        return []
+    await ensure_tenant(runtime, tenant)
+    imported = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        async with runtime.sessions() as session:
+            try:
+                await service.get_adapter(session, name=sub.name)
+                continue
+            except AdapterNotFound:
+                pass
+            try:
+                await service.register_adapter_version(
+                    session,
+                    store=runtime.store,
+                    artifact_dir=sub,
+                    name=sub.name,
+                    tenant=tenant,
+                    served_base=runtime.base,
+                    max_lora_rank=runtime.max_lora_rank,
+                    actor=SYSTEM_ACTOR,
+                    visibility=Visibility.PRIVATE,
+                )
+            except AdapterRejected as exc:
+                logger.warning("not importing %s: %s", sub.name, exc.message)
+                continue
+        imported.append(sub.name)
+    if imported:
+        logger.info("imported %d adapters for tenant %s from %s", len(imported), tenant, folder)
+    return imported

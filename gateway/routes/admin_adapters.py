@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from gateway.admin_auth import AdminDep
+from gateway.deps import AdapterAdminDep, RegistryDep
+from gateway.schemas.admin import AdapterOut, ChangeReason, ImportAdapter, VersionOut
+from registry import service
+
+router = APIRouter(prefix="/admin/v1/adapters", tags=["admin: adapters"])
+
+
+@router.post("", status_code=201)
+async def register_adapter_upload(
+    actor: AdminDep,
+    admin: AdapterAdminDep,
+    name: Annotated[str, Form(examples=["support-bot"])],
+    files: Annotated[
+        list[UploadFile],
+        File(description="adapter_config.json + adapter_model.safetensors, or one .tar/.zip"),
+    ],
+    tenant: Annotated[str, Form()] = "default",
+    visibility: Annotated[Literal["private", "shared"], Form()] = "private",
+    card: Annotated[str | None, Form(description="Adaptation Card JSON")] = None,
+    base_sha256: Annotated[str | None, Form()] = None,
+) -> VersionOut:
+    """Register a new immutable adapter version by upload; every gate refusal is listed (422)."""
+    row = await admin.register_upload(
+        files,
+        name=name,
+        tenant=tenant,
+        visibility=visibility,
+        card=card,
+        base_sha256=base_sha256,
+        actor=actor,
+    )
+    return VersionOut.of(row)
+
+
+@router.post("/import", status_code=201)
+async def register_adapter_path(
+    body: ImportAdapter, actor: AdminDep, admin: AdapterAdminDep
+) -> VersionOut:
+    """Register a new version from a local folder under an allow-listed root."""
+    row = await admin.register_path(
+        body.path,
+        name=body.name,
+        tenant=body.tenant,
+        visibility=body.visibility,
+        card=body.card,
+        base_sha256=body.base_sha256,
+        actor=actor,
+    )
+    return VersionOut.of(row)
+
+
+@router.get("")
+async def list_adapters(
+    actor: AdminDep, registry: RegistryDep, tenant: str | None = None
+) -> list[AdapterOut]:
+    """List adapters, optionally those a tenant owns or may use (shared)."""
+    async with registry.sessions() as session:
+        rows = await service.list_adapters(session, tenant=tenant)
+    return [AdapterOut.of(row) for row in rows]
+
+
+@router.get("/{name}")
+async def get_adapter(name: str, actor: AdminDep, registry: RegistryDep) -> AdapterOut:
+    """One adapter with all its versions (deleted ones included, as tombstones)."""
+    async with registry.sessions() as session:
+        row = await service.get_adapter(session, name=name)
+        versions = await service.list_versions(session, name=name)
+    return AdapterOut.of(row, versions)
+
+
+@router.post("/{name}/versions/{version}/retire")
+async def retire_version(
+    name: str,
+    version: int,
+    actor: AdminDep,
+    admin: AdapterAdminDep,
+    body: ChangeReason | None = None,
+) -> VersionOut:
+    """Stop serving a version; it stays in the registry for audit."""
+    row = await admin.retire(name, version, body.reason if body else None, actor)
+    return VersionOut.of(row)
+
+
+@router.delete("/{name}/versions/{version}")
+async def delete_version(
+    name: str,
+    version: int,
+    actor: AdminDep,
+    admin: AdapterAdminDep,
+    reason: str | None = None,
+) -> VersionOut:
+    """Tombstone a version and delete its artifact when no other version uses it."""
+    row = await admin.delete(name, version, reason, actor)
+    return VersionOut.of(row)

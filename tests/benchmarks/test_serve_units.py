@@ -1,0 +1,140 @@
+"""Fast checks of the serving benchmark's pieces: assets, workloads, flags, plans, statistics."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from benchmarks.serve import runner, scenarios, servers, stats
+from benchmarks.serve.assets import Assets, prepare_assets, rank_of
+from benchmarks.serve.load import PhaseRun, Sample
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    return prepare_assets(tmp_path_factory.mktemp("bench-data"), 6)
+
+
+def test_derived_adapters_are_real_peft_folders_with_their_own_weights(assets: Assets) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    first, second = (
+        load_file(assets.adapter_path(n) / "adapter_model.safetensors")
+        for n in assets.adapter_names[:2]
+    )
+    for index, name in enumerate(assets.adapter_names):
+        config = json.loads((assets.adapter_path(name) / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == rank_of(index, 0)
+        template = load_file(
+            assets.root / "templates" / f"r{config['r']}" / "adapter_model.safetensors"
+        )
+        weights = load_file(assets.adapter_path(name) / "adapter_model.safetensors")
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in template.items()}
+        assert all(not (weights[k] == template[k]).all() for k in weights)
+    if first.keys() == second.keys():
+        assert any(not (first[k] == second[k]).all() for k in first)
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(assets.adapter_path(assets.adapter_names[0])))
+    assert model.peft_config["default"].r == rank_of(0, 0)
+    folder = assets.adapter_set(3)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == list(assets.adapter_names[:3])
+
+
+def test_workloads_are_seeded_and_zipf_favours_the_first_adapters() -> None:
+    zipf64 = next(s for s in scenarios.FULL_SCENARIOS if s.name == "zipf64")
+    settings = scenarios.FULL_SETTINGS
+    a = scenarios.workload(zipf64, settings, "closed", 2000)
+    assert a == scenarios.workload(zipf64, settings, "closed", 2000)
+    assert a != scenarios.workload(zipf64, settings, "open", 2000)
+    counts = Counter(spec.model for spec in a)
+    assert counts.most_common(1)[0][0] == "lora-0000"
+    assert counts["lora-0000"] > 5 * counts.get("lora-0063", 1)
+    p = scenarios.popularity(64, 0.8)
+    assert abs(p.sum() - 1) < 1e-9 and (p[:-1] >= p[1:]).all()
+    base = scenarios.FULL_SCENARIOS[0]
+    assert {s.model for s in scenarios.workload(base, settings, "closed", 10)} == {"bench-base"}
+    arrivals = scenarios.poisson_arrivals(zipf64, settings, rate=10.0)
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals) and 10 < arrivals[-1] < 30
+
+
+def test_cold_adapters_are_never_used_and_skip_vllms_preloaded_tail() -> None:
+    cold = next(s for s in scenarios.FULL_SCENARIOS if s.kind == "cold")
+    settings = scenarios.FULL_SETTINGS
+    used = scenarios.used_adapters(list(scenarios.FULL_SCENARIOS), settings)
+    names = scenarios.cold_adapters(cold, settings, used, protected_tail=16)
+    assert len(set(names)) == settings.cold_probes and not set(names) & used
+    assert all(int(n.split("-")[1]) < cold.adapters - 16 for n in names)
+
+
+def test_engine_flags_are_per_system_and_reach_each_server(tmp_path: Path) -> None:
+    tweaked = scenarios.with_engine_overrides(
+        scenarios.FULL_SCENARIOS, ["zipf64/loraplex:lora_pool_bytes=4194304", "vllm:max_loras=8"]
+    )
+    zipf64 = next(s for s in tweaked if s.name == "zipf64")
+    base = next(s for s in tweaked if s.name == "base")
+    assert zipf64.flags("loraplex")["lora_pool_bytes"] == "4194304"
+    assert "lora_pool_bytes" not in base.flags("loraplex")
+    assert base.flags("vllm")["max_loras"] == "8" and base.flags("loraplex")["max_loras"] == 4
+    with pytest.raises(ValueError):
+        scenarios.with_engine_overrides(scenarios.FULL_SCENARIOS, ["sglang:max_loras=8"])
+
+    fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
+    spec = servers.ServerSpec.make("loraplex", zipf64.flags("loraplex"), 0)
+    argv, env = servers.server_command(spec, fake, 8123, tmp_path / "state")
+    assert argv[-2:] == ["gateway", "serve"]
+    assert env["LORAPLEX_LORA_POOL_BYTES"] == "4194304" and env["LORAPLEX_PORT"] == "8123"
+    assert env["LORAPLEX_DATA_DIR"] == str(tmp_path / "state")
+    spec = servers.ServerSpec.make("vllm", base.flags("vllm"), 0)
+    argv, env = servers.server_command(spec, fake, 8123, tmp_path / "state")
+    assert env == {"VLLM_PLUGINS": ""}
+    assert argv[argv.index("--max-loras") + 1] == "8" and "--enable-lora" in argv
+
+
+def test_plans_group_scenarios_that_share_a_server() -> None:
+    settings = scenarios.FULL_SETTINGS
+    plan = runner.RunPlan(scenarios.FULL_SCENARIOS, settings, ("vllm", "loraplex"))
+    assert [(n, [s.name for s in g]) for n, g in plan.server_groups] == [
+        (0, ["base"]),
+        (3, ["lora3"]),
+        (64, ["zipf64"]),
+        (1000, ["cold", "zipf1000"]),
+    ]
+    shared = runner.RunPlan(scenarios.FULL_SCENARIOS, settings, ("vllm",), share_servers=True)
+    assert [n for n, _ in shared.server_groups] == [1000]
+    assert shared.total_requests() == 4 * (32 + 2 * 200) + 2 * settings.cold_probes
+
+    base, lora3 = scenarios.FULL_SCENARIOS[:2]
+    measured = {"phases": {"closed": {"req_per_s": 40.0}}}
+    result = {"systems": {"vllm": measured}}
+    assert runner._open_rate(plan, base, result, {}) == pytest.approx(0.7 * 40)
+    pinned = runner.RunPlan((base, lora3), settings, ("vllm",), open_rates={"lora3": 9.0})
+    assert runner._open_rate(pinned, lora3, result, {}) == 9.0
+    assert runner._open_rate(pinned, base, result, {}) == pytest.approx(28)
+
+
+def test_summary_percentiles_tpot_and_ratios() -> None:
+    run = PhaseRun(duration_s=2.0)
+    for i in range(100):
+        run.samples.append(
+            Sample("m", i * 0.01, ttft_s=0.01 * (i + 1), e2e_s=0.5 + 0.01 * i, tokens=32)
+        )
+    run.samples.append(Sample("m", 1.5, error="HTTP 500: boom"))
+    summary = stats.summarize(run)
+    assert summary["ok"] == 100 and summary["errors"] == 1
+    assert summary["req_per_s"] == 50 and summary["out_tok_per_s"] == 1600
+    assert summary["ttft_p50_s"] < summary["ttft_p95_s"] < summary["ttft_p99_s"]
+    assert summary["tpot_p50_s"] == pytest.approx(0.49 / 31)
+    result = {
+        "systems": {
+            "vllm": {"phases": {"closed": summary}},
+            "loraplex": {"phases": {"closed": {**summary, "req_per_s": 100}}},
+        }
+    }
+    assert stats.ratios(result, ("vllm", "loraplex"))["closed"]["req_per_s"] == 2
+    assert stats.ratios(result, ("vllm",)) == {}
