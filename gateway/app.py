@@ -69,7 +69,7 @@ def create_app(
                 await import_adapter_dir(registry, import_dir, settings.resolved_import_tenant())
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             await served_engine.start()
-            catalog = RegistryCatalog(registry)
+            catalog = RegistryCatalog(registry, settings.catalog_cache_ttl_s)
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog

@@ -45,10 +45,16 @@ class ModelCatalog(Protocol):
 class RegistryCatalog:
     """The served base plus every servable adapter version bound to it in the registry."""
 
-    def __init__(self, runtime: RegistryRuntime):
+    def __init__(self, runtime: RegistryRuntime, cache_ttl_s: float = 1.0):
         self._runtime = runtime
         self._base = ServedModel(name=runtime.base_name, adapter=None, created=int(time.time()))
         self._verified: set[int] = set()
+        # name → (expiry, resolution). A database round trip per request costs the API process
+        # more than the rest of the gateway's work; admin writes in this process invalidate at
+        # once, other replicas' writes show within the TTL. Misses are never cached, so a new
+        # version is servable on the very next request everywhere.
+        self._ttl = cache_ttl_s
+        self._cache: dict[str, tuple[float, ServedModel]] = {}
 
     async def list_models(self) -> list[ServedModel]:
         runtime = self._runtime
@@ -65,6 +71,18 @@ class RegistryCatalog:
     async def resolve(self, name: str) -> ServedModel:
         if name == self._base.name:
             return self._base
+        cached = self._cache.get(name)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        served = await self._resolve_uncached(name)
+        self._cache[name] = (now + self._ttl, served)
+        return served
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def _resolve_uncached(self, name: str) -> ServedModel:
         runtime = self._runtime
         try:
             async with runtime.sessions() as session:
@@ -99,3 +117,4 @@ class RegistryCatalog:
 
     def forget(self, version_id: int) -> None:
         self._verified.discard(version_id)
+        self.invalidate()

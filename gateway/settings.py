@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     )
     artifact_dir: Path | None = Field(None, description="Artifact store; default data_dir.")
     upload_max_bytes: int = Field(2 * 1024**3, gt=0)
+    catalog_cache_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long a model-name resolution is reused (other replicas' "
+        "retirements show within it).",
+    )
     import_roots: list[Path] = Field(
         default_factory=list, description="Local roots adapters may be registered from by path."
     )

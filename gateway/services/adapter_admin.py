@@ -89,7 +89,7 @@ class AdapterAdmin:
     ) -> AdapterVersion:
         runtime = self._runtime
         async with runtime.sessions() as session:
-            return await service.register_adapter_version(
+            row = await service.register_adapter_version(
                 session,
                 store=runtime.store,
                 artifact_dir=folder,
@@ -102,6 +102,8 @@ class AdapterAdmin:
                 card=card,
                 base_sha256=base_sha256,
             )
+        self._catalog.invalidate()  # after the commit: `name` now means the new version
+        return row
 
     async def retire(
         self, name: str, version: int, reason: str | None, actor: str
