@@ -27,9 +27,13 @@ async def aclient(gateway):
 
 
 def test_models_lists_base_and_every_demo_adapter(client, demo):
-    ids = [m.id for m in client.models.list().data]
+    listed = client.models.list().data
+    ids = [m.id for m in listed]
     assert ids[0] == BASE_NAME
-    assert sorted(ids[1:]) == sorted(demo.adapters)
+    # Other tests of the session may register more adapters on the shared gateway.
+    assert set(demo.adapters) <= set(ids[1:])
+    assert len(ids) == len(set(ids))
+    assert all(getattr(m, "parent", None) == BASE_NAME for m in listed[1:])
     assert client.models.retrieve(ADAPTER).id == ADAPTER
 
 
