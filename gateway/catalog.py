@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from gateway.engine.client import AdapterHandle
@@ -102,13 +103,13 @@ class RegistryCatalog:
             name, handle, int(resolved.created_at.timestamp()), parent=self._base.name
         )
 
-    async def _gate_before_first_load(self, version_id: int, address: str, path: object) -> None:
+    async def _gate_before_first_load(self, version_id: int, address: str, path: Path) -> None:
         """Re-run the whole gate on the stored files once per version and process: what reaches
         the engine is what passed, even if the store was tampered with since registration."""
         if version_id in self._verified:
             return
         runtime = self._runtime
-        artifact = await asyncio.to_thread(inspect_adapter, path)  # type: ignore[arg-type]
+        artifact = await asyncio.to_thread(inspect_adapter, path)
         problems = run_gate(artifact, runtime.base, EngineLimits(runtime.max_lora_rank))
         if problems:
             logger.error("refusing to load %s: %s", address, "; ".join(p.message for p in problems))

@@ -46,14 +46,8 @@ def get_adapter_admin(request: Request) -> AdapterAdmin:
     return admin
 
 
-def request_id(request: Request) -> str:
-    rid: str = request.state.request_id
-    return rid
-
-
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
-RequestIdDep = Annotated[str, Depends(request_id)]
 RegistryDep = Annotated[RegistryRuntime, Depends(get_registry)]
 AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]

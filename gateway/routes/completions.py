@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from gateway.deps import RequestIdDep, ServiceDep
+from gateway.deps import ServiceDep
 from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
 from gateway.schemas.openai import CompletionRequest
 from gateway.services.generation import new_request_id
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 @router.post("/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, service: ServiceDep, rid: RequestIdDep
+    body: CompletionRequest, request: Request, service: ServiceDep
 ) -> dict[str, Any] | Response:
     """Create a text completion with the base model or the adapter named by `model`."""
     job = await service.prepare_completion(body, new_request_id("cmpl"))

@@ -91,6 +91,61 @@ def test_registered_version_serves_at_once_and_retire_takes_it_away(gateway, dem
     assert "fresh-adapter" in {m["id"] for m in models}
 
 
+def test_garbage_uploads_are_4xx_and_store_nothing(gateway, demo):
+    folder = demo.adapters[DEMO_ADAPTERS[0].name]
+    config = (folder / "adapter_config.json").read_bytes()
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    cases = [
+        ({"name": "junk-a", "tenant": DEMO_TENANT}, [("files", ("notes.txt", b"hello"))], 400),
+        (
+            {"name": "junk-b", "tenant": DEMO_TENANT},
+            [("files", ("adapter_config.json", config))],
+            400,
+        ),  # weights missing
+        (
+            {"tenant": DEMO_TENANT},
+            [
+                ("files", ("adapter_config.json", config)),
+                ("files", ("adapter_model.safetensors", weights)),
+            ],
+            400,
+        ),
+        (
+            {"name": "junk-c", "tenant": DEMO_TENANT},
+            [
+                ("files", ("adapter_config.json", b"{not json")),
+                ("files", ("adapter_model.safetensors", weights)),
+            ],
+            422,
+        ),
+        (
+            {"name": "junk-d", "tenant": "no-such-tenant"},
+            [
+                ("files", ("adapter_config.json", config)),
+                ("files", ("adapter_model.safetensors", weights)),
+            ],
+            404,
+        ),
+        (
+            {"name": "junk-e", "tenant": DEMO_TENANT},
+            [("files", ("adapter.tar", b"not a tar archive"))],
+            400,
+        ),
+    ]
+    for form, files, status in cases:
+        response = admin(gateway, "POST", "/adapters", data=form, files=files)
+        assert response.status_code == status, (form, response.text)
+        assert set(response.json()) == {"error"}
+        if "name" in form:
+            assert admin(gateway, "GET", f"/adapters/{form['name']}").status_code == 404
+
+
+def test_cli_usage_errors_exit_2(gateway, tmp_path):
+    assert cli(gateway, "adapters", "retire", "no-version-given").returncode == 2
+    missing = cli(gateway, "adapters", "register", str(tmp_path / "nope"), "--name", "x")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
 def test_admin_routes_need_the_admin_token(gateway):
     assert httpx.get(f"{gateway.base_url}/admin/v1/adapters", timeout=30).status_code == 401
     wrong = httpx.get(
