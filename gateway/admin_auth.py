@@ -7,7 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway.audit_log import audit_event
 from gateway.errors import LoraplexError
+from gateway.metrics import AUTH_FAILURES
 
 ADMIN_ACTOR = "admin"
 
@@ -35,6 +37,13 @@ def require_admin(request: Request) -> str:
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         supplied.strip().encode(), expected.get_secret_value().encode()
     ):
+        AUTH_FAILURES.labels("admin").inc()
+        audit_event(
+            "auth.failure",
+            reason="admin",
+            path=request.url.path,
+            client=request.client.host if request.client else None,
+        )
         raise AdminUnauthorized("Missing or invalid admin token.")
     return ADMIN_ACTOR
 

@@ -10,22 +10,29 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from gateway.adapter_cache import HostAdapterCache
+from gateway.auth import KeyAuthenticator
 from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.http_utils import RequestIdMiddleware
-from gateway.registry_runtime import import_adapter_dir, open_registry
+from gateway.limits import TenantLimiter
+from gateway.metrics import ENGINE_UP
+from gateway.registry_runtime import ensure_start_key, import_adapter_dir, open_registry
+from gateway.request_metrics import RequestMetricsMiddleware
 from gateway.routes import (
     admin_adapters,
     admin_registry,
+    admin_tenants,
     chat,
     completions,
     health,
     metrics,
     models,
 )
-from gateway.services.adapter_admin import AdapterAdmin
+from gateway.services.adapter_admin import AdapterAdmin, S3Import
 from gateway.services.generation import GenerationService
+from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,29 +74,53 @@ def create_app(
             import_dir = settings.resolved_adapter_dir()
             if import_dir is not None:
                 await import_adapter_dir(registry, import_dir, settings.resolved_import_tenant())
+            if settings.demo:
+                app.state.demo_api_key = await ensure_start_key(
+                    registry, settings.resolved_import_tenant(), settings.demo_api_key
+                )
+            elif settings.import_api_key is not None:
+                await ensure_start_key(
+                    registry, settings.resolved_import_tenant(), settings.import_api_key
+                )
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             await served_engine.start()
+            ENGINE_UP.set(1)
             catalog = RegistryCatalog(registry, settings.catalog_cache_ttl_s)
+            authenticator = KeyAuthenticator(registry, settings.catalog_cache_ttl_s)
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog
+            cache = HostAdapterCache(served_engine, settings.adapter_cache_bytes)
             app.state.adapter_admin = AdapterAdmin(
                 registry,
-                served_engine,
+                cache,
                 catalog,
                 settings.upload_max_bytes,
                 settings.import_roots,
+                S3Import(settings.s3_import_buckets, settings.s3_endpoint_url, settings.s3_region),
             )
-            app.state.generation = GenerationService(served_engine, catalog, tokenizer)
+            app.state.authenticator = authenticator
+            app.state.tenant_admin = TenantAdmin(registry, authenticator, catalog)
+            app.state.generation = GenerationService(
+                served_engine, catalog, tokenizer, TenantLimiter(), cache
+            )
             app.state.engine = served_engine
-            names = [m.name for m in await catalog.list_models()]
-            logger.info("loraplex ready; models: %s", ", ".join(names))
+            logger.info("loraplex ready: serving %s", model_name)
             if on_ready is not None:
                 on_ready(app)
             yield
         finally:
-            for name in ("engine", "generation", "catalog", "adapter_admin", "registry"):
+            for name in (
+                "engine",
+                "generation",
+                "catalog",
+                "adapter_admin",
+                "authenticator",
+                "tenant_admin",
+                "registry",
+            ):
                 setattr(app.state, name, None)
+            ENGINE_UP.set(0)
             await served_engine.stop()
             await registry.close()
 
@@ -101,6 +132,10 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = None
+    app.state.authenticator = None
+    app.state.demo_api_key = None
+    # Last added runs first: request ids exist before metrics label anything.
+    app.add_middleware(RequestMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     routers = (
@@ -110,6 +145,7 @@ def create_app(
         health.router,
         admin_adapters.router,
         admin_registry.router,
+        admin_tenants.router,
         metrics.router,
     )
     for router in routers:

@@ -20,8 +20,11 @@ from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.compat import EngineLimits, inspect_adapter, run_gate
 from registry.errors import InvalidName, NotFound
+from registry.service import Principal
 
 logger = logging.getLogger(__name__)
+# (tenant, name) pairs; bounded so probing many names cannot grow memory.
+MAX_CACHED = 50_000
 
 
 @dataclass(frozen=True)
@@ -33,18 +36,29 @@ class ServedModel:
     created: int
     parent: str | None = None
     owned_by: str = "loraplex"
+    # The registry's adapter name and version ("" for the base): bounded metric labels.
+    adapter_name: str = ""
+    version: int | None = None
+
+    @property
+    def version_label(self) -> str:
+        return "" if self.version is None else str(self.version)
 
 
 class ModelCatalog(Protocol):
-    async def list_models(self) -> list[ServedModel]: ...
+    async def list_models(self, caller: Principal) -> list[ServedModel]:
+        """Exactly what `caller` may use."""
+        ...
 
-    async def resolve(self, name: str) -> ServedModel:
-        """Raises ModelNotFound for anything that is not servable."""
+    async def resolve(self, name: str, caller: Principal) -> ServedModel:
+        """Raises ModelNotFound for anything `caller` may not use: unknown, another tenant's,
+        retired or not servable all give the same answer."""
         ...
 
 
 class RegistryCatalog:
-    """The served base plus every servable adapter version bound to it in the registry."""
+    """The served base plus every servable adapter version bound to it in the registry, as
+    seen by one tenant: its own adapters, those shared with it, and globally shared ones."""
 
     def __init__(self, runtime: RegistryRuntime, cache_ttl_s: float = 1.0):
         self._runtime = runtime
@@ -55,35 +69,52 @@ class RegistryCatalog:
         # once, other replicas' writes show within the TTL. Misses are never cached, so a new
         # version is servable on the very next request everywhere.
         self._ttl = cache_ttl_s
-        self._cache: dict[str, tuple[float, ServedModel]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, ServedModel]] = {}
 
-    async def list_models(self) -> list[ServedModel]:
+    async def list_models(self, caller: Principal) -> list[ServedModel]:
         runtime = self._runtime
         async with runtime.sessions() as session:
             resolved = await service.list_resolvable(
-                session, store=runtime.store, base_sha256=runtime.base.weights_sha256
+                session,
+                store=runtime.store,
+                tenant=caller.tenant,
+                base_sha256=runtime.base.weights_sha256,
             )
         adapters = [
-            ServedModel(r.name, None, int(r.created_at.timestamp()), parent=self._base.name)
+            ServedModel(
+                r.name,
+                None,
+                int(r.created_at.timestamp()),
+                parent=self._base.name,
+                owned_by=_owner_seen_by(r.tenant, caller.tenant),
+                adapter_name=r.name,
+                version=r.version,
+            )
             for r in resolved
         ]
-        return [self._base, *adapters]
+        base = [self._base] if caller.policy.allow_base_model else []
+        return [*base, *adapters]
 
-    async def resolve(self, name: str) -> ServedModel:
+    async def resolve(self, name: str, caller: Principal) -> ServedModel:
         if name == self._base.name:
+            if not caller.policy.allow_base_model:
+                raise ModelNotFound(name)
             return self._base
-        cached = self._cache.get(name)
+        key = (caller.tenant, name)
+        cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
-        served = await self._resolve_uncached(name)
-        self._cache[name] = (now + self._ttl, served)
+        served = await self._resolve_uncached(name, caller.tenant)
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl, served)
         return served
 
     def invalidate(self) -> None:
         self._cache.clear()
 
-    async def _resolve_uncached(self, name: str) -> ServedModel:
+    async def _resolve_uncached(self, name: str, tenant: str) -> ServedModel:
         runtime = self._runtime
         try:
             async with runtime.sessions() as session:
@@ -91,6 +122,7 @@ class RegistryCatalog:
                     session,
                     store=runtime.store,
                     model=name,
+                    tenant=tenant,
                     base_sha256=runtime.base.weights_sha256,
                 )
         except (NotFound, InvalidName):
@@ -98,9 +130,20 @@ class RegistryCatalog:
         if resolved.path is None:
             raise ModelNotFound(name)
         await self._gate_before_first_load(resolved.version_id, resolved.address, resolved.path)
-        handle = AdapterHandle(engine_id=resolved.version_id, path=str(resolved.path))
+        weights = resolved.path / "adapter_model.safetensors"
+        handle = AdapterHandle(
+            engine_id=resolved.version_id,
+            path=str(resolved.path),
+            size_bytes=weights.stat().st_size,
+        )
         return ServedModel(
-            name, handle, int(resolved.created_at.timestamp()), parent=self._base.name
+            name,
+            handle,
+            int(resolved.created_at.timestamp()),
+            parent=self._base.name,
+            owned_by=_owner_seen_by(resolved.tenant, tenant),
+            adapter_name=resolved.name,
+            version=resolved.version,
         )
 
     async def _gate_before_first_load(self, version_id: int, address: str, path: Path) -> None:
@@ -119,3 +162,8 @@ class RegistryCatalog:
     def forget(self, version_id: int) -> None:
         self._verified.discard(version_id)
         self.invalidate()
+
+
+def _owner_seen_by(owner: str, caller: str) -> str:
+    """Another tenant's name is not the caller's business, even on an adapter shared with it."""
+    return owner if owner == caller else "shared"

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli_admin import adapters_app, tenants_app
+from gateway.cli_admin import adapters_app, keys_app, tenants_app
 
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -44,11 +45,16 @@ def serve(
     def announce(fastapi_app: object) -> None:
         base = f"http://{settings.host}:{settings.port}"
         typer.echo(f"\nloraplex is serving at {base}/v1  (docs: {base}/docs)")
-        if settings.demo:
+        key = getattr(getattr(fastapi_app, "state", None), "demo_api_key", None)
+        if settings.demo and key:
+            # The one place a key is printed: demo mode, to the operator's own terminal.
             typer.echo(
+                f"Demo tenant `demo`, API key: {key}\n"
                 "Try it:\n"
-                f"  curl -s {base}/v1/models\n"
-                f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                f"  export LORAPLEX_KEY={key}\n"
+                f'  curl -s {base}/v1/models -H "Authorization: Bearer $LORAPLEX_KEY"\n'
+                f'  curl -s {base}/v1/chat/completions -H "Authorization: Bearer $LORAPLEX_KEY" '
+                "\\\n    -H 'Content-Type: application/json' \\\n"
                 '    -d \'{"model": "demo-qkvo-r8", "max_tokens": 24, '
                 '"messages": [{"role": "user", "content": "Hello!"}]}\'\n'
             )

@@ -1,4 +1,4 @@
-"""`loraplex adapters ...` and `loraplex tenants ...`: a thin client of the admin HTTP API.
+"""`loraplex adapters|tenants|keys ...`: a thin client of the admin HTTP API.
 
 Reads LORAPLEX_URL (default http://127.0.0.1:8000) and LORAPLEX_ADMIN_TOKEN. Exit codes:
 0 success, 1 refused by the server (every reason printed), 2 usage or connection error.
@@ -65,13 +65,42 @@ def _split(address: str) -> tuple[str, int]:
 
 @adapters_app.command("register")
 def register(
-    path: Annotated[Path, typer.Argument(help="PEFT folder, or a .tar/.zip of one.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="PEFT folder or a .tar/.zip of one (uploaded), or s3://bucket/prefix "
+            "(fetched by the gateway from an allow-listed bucket)."
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Adapter name (new or existing).")],
     tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
     shared: Annotated[bool, typer.Option("--shared", help="Usable by every tenant.")] = False,
     card: Annotated[Path | None, typer.Option(help="Adaptation Card JSON file.")] = None,
 ) -> None:
     """Upload and register a new adapter version (the gate checks it; refusals list reasons)."""
+    if path.startswith("s3://"):
+        body: dict[str, Any] = {
+            "path": path,
+            "name": name,
+            "tenant": tenant,
+            "visibility": "shared" if shared else "private",
+        }
+        if card is not None:
+            body["card"] = _card_json(card)
+        _print(_call("POST", "/adapters/import", json=body))
+        return
+    _register_upload(Path(path), name, tenant, shared, card)
+
+
+def _card_json(card: Path) -> Any:
+    try:
+        return json.loads(card.read_text())
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: cannot read the card {card}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _register_upload(path: Path, name: str, tenant: str, shared: bool, card: Path | None) -> None:
     if not path.exists():
         typer.echo(f"error: {path} does not exist", err=True)
         raise typer.Exit(2)
@@ -130,12 +159,143 @@ def delete(address: str, reason: Annotated[str | None, typer.Option()] = None) -
 
 
 @tenants_app.command("create")
-def create_tenant(name: str) -> None:
-    """Create a tenant."""
-    _print(_call("POST", "/tenants", json={"name": name}))
+def create_tenant(
+    name: str,
+    rps: Annotated[float | None, typer.Option("--rps", help="Requests per second.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Concurrent requests.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens.")] = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Forbid the base model.")] = False,
+) -> None:
+    """Create a tenant, optionally with limits (unlimited by default)."""
+    limits: dict[str, Any] = {
+        "requests_per_second": rps,
+        "tokens_per_minute": tpm,
+        "max_concurrent": max_concurrent,
+        "max_tokens": max_tokens,
+    }
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if no_base:
+        limits["allow_base_model"] = False
+    body: dict[str, Any] = {"name": name}
+    if limits:
+        body["limits"] = limits
+    _print(_call("POST", "/tenants", json=body))
 
 
 @tenants_app.command("list")
 def list_tenants() -> None:
     """List tenants."""
     _print(_call("GET", "/tenants"))
+
+
+keys_app = typer.Typer(
+    help="Issue, list and revoke tenants' API keys (admin API).", no_args_is_help=True
+)
+
+
+@tenants_app.command("show")
+def show_tenant(name: str) -> None:
+    """Show a tenant and its limits."""
+    _print(_call("GET", f"/tenants/{name}"))
+
+
+LIMIT_FIELDS = (
+    "requests_per_second",
+    "burst",
+    "tokens_per_minute",
+    "max_concurrent",
+    "max_tokens",
+    "allow_base_model",
+)
+
+
+@tenants_app.command("limits")
+def set_limits(
+    name: str,
+    rps: Annotated[float | None, typer.Option("--rps", help="Requests per second.")] = None,
+    burst: Annotated[int | None, typer.Option(help="Burst size for --rps.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Concurrent requests.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens.")] = None,
+    allow_base: Annotated[
+        bool | None, typer.Option("--allow-base/--no-allow-base", help="May use the base model.")
+    ] = None,
+    clear: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Remove a limit (unlimited): {', '.join(LIMIT_FIELDS)}."),
+    ] = None,
+) -> None:
+    """Change a tenant's limits; options not given stay as they are."""
+    changes: dict[str, Any] = {}
+    given = {
+        "requests_per_second": rps,
+        "burst": burst,
+        "tokens_per_minute": tpm,
+        "max_concurrent": max_concurrent,
+        "max_tokens": max_tokens,
+        "allow_base_model": allow_base,
+    }
+    changes.update({k: v for k, v in given.items() if v is not None})
+    for field in clear or []:
+        if field not in LIMIT_FIELDS:
+            typer.echo(f"error: --clear takes one of {', '.join(LIMIT_FIELDS)}", err=True)
+            raise typer.Exit(2)
+        changes[field] = None
+    if not changes:
+        typer.echo("error: give at least one limit to change", err=True)
+        raise typer.Exit(2)
+    _print(_call("PATCH", f"/tenants/{name}/limits", json=changes))
+
+
+@keys_app.command("create")
+def create_key(
+    tenant: Annotated[str, typer.Option(help="The key's tenant.")],
+    label: Annotated[str | None, typer.Option(help="What the key is for.")] = None,
+    expires_in_days: Annotated[float | None, typer.Option(help="Expire after N days.")] = None,
+) -> None:
+    """Issue a key. Its details go first; the key itself is the LAST line of stdout (shown once)."""
+    body: dict[str, Any] = {"label": label}
+    if expires_in_days is not None:
+        body["expires_in_days"] = expires_in_days
+    issued = _call("POST", f"/tenants/{tenant}/keys", json=body)
+    key = issued.pop("key")
+    _print(issued)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def list_keys(tenant: Annotated[str | None, typer.Option()] = None) -> None:
+    """List keys (ids, status, expiry; never secrets)."""
+    _print(_call("GET", "/keys", params={"tenant": tenant} if tenant else None))
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(help="The key id (shown by `keys list`) or the key.")],
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Revoke a key; it is refused from the next request on."""
+    _print(_call("POST", f"/keys/{key_id_of(key_id)}/revoke", json={"reason": reason}))
+
+
+def key_id_of(value: str) -> str:
+    """Accept a whole key as well as its id, so an operator can paste a leaked key."""
+    from registry.tenancy import parse_api_key
+
+    parsed = parse_api_key(value)
+    return parsed[0] if parsed is not None else value
+
+
+@adapters_app.command("share")
+def share(name: str, tenant: Annotated[str, typer.Option(help="Tenant to share with.")]) -> None:
+    """Let another tenant use a private adapter."""
+    _print(_call("POST", f"/adapters/{name}/shares", json={"tenant": tenant}))
+
+
+@adapters_app.command("unshare")
+def unshare(
+    name: str, tenant: Annotated[str, typer.Option(help="Tenant to stop sharing with.")]
+) -> None:
+    """Stop sharing an adapter with a tenant."""
+    _print(_call("DELETE", f"/adapters/{name}/shares/{tenant}"))

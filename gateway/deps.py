@@ -12,6 +12,7 @@ from gateway.errors import EngineUnavailable
 from gateway.registry_runtime import RegistryRuntime
 from gateway.services.adapter_admin import AdapterAdmin
 from gateway.services.generation import GenerationService
+from gateway.services.tenant_admin import TenantAdmin
 
 
 def _state(request: Request, name: str):  # type: ignore[no-untyped-def]
@@ -46,8 +47,14 @@ def get_adapter_admin(request: Request) -> AdapterAdmin:
     return admin
 
 
+def get_tenant_admin(request: Request) -> TenantAdmin:
+    admin: TenantAdmin = _state(request, "tenant_admin")
+    return admin
+
+
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[RegistryRuntime, Depends(get_registry)]
 AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]
+TenantAdminDep = Annotated[TenantAdmin, Depends(get_tenant_admin)]

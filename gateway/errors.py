@@ -70,6 +70,7 @@ class EngineUnavailable(LoraplexError):
 # Registry refusals → HTTP status; the registry itself knows nothing about HTTP.
 REGISTRY_STATUS: tuple[tuple[type[registry_errors.RegistryError], int], ...] = (
     (registry_errors.AdapterRejected, 422),
+    (registry_errors.InvalidInput, 422),
     (registry_errors.UploadTooLarge, 413),
     (registry_errors.NotFound, 404),
     (registry_errors.Duplicate, 409),
@@ -123,7 +124,12 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(exc.message, "invalid_request_error", code=exc.code)
         problems = getattr(exc, "problems", None)
         if problems is not None:
-            body["error"]["problems"] = [{"code": p.code, "message": p.message} for p in problems]
+            body["error"]["problems"] = [
+                {"code": exc.code, "message": p}
+                if isinstance(p, str)
+                else {"code": p.code, "message": p.message}
+                for p in problems
+            ]
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)

@@ -13,15 +13,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.settings import Settings
 from registry import service
 from registry.compat import BaseModelFingerprint, fingerprint_base_model
 from registry.db import make_engine, make_session_factory, migrate
-from registry.errors import AdapterNotFound, AdapterRejected, TenantNotFound
+from registry.errors import AdapterNotFound, AdapterRejected, InvalidApiKey, TenantNotFound
 from registry.states import Visibility
-from registry.store.local import LocalArtifactStore
+from registry.store.base import ArtifactStore
+from registry.store.s3 import open_artifact_store
 
 logger = logging.getLogger(__name__)
 SYSTEM_ACTOR = "system"
@@ -31,7 +33,7 @@ SYSTEM_ACTOR = "system"
 class RegistryRuntime:
     db: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    store: LocalArtifactStore
+    store: ArtifactStore
     base_name: str
     base: BaseModelFingerprint
     max_lora_rank: int
@@ -61,7 +63,12 @@ async def open_registry(settings: Settings, base_path: Path, base_name: str) -> 
         base_name,
         fingerprint.weights_sha256[:12],
     )
-    store = LocalArtifactStore(settings.resolved_artifact_dir())
+    store = open_artifact_store(
+        settings.artifact_store or settings.resolved_artifact_dir(),
+        cache_dir=settings.resolved_artifact_dir(),
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
     return RegistryRuntime(db, sessions, store, base_name, fingerprint, settings.max_lora_rank)
 
 
@@ -110,3 +117,35 @@ async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str
     if imported:
         logger.info("imported %d adapters for tenant %s from %s", len(imported), tenant, folder)
     return imported
+
+
+DEMO_KEY_LABEL = "demo"
+
+
+async def ensure_start_key(runtime: RegistryRuntime, tenant: str, chosen: SecretStr | None) -> str:
+    """A key for `tenant` at start-up: the operator's chosen one (registered once, reused on
+    later starts), else a fresh random key each start (demo mode)."""
+    await ensure_tenant(runtime, tenant)
+    async with runtime.sessions() as session:
+        if chosen is not None:
+            plaintext = chosen.get_secret_value()
+            try:
+                principal = await service.authenticate_api_key(session, presented=plaintext)
+            except InvalidApiKey:
+                principal = None
+            if principal is not None:
+                if principal.tenant != tenant:
+                    raise ValueError("LORAPLEX_DEMO_API_KEY belongs to another tenant")
+                return plaintext
+            issued = await service.create_api_key(
+                session,
+                tenant=tenant,
+                actor=SYSTEM_ACTOR,
+                label=DEMO_KEY_LABEL,
+                plaintext=plaintext,
+            )
+        else:
+            issued = await service.create_api_key(
+                session, tenant=tenant, actor=SYSTEM_ACTOR, label=DEMO_KEY_LABEL
+            )
+    return issued.plaintext

@@ -33,13 +33,33 @@ class Settings(BaseSettings):
     # through the compatibility gate to `import_tenant` unless the name already exists.
     adapter_dir: Path | None = None
     import_tenant: str = "default"
+    import_api_key: SecretStr | None = Field(
+        None,
+        description="An operator-chosen key for import_tenant, registered at start-up if new "
+        "(scripted set-ups: benchmarks, CI).",
+    )
     demo: bool = Field(False, description="Create and register the demo model and adapters.")
+    demo_api_key: SecretStr | None = Field(
+        None,
+        description="Demo mode's API key for tenant `demo`; unset → a random key each start.",
+    )
 
     # Registry.
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default sqlite+aiosqlite under data_dir."
     )
     artifact_dir: Path | None = Field(None, description="Artifact store; default data_dir.")
+    artifact_store: str | None = Field(
+        None,
+        description="s3://bucket/prefix for an S3-compatible artifact store (extra `s3`); "
+        "artifact_dir then only caches downloads.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...).")
+    s3_region: str | None = None
+    s3_import_buckets: list[str] = Field(
+        default_factory=list,
+        description="Buckets adapters may be registered from by s3:// URI (empty: none).",
+    )
     upload_max_bytes: int = Field(2 * 1024**3, gt=0)
     catalog_cache_ttl_s: float = Field(
         1.0,
@@ -54,7 +74,17 @@ class Settings(BaseSettings):
     # Engine (vLLM AsyncLLM embedded in the gateway process).
     max_loras: int = Field(4, ge=1, description="Adapters that can share one batch.")
     max_lora_rank: int = Field(32, description=f"One of {VLLM_LORA_RANKS}.")
-    max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in host memory.")
+    adapter_cache_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Host-memory budget for loaded adapters (LRU by bytes, in-use pinned).",
+    )
+    max_cpu_loras: int = Field(
+        256,
+        ge=1,
+        description="vLLM's own count ceiling on host-cached adapters; keep it above what "
+        "adapter_cache_bytes holds so the byte budget binds first.",
+    )
     max_model_len: int = Field(1024, ge=16)
     max_num_seqs: int = Field(64, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

@@ -13,7 +13,7 @@ needed. A schema change is a new revision, generated against a database at head:
 
     LORAPLEX_DATABASE_URL=sqlite+aiosqlite:////tmp/dev.db python -c "from alembic import command;
     from registry.db import alembic_config as c; command.upgrade(c(), 'head');
-    command.revision(c(), message='what changed', autogenerate=True, rev_id='0002')"
+    command.revision(c(), message='what changed', autogenerate=True, rev_id='0003')"
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Typed registry errors. No HTTP here: the gateway maps each class to a status and an error body.
 
-Suggested mapping for the gateway: AdapterRejected / InvalidName / InvalidCard → 422,
-*NotFound → 404, Duplicate* / RegistryConflict / InvalidStateTransition → 409,
-UploadTooLarge → 413, UnsafeArchive → 400, PathNotAllowed → 403, BaseModelMismatch → refuse start.
+Suggested mapping for the gateway: AdapterRejected / InvalidName / InvalidInput (InvalidPolicy)
+→ 422, *NotFound (ApiKeyNotFound too) → 404, Duplicate* / RegistryConflict /
+InvalidStateTransition → 409, UploadTooLarge → 413, UnsafeArchive → 400, PathNotAllowed → 403,
+InvalidApiKey → 401 with the same body whatever its `reason`, BaseModelMismatch → refuse start.
 """
 
 from __future__ import annotations
@@ -49,6 +50,39 @@ class InvalidName(RegistryError):
     code = "invalid_name"
 
 
+class InvalidInput(RegistryError):
+    """An admin request that is well-formed but not acceptable (e.g. an expiry in the past)."""
+
+    code = "invalid_input"
+
+
+class InvalidPolicy(InvalidInput):
+    """A tenant policy was refused; `problems` lists every reason found, not only the first."""
+
+    code = "invalid_policy"
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("invalid tenant policy: " + "; ".join(self.problems))
+
+
+class InvalidApiKey(RegistryError):
+    """Authentication failed. The message is the same whatever went wrong, so a caller cannot
+    tell a revoked key from a typo; `reason` ("malformed", "unknown", "revoked", "expired") and
+    `key_id` (the presented key's public id, None when malformed) are for logs and metrics only.
+    A wrong secret for an existing key id reads "unknown"."""
+
+    code = "invalid_api_key"
+    REASONS = frozenset({"malformed", "unknown", "revoked", "expired"})
+
+    def __init__(self, reason: str, *, key_id: str | None = None) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown InvalidApiKey reason {reason!r}")
+        self.reason = reason
+        self.key_id = key_id
+        super().__init__("Incorrect API key provided.")
+
+
 class InvalidStateTransition(RegistryError):
     code = "invalid_state_transition"
 
@@ -75,6 +109,10 @@ class VersionNotFound(NotFound):
 
 class TenantNotFound(NotFound):
     code = "tenant_not_found"
+
+
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
 
 
 class BaseModelNotFound(NotFound):

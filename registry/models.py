@@ -118,7 +118,8 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
-    # Quotas and rate limits land here (a later issue); API keys get their own table.
+    # The tenant's policy (rate, token and concurrency limits; base-model access), as written by
+    # registry.tenancy.TenantPolicy.to_stored(); None → no limits. API keys: the api_keys table.
     limits: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -175,6 +176,43 @@ class AdapterVersion(Base):
     def scale(self) -> float:
         """PEFT's LoRA scaling: alpha/r, or alpha/√r for rsLoRA."""
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+class ApiKey(Base):
+    """A tenant's API key. Only the sha256 of its secret is stored; `key_id` is the public part
+    embedded in the key (`lpx_<key_id>_<secret>`), so a lookup needs no scan and logs can name a
+    key without holding it. Keys are never deleted: revoking sets `revoked_at`."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="RESTRICT"), index=True
+    )
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    revoked_reason: Mapped[str | None] = mapped_column(String(500))
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined", innerjoin=True)
+
+
+class AdapterShare(Base):
+    """A private adapter made usable by one more tenant (besides its owner). A pure link row:
+    it goes when either side goes."""
+
+    __tablename__ = "adapter_shares"
+    __table_args__ = (UniqueConstraint("adapter_id", "tenant_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    # Indexed for "what is shared with tenant T" (the unique constraint serves adapter lookups).
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditEntry(Base):

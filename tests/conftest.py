@@ -46,6 +46,8 @@ class RunningGateway:
     base_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    # Tenant `demo`'s key once the demo adapters are registered (see `gateway`).
+    api_key: str = ""
 
     @property
     def v1(self) -> str:
@@ -126,7 +128,8 @@ def cli(gateway: RunningGateway, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def register_demo_adapters(gateway: RunningGateway, demo: DemoPaths) -> None:
+def register_demo_adapters(gateway: RunningGateway, demo: DemoPaths) -> str:
+    """Tenant `demo` owning the demo adapters, and a key for it (returned)."""
     created = cli(gateway, "tenants", "create", DEMO_TENANT)
     assert created.returncode == 0, created.stderr
     for name, path in demo.adapters.items():
@@ -134,6 +137,24 @@ def register_demo_adapters(gateway: RunningGateway, demo: DemoPaths) -> None:
             gateway, "adapters", "register", str(path), "--name", name, "--tenant", DEMO_TENANT
         )
         assert result.returncode == 0, result.stderr
+    return issue_key(gateway, DEMO_TENANT)
+
+
+def issue_key(gateway: RunningGateway, tenant: str, *options: str) -> str:
+    """`loraplex keys create --tenant T`: the key is the last line of stdout."""
+    result = cli(gateway, "keys", "create", "--tenant", tenant, *options)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def tenant_with_key(gateway: RunningGateway, tenant: str, *create_options: str) -> str:
+    created = cli(gateway, "tenants", "create", tenant, *create_options)
+    assert created.returncode == 0, created.stderr
+    return issue_key(gateway, tenant)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +163,7 @@ def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     so every adapter test also proves registration → first token without a restart."""
     running = start_gateway(demo, tmp_path_factory.mktemp("gateway"))
     try:
-        register_demo_adapters(running, demo)
+        running.api_key = register_demo_adapters(running, demo)
         yield running
     finally:
         stop_gateway(running)

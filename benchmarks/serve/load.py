@@ -24,6 +24,8 @@ import aiohttp
 
 REQUEST_TIMEOUT_S = 600
 
+BENCH_API_KEY = "loraplex-benchmark-key-0123456789"
+
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -115,6 +117,9 @@ async def _read_stream(response: aiohttp.ClientResponse, sample: Sample, start: 
 
 def _session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
+        # loraplex authenticates every /v1 call (servers.py registers this key at start-up);
+        # vLLM started without --api-key ignores the header, so both systems get the same bytes.
+        headers={"Authorization": f"Bearer {BENCH_API_KEY}"},
         connector=aiohttp.TCPConnector(limit=0, force_close=False),
         timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.serve.assets import BASE_MODEL_NAME, Assets
+from benchmarks.serve.load import BENCH_API_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def server_command(
             LORAPLEX_ADAPTER_DIR=str(assets.adapter_set(spec.adapters)),
             LORAPLEX_DATA_DIR=str(state_dir),
             LORAPLEX_LOG_LEVEL="WARNING",
+            LORAPLEX_IMPORT_API_KEY=BENCH_API_KEY,
         )
         return [sys.executable, "-m", "gateway", "serve"], env
     argv = [

@@ -31,6 +31,7 @@ class AdapterHandle:
 
     engine_id: int  # > 0, unique per adapter version for the engine's lifetime
     path: str  # local directory holding adapter_config.json + adapter_model.safetensors
+    size_bytes: int = 0  # weight bytes, for the host cache's byte budget
 
     @property
     def engine_name(self) -> str:

@@ -4,8 +4,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from gateway.auth import TenantDep
 from gateway.deps import ServiceDep
 from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
+from gateway.request_metrics import note_generation
 from gateway.schemas.openai import CompletionRequest
 from gateway.services.generation import new_request_id
 from gateway.services.openai_format import completion_body, completion_stream
@@ -15,10 +17,11 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 @router.post("/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, service: ServiceDep
+    body: CompletionRequest, request: Request, service: ServiceDep, caller: TenantDep
 ) -> dict[str, Any] | Response:
     """Create a text completion with the base model or the adapter named by `model`."""
-    job = await service.prepare_completion(body, new_request_id("cmpl"))
+    job = await service.prepare_completion(body, new_request_id("cmpl"), caller)
+    note_generation(request.state, job.recorder)
     if body.stream:
         updates = await service.open_stream(job)
         return event_stream(completion_stream(job, updates, body.include_usage_in_stream()))
@@ -26,4 +29,6 @@ async def create_completion(
         choices = await until_disconnected(request, service.collect(job))
     except ClientDisconnected:
         return Response(status_code=499)
+    finally:
+        job.finish()
     return completion_body(job, choices)

@@ -1,12 +1,32 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+import os
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from gateway.metrics import ENGINE_UP
 
 router = APIRouter(tags=["observability"])
 
 
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every worker's when PROMETHEUS_MULTIPROC_DIR is set (several
+    uvicorn workers, each with its own values, aggregated here per gauge mode)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
-    """Prometheus exposition: the embedded vLLM engine's own `vllm:*` metrics (same process)."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: loraplex_* per tenant/adapter/version, and the embedded vLLM
+    engine's own vllm:* metrics (same process)."""
+    engine = getattr(request.app.state, "engine", None)
+    # Probed at scrape time, so "engine down" alerts fire even when no traffic arrives.
+    ENGINE_UP.set(1 if engine is not None and (await engine.health()).alive else 0)
+    return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)

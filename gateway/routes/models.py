@@ -4,6 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from gateway.auth import TenantDep
 from gateway.catalog import ServedModel
 from gateway.deps import CatalogDep
 
@@ -24,12 +25,13 @@ def model_card(model: ServedModel) -> dict[str, Any]:
 
 
 @router.get("")
-async def list_models(catalog: CatalogDep) -> dict[str, Any]:
-    """List the base model and every adapter the caller may use."""
-    return {"object": "list", "data": [model_card(m) for m in await catalog.list_models()]}
+async def list_models(catalog: CatalogDep, caller: TenantDep) -> dict[str, Any]:
+    """List exactly what the caller may use: the base (if its policy allows) and adapters."""
+    models = await catalog.list_models(caller)
+    return {"object": "list", "data": [model_card(m) for m in models]}
 
 
 @router.get("/{model:path}")
-async def retrieve_model(model: str, catalog: CatalogDep) -> dict[str, Any]:
-    """Describe one model or adapter."""
-    return model_card(await catalog.resolve(model))
+async def retrieve_model(model: str, catalog: CatalogDep, caller: TenantDep) -> dict[str, Any]:
+    """Describe one model or adapter the caller may use."""
+    return model_card(await catalog.resolve(model, caller))

@@ -14,8 +14,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def example(payload: dict[str, Any]) -> ConfigDict:
+    """Strict config with one example for the OpenAPI page."""
+    return ConfigDict(extra="forbid", json_schema_extra={"examples": [payload]})
+
+
+VERSION_EXAMPLE: dict[str, Any] = {
+    "name": "support-bot",
+    "version": 2,
+    "state": "active",
+    "rank": 16,
+    "alpha": 32.0,
+    "use_rslora": False,
+    "target_modules": ["q_proj", "v_proj"],
+    "dtype": "bfloat16",
+    "size_bytes": 13631488,
+    "artifact_sha256": "9f2c" + "0" * 60,
+    "card": None,
+    "created_by": "admin",
+    "created_at": "2026-11-24T10:00:00Z",
+}
+
+
 class ImportAdapter(Strict):
-    path: str = Field(description="Local PEFT folder under one of LORAPLEX_IMPORT_ROOTS.")
+    path: str = Field(
+        description="Local PEFT folder under one of LORAPLEX_IMPORT_ROOTS, or s3://bucket/prefix "
+        "(folder or .tar/.zip object) in one of LORAPLEX_S3_IMPORT_BUCKETS."
+    )
     name: str
     tenant: str = "default"
     visibility: Literal["private", "shared"] = "private"
@@ -35,9 +60,7 @@ class ImportAdapter(Strict):
 class ChangeReason(Strict):
     reason: str | None = Field(None, max_length=500)
 
-
-class CreateTenant(Strict):
-    name: str = Field(examples=["acme"])
+    model_config = example({"reason": "regressed on the eval set"})
 
 
 class VersionOut(Strict):
@@ -54,6 +77,8 @@ class VersionOut(Strict):
     card: dict[str, Any] | None
     created_by: str
     created_at: datetime
+
+    model_config = example(VERSION_EXAMPLE)
 
     @classmethod
     def of(cls, row: AdapterVersion) -> VersionOut:
@@ -82,6 +107,17 @@ class AdapterOut(Strict):
     created_at: datetime
     versions: list[VersionOut] | None = None
 
+    model_config = example(
+        {
+            "name": "support-bot",
+            "tenant": "acme",
+            "visibility": "private",
+            "base_model": "llama-3-8b",
+            "created_at": "2026-11-20T09:00:00Z",
+            "versions": [VERSION_EXAMPLE],
+        }
+    )
+
     @classmethod
     def of(cls, row: Adapter, versions: list[AdapterVersion] | None = None) -> AdapterOut:
         return cls(
@@ -92,3 +128,142 @@ class AdapterOut(Strict):
             created_at=row.created_at,
             versions=[VersionOut.of(v) for v in versions] if versions is not None else None,
         )
+
+
+class TenantLimits(Strict):
+    """A tenant's policy. Omitted or null = unlimited; allow_base_model defaults to true."""
+
+    requests_per_second: float | None = Field(None, gt=0, examples=[5])
+    burst: int | None = Field(None, gt=0, description="Bucket size for requests_per_second.")
+    tokens_per_minute: int | None = Field(None, gt=0, examples=[20000])
+    max_concurrent: int | None = Field(None, gt=0, examples=[8])
+    max_tokens: int | None = Field(None, gt=0, examples=[512])
+    allow_base_model: bool | None = Field(None, description="May call the base model itself.")
+
+    model_config = example(
+        {"requests_per_second": 5, "tokens_per_minute": 20000, "max_tokens": 512}
+    )
+
+
+class CreateTenant(Strict):
+    name: str = Field(examples=["acme"])
+    limits: TenantLimits | None = None
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "acme", "limits": {"requests_per_second": 5, "max_tokens": 512}}]
+        },
+    )
+
+
+class TenantOut(Strict):
+    name: str
+    limits: dict[str, Any]
+    created_at: datetime
+
+    model_config = example(
+        {"name": "acme", "limits": {"max_concurrent": 8}, "created_at": "2026-11-20T09:00:00Z"}
+    )
+
+
+class CreateKey(Strict):
+    label: str | None = Field(None, max_length=200, examples=["ci pipeline"])
+    expires_at: datetime | None = Field(None, description="Aware UTC time; past → refused.")
+    expires_in_days: float | None = Field(None, gt=0, examples=[90])
+
+    model_config = example({"label": "ci pipeline", "expires_in_days": 90})
+
+
+KEY_EXAMPLE: dict[str, Any] = {
+    "key_id": "k3v7q2m4x6zb",
+    "tenant": "acme",
+    "label": "ci pipeline",
+    "status": "active",
+    "created_at": "2026-11-24T10:00:00Z",
+    "expires_at": "2027-02-22T10:00:00Z",
+    "revoked_at": None,
+}
+
+
+class KeyOut(Strict):
+    key_id: str
+    tenant: str
+    label: str | None
+    status: Literal["active", "revoked", "expired"]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    model_config = example(KEY_EXAMPLE)
+
+
+class IssuedKeyOut(KeyOut):
+    key: str = Field(description="The secret. Shown once: only its hash is stored.")
+
+    model_config = example({**KEY_EXAMPLE, "key": "lpx_k3v7q2m4x6zb_" + "x" * 43})
+
+
+class ShareAdapter(Strict):
+    tenant: str = Field(examples=["globex"])
+
+    model_config = example({"tenant": "globex"})
+
+
+class SharesOut(Strict):
+    adapter: str
+    tenants: list[str]
+
+    model_config = example({"adapter": "support-bot", "tenants": ["globex", "initech"]})
+
+
+class BaseModelOut(Strict):
+    name: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    modules: dict[str, Any]
+    served: bool
+    created_at: datetime
+
+    model_config = example(
+        {
+            "name": "llama-3-8b",
+            "weights_sha256": "4b1e" + "0" * 60,
+            "tokenizer_sha256": "77aa" + "0" * 60,
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "num_layers": 32,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 128256,
+            "modules": {"q_proj": [4096, 4096], "k_proj": [4096, 1024]},
+            "served": True,
+            "created_at": "2026-11-20T09:00:00Z",
+        }
+    )
+
+
+class RegistryHealthOut(Strict):
+    status: str
+    database: str
+    served_base: str
+    served_base_sha256: str
+    adapters: int
+
+    model_config = example(
+        {
+            "status": "ok",
+            "database": "postgresql",
+            "served_base": "llama-3-8b",
+            "served_base_sha256": "4b1e" + "0" * 60,
+            "adapters": 1204,
+        }
+    )

@@ -6,19 +6,23 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import UploadFile
 
+from gateway.adapter_cache import HostAdapterCache
+from gateway.audit_log import registry_operation
 from gateway.catalog import RegistryCatalog
-from gateway.engine.client import EngineClient
 from gateway.errors import InvalidRequest
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.ingest import ingest_upload, receive_stream, stage_local_path
+from registry.ingest_s3 import stage_s3_uri
 from registry.models import AdapterVersion
 from registry.states import Visibility
+from registry.store.s3 import make_s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +36,38 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+@dataclass
+class S3Import:
+    """Where s3:// registrations may come from; the client is built on first use, so the
+    `s3` extra is needed only by gateways that use it."""
+
+    buckets: list[str] = field(default_factory=list)
+    endpoint_url: str | None = None
+    region: str | None = None
+    _client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_s3_client(endpoint_url=self.endpoint_url, region=self.region)
+        return self._client
+
+
 class AdapterAdmin:
     def __init__(
         self,
         runtime: RegistryRuntime,
-        engine: EngineClient,
+        cache: HostAdapterCache,
         catalog: RegistryCatalog,
         upload_max_bytes: int,
         import_roots: list[Path],
+        s3_import: S3Import | None = None,
     ):
         self._runtime = runtime
-        self._engine = engine
+        self._cache = cache
         self._catalog = catalog
         self._max_bytes = upload_max_bytes
         self._import_roots = import_roots
+        self._s3 = s3_import or S3Import()
 
     async def register_upload(self, files: list[UploadFile], **fields: Any) -> AdapterVersion:
         """Either the two PEFT files, or one .tar/.zip of a PEFT folder; streamed to disk."""
@@ -54,8 +76,20 @@ class AdapterAdmin:
             return await self._register(folder, **fields)
 
     async def register_path(self, path: str, **fields: Any) -> AdapterVersion:
-        folder = stage_local_path(path, allowed_roots=self._import_roots)
-        return await self._register(folder, **fields)
+        """A local folder under an allow-listed root, or an s3:// URI in an allow-listed bucket
+        (downloaded with the upload size limit, then gated like an upload)."""
+        if not path.startswith("s3://"):
+            folder = stage_local_path(path, allowed_roots=self._import_roots)
+            return await self._register(folder, **fields)
+        with tempfile.TemporaryDirectory(prefix="loraplex-s3-") as work:
+            folder = await stage_s3_uri(
+                path,
+                workdir=Path(work),
+                max_bytes=self._max_bytes,
+                client=self._s3.client(),
+                allowed_buckets=self._s3.buckets,
+            )
+            return await self._register(folder, **fields)
 
     async def _receive(self, files: list[UploadFile], work: Path) -> Path:
         names = sorted(Path(f.filename or "").name for f in files)
@@ -88,7 +122,10 @@ class AdapterAdmin:
         actor: str,
     ) -> AdapterVersion:
         runtime = self._runtime
-        async with runtime.sessions() as session:
+        async with (
+            registry_operation("register", actor, adapter=name, tenant=tenant),
+            runtime.sessions() as session,
+        ):
             row = await service.register_adapter_version(
                 session,
                 store=runtime.store,
@@ -108,7 +145,10 @@ class AdapterAdmin:
     async def retire(
         self, name: str, version: int, reason: str | None, actor: str
     ) -> AdapterVersion:
-        async with self._runtime.sessions() as session:
+        async with (
+            registry_operation("retire", actor, adapter=name, version=version),
+            self._runtime.sessions() as session,
+        ):
             row = await service.retire_version(
                 session, name=name, version=version, actor=actor, reason=reason
             )
@@ -118,7 +158,10 @@ class AdapterAdmin:
     async def delete(
         self, name: str, version: int, reason: str | None, actor: str
     ) -> AdapterVersion:
-        async with self._runtime.sessions() as session:
+        async with (
+            registry_operation("delete", actor, adapter=name, version=version),
+            self._runtime.sessions() as session,
+        ):
             row = await service.delete_version(
                 session,
                 store=self._runtime.store,
@@ -132,9 +175,6 @@ class AdapterAdmin:
 
     async def _unload(self, row: AdapterVersion) -> None:
         """New requests stop resolving at once (the catalog reads the registry); the engine's
-        cached copy is dropped too."""
+        loaded copy is dropped too."""
         self._catalog.forget(row.id)
-        try:
-            await self._engine.remove_adapter(row.id)
-        except Exception:  # not loaded, or engine gone: nothing to unload either way
-            logger.debug("engine had no adapter %s to remove", row.id, exc_info=True)
+        await self._cache.forget(row.id)

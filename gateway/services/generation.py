@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.adapter_cache import HostAdapterCache
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
     EngineClient,
@@ -30,7 +31,10 @@ from gateway.errors import (
     InvalidRequest,
     LoraplexError,
 )
+from gateway.limits import Lease, TenantLimiter
+from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
+from registry.service import Principal
 
 
 class GenerationFailed(LoraplexError):
@@ -51,6 +55,23 @@ class GenerationJob:
     echo_texts: list[str] | None = None  # completions with echo=true
     # >1 when greedy n was fanned out: each prompt appears `copies` times in a row with n=1.
     copies: int = 1
+    # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.
+    lease: Lease | None = None
+    recorder: GenerationRecorder | None = None
+    cache: HostAdapterCache | None = None
+
+    def finish(self) -> None:
+        """Release the tenant's lease (refunding unused tokens) and close the metrics.
+        Idempotent: every exit path calls it."""
+        completion = 0
+        if self.recorder is not None:
+            self.recorder.finish()
+            completion = self.recorder.completion_tokens
+        if self.lease is not None:
+            self.lease.release(completion)
+        if self.cache is not None and self.served.adapter is not None:
+            self.cache.release(self.served.adapter)
+            self.cache = None  # released once
 
     def sub_request_id(self, prompt_index: int) -> str:
         return f"{self.request_id}-{prompt_index}"
@@ -73,15 +94,28 @@ class ChoiceResult:
 
 
 class GenerationService:
-    def __init__(self, engine: EngineClient, catalog: ModelCatalog, tokenizer: Any):
+    def __init__(
+        self,
+        engine: EngineClient,
+        catalog: ModelCatalog,
+        tokenizer: Any,
+        limiter: TenantLimiter,
+        cache: HostAdapterCache,
+    ):
         self._engine = engine
         self._catalog = catalog
         self._tokenizer = tokenizer
+        self._limiter = limiter
+        self._cache = cache
         self._defaults = engine.default_sampling()
 
     # ---- preparing -------------------------------------------------------------------------
-    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> GenerationJob:
-        served = await self._catalog.resolve(body.model)
+    # Order matters: scope (resolve for this caller) → prompt → limits. Nothing reaches the
+    # engine before all three passed, and the engine only ever gets the resolved version id.
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, request_id: str, caller: Principal
+    ) -> GenerationJob:
+        served = await self._catalog.resolve(body.model, caller)
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -90,25 +124,28 @@ class GenerationService:
         )
         prompt = self._tokenizer.encode(text, add_special_tokens=False)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
-        options = self._options(body, [prompt], body.requested_max_tokens(), top_k)
+        options = self._options(body, [prompt], body.requested_max_tokens(), top_k, caller)
         prompts, options, copies = _fan_out_greedy([prompt], options)
-        return GenerationJob(
+        job = GenerationJob(
             request_id, "chat.completion", body.model, served, prompts, options, copies=copies
         )
+        return await self._admit(job, caller)
 
-    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> GenerationJob:
+    async def prepare_completion(
+        self, body: CompletionRequest, request_id: str, caller: Principal
+    ) -> GenerationJob:
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported", param="echo")
-        served = await self._catalog.resolve(body.model)
+        served = await self._catalog.resolve(body.model, caller)
         prompts = self._completion_prompts(body.prompt)
-        options = self._options(body, prompts, body.max_tokens, body.logprobs)
+        options = self._options(body, prompts, body.max_tokens, body.logprobs, caller)
         echo = self._echo_texts(body.prompt, prompts) if body.echo else None
         prompts, options, copies = _fan_out_greedy(prompts, options)
         if echo is not None:
             echo = [text for text in echo for _ in range(copies)]
-        return GenerationJob(
+        job = GenerationJob(
             request_id,
             "text_completion",
             body.model,
@@ -118,6 +155,29 @@ class GenerationService:
             echo_texts=echo,
             copies=copies,
         )
+        return await self._admit(job, caller)
+
+    async def _admit(self, job: GenerationJob, caller: Principal) -> GenerationJob:
+        sequences = len(job.prompts) * job.options.n
+        job.lease = self._limiter.admit(
+            caller.tenant,
+            caller.policy,
+            prompt_tokens=job.prompt_tokens,
+            max_tokens=job.options.max_tokens * sequences,
+        )
+        served = job.served
+        if served.adapter is not None:
+            try:
+                await self._cache.acquire(
+                    served.adapter, (served.adapter_name, served.version_label)
+                )
+            except BaseException:
+                job.finish()
+                raise
+            job.cache = self._cache
+        scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
+        job.recorder = GenerationRecorder(scope, job.prompt_tokens)
+        return job
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
         if isinstance(prompt, str):
@@ -148,7 +208,12 @@ class GenerationService:
         return ids
 
     def _options(
-        self, body: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
+        self,
+        body: Any,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        caller: Principal,
     ) -> SamplingOptions:
         limit = self._engine.max_model_len
         longest = max(len(p) for p in prompts)
@@ -167,7 +232,7 @@ class GenerationService:
             )
         defaults = self._defaults
         return SamplingOptions(
-            max_tokens=max_tokens if max_tokens is not None else room,
+            max_tokens=self._limiter.effective_max_tokens(caller.policy, max_tokens, room),
             temperature=_first(body.temperature, defaults.get("temperature")),
             top_p=_first(body.top_p, defaults.get("top_p")),
             n=body.n,
@@ -182,7 +247,26 @@ class GenerationService:
 
     # ---- running ---------------------------------------------------------------------------
     async def stream(self, job: GenerationJob) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
-        """(prompt index, update) pairs as the engine produces them, all prompts interleaved."""
+        """(prompt index, update) pairs as the engine produces them, all prompts interleaved.
+        However it ends, the job's lease and metrics are closed."""
+        recorder = job.recorder
+        try:
+            async for index, update in self._interleaved(job):
+                if recorder is not None:
+                    recorder.tokens(sum(len(d.token_ids) for d in update.choices))
+                yield index, update
+            if recorder is not None:
+                recorder.completed = True
+        except Exception:
+            if recorder is not None:
+                recorder.failed = True
+            raise
+        finally:
+            job.finish()
+
+    async def _interleaved(
+        self, job: GenerationJob
+    ) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
         if len(job.prompts) == 1:
             async for update in self._engine_stream(job, 0):
                 yield 0, update

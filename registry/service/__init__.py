@@ -13,13 +13,26 @@ from registry.service.base_models import (
     list_base_models,
     register_base_model,
 )
+from registry.service.keys import (
+    IssuedKey,
+    Principal,
+    authenticate_api_key,
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+)
 from registry.service.lifecycle import delete_version, retire_version
 from registry.service.queries import get_adapter, get_version, list_adapters, list_versions
 from registry.service.resolve import ResolvedAdapter, list_resolvable, resolve_adapter
-from registry.service.tenants import create_tenant, get_tenant, list_tenants
+from registry.service.shares import list_adapter_shares, share_adapter, unshare_adapter
+from registry.service.tenants import create_tenant, get_tenant, list_tenants, update_tenant_policy
 
 __all__ = [
+    "IssuedKey",
+    "Principal",
     "ResolvedAdapter",
+    "authenticate_api_key",
+    "create_api_key",
     "create_tenant",
     "delete_version",
     "get_adapter",
@@ -27,7 +40,9 @@ __all__ = [
     "get_served_base",
     "get_tenant",
     "get_version",
+    "list_adapter_shares",
     "list_adapters",
+    "list_api_keys",
     "list_audit",
     "list_base_models",
     "list_resolvable",
@@ -37,4 +52,8 @@ __all__ = [
     "register_base_model",
     "resolve_adapter",
     "retire_version",
+    "revoke_api_key",
+    "share_adapter",
+    "unshare_adapter",
+    "update_tenant_policy",
 ]

@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound, VersionNotFound
-from registry.models import Adapter, AdapterVersion, Tenant
+from registry.models import Adapter, AdapterShare, AdapterVersion, Tenant
 from registry.states import SERVABLE, VersionState, Visibility
 
 
+def usable_by(tenant: str) -> ColumnElement[bool]:
+    """SQL condition on Adapter: `tenant` owns it, it is shared with everyone
+    (Visibility.SHARED), or it is shared with `tenant` explicitly (adapter_shares). Subqueries,
+    not joins: one statement whatever the number of adapters."""
+    shared_with = (
+        select(AdapterShare.adapter_id)
+        .join(Tenant, AdapterShare.tenant_id == Tenant.id)
+        .where(Tenant.name == tenant)
+    )
+    return or_(
+        Adapter.tenant.has(Tenant.name == tenant),
+        Adapter.visibility == Visibility.SHARED,
+        Adapter.id.in_(shared_with),
+    )
+
+
+async def is_shared_with(session: AsyncSession, *, adapter_id: int, tenant_id: int) -> bool:
+    """Whether an explicit share gives `tenant_id` use of the adapter (ownership and
+    Visibility.SHARED are not considered)."""
+    found = await session.scalar(
+        select(AdapterShare.id).where(
+            AdapterShare.adapter_id == adapter_id, AdapterShare.tenant_id == tenant_id
+        )
+    )
+    return found is not None
+
+
 async def find_adapter(
-    session: AsyncSession, name: str, *, for_update: bool = False
+    session: AsyncSession,
+    name: str,
+    *,
+    for_update: bool = False,
+    usable_by_tenant: str | None = None,
 ) -> Adapter | None:
+    """The adapter called `name`; with `usable_by_tenant`, None also when that tenant may not
+    use it (see `usable_by`)."""
     query = select(Adapter).where(Adapter.name == name)
+    if usable_by_tenant is not None:
+        query = query.where(usable_by(usable_by_tenant))
     if for_update:
         # Serialises concurrent registrations of the same adapter on PostgreSQL (SQLite already
         # has a single writer); `of=` keeps the joined tenant/base rows unlocked.
@@ -31,12 +66,12 @@ async def get_adapter(session: AsyncSession, *, name: str) -> Adapter:
 async def list_adapters(
     session: AsyncSession, *, tenant: str | None = None, include_shared: bool = True
 ) -> list[Adapter]:
-    """All adapters (tenant None), or those a tenant owns plus, optionally, shared ones."""
+    """All adapters (tenant None), or those a tenant owns plus, with `include_shared`, those it
+    may use: shared with everyone or explicitly with it (see `usable_by`)."""
     query = select(Adapter).order_by(Adapter.name)
     if tenant is not None:
-        owned = Adapter.tenant.has(Tenant.name == tenant)
         query = query.where(
-            or_(owned, Adapter.visibility == Visibility.SHARED) if include_shared else owned
+            usable_by(tenant) if include_shared else Adapter.tenant.has(Tenant.name == tenant)
         )
     return list((await session.scalars(query)).all())
 

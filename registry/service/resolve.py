@@ -1,8 +1,10 @@
 """What the gateway serves: a client's `model` string → one version and its local files.
 
-Tenant scoping: with `tenant` set, another tenant's private adapter is indistinguishable from a
-missing one (AdapterNotFound either way), so names cannot be probed. With `base_sha256` set, only
-adapters bound to that base resolve.
+Tenant scoping: with `tenant` set, an adapter resolves if the tenant owns it, it is shared with
+everyone, or it is shared with that tenant explicitly (`share_adapter`); any other private adapter
+is indistinguishable from a missing one (AdapterNotFound either way), so names cannot be probed.
+The scope is part of the query (`queries.usable_by`): no per-adapter share lookups. With
+`base_sha256` set, only adapters bound to that base resolve.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ async def resolve_adapter(
         address = parse_address(model)
     except InvalidName:
         raise AdapterNotFound(f"adapter {model[:80]!r} does not exist") from None
-    adapter = await find_adapter(session, address.name)
-    if adapter is None or not _visible(adapter, tenant, base_sha256):
+    adapter = await find_adapter(session, address.name, usable_by_tenant=tenant)
+    if adapter is None or not _on_base(adapter, base_sha256):
         raise AdapterNotFound(f"adapter {model!r} does not exist")
     row: AdapterVersion | None
     if address.version is None:
@@ -87,8 +89,8 @@ async def list_resolvable(
     """Every adapter `tenant` may use with its current servable version (for /v1/models and
     engine sync). Paths only on request: a remote store downloads to produce them."""
     found = []
-    for adapter in await list_adapters(session, tenant=tenant):
-        if not _visible(adapter, tenant, base_sha256):
+    for adapter in await list_adapters(session, tenant=tenant):  # already scoped to `tenant`
+        if not _on_base(adapter, base_sha256):
             continue
         row = await current_version(session, adapter)
         if row is not None:
@@ -96,12 +98,8 @@ async def list_resolvable(
     return found
 
 
-def _visible(adapter: Adapter, tenant: str | None, base_sha256: str | None) -> bool:
-    if base_sha256 is not None and adapter.base_model.weights_sha256 != base_sha256:
-        return False
-    return (
-        tenant is None or adapter.visibility == Visibility.SHARED or adapter.tenant.name == tenant
-    )
+def _on_base(adapter: Adapter, base_sha256: str | None) -> bool:
+    return base_sha256 is None or adapter.base_model.weights_sha256 == base_sha256
 
 
 async def _resolved(

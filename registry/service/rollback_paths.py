@@ -11,9 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.compat.problems import Problem, ProblemCode
 from registry.errors import InvalidName, VersionNotFound
-from registry.models import AdapterVersion, BaseModel, Tenant
+from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import AdapterAddress, parse_address
-from registry.service.queries import current_version, find_adapter, get_version
+from registry.service.queries import current_version, find_adapter, get_version, is_shared_with
 from registry.states import SERVABLE, Visibility
 
 MAX_HOPS = 32
@@ -39,7 +39,7 @@ async def rollback_path_problems(
         return invalid("names an adapter that does not exist")
     if fallback.base_model_id != base.id:
         return invalid(f"runs on base {fallback.base_model.name!r}, not {base.name!r}")
-    if fallback.tenant_id != tenant.id and fallback.visibility != Visibility.SHARED:
+    if not await _usable(session, fallback, tenant):
         return invalid("belongs to another tenant")
     node = await _resolve(session, address)
     if node is None:
@@ -63,6 +63,15 @@ async def rollback_path_problems(
         seen.add(following.id)
         node = following
     return invalid(f"chain is longer than {MAX_HOPS} hops")
+
+
+async def _usable(session: AsyncSession, adapter: Adapter, tenant: Tenant) -> bool:
+    # An explicit share counts too. Unsharing later does not revisit cards that name the
+    # adapter, so whoever follows a rollback path at serve time must resolve it in the tenant's
+    # scope (resolve_adapter(tenant=...)) rather than trust this check.
+    if adapter.tenant_id == tenant.id or adapter.visibility == Visibility.SHARED:
+        return True
+    return await is_shared_with(session, adapter_id=adapter.id, tenant_id=tenant.id)
 
 
 async def _resolve(session: AsyncSession, address: AdapterAddress) -> AdapterVersion | None:

@@ -1,6 +1,10 @@
-"""Tenants: the owners of private adapters (API keys and limits come in a later issue)."""
+"""Tenants: the owners of private adapters, each with one policy (limits, base-model access).
+Their API keys: registry.service.keys."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -10,15 +14,21 @@ from registry.errors import DuplicateTenant, TenantNotFound
 from registry.models import Tenant
 from registry.naming import validate_name
 from registry.service.audit import record
+from registry.tenancy import validate_policy
 
 
-async def create_tenant(session: AsyncSession, *, name: str, actor: str) -> Tenant:
+async def create_tenant(
+    session: AsyncSession, *, name: str, actor: str, policy: Mapping[str, Any] | None = None
+) -> Tenant:
+    """Raises InvalidName, InvalidPolicy (every problem) or DuplicateTenant."""
     validate_name(name, what="tenant")
+    stored = validate_policy(policy).to_stored() if policy is not None else None
     if await session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
         raise DuplicateTenant(f"tenant {name!r} already exists")
-    tenant = Tenant(name=name)
+    tenant = Tenant(name=name, limits=stored)
     session.add(tenant)
-    record(session, actor=actor, action="tenant.create", target=f"tenant:{name}", details={})
+    details = {"policy": stored} if stored is not None else {}
+    record(session, actor=actor, action="tenant.create", target=f"tenant:{name}", details=details)
     try:
         await session.commit()
     except IntegrityError:
@@ -27,8 +37,30 @@ async def create_tenant(session: AsyncSession, *, name: str, actor: str) -> Tena
     return tenant
 
 
-async def get_tenant(session: AsyncSession, *, name: str) -> Tenant:
-    tenant = await session.scalar(select(Tenant).where(Tenant.name == name))
+async def update_tenant_policy(
+    session: AsyncSession, *, tenant: str, policy: Mapping[str, Any], actor: str
+) -> Tenant:
+    """Replace the tenant's whole policy (fields left out become unlimited / default).
+    Raises InvalidPolicy listing every problem, or TenantNotFound."""
+    stored = validate_policy(policy).to_stored()
+    row = await get_tenant(session, name=tenant, for_update=True)
+    row.limits = stored
+    record(
+        session,
+        actor=actor,
+        action="tenant.policy",
+        target=f"tenant:{row.name}",
+        details={"policy": stored},
+    )
+    await session.commit()
+    return row
+
+
+async def get_tenant(session: AsyncSession, *, name: str, for_update: bool = False) -> Tenant:
+    query = select(Tenant).where(Tenant.name == name)
+    if for_update:
+        query = query.with_for_update()
+    tenant = await session.scalar(query)
     if tenant is None:
         raise TenantNotFound(f"tenant {name!r} does not exist")
     return tenant

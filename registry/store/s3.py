@@ -7,20 +7,28 @@ local cache and checks every digest before the folder becomes visible there.
 
 boto3 is imported only when no client is given (the optional `s3` extra). The client must offer
 upload_file, download_file, put_object, get_object, head_object and delete_object.
+
+Also here: `parse_s3_uri` (strict `s3://bucket/key` syntax), `make_s3_client` (a boto3 client from
+plain settings) and `open_artifact_store` (a local path or an `s3://bucket/prefix` URL → a store).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from registry.errors import ArtifactError, ArtifactNotFound
+from registry.store.base import ArtifactStore
 from registry.store.digest import (
     Entry,
     check_digest,
@@ -29,14 +37,154 @@ from registry.store.digest import (
     list_tree_files,
     tree_digest,
 )
+from registry.store.local import LocalArtifactStore
 
 MAX_MANIFEST_BYTES = 1024 * 1024
-_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+MAX_KEY_BYTES = 1024  # S3's own limit on a key
+MAX_URI_CHARS = len("s3://") + 63 + 1 + MAX_KEY_BYTES
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", "--x-s3", ".mrap")
+# AWS's "safe" key characters plus a few that need no escaping anywhere we pass a key; spaces,
+# `?`, `#`, `%`, backslashes and control characters are refused rather than guessed about.
+_KEY = re.compile(r"^[A-Za-z0-9/!_.*'()=+@,:~-]*$")
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError (or look-alike); None for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return None if code is None else str(code)
 
 
 def _is_missing(exc: Exception) -> bool:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code")) in _MISSING_CODES
+    return s3_error_code(exc) in _MISSING_CODES
+
+
+class S3UriError(ValueError):
+    """An `s3://` URI that is malformed; the message says which rule it broke."""
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str  # may be "" (the whole bucket) or end with "/" (a prefix)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_s3_uri(uri: str, *, require_key: bool = True) -> S3Uri:
+    """Split `s3://bucket/key` after checking bucket naming rules and refusing empty, `.` and
+    `..` segments and any character outside a conservative set. No percent-decoding: the key is
+    taken literally, as the AWS CLI does."""
+    if not isinstance(uri, str) or len(uri) > MAX_URI_CHARS:
+        raise S3UriError(f"an S3 URI is a string of at most {MAX_URI_CHARS} characters")
+    if not uri.startswith("s3://"):
+        raise S3UriError(f"{uri[:80]!r} is not an s3://bucket/key URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    check_bucket_name(bucket)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise S3UriError(f"the key is longer than S3's {MAX_KEY_BYTES} bytes")
+    if not _KEY.fullmatch(key):
+        bad = next(c for c in key if not _KEY.fullmatch(c))
+        raise S3UriError(f"character {bad!r} is not allowed in an S3 key here")
+    segments = key.split("/")
+    if key.endswith("/"):
+        segments.pop()  # a trailing slash only marks a prefix
+    if key and any(s in ("", ".", "..") for s in segments):
+        raise S3UriError(f"{uri[:200]!r} has an empty, '.' or '..' path segment")
+    if require_key and not key:
+        raise S3UriError(f"{uri[:200]!r} names a whole bucket; name a folder or an object in it")
+    return S3Uri(bucket, key)
+
+
+def check_bucket_name(bucket: str) -> str:
+    """S3's general-purpose bucket naming rules (3-63 lower-case letters, digits, `.` and `-`)."""
+    if not _BUCKET.fullmatch(bucket):
+        raise S3UriError(
+            f"bucket name {bucket[:80]!r} must be 3-63 lower-case letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        raise S3UriError(f"bucket name {bucket!r} has adjacent '.'/'-' characters")
+    if bucket.startswith(_BUCKET_RESERVED_PREFIXES) or bucket.endswith(_BUCKET_RESERVED_SUFFIXES):
+        raise S3UriError(f"bucket name {bucket!r} uses a prefix or suffix reserved by S3")
+    try:
+        ipaddress.IPv4Address(bucket)
+    except ValueError:
+        return bucket
+    raise S3UriError(f"bucket name {bucket!r} is formatted as an IP address")
+
+
+def _boto3() -> ModuleType:
+    try:
+        import boto3
+    except ImportError as exc:
+        raise ImportError(
+            "S3 support needs boto3, which is not installed: pip install 'loraplex[s3]'"
+        ) from exc
+    return boto3
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    session_token: str | None = None,
+) -> Any:
+    """A boto3 S3 client. Without keys, boto3's default chain decides (environment, shared
+    config, instance or pod role). A custom endpoint (MinIO, Ceph, moto) gets path-style
+    addressing, which those servers expect."""
+    if (access_key_id is None) != (secret_access_key is None):
+        raise ValueError("give both the S3 access key id and its secret, or neither")
+    boto3 = _boto3()
+    from botocore.config import Config  # installed with boto3
+
+    config = Config(
+        region_name=region,
+        connect_timeout=10,
+        read_timeout=60,
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        aws_session_token=session_token,
+        config=config,
+    )
+
+
+def open_artifact_store(
+    url_or_path: str | Path,
+    *,
+    cache_dir: Path,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    client: Any = None,
+) -> ArtifactStore:
+    """A LocalArtifactStore for a path, an S3ArtifactStore for `s3://bucket[/prefix]`.
+
+    The S3 client is built here (not on first use), so a missing boto3 fails at startup."""
+    text = str(url_or_path)
+    if isinstance(url_or_path, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        if not text.startswith("s3://"):
+            raise ValueError(f"unsupported artifact store URL {text[:80]!r}: use a path or s3://")
+        location = parse_s3_uri(text, require_key=False)
+        if client is None:
+            client = make_s3_client(endpoint_url=endpoint_url, region=region)
+        return S3ArtifactStore(
+            location.bucket, prefix=location.key, cache_dir=cache_dir, client=client
+        )
+    return LocalArtifactStore(Path(url_or_path))
 
 
 class S3ArtifactStore:
@@ -58,9 +206,7 @@ class S3ArtifactStore:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3  # optional dependency: loraplex[s3]
-
-            self._client = boto3.client("s3", **self._client_kwargs)
+            self._client = _boto3().client("s3", **self._client_kwargs)
         return self._client
 
     def _key(self, *parts: str) -> str:

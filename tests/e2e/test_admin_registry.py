@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from gateway.demo import DEMO_ADAPTERS, DemoAdapterSpec, build_adapter
-from tests.conftest import ADMIN_TOKEN, BASE_NAME, DEMO_TENANT, cli, start_gateway
+from tests.conftest import ADMIN_TOKEN, BASE_NAME, DEMO_TENANT, bearer, cli, start_gateway
 
 pytestmark = pytest.mark.engine
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -23,7 +23,7 @@ def admin(gateway, method: str, path: str, **kwargs) -> httpx.Response:
 
 
 def chat(gateway, model: str) -> str:
-    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60)
     response = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
     )
@@ -87,7 +87,9 @@ def test_registered_version_serves_at_once_and_retire_takes_it_away(gateway, dem
     with pytest.raises(openai.NotFoundError):
         chat(gateway, "fresh-adapter@2")
     assert cli(gateway, "adapters", "delete", "fresh-adapter@2").returncode == 0
-    models = httpx.get(f"{gateway.v1}/models", timeout=30).json()["data"]
+    models = httpx.get(f"{gateway.v1}/models", headers=bearer(gateway.api_key), timeout=30).json()[
+        "data"
+    ]
     assert "fresh-adapter" in {m["id"] for m in models}
 
 

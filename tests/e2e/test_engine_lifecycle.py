@@ -11,7 +11,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import BASE_NAME, start_gateway, stop_gateway
+from tests.conftest import BASE_NAME, bearer, start_gateway, stop_gateway, tenant_with_key
 
 pytestmark = pytest.mark.engine
 ADAPTER = "demo-all-r16"
@@ -56,7 +56,11 @@ def test_stream_disconnect_aborts_engine_request(gateway):
     assert wait_for_idle(gateway) == 0
     before = generated_tokens(gateway)
     with httpx.stream(
-        "POST", f"{gateway.v1}/completions", json={**LONG, "stream": True}, timeout=60
+        "POST",
+        f"{gateway.v1}/completions",
+        json={**LONG, "stream": True},
+        headers=bearer(gateway.api_key),
+        timeout=60,
     ) as response:
         first = next(line for line in response.iter_lines() if line.startswith("data:"))
         assert '"choices"' in first, first
@@ -71,7 +75,9 @@ async def test_non_stream_disconnect_aborts_engine_request(gateway):
     assert wait_for_idle(gateway) == 0
     before = generated_tokens(gateway)
     async with httpx.AsyncClient(timeout=60) as client:
-        task = asyncio.create_task(client.post(f"{gateway.v1}/completions", json=LONG))
+        task = asyncio.create_task(
+            client.post(f"{gateway.v1}/completions", json=LONG, headers=bearer(gateway.api_key))
+        )
         # Long enough for prefill and the first steps (~4000 tokens/s here), far too short for
         # the 8000 tokens of the whole request.
         await asyncio.sleep(0.2)
@@ -86,6 +92,7 @@ def test_engine_death_turns_readyz_false_and_requests_into_503(demo, tmp_path):
     """Own gateway: killing the engine core must not take the shared session gateway down."""
     gateway = start_gateway(demo, tmp_path)
     try:
+        gateway.api_key = tenant_with_key(gateway, "lifecycle")
         children = psutil.Process(gateway.process.pid).children(recursive=True)
         engine_cores = [p for p in children if "EngineCore" in " ".join([*p.cmdline(), p.name()])]
         assert engine_cores, [(p.name(), p.cmdline()) for p in children]
@@ -100,7 +107,9 @@ def test_engine_death_turns_readyz_false_and_requests_into_503(demo, tmp_path):
         assert ready.status_code == 503
         assert httpx.get(f"{gateway.base_url}/healthz", timeout=10).status_code == 200
 
-        client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=30)
+        client = openai.OpenAI(
+            base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=30
+        )
         with pytest.raises(openai.InternalServerError) as info:
             client.completions.create(model=BASE_NAME, prompt="hi", max_tokens=4)
         assert info.value.status_code == 503

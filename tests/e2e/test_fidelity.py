@@ -60,7 +60,7 @@ def test_adapters_change_the_output(references):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_completion_equals_merged_reference(gateway, references, model):
-    client = openai.OpenAI(base_url=gateway.v1, api_key="unused")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key)
     for prompt in PROMPTS:
         response = client.completions.create(
             model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
@@ -75,7 +75,7 @@ def test_chat_equals_merged_reference(gateway, demo, tokenizer, model):
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     adapter = None if model == BASE_NAME else demo.adapters[model]
     expected = visible_text(tokenizer, greedy_tokens(demo.base, adapter, prompt_ids, MAX_TOKENS))
-    client = openai.OpenAI(base_url=gateway.v1, api_key="unused")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key)
     response = client.chat.completions.create(
         model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0
     )
@@ -85,7 +85,7 @@ def test_chat_equals_merged_reference(gateway, demo, tokenizer, model):
 
 async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(gateway, references):
     """Every max_loras slot busy while base requests run in the same batches: no bleed."""
-    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="unused")
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.api_key)
     jobs = [(model, prompt) for _ in range(2) for prompt in PROMPTS for model in MODELS]
 
     async def one(model: str, prompt: str) -> str:
@@ -105,7 +105,7 @@ async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(gateway
 
 
 async def test_streamed_burst_matches_references(gateway, references):
-    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="unused")
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.api_key)
 
     async def one(model: str) -> str:
         stream = await client.completions.create(

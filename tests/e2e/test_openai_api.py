@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import BASE_NAME
+from tests.conftest import BASE_NAME, bearer
 
 pytestmark = pytest.mark.engine
 ADAPTER = "demo-qkvo-r8"
@@ -15,13 +15,13 @@ MESSAGES = [{"role": "user", "content": "Say something about adapters."}]
 
 @pytest.fixture(scope="module")
 def client(gateway):
-    return openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60)
 
 
 @pytest.fixture
 async def aclient(gateway):
     async with openai.AsyncOpenAI(
-        base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60
+        base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60
     ) as c:
         yield c
 
@@ -83,6 +83,7 @@ def test_streaming_chat_chunks_roles_finish_usage_and_done(client, gateway):
     raw = httpx.post(
         f"{gateway.v1}/chat/completions",
         json={"model": ADAPTER, "messages": MESSAGES, "max_tokens": 2, "stream": True},
+        headers=bearer(gateway.api_key),
         timeout=60,
     )
     assert raw.headers["content-type"].startswith("text/event-stream")
@@ -233,10 +234,10 @@ def test_non_json_body_and_unknown_route_keep_the_error_shape(gateway):
         f"{gateway.v1}/completions",
         content=b"{not json",
         timeout=10,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **bearer(gateway.api_key)},
     )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    missing = httpx.get(f"{gateway.v1}/nothing-here", timeout=10)
+    missing = httpx.get(f"{gateway.v1}/nothing-here", headers=bearer(gateway.api_key), timeout=10)
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
 
 

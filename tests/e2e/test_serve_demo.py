@@ -9,12 +9,16 @@ import pytest
 from tests.conftest import BASE_NAME, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.engine
+DEMO_KEY = "demo-key-chosen-by-the-operator-0123456789"
 
 
 def test_demo_mode_from_an_empty_data_dir(tmp_path):
-    gateway = start_gateway(None, tmp_path, "--demo")
+    gateway = start_gateway(None, tmp_path, "--demo", LORAPLEX_DEMO_API_KEY=DEMO_KEY)
+    gateway.api_key = DEMO_KEY
     try:
-        client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=60)
+        client = openai.OpenAI(
+            base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60
+        )
         models = [m.id for m in client.models.list().data]
         assert models[0] == BASE_NAME and len(models) >= 4
 
@@ -32,6 +36,7 @@ def test_demo_mode_from_an_empty_data_dir(tmp_path):
         log = gateway.log_path.read_text(errors="replace")
         assert f"loraplex is serving at {gateway.base_url}/v1" in log
         assert "curl -s" in log and "demo-qkvo-r8" in log
+        assert f"API key: {DEMO_KEY}" in log and "Authorization: Bearer" in log
         assert (tmp_path / "data" / "demo" / "base" / "model.safetensors").exists()
     finally:
         stop_gateway(gateway)

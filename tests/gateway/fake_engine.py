@@ -3,9 +3,14 @@ user-visible behaviour: tests/e2e drives the same paths through the real vLLM en
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
 from gateway.engine.client import (
     AdapterHandle,
     ChoiceDelta,
@@ -13,6 +18,10 @@ from gateway.engine.client import (
     GenerationUpdate,
     SamplingOptions,
 )
+from gateway.settings import Settings
+
+BASE = "loraplex-demo-base"
+ADMIN_TOKEN = "fake-engine-admin"
 
 
 class ScriptedEngine:
@@ -75,3 +84,27 @@ class ScriptedEngine:
 
     async def health(self) -> EngineHealth:
         return EngineHealth(alive=True, detail={"unfinished_requests": 0})
+
+
+class KeyedClient(TestClient):
+    """Once started, holds a fresh tenant key and sends it on every request."""
+
+    def __enter__(self) -> KeyedClient:
+        super().__enter__()
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        self.tenant = tenant = f"t{uuid.uuid4().hex[:8]}"
+        assert self.post("/admin/v1/tenants", json={"name": tenant}, headers=admin).is_success
+        issued = self.post(f"/admin/v1/tenants/{tenant}/keys", headers=admin)
+        self.headers["Authorization"] = f"Bearer {issued.json()['key']}"
+        return self
+
+
+def client_for(demo_root: Path, engine: Any) -> KeyedClient:
+    settings = Settings(
+        base_model=demo_root / "base",
+        served_model_name=BASE,
+        adapter_dir=None,
+        data_dir=demo_root / "data",
+        admin_token=ADMIN_TOKEN,
+    )
+    return KeyedClient(create_app(settings, engine=engine), raise_server_exceptions=False)

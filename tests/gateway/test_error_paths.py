@@ -5,14 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
-from gateway.app import create_app
 from gateway.engine.client import EngineDead, EngineError, EngineRejected
-from gateway.settings import Settings
-from tests.gateway.fake_engine import ScriptedEngine
-
-BASE = "loraplex-demo-base"
+from tests.gateway.fake_engine import BASE, ScriptedEngine, client_for
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +17,6 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("fake")
     build_base(root / "base")
     return root
-
-
-def client_for(demo_root, engine) -> TestClient:
-    settings = Settings(
-        base_model=demo_root / "base",
-        served_model_name=BASE,
-        adapter_dir=None,
-        data_dir=demo_root / "data",
-    )
-    return TestClient(create_app(settings, engine=engine), raise_server_exceptions=False)
 
 
 def sse_events(text: str) -> list[str]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +94,25 @@ async def _postgres_unavailable(url: str) -> str | None:
     return None
 
 
-@pytest.fixture(
-    scope="module",
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-)
-async def engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@asynccontextmanager
+async def fresh_database(
+    kind: str, tmp_path_factory: pytest.TempPathFactory, *, migrated: bool = True
 ) -> AsyncIterator[AsyncEngine]:
-    """A migrated database per test module: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
+    """A new SQLite file or PostgreSQL schema (dropped afterwards), migrated to head unless
+    `migrated` is False. Skips the test when PostgreSQL is wanted but no server answers."""
+    if kind == "sqlite":
         db = tmp_path_factory.mktemp("sqlite") / "registry.db"
         url = f"sqlite+aiosqlite:///{db}"
-        await migrate(url)  # the gateway's path: migrate by URL, then open the engine
+        if migrated:
+            await migrate(url)  # the gateway's path: migrate by URL, then open the engine
         engine = make_engine(url)
-        yield engine
-        await engine.dispose()
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
         return
     url = postgres_url()
     reason = await _postgres_unavailable(url)
@@ -119,7 +124,8 @@ async def engine(
         await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     engine = make_engine(url, connect_args={"server_settings": {"search_path": schema}})
     try:
-        await migrate(engine)
+        if migrated:
+            await migrate(engine)
         yield engine
     finally:
         await engine.dispose()
@@ -128,7 +134,33 @@ async def engine(
         await admin.dispose()
 
 
-TABLES = ("audit_log", "adapter_versions", "adapters", "tenants", "base_models")
+@pytest.fixture(scope="module", params=DATABASES)
+async def engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AsyncEngine]:
+    """A migrated database per test module: a SQLite file, or a fresh PostgreSQL schema."""
+    async with fresh_database(request.param, tmp_path_factory) as engine:
+        yield engine
+
+
+@pytest.fixture(params=DATABASES)
+async def blank_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AsyncEngine]:
+    """An empty database per test (no tables at all), for migration tests."""
+    async with fresh_database(request.param, tmp_path_factory, migrated=False) as engine:
+        yield engine
+
+
+TABLES = (
+    "audit_log",
+    "adapter_shares",
+    "api_keys",
+    "adapter_versions",
+    "adapters",
+    "tenants",
+    "base_models",
+)
 
 
 @pytest.fixture

@@ -1,0 +1,105 @@
+"""Tenant authentication for /v1: `Authorization: Bearer <key>` → the key's tenant and policy.
+
+Keys live in the registry as hashes only. A verified key is cached for a short TTL (the same one
+as model resolution) so the hot path makes no database round trip; revoking or editing limits
+through this process's admin API clears the cache at once, other replicas follow within the TTL.
+Failures never say which part was wrong (unknown, revoked and expired read the same to the
+client); the reason goes to the audit log and the auth-failures metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, NoReturn
+
+from fastapi import Depends, Request
+
+from gateway.audit_log import audit_event
+from gateway.errors import EngineUnavailable, LoraplexError
+from gateway.metrics import AUTH_FAILURES
+from gateway.registry_runtime import RegistryRuntime
+from gateway.request_metrics import note_caller
+from registry import service
+from registry.errors import InvalidApiKey
+from registry.service import Principal
+
+MAX_KEY_CHARS = 256
+# Bound the cache so a flood of distinct valid keys cannot grow memory without limit.
+MAX_CACHED_KEYS = 10_000
+
+
+class InvalidApiKeyError(LoraplexError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True)
+class _Cached:
+    principal: Principal
+    until: float
+
+
+class KeyAuthenticator:
+    def __init__(self, runtime: RegistryRuntime, cache_ttl_s: float):
+        self._runtime = runtime
+        self._ttl = cache_ttl_s
+        self._cache: dict[bytes, _Cached] = {}
+
+    async def authenticate(self, presented: str, *, client: str | None) -> Principal:
+        # Cache under a digest, so plaintext keys do not sit in a long-lived dict.
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit.until > now and not _expired(hit.principal):
+            return hit.principal
+        try:
+            async with self._runtime.sessions() as session:
+                principal = await service.authenticate_api_key(session, presented=presented)
+        except InvalidApiKey as exc:
+            self._cache.pop(digest, None)
+            fail(exc.reason, client=client, key_id=exc.key_id)
+        if len(self._cache) >= MAX_CACHED_KEYS:
+            self._cache.clear()
+        self._cache[digest] = _Cached(principal, now + self._ttl)
+        return principal
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+
+def _expired(principal: Principal) -> bool:
+    return principal.expires_at is not None and principal.expires_at <= datetime.now(UTC)
+
+
+def fail(reason: str, *, client: str | None, key_id: str | None = None) -> NoReturn:
+    AUTH_FAILURES.labels(reason).inc()
+    audit_event("auth.failure", reason=reason, key_id=key_id, client=client)
+    raise InvalidApiKeyError(
+        "Incorrect API key provided. You can find your API key with your gateway operator."
+    )
+
+
+async def require_tenant(request: Request) -> Principal:
+    authenticator: KeyAuthenticator | None = getattr(request.app.state, "authenticator", None)
+    if authenticator is None:
+        raise EngineUnavailable("The gateway is starting; try again shortly.")
+    client = request.client.host if request.client else None
+    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+    supplied = supplied.strip()
+    if not supplied:
+        fail("missing", client=client)
+    if scheme.lower() != "bearer" or len(supplied) > MAX_KEY_CHARS:
+        fail("malformed", client=client)
+    principal = await authenticator.authenticate(supplied, client=client)
+    note_caller(request.state, principal.tenant)
+    return principal
+
+
+TenantDep = Annotated[Principal, Depends(require_tenant)]

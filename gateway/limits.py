@@ -1,0 +1,213 @@
+"""Per-tenant admission limits: requests per second and tokens per minute (token buckets), max
+concurrent requests and a max_tokens cap, all read from the tenant's policy in the registry.
+
+State lives in this process. With several gateway replicas each enforces the full policy on its
+own share of the traffic, so a tenant's effective ceiling is replicas x limit; put a sticky
+load balancer in front (hash on the API key) to keep one tenant on one replica, or set the
+policy to limit / replicas. README "Tenants, keys and limits" says the same.
+
+Tokens are charged at admission as prompt + max_tokens (what the request may cost at most) and
+the unused part of max_tokens is refunded when it finishes, so a tenant can never overshoot its
+budget by starting many long generations at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.errors import InvalidRequest, LoraplexError
+from gateway.metrics import RATE_LIMITED
+from registry.tenancy import TenantPolicy
+
+
+class RateLimited(LoraplexError):
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, error_type: str, retry_after_s: float):
+        super().__init__(message)
+        self.limit = limit
+        self.error_type = error_type  # OpenAI says "requests" or "tokens" here
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class MaxTokensAboveLimit(InvalidRequest):
+    """Asking for more than the cap is a request that can never succeed: 400, not 429, so
+    clients fix it instead of retrying."""
+
+    code = "max_tokens_above_tenant_limit"
+
+
+@dataclass
+class TokenBucket:
+    capacity: float
+    refill_per_s: float
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.refill_per_s)
+        self.updated = now
+
+    def try_take(self, cost: float, now: float) -> float:
+        """Take `cost` and return 0, or take nothing and return seconds until it would fit."""
+        self.refill(now)
+        if self.level >= cost:
+            self.level -= cost
+            return 0.0
+        return (cost - self.level) / self.refill_per_s
+
+    def give_back(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+    def reshape(self, capacity: float, refill_per_s: float) -> None:
+        """A raised limit grants its extra allowance at once; a lowered one keeps no more than
+        its new capacity."""
+        self.level = min(self.level + max(0.0, capacity - self.capacity), capacity)
+        self.capacity, self.refill_per_s = capacity, refill_per_s
+
+
+@dataclass
+class _TenantState:
+    requests: TokenBucket | None = None
+    tokens: TokenBucket | None = None
+    running: int = 0
+
+
+@dataclass
+class Lease:
+    """One admitted request. `release` is idempotent: call it in every exit path."""
+
+    limiter: TenantLimiter
+    tenant: str
+    reserved_completion_tokens: int
+    released: bool = field(default=False)
+
+    def release(self, completion_tokens: int = 0) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.limiter._release(self, completion_tokens)
+
+
+class TenantLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._tenants: dict[str, _TenantState] = {}
+
+    def effective_max_tokens(self, policy: TenantPolicy, requested: int | None, room: int) -> int:
+        """The completion budget: what the client asked for, else all the room left, never
+        above the tenant's cap (a missing max_tokens means "up to the cap", not an error)."""
+        cap = policy.max_tokens
+        if requested is not None:
+            if cap is not None and requested > cap:
+                raise MaxTokensAboveLimit(
+                    f"max_tokens {requested} is above this key's limit of {cap}.",
+                    param="max_tokens",
+                )
+            return requested
+        return room if cap is None else min(room, cap)
+
+    def admit(
+        self, tenant: str, policy: TenantPolicy, *, prompt_tokens: int, max_tokens: int
+    ) -> Lease:
+        """Admit one request or raise RateLimited (nothing is charged on refusal)."""
+        state = self._state(tenant, policy)
+        now = self._clock()
+        if policy.max_concurrent is not None and state.running >= policy.max_concurrent:
+            self._refuse(
+                tenant,
+                "max_concurrent",
+                "requests",
+                f"Too many concurrent requests: limit {policy.max_concurrent}. Retry when one "
+                "of your requests finishes.",
+                1.0,
+            )
+        if state.requests is not None:
+            wait = state.requests.try_take(1, now)
+            if wait:
+                self._refuse(
+                    tenant,
+                    "requests_per_second",
+                    "requests",
+                    f"Rate limit reached on requests per second: limit "
+                    f"{policy.requests_per_second:g}. Please try again in {wait:.2f}s.",
+                    wait,
+                )
+        cost = prompt_tokens + max_tokens
+        if state.tokens is not None:
+            if cost > state.tokens.capacity:
+                if state.requests is not None:
+                    state.requests.give_back(1)
+                RATE_LIMITED.labels(tenant, "tokens_per_minute").inc()
+                raise InvalidRequest(
+                    f"This request needs up to {cost} tokens ({prompt_tokens} prompt + "
+                    f"{max_tokens} max_tokens), more than the tokens-per-minute limit of "
+                    f"{int(state.tokens.capacity)}; lower max_tokens.",
+                    param="max_tokens",
+                    code="tokens_per_minute_exceeded",
+                )
+            wait = state.tokens.try_take(cost, now)
+            if wait:
+                if state.requests is not None:
+                    state.requests.give_back(1)
+                self._refuse(
+                    tenant,
+                    "tokens_per_minute",
+                    "tokens",
+                    f"Rate limit reached on tokens per minute: limit {policy.tokens_per_minute}, "
+                    f"requested {cost}. Please try again in {wait:.2f}s.",
+                    wait,
+                )
+        state.running += 1
+        return Lease(self, tenant, max_tokens)
+
+    def running(self, tenant: str) -> int:
+        state = self._tenants.get(tenant)
+        return 0 if state is None else state.running
+
+    def _refuse(self, tenant: str, limit: str, kind: str, message: str, wait: float) -> None:
+        RATE_LIMITED.labels(tenant, limit).inc()
+        raise RateLimited(message, limit=limit, error_type=kind, retry_after_s=wait)
+
+    def _release(self, lease: Lease, completion_tokens: int) -> None:
+        state = self._tenants.get(lease.tenant)
+        if state is None:
+            return
+        state.running = max(0, state.running - 1)
+        unused = lease.reserved_completion_tokens - completion_tokens
+        if state.tokens is not None and unused > 0:
+            state.tokens.give_back(unused)
+
+    def _state(self, tenant: str, policy: TenantPolicy) -> _TenantState:
+        """The tenant's buckets, reshaped to the current policy (edits apply on the next
+        request; a tightened limit keeps no more than its new capacity)."""
+        state = self._tenants.setdefault(tenant, _TenantState())
+        now = self._clock()
+        rps = policy.requests_per_second
+        if rps is None:
+            state.requests = None
+        else:
+            burst = float(policy.burst or max(1, math.ceil(rps)))
+            state.requests = _shaped(state.requests, burst, rps, now)
+        tpm = policy.tokens_per_minute
+        if tpm is None:
+            state.tokens = None
+        else:
+            state.tokens = _shaped(state.tokens, float(tpm), tpm / 60.0, now)
+        return state
+
+
+def _shaped(bucket: TokenBucket | None, capacity: float, rate: float, now: float) -> TokenBucket:
+    if bucket is None:
+        return TokenBucket(capacity, rate, capacity, now)
+    if bucket.capacity != capacity or bucket.refill_per_s != rate:
+        bucket.refill(now)
+        bucket.reshape(capacity, rate)
+    return bucket

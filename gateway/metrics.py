@@ -1,0 +1,139 @@
+"""Every loraplex metric, declared once. Prefix `loraplex_`, units in the names.
+
+Labels are bounded by construction: `tenant`, `adapter` and `version` come from the registry
+(names validated by regex, a few thousand at most), `route`, `status`, `reason`, `limit`,
+`tier`, `result` and `operation` from small fixed sets in code. Never a prompt, a request id or
+a joined list. Requests for the base model carry adapter="" and version="".
+
+Several workers: when PROMETHEUS_MULTIPROC_DIR is set, prometheus-client writes every value to
+per-process files and /metrics aggregates them (see routes/metrics.py); gauges declare how.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# From 5 ms (GPU decode) to 2 min (long CPU generations): one bucket set fits both.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+SCOPE = ("tenant", "adapter", "version")
+
+# --- requests -----------------------------------------------------------------------------
+REQUESTS = Counter(
+    "loraplex_requests",
+    "Finished /v1 requests by caller scope, route and HTTP status.",
+    [*SCOPE, "route", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "loraplex_request_duration_seconds",
+    "End-to-end latency of /v1 generation requests, admission to last byte.",
+    [*SCOPE, "route"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "loraplex_time_to_first_token_seconds",
+    "Admission to the first generated token.",
+    SCOPE,
+    buckets=LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "loraplex_time_per_output_token_seconds",
+    "Mean inter-token latency of one request after its first token.",
+    SCOPE,
+    buckets=TOKEN_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", SCOPE)
+COMPLETION_TOKENS = Counter("loraplex_completion_tokens", "Tokens generated.", SCOPE)
+REQUESTS_IN_FLIGHT = Gauge(
+    "loraplex_requests_in_flight",
+    "Admitted /v1 generation requests not yet finished.",
+    ["tenant", "adapter"],
+    multiprocess_mode="livesum",
+)
+REQUESTS_QUEUED = Gauge(
+    "loraplex_requests_queued",
+    "Admitted requests still waiting for their first token (queue depth seen by callers).",
+    ["tenant", "adapter"],
+    multiprocess_mode="livesum",
+)
+
+# --- tenancy ------------------------------------------------------------------------------
+RATE_LIMITED = Counter(
+    "loraplex_rate_limited",
+    "Requests refused by a tenant limit (limit: requests_per_second, tokens_per_minute, "
+    "max_concurrent, max_tokens).",
+    ["tenant", "limit"],
+)
+AUTH_FAILURES = Counter(
+    "loraplex_auth_failures",
+    "Refused credentials (reason: missing, malformed, unknown, revoked, expired, admin).",
+    ["reason"],
+)
+
+# --- adapters in the engine ---------------------------------------------------------------
+ADAPTERS_RESIDENT = Gauge(
+    "loraplex_adapters_resident",
+    "Adapters held per tier (host: engine CPU cache, device: pool pages in use).",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+ADAPTER_RESIDENT_BYTES = Gauge(
+    "loraplex_adapter_resident_bytes",
+    "Bytes of adapter weights held per tier.",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+ADAPTER_LOADS = Counter(
+    "loraplex_adapter_loads",
+    "Adapter loads into the engine (result: ok, refused, error).",
+    ["adapter", "version", "result"],
+)
+ADAPTER_LOAD_DURATION = Histogram(
+    "loraplex_adapter_load_duration_seconds",
+    "Time to load one adapter version into the engine.",
+    buckets=LOAD_BUCKETS,
+)
+ADAPTER_LOAD_BYTES = Counter(
+    "loraplex_adapter_load_bytes", "Adapter weight bytes loaded into the engine."
+)
+ADAPTER_EVICTIONS = Counter(
+    "loraplex_adapter_evictions",
+    "Adapters dropped from a tier (reason: capacity, retired).",
+    ["tier", "reason"],
+)
+
+# --- rollout ------------------------------------------------------------------------------
+ROLLOUT_CANARY_PERCENT = Gauge(
+    "loraplex_rollout_canary_percent",
+    "Share of an adapter's traffic sent to its canary version (0 when none).",
+    ["adapter", "version"],
+    multiprocess_mode="mostrecent",
+)
+ROLLOUT_TRANSITIONS = Counter(
+    "loraplex_rollout_transitions",
+    "Rollout transitions (action: start, promote, pause, resume, complete, rollback).",
+    ["adapter", "version", "action"],
+)
+ROLLBACKS = Counter(
+    "loraplex_rollbacks",
+    "Automatic and manual rollbacks (reason: ttft_p95, latency_p95, error_rate, manual).",
+    ["adapter", "version", "reason"],
+)
+
+# --- engine and registry ------------------------------------------------------------------
+ENGINE_UP = Gauge(
+    "loraplex_engine_up",
+    "1 while the engine answers its health probe, else 0.",
+    multiprocess_mode="liveall",
+)
+REGISTRY_OPERATIONS = Counter(
+    "loraplex_registry_operations",
+    "Registry writes through the admin API (operation: register, retire, delete, "
+    "tenant_create, key_create, key_revoke, limits_update, share, unshare; "
+    "result: ok, refused, error).",
+    ["operation", "result"],
+)

@@ -1,0 +1,132 @@
+"""Per-request metrics for /v1: who (tenant), what (adapter, version), how it went.
+
+Two halves, because no single place sees everything:
+- `RequestMetricsMiddleware` (pure ASGI) sees every /v1 request end to end, whatever ends it
+  (401, 404, 429, a 5xx, a finished stream): it counts requests by status and times them.
+- `GenerationRecorder` lives on a generation job and sees tokens: TTFT, time per output token,
+  token counts, queued and in-flight gauges.
+Routes leave the caller's scope in `request.state.metric_scope`; before auth it is unknown ("").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import (
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    REQUEST_DURATION,
+    REQUESTS,
+    REQUESTS_IN_FLIGHT,
+    REQUESTS_QUEUED,
+    TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN,
+)
+
+# Path → route label; anything else under /v1 is "other" (bounded label values).
+ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/models": "models",
+}
+GENERATION_ROUTES = frozenset({"chat", "completions"})
+CLIENT_CLOSED = 499
+
+
+@dataclass(frozen=True)
+class MetricScope:
+    tenant: str = ""
+    adapter: str = ""
+    version: str = ""
+
+
+@dataclass
+class GenerationRecorder:
+    scope: MetricScope
+    prompt_tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    finished: bool = False
+    completed: bool = False  # the engine finished every sequence (not aborted, not failed)
+    failed: bool = False  # an error ended it after the response had started
+
+    def __post_init__(self) -> None:
+        REQUESTS_IN_FLIGHT.labels(self.scope.tenant, self.scope.adapter).inc()
+        REQUESTS_QUEUED.labels(self.scope.tenant, self.scope.adapter).inc()
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            REQUESTS_QUEUED.labels(self.scope.tenant, self.scope.adapter).dec()
+            TIME_TO_FIRST_TOKEN.labels(*self._labels()).observe(self.first_token_at - self.started)
+        self.completion_tokens += count
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        tenant, adapter = self.scope.tenant, self.scope.adapter
+        REQUESTS_IN_FLIGHT.labels(tenant, adapter).dec()
+        if self.first_token_at is None:
+            REQUESTS_QUEUED.labels(tenant, adapter).dec()
+        PROMPT_TOKENS.labels(*self._labels()).inc(self.prompt_tokens)
+        COMPLETION_TOKENS.labels(*self._labels()).inc(self.completion_tokens)
+        if self.first_token_at is not None and self.completion_tokens > 1:
+            per_token = (time.perf_counter() - self.first_token_at) / (self.completion_tokens - 1)
+            TIME_PER_OUTPUT_TOKEN.labels(*self._labels()).observe(per_token)
+
+    def _labels(self) -> tuple[str, str, str]:
+        return self.scope.tenant, self.scope.adapter, self.scope.version
+
+
+class RequestMetricsMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        route = ROUTES.get(path, "models" if path.startswith("/v1/models/") else "other")
+        started = time.perf_counter()
+        status = 500
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            state = scope.get("state", {})
+            recorder: GenerationRecorder | None = state.get("generation")
+            if recorder is not None and status == 200 and not recorder.completed:
+                # A stream that started with 200 and ended early: failed, or the client left.
+                status = 500 if recorder.failed else CLIENT_CLOSED
+            labels: MetricScope = state.get("metric_scope") or MetricScope()
+            REQUESTS.labels(labels.tenant, labels.adapter, labels.version, route, str(status)).inc()
+            if route in GENERATION_ROUTES and status == 200:
+                REQUEST_DURATION.labels(
+                    labels.tenant, labels.adapter, labels.version, route
+                ).observe(time.perf_counter() - started)
+
+
+def note_caller(state: object, tenant: str) -> None:
+    """Label the request with its tenant as soon as it is authenticated (a later 404 or 429
+    still counts against the right tenant)."""
+    state.metric_scope = MetricScope(tenant)  # type: ignore[attr-defined]
+
+
+def note_generation(state: object, recorder: GenerationRecorder | None) -> None:
+    if recorder is not None:
+        state.metric_scope = recorder.scope  # type: ignore[attr-defined]
+        state.generation = recorder  # type: ignore[attr-defined]

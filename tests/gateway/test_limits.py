@@ -1,0 +1,150 @@
+"""Tenant limits as pure logic on a fake clock: what is admitted, what is refused, when it
+recovers, what is refunded. The HTTP behaviour (429 + Retry-After) is tested in tests/e2e."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.limits import MaxTokensAboveLimit, RateLimited, TenantLimiter
+from gateway.metrics import RATE_LIMITED
+from registry.tenancy import TenantPolicy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def admit(limiter: TenantLimiter, policy: TenantPolicy, tenant: str = "acme", prompt=10, out=10):
+    return limiter.admit(tenant, policy, prompt_tokens=prompt, max_tokens=out)
+
+
+def test_unlimited_policy_admits_everything(clock):
+    limiter = TenantLimiter(clock)
+    leases = [admit(limiter, TenantPolicy()) for _ in range(1000)]
+    assert limiter.running("acme") == 1000
+    for lease in leases:
+        lease.release(5)
+    assert limiter.running("acme") == 0
+
+
+def test_requests_per_second_bucket_refuses_then_recovers(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(requests_per_second=2, burst=3)
+    for _ in range(3):
+        admit(limiter, policy).release()
+    with pytest.raises(RateLimited) as info:
+        admit(limiter, policy)
+    assert info.value.limit == "requests_per_second" and info.value.status_code == 429
+    assert info.value.error_type == "requests"
+    assert info.value.headers() == {"Retry-After": "1"}  # 0.5 s rounds up to a whole second
+    assert info.value.retry_after_s == pytest.approx(0.5)
+    clock.now += 0.5
+    admit(limiter, policy).release()
+    with pytest.raises(RateLimited):
+        admit(limiter, policy)
+
+
+def test_max_concurrent_counts_running_requests_not_rate(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(max_concurrent=2)
+    first, _second = admit(limiter, policy), admit(limiter, policy)
+    with pytest.raises(RateLimited) as info:
+        admit(limiter, policy)
+    assert info.value.limit == "max_concurrent"
+    first.release()
+    first.release()  # idempotent: a double release must not free a second slot
+    admit(limiter, policy)
+    with pytest.raises(RateLimited):
+        admit(limiter, policy)
+
+
+def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_unused(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(tokens_per_minute=600)  # 10 tokens per second
+    lease = admit(limiter, policy, prompt=100, out=400)  # reserves 500 of 600
+    with pytest.raises(RateLimited) as info:
+        admit(limiter, policy, prompt=50, out=100)
+    assert info.value.limit == "tokens_per_minute" and info.value.error_type == "tokens"
+    assert info.value.retry_after_s == pytest.approx(5.0)  # 50 missing at 10/s
+    lease.release(completion_tokens=40)  # 360 unused come back
+    admit(limiter, policy, prompt=50, out=100)
+
+
+def test_a_request_larger_than_the_whole_token_budget_is_a_400_not_a_retry(clock):
+    limiter = TenantLimiter(clock)
+    with pytest.raises(InvalidRequest) as info:
+        admit(limiter, TenantPolicy(tokens_per_minute=100), prompt=50, out=100)
+    assert info.value.status_code == 400 and info.value.code == "tokens_per_minute_exceeded"
+
+
+def test_refusal_charges_nothing(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(requests_per_second=1, burst=2, tokens_per_minute=60)
+    admit(limiter, policy, prompt=30, out=20).release(20)  # 50 of 60 tokens spent, 1 request
+    with pytest.raises(RateLimited):
+        admit(limiter, policy, prompt=20, out=0)  # tokens refused...
+    admit(limiter, policy, prompt=5, out=5)  # ...and its request token was given back
+
+
+def test_tenants_do_not_share_buckets(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(requests_per_second=1)
+    admit(limiter, policy, tenant="a")
+    with pytest.raises(RateLimited):
+        admit(limiter, policy, tenant="a")
+    admit(limiter, policy, tenant="b")
+
+
+def test_policy_edits_apply_on_the_next_request(clock):
+    limiter = TenantLimiter(clock)
+    admit(limiter, TenantPolicy(max_concurrent=1))
+    with pytest.raises(RateLimited):
+        admit(limiter, TenantPolicy(max_concurrent=1))
+    admit(limiter, TenantPolicy(max_concurrent=2))  # raised by an admin
+    loose = TenantPolicy(requests_per_second=100)
+    for _ in range(100):
+        admit(limiter, loose)
+    tight = TenantPolicy(requests_per_second=1)  # tightened: no leftover burst carried over
+    with pytest.raises(RateLimited):
+        admit(limiter, tight)
+
+
+def test_a_raised_token_budget_applies_at_once(clock):
+    limiter = TenantLimiter(clock)
+    admit(limiter, TenantPolicy(tokens_per_minute=300), prompt=2, out=200).release(200)
+    with pytest.raises(RateLimited):
+        admit(limiter, TenantPolicy(tokens_per_minute=300), prompt=2, out=200)
+    admit(limiter, TenantPolicy(tokens_per_minute=100_000), prompt=2, out=200)
+
+
+def test_max_tokens_cap(clock):
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(max_tokens=64)
+    assert limiter.effective_max_tokens(policy, None, room=1000) == 64  # the cap is the default
+    assert limiter.effective_max_tokens(policy, None, room=10) == 10
+    assert limiter.effective_max_tokens(policy, 64, room=1000) == 64
+    with pytest.raises(MaxTokensAboveLimit) as info:
+        limiter.effective_max_tokens(policy, 65, room=1000)
+    assert info.value.status_code == 400 and info.value.param == "max_tokens"
+    assert limiter.effective_max_tokens(TenantPolicy(), None, room=1000) == 1000
+
+
+def test_refusals_are_counted_per_tenant_and_limit(clock):
+    limiter = TenantLimiter(clock)
+    counter = RATE_LIMITED.labels("metered", "max_concurrent")
+    before = counter._value.get()
+    admit(limiter, TenantPolicy(max_concurrent=1), tenant="metered")
+    for _ in range(3):
+        with pytest.raises(RateLimited):
+            admit(limiter, TenantPolicy(max_concurrent=1), tenant="metered")
+    assert counter._value.get() == before + 3
