@@ -9,7 +9,7 @@ PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP   := $(VENV)/.setup-$(VARIANT)
 
-.PHONY: help setup serve test lint bench bench-quick clean
+.PHONY: help setup serve test lint bench bench-quick dashboard clean
 
 help:
 	@echo "make serve   start the gateway on the demo model and adapters (does setup first)"
@@ -17,7 +17,7 @@ help:
 	@echo "make bench   loraplex vs vLLM's own server, same machine/model/adapters/load"
 	@echo "make setup   create $(VENV) and install loraplex[$(VARIANT),dev] (idempotent)"
 
-setup: $(STAMP)
+setup: $(STAMP) $(BIN)/promtool
 
 # Re-run only when the dependency declaration changes: a second `make test` starts at once.
 $(STAMP): pyproject.toml Makefile
@@ -33,15 +33,29 @@ endif
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 
+# promtool and prometheus for tests/deploy (rule checks, rule unit tests, a live scrape of the
+# gateway), unpacked from Debian's `prometheus` package into the venv: no service installed.
+$(BIN)/promtool: | $(STAMP)
+	@if ! command -v apt-get >/dev/null; then \
+	  echo "no apt-get: put promtool and prometheus on PATH, or tests/deploy skips their checks"; \
+	else \
+	  tmp=$$(mktemp -d) && chmod 777 $$tmp && cd $$tmp && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb unpacked && \
+	  install -m 755 unpacked/usr/bin/promtool unpacked/usr/bin/prometheus $(CURDIR)/$(BIN)/; \
+	  status=$$?; rm -rf $$tmp; exit $$status; \
+	fi
+
 serve: setup
 	$(BIN)/loraplex serve --demo
 
 test: setup
-	$(BIN)/ruff check gateway registry kernels benchmarks tests
+	$(BIN)/ruff check gateway registry kernels benchmarks tests deploy
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check gateway registry kernels benchmarks tests
+	$(BIN)/ruff check gateway registry kernels benchmarks tests deploy
 	$(BIN)/mypy
 
 # Side-by-side with vLLM's own server; commits go to benchmarks/results/serve/ (6-10 min).
@@ -50,6 +64,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m benchmarks.serve --quick
+
+# Rewrite deploy/grafana/dashboards/loraplex.json from deploy/grafana/build_dashboard.py.
+dashboard: setup
+	$(BIN)/python deploy/grafana/build_dashboard.py
 
 clean:
 	rm -rf $(VENV) .loraplex .pytest_cache

@@ -1,0 +1,275 @@
+"""deploy/k8s: every manifest validates offline against the Kubernetes schemas (strict: unknown
+fields fail), the ServiceMonitor against a minimal schema of its CRD, and the resources refer
+to each other correctly (names, labels, ports, the registry's credentials)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from tests.deploy.conftest import run, settings_env_names
+from tests.deploy.promql import DEPLOY
+
+K8S = DEPLOY / "k8s"
+KUSTOMIZATION = K8S / "kustomization.yaml"
+NAMESPACE = "loraplex"
+GATEWAY_UID = 10001  # USER of deploy/docker/Dockerfile.*
+
+# The part of monitoring.coreos.com/v1 ServiceMonitor these manifests use: kubernetes-validate
+# knows only built-in kinds, and the Operator's CRD schema is not available offline.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "matchExpressions": {"type": "array"},
+                    },
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"type": ["string", "integer"]},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array"},
+                            "metricRelabelings": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def manifests() -> list[Path]:
+    return sorted(path for path in K8S.glob("*.yaml") if path != KUSTOMIZATION)
+
+
+def documents() -> list[dict]:
+    return [doc for path in manifests() for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+DOCS = documents()
+
+
+def find(kind: str, name: str) -> dict:
+    matches = [d for d in DOCS if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def validate(doc: dict) -> None:
+    """Raises on a schema violation (kubernetes_validate.ValidationError or jsonschema's)."""
+    if doc["kind"] == "ServiceMonitor":
+        Draft202012Validator(SERVICE_MONITOR_SCHEMA).validate(doc)
+    else:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[f"{d['kind']}/{d['metadata']['name']}" for d in DOCS])
+def test_manifest_matches_its_schema(doc):
+    validate(doc)
+    assert doc["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "path", "bad"),
+    [
+        ("Deployment", "loraplex-gateway", ("spec",), {"replica": 1}),  # a typo (strict)
+        ("Deployment", "loraplex-gateway", ("spec",), {"replicas": "one"}),
+        ("Service", "loraplex-gateway", ("spec",), {"ports": [{"port": "http"}]}),
+        ("ServiceMonitor", "loraplex-gateway", ("spec",), {"endpoint": []}),
+        ("ServiceMonitor", "loraplex-gateway", ("spec", "endpoints", 0), {"interval": "15"}),
+    ],
+)
+def test_validation_catches_mistakes(kind, name, path, bad):
+    doc = copy.deepcopy(find(kind, name))
+    node = doc
+    for key in path:
+        node = node[key]
+    node.update(bad)
+    with pytest.raises(Exception) as raised:
+        validate(doc)
+    assert "Validation" in type(raised.value).__name__
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
+    assert kustomization["namespace"] == NAMESPACE
+    assert sorted(kustomization["resources"]) == sorted(path.name for path in manifests())
+
+
+def test_kustomize_build_validates():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl here: the per-file validation above stands in for the build")
+    result = run(kubectl, "kustomize", str(K8S))
+    assert result.returncode == 0, result.stderr
+    built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert len(built) == len(DOCS)
+    for doc in built:
+        validate(doc)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+@pytest.fixture(scope="module")
+def deployment() -> dict:
+    return find("Deployment", "loraplex-gateway")
+
+
+def gateway_container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_gateway_holds_one_gpu_and_one_replica(deployment):
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    resources = gateway_container(deployment)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+
+
+def test_gateway_probes(deployment):
+    container = gateway_container(deployment)
+    port = find("ConfigMap", "loraplex-config")["data"]["LORAPLEX_PORT"]
+    (http,) = container["ports"]
+    assert http["containerPort"] == int(port)
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in {http["name"], http["containerPort"]}
+    # The engine may take LORAPLEX_ENGINE_START_TIMEOUT_S to start; the kubelet must wait
+    # at least that long before liveness can kill the pod.
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    timeout = float(find("ConfigMap", "loraplex-config")["data"]["LORAPLEX_ENGINE_START_TIMEOUT_S"])
+    assert budget >= timeout
+
+
+def test_gateway_runs_as_the_image_user(deployment):
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == GATEWAY_UID
+    assert pod["securityContext"]["fsGroup"] == GATEWAY_UID
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        assert f"USER {GATEWAY_UID}:{GATEWAY_UID}" in (DEPLOY / "docker" / dockerfile).read_text()
+
+
+def test_gateway_references_resolve(deployment):
+    container = gateway_container(deployment)
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            find("ConfigMap", source["configMapRef"]["name"])
+        else:
+            find("Secret", source["secretRef"]["name"])
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if claim := volume.get("persistentVolumeClaim"):
+            find("PersistentVolumeClaim", claim["claimName"])
+    data_dir = find("ConfigMap", "loraplex-config")["data"]["LORAPLEX_DATA_DIR"]
+    mounted = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert "persistentVolumeClaim" in volumes[mounted[data_dir]], "data dir is persistent"
+
+
+def test_service_and_servicemonitor_select_the_gateway(deployment):
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = find("Service", "loraplex-gateway")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == gateway_container(deployment)["ports"][0]["name"]
+    monitor = find("ServiceMonitor", "loraplex-gateway")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+    # The job label of a ServiceMonitor target is the Service's name: alerts.yml matches it.
+    assert (
+        f'job="{service["metadata"]["name"]}"' in (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    )
+
+
+def test_registry_credentials_agree():
+    database = find("Secret", "loraplex-postgres")["stringData"]
+    url = urlsplit(find("Secret", "loraplex-secrets")["stringData"]["LORAPLEX_DATABASE_URL"])
+    service = find("Service", "loraplex-postgres")
+    statefulset = find("StatefulSet", "loraplex-postgres")
+    assert url.scheme == "postgresql+asyncpg"
+    assert url.hostname == service["metadata"]["name"]
+    assert url.port == service["spec"]["ports"][0]["port"]
+    assert (url.username, url.password) == (
+        database["POSTGRES_USER"],
+        database["POSTGRES_PASSWORD"],
+    )
+    assert url.path == f"/{database['POSTGRES_DB']}"
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert statefulset["spec"]["volumeClaimTemplates"]
+
+
+def test_settings_are_ones_the_gateway_reads(monkeypatch):
+    from gateway.settings import Settings
+
+    config = find("ConfigMap", "loraplex-config")["data"]
+    secret = find("Secret", "loraplex-secrets")["stringData"]
+    assert set(config) | set(secret) <= settings_env_names()
+    for name, value in {**config, **secret}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.host == "0.0.0.0" and settings.port == 8000
+    assert settings.admin_token is not None
