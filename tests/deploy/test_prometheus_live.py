@@ -92,6 +92,8 @@ def prometheus(gateway, tmp_path_factory) -> Iterator[str]:
 
 def query(url: str, promql: str) -> list[dict]:
     response = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10)
+    # While starting, Prometheus answers 503 in plain text ("Service Unavailable").
+    assert response.status_code == 200, f"{promql}: {response.status_code} {response.text}"
     body = response.json()
     assert response.status_code == 200 and body["status"] == "success", f"{promql}: {body}"
     assert not body.get("warnings"), f"{promql}: {body['warnings']}"

@@ -1,0 +1,173 @@
+"""Per served version: a sliding window of the last N requests (default 100, the seed's) and the
+decision whether that version is breaching its thresholds.
+
+Pure state, no I/O and no clock reads of its own: the generation path feeds it one observation
+per finished request, the rollout controller asks it for verdicts and acts on them (registry
+write, audit, metrics). Kept apart so the decision rules are unit-tested exhaustively and the
+same code judges canaries, stable versions and shadow candidates.
+
+Rules (seed §rollback triggers):
+- p95 TTFT or p95 end-to-end latency above the SLA by more than `margin_ms`, or above an
+  absolute bound;
+- error rate (engine errors and 5xx) above `max_error_rate` (0.1 %) over the window.
+A verdict needs a full window, so one slow request never rolls anything back; after a verdict
+the version's window starts empty, so the next verdict needs a whole new window of evidence
+(no flapping on the same data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WindowLimits:
+    window: int = 100
+    max_error_rate: float = 0.001
+    sla_p95_ttft_ms: float | None = None
+    sla_p95_e2e_ms: float | None = None
+    margin_ms: float = 15.0
+    max_p95_ttft_ms: float | None = None  # absolute bounds, SLA or not
+    max_p95_e2e_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("window must be at least 1 request")
+        if not 0 <= self.max_error_rate < 1:
+            raise ValueError("max_error_rate must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    samples: int
+    p95_ttft_ms: float | None
+    p95_e2e_ms: float | None
+    error_rate: float
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "samples": self.samples,
+            "p95_ttft_ms": self.p95_ttft_ms,
+            "p95_e2e_ms": self.p95_e2e_ms,
+            "error_rate": self.error_rate,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str  # "error_rate" | "ttft_p95" | "latency_p95": bounded metric label values
+    figures: WindowFigures
+    detail: str
+
+
+def p95(values: list[float]) -> float | None:
+    """Nearest-rank 95th percentile (no interpolation: with 100 samples it is the 95th)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+@dataclass
+class _Observation:
+    ttft_ms: float | None  # None: no token came (an error before the first token)
+    e2e_ms: float
+    error: bool
+
+
+class VersionWindow:
+    def __init__(self, size: int):
+        self._samples: deque[_Observation] = deque(maxlen=size)
+
+    def record(self, *, ttft_s: float | None, e2e_s: float, error: bool) -> None:
+        ttft_ms = None if ttft_s is None else ttft_s * 1000
+        self._samples.append(_Observation(ttft_ms, e2e_s * 1000, error))
+
+    @property
+    def full(self) -> bool:
+        return len(self._samples) == self._samples.maxlen
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def figures(self) -> WindowFigures:
+        samples = list(self._samples)
+        errors = sum(1 for s in samples if s.error)
+        ok = [s for s in samples if not s.error]  # latency of failures says nothing useful
+        return WindowFigures(
+            samples=len(samples),
+            p95_ttft_ms=p95([s.ttft_ms for s in ok if s.ttft_ms is not None]),
+            p95_e2e_ms=p95([s.e2e_ms for s in ok]),
+            error_rate=errors / len(samples) if samples else 0.0,
+        )
+
+
+def judge(figures: WindowFigures, limits: WindowLimits) -> Verdict | None:
+    """The first rule a full window breaks, errors first (they hurt users most)."""
+    if figures.error_rate > limits.max_error_rate:
+        return Verdict(
+            "error_rate",
+            figures,
+            f"error rate {figures.error_rate:.2%} > {limits.max_error_rate:.2%} over "
+            f"{figures.samples} requests",
+        )
+    ttft = ("ttft_p95", "p95 TTFT", figures.p95_ttft_ms, limits.sla_p95_ttft_ms)
+    e2e = ("latency_p95", "p95 latency", figures.p95_e2e_ms, limits.sla_p95_e2e_ms)
+    checks = ((*ttft, limits.max_p95_ttft_ms), (*e2e, limits.max_p95_e2e_ms))
+    for reason, label, value, sla, bound in checks:
+        if value is None:
+            continue
+        if sla is not None and value > sla + limits.margin_ms:
+            return Verdict(
+                reason,
+                figures,
+                f"{label} {value:.1f} ms > SLA {sla:g} ms + {limits.margin_ms:g} ms margin",
+            )
+        if bound is not None and value > bound:
+            return Verdict(reason, figures, f"{label} {value:.1f} ms > bound {bound:g} ms")
+    return None
+
+
+class RollbackMonitor:
+    """Windows for every served version. `observe` returns a verdict at most once per full
+    window of evidence; `healthy` says whether a full window passed (promotion, restore)."""
+
+    def __init__(self) -> None:
+        self._windows: dict[int, VersionWindow] = {}
+
+    def _window(self, version_id: int, limits: WindowLimits) -> VersionWindow:
+        window = self._windows.get(version_id)
+        if window is None or window._samples.maxlen != limits.window:
+            window = self._windows[version_id] = VersionWindow(limits.window)
+        return window
+
+    def observe(
+        self,
+        version_id: int,
+        limits: WindowLimits,
+        *,
+        ttft_s: float | None,
+        e2e_s: float,
+        error: bool,
+    ) -> Verdict | None:
+        window = self._window(version_id, limits)
+        window.record(ttft_s=ttft_s, e2e_s=e2e_s, error=error)
+        if not window.full:
+            return None
+        verdict = judge(window.figures(), limits)
+        if verdict is not None:
+            window.clear()  # the next verdict needs a whole new window
+        return verdict
+
+    def healthy(self, version_id: int, limits: WindowLimits) -> bool:
+        window = self._windows.get(version_id)
+        return window is not None and window.full and judge(window.figures(), limits) is None
+
+    def figures(self, version_id: int) -> WindowFigures | None:
+        window = self._windows.get(version_id)
+        return None if window is None else window.figures()
+
+    def reset(self, version_id: int) -> None:
+        self._windows.pop(version_id, None)

@@ -1,0 +1,105 @@
+"""The rollback decision rules on synthetic windows: which figures breach, when a verdict may
+come, and that one window of evidence yields at most one verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.rollback_monitor import (
+    RollbackMonitor,
+    WindowFigures,
+    WindowLimits,
+    judge,
+    p95,
+)
+
+
+def test_p95_is_nearest_rank():
+    assert p95([]) is None
+    assert p95([5.0]) == 5.0
+    assert p95([float(i) for i in range(1, 101)]) == 95.0
+    assert p95([float(i) for i in range(1, 21)]) == 19.0
+
+
+SLA = WindowLimits(sla_p95_ttft_ms=100, sla_p95_e2e_ms=1000, margin_ms=15)
+
+
+@pytest.mark.parametrize(
+    ("figures", "limits", "reason"),
+    [
+        (WindowFigures(100, 80, 900, 0.0), SLA, None),
+        (WindowFigures(100, 115, 1015, 0.0), SLA, None),  # exactly SLA + margin: not a breach
+        (WindowFigures(100, 115.1, 900, 0.0), SLA, "ttft_p95"),
+        (WindowFigures(100, 80, 1015.1, 0.0), SLA, "latency_p95"),
+        (WindowFigures(100, 80, 900, 0.001), SLA, None),  # 0.1 % is the limit, not over it
+        (WindowFigures(100, 80, 900, 0.01), SLA, "error_rate"),
+        (WindowFigures(100, 500, 5000, 0.02), SLA, "error_rate"),  # errors are judged first
+        (WindowFigures(100, 80, 130, 0.0), WindowLimits(max_p95_e2e_ms=120), "latency_p95"),
+        (WindowFigures(100, 80, 119, 0.0), WindowLimits(max_p95_e2e_ms=120), None),
+        (WindowFigures(100, None, None, 0.0), SLA, None),  # no successful sample, no latency
+        (WindowFigures(100, 10_000, 99_000, 0.0), WindowLimits(), None),  # no SLA, no bound
+    ],
+)
+def test_judge(figures, limits, reason):
+    verdict = judge(figures, limits)
+    assert (verdict.reason if verdict else None) == reason
+
+
+def feed(monitor, version, limits, n, *, e2e_s=0.1, ttft_s=0.01, error=False):
+    verdicts = []
+    for _ in range(n):
+        verdict = monitor.observe(version, limits, ttft_s=ttft_s, e2e_s=e2e_s, error=error)
+        if verdict:
+            verdicts.append(verdict)
+    return verdicts
+
+
+def test_no_verdict_before_a_full_window():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=100, max_p95_e2e_ms=120)
+    assert feed(monitor, 1, limits, 99, e2e_s=5.0) == []
+    verdicts = feed(monitor, 1, limits, 1, e2e_s=5.0)
+    assert [v.reason for v in verdicts] == ["latency_p95"]
+    assert verdicts[0].figures.samples == 100 and verdicts[0].figures.p95_e2e_ms == 5000
+
+
+def test_one_verdict_per_window_of_evidence():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=10, max_p95_e2e_ms=120)
+    verdicts = feed(monitor, 1, limits, 35, e2e_s=1.0)
+    assert len(verdicts) == 3  # at 10, 20, 30: never twice on the same samples
+
+
+def test_a_few_slow_requests_do_not_move_p95_but_many_do():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=100, max_p95_e2e_ms=120)
+    assert feed(monitor, 1, limits, 95, e2e_s=0.05) == []
+    assert feed(monitor, 1, limits, 5, e2e_s=2.0) == []  # 5 % slow: p95 is still fast
+    assert monitor.healthy(1, limits)
+    assert [v.reason for v in feed(monitor, 1, limits, 1, e2e_s=2.0)] == ["latency_p95"]
+
+
+def test_one_error_in_a_hundred_breaches_the_seed_error_rate():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=100)
+    feed(monitor, 1, limits, 99)
+    verdicts = feed(monitor, 1, limits, 1, error=True, ttft_s=None)
+    assert [v.reason for v in verdicts] == ["error_rate"]
+    assert verdicts[0].figures.error_rate == pytest.approx(0.01)
+
+
+def test_versions_are_judged_apart():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=10, max_p95_e2e_ms=120)
+    assert feed(monitor, 1, limits, 10, e2e_s=0.05) == []
+    assert len(feed(monitor, 2, limits, 10, e2e_s=1.0)) == 1
+    assert monitor.healthy(1, limits) and not monitor.healthy(2, limits)
+    monitor.reset(2)
+    assert monitor.figures(2) is None and not monitor.healthy(2, limits)
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError):
+        WindowLimits(window=0)
+    with pytest.raises(ValueError):
+        WindowLimits(max_error_rate=1.5)
