@@ -4,8 +4,8 @@ vLLM keeps loaded adapters in an LRU counted in adapters (max_cpu_loras), so a r
 costs the same slot as a rank-4 one. The gateway therefore owns the policy: before a request
 reaches the engine its adapter version is loaded explicitly (timed, counted) and pinned until
 the request ends; when the bytes held exceed the budget, the least recently used unpinned
-versions are removed from the engine. vLLM's own count limit is set high enough never to bind
-first (settings.max_cpu_loras).
+versions are removed from the engine. vLLM also caps the count (max_cpu_loras); the cache keeps
+within that too, so vLLM never evicts behind its back and the residency it reports is true.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ class _Entry:
 
 
 class HostAdapterCache:
-    def __init__(self, engine: EngineClient, budget_bytes: int):
+    def __init__(self, engine: EngineClient, budget_bytes: int, max_adapters: int | None = None):
         self._engine = engine
         self._budget = budget_bytes
+        self._max_adapters = max_adapters
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._loading: dict[int, asyncio.Event] = {}
         self._bytes = 0
@@ -118,14 +119,16 @@ class HostAdapterCache:
         self._publish()
 
     async def _evict_over_budget(self) -> None:
-        while self._bytes > self._budget:
+        while self._bytes > self._budget or (
+            self._max_adapters is not None and len(self._entries) > self._max_adapters
+        ):
             victim = next((vid for vid, e in self._entries.items() if e.pins == 0), None)
             if victim is None:
                 # Everything resident is in use: run over budget rather than fail requests.
                 logger.warning(
-                    "adapter host cache over budget (%d > %d bytes), all in use",
+                    "adapter host cache over budget (%d bytes / %d adapters), all in use",
                     self._bytes,
-                    self._budget,
+                    len(self._entries),
                 )
                 return
             entry = self._entries.pop(victim)

@@ -90,7 +90,11 @@ def create_app(
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog
-            cache = HostAdapterCache(served_engine, settings.adapter_cache_bytes)
+            cache = HostAdapterCache(
+                served_engine,
+                settings.adapter_cache_bytes,
+                max(settings.max_cpu_loras, settings.max_loras),  # vLLM's own ceiling
+            )
             app.state.adapter_admin = AdapterAdmin(
                 registry,
                 cache,

@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(
         256,
         ge=1,
-        description="vLLM's own count ceiling on host-cached adapters; keep it above what "
-        "adapter_cache_bytes holds so the byte budget binds first.",
+        description="vLLM's own count ceiling on host-cached adapters; the gateway's cache keeps "
+        "within it as well as within adapter_cache_bytes.",
     )
     max_model_len: int = Field(1024, ge=16)
     max_num_seqs: int = Field(64, ge=1)

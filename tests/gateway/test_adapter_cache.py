@@ -74,6 +74,15 @@ async def test_big_adapters_cost_more_than_small_ones():
     assert engine.removed == [1, 2, 3, 4, 5]
 
 
+async def test_the_engine_count_ceiling_binds_too():
+    engine = RecordingEngine()
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=2)  # type: ignore[arg-type]
+    for vid in (1, 2, 3):
+        await cache.acquire(handle(vid), LABELS)
+        cache.release(handle(vid))
+    assert engine.removed == [1] and cache.resident() == [2, 3]
+
+
 async def test_concurrent_first_requests_share_one_load():
     engine = RecordingEngine(load_delay_s=0.05)
     cache = HostAdapterCache(engine, budget_bytes=1000)  # type: ignore[arg-type]
