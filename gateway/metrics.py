@@ -115,7 +115,8 @@ ROLLOUT_CANARY_PERCENT = Gauge(
 )
 ROLLOUT_TRANSITIONS = Counter(
     "loraplex_rollout_transitions",
-    "Rollout transitions (action: start, promote, pause, resume, complete, rollback).",
+    "Rollout transitions (action: start, promote, pause, resume, complete, rollback, abort, "
+    "stable_fallback, stable_restore).",
     ["adapter", "version", "action"],
 )
 ROLLBACKS = Counter(

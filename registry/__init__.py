@@ -8,6 +8,7 @@ Knows nothing about HTTP or engines (never imports gateway or kernels). Entry po
 - `registry.ingest`    bounded upload streaming, safe archive extraction, allow-listed paths
 - `registry.store`     content-addressed artifact stores (local, S3-compatible)
 - `registry.card`      the Adaptation Card schema
+- `registry.rollout`   canary stages, sticky assignment, RolloutView routing, rollback thresholds
 - `registry.naming`    name rules and how versions are addressed (`name`, `name@3`)
 - `registry.errors`    typed exceptions, one per refusal kind
 """

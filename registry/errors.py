@@ -1,9 +1,10 @@
 """Typed registry errors. No HTTP here: the gateway maps each class to a status and an error body.
 
-Suggested mapping for the gateway: AdapterRejected / InvalidName / InvalidInput (InvalidPolicy)
-→ 422, *NotFound (ApiKeyNotFound too) → 404, Duplicate* / RegistryConflict /
-InvalidStateTransition → 409, UploadTooLarge → 413, UnsafeArchive → 400, PathNotAllowed → 403,
-InvalidApiKey → 401 with the same body whatever its `reason`, BaseModelMismatch → refuse start.
+Suggested mapping for the gateway: AdapterRejected / InvalidName / InvalidInput (InvalidPolicy,
+InvalidRollbackPath, InvalidThresholds) → 422, *NotFound (ApiKeyNotFound too) → 404,
+Duplicate* / RegistryConflict / InvalidStateTransition / RollbackRefused → 409, UploadTooLarge →
+413, UnsafeArchive → 400, PathNotAllowed → 403, InvalidApiKey → 401 with the same body whatever
+its `reason`, BaseModelMismatch → refuse start.
 """
 
 from __future__ import annotations
@@ -64,6 +65,37 @@ class InvalidPolicy(InvalidInput):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems: tuple[str, ...] = tuple(problems)
         super().__init__("invalid tenant policy: " + "; ".join(self.problems))
+
+
+class InvalidRollbackPath(InvalidInput):
+    """An admin-set rollback path was refused; `problems` says why (ROLLBACK_PATH_INVALID)."""
+
+    code = "invalid_rollback_path"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("; ".join(p.message for p in self.problems))
+
+
+class InvalidThresholds(InvalidInput):
+    """A rollback-threshold override was refused; `problems` lists every reason."""
+
+    code = "invalid_thresholds"
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("invalid rollback thresholds: " + "; ".join(self.problems))
+
+
+class RollbackRefused(RegistryError):
+    """A stable version's traffic could not be moved to its rollback target (missing, foreign,
+    cyclic, itself failing). The stable keeps serving; an operator must choose another target."""
+
+    code = "rollback_refused"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("rollback refused: " + "; ".join(p.message for p in self.problems))
 
 
 class InvalidApiKey(RegistryError):

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     event,
+    false,
     inspect,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -137,11 +138,24 @@ class Adapter(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"))
     visibility: Mapped[Visibility] = mapped_column(_enum(Visibility, "visibility"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Rollout pointers, filled by the rollout issue; None → the newest servable version serves.
+    # Rollout state, written only by registry.service.rollout (see registry.rollout for what
+    # each field means to the gateway). stable_version None → the newest servable version serves.
     stable_version: Mapped[int | None]
     canary_version: Mapped[int | None]
+    canary_percent: Mapped[int | None]  # 1, 10 or 50 while a canary runs, else None
+    rollout_paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The last rollout's phase: "canary" (running), "complete" or "rolled_back".
     rollout_stage: Mapped[str | None] = mapped_column(String(32))
+    # Admin-set fallback for a breaching stable version; None → the stable card's rollback_path.
     rollback_path: Mapped[str | None] = mapped_column(String(80))
+    # Where the stable's traffic goes while it is in fallback ("base" or "name@N"), else None.
+    active_target: Mapped[str | None] = mapped_column(String(80))
+    # Admin override of the monitor thresholds (registry.rollout.Thresholds field names).
+    rollout_thresholds: Mapped[dict[str, Any] | None]
+    rolled_back_version: Mapped[int | None]
+    rolled_back_at: Mapped[datetime | None]
+    # Bumped by every rollout write; gateway replicas poll max() of it to notice changes.
+    rollout_updated_at: Mapped[datetime | None] = mapped_column(index=True)
 
     tenant: Mapped[Tenant] = relationship(lazy="joined", innerjoin=True)
     base_model: Mapped[BaseModel] = relationship(lazy="joined", innerjoin=True)
@@ -229,6 +243,30 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]]
 
 
+class RolloutEvent(Base):
+    """Append-only history of one adapter's rollouts: every start, promotion, pause, rollback
+    and fallback, with the window figures that triggered an automatic one."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (Index("ix_rollout_events_adapter_id_at", "adapter_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="RESTRICT"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    # start, promote, complete, pause, resume, rollback, stable_fallback, stable_restore
+    action: Mapped[str] = mapped_column(String(32))
+    from_version: Mapped[int | None]
+    to_version: Mapped[int | None]
+    # Where traffic went when not to a version of this adapter ("base", "other@3").
+    target: Mapped[str | None] = mapped_column(String(80))
+    percent: Mapped[int | None]
+    reason: Mapped[str | None] = mapped_column(String(500))
+    # {"samples", "p95_ttft_ms", "p95_e2e_ms", "error_rate", ...} of the judged window.
+    figures: Mapped[dict[str, Any] | None]
+    automatic: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str] = mapped_column(String(200))
+
+
 MUTABLE_VERSION_COLUMNS = frozenset({"state", "state_changed_at"})
 
 
@@ -249,3 +287,10 @@ def _versions_are_immutable(
 @event.listens_for(AuditEntry, "before_update")
 def _audit_is_append_only(mapper: Mapper[AuditEntry], connection: Any, target: AuditEntry) -> None:
     raise ValueError("the audit log is append-only")
+
+
+@event.listens_for(RolloutEvent, "before_update")
+def _rollout_events_are_append_only(
+    mapper: Mapper[RolloutEvent], connection: Any, target: RolloutEvent
+) -> None:
+    raise ValueError("rollout events are append-only")

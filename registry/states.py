@@ -3,7 +3,11 @@ production, plus rolled_back, retired and deleted.
 
 Registration runs the compatibility gate first, so a stored version starts as `compatible`;
 `registered` exists for importers that record a version before gating it. Promotion along the
-ladder belongs to the rollout issue; this module only says which moves are legal.
+ladder is registry.service.rollout's; this module only says which moves are legal. A canary
+starts from `evaluated` (or `shadow`); a rolled-back version may start a canary again only when
+an operator forces it (its rollback may have been an infrastructure incident, and its bytes
+cannot be registered a second time). A stable version that breaches keeps its state: its traffic
+moves to the rollback target (an adapter-level routing change, undone by restoring it).
 
 A deleted version stays as a tombstone row so its number is never reused and the audit trail
 keeps pointing at something; only its artifact goes (once no other version references it).
@@ -53,7 +57,7 @@ TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
     S.CANARY_10: frozenset({S.CANARY_50, S.ROLLED_BACK, S.RETIRED}),
     S.CANARY_50: frozenset({S.PRODUCTION, S.ROLLED_BACK, S.RETIRED}),
     S.PRODUCTION: frozenset({S.ROLLED_BACK, S.RETIRED}),
-    S.ROLLED_BACK: frozenset({S.RETIRED, S.DELETED}),
+    S.ROLLED_BACK: frozenset({S.CANARY_1, S.RETIRED, S.DELETED}),
     S.RETIRED: frozenset({S.DELETED}),
     S.DELETED: frozenset(),
 }

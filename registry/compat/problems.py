@@ -40,6 +40,7 @@ class ProblemCode(StrEnum):
     VISIBILITY_MISMATCH = "visibility_mismatch"
     DUPLICATE_ARTIFACT = "duplicate_artifact"
     ROLLBACK_PATH_INVALID = "rollback_path_invalid"
+    ROLLBACK_TARGET_FAILING = "rollback_target_failing"
 
 
 @dataclass(frozen=True)

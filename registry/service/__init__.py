@@ -21,9 +21,28 @@ from registry.service.keys import (
     list_api_keys,
     revoke_api_key,
 )
-from registry.service.lifecycle import delete_version, retire_version
+from registry.service.lifecycle import delete_version, mark_evaluated, retire_version
 from registry.service.queries import get_adapter, get_version, list_adapters, list_versions
-from registry.service.resolve import ResolvedAdapter, list_resolvable, resolve_adapter
+from registry.service.resolve import (
+    ResolvedAdapter,
+    list_resolvable,
+    resolve_adapter,
+    resolve_rollout_version,
+)
+from registry.service.rollout import (
+    pause_rollout,
+    promote,
+    resume_rollout,
+    rollback,
+    start_rollout,
+)
+from registry.service.rollout_fallback import restore_stable, set_rollback_path, set_thresholds
+from registry.service.rollout_views import (
+    list_rollout_events,
+    list_rollouts,
+    rollout_generation,
+    rollout_status,
+)
 from registry.service.shares import list_adapter_shares, share_adapter, unshare_adapter
 from registry.service.tenants import create_tenant, get_tenant, list_tenants, update_tenant_policy
 
@@ -46,14 +65,28 @@ __all__ = [
     "list_audit",
     "list_base_models",
     "list_resolvable",
+    "list_rollout_events",
+    "list_rollouts",
     "list_tenants",
     "list_versions",
+    "mark_evaluated",
+    "pause_rollout",
+    "promote",
     "register_adapter_version",
     "register_base_model",
     "resolve_adapter",
+    "resolve_rollout_version",
+    "restore_stable",
+    "resume_rollout",
     "retire_version",
     "revoke_api_key",
+    "rollback",
+    "rollout_generation",
+    "rollout_status",
+    "set_rollback_path",
+    "set_thresholds",
     "share_adapter",
+    "start_rollout",
     "unshare_adapter",
     "update_tenant_policy",
 ]

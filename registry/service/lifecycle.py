@@ -1,14 +1,17 @@
-"""Retiring and deleting versions. Both are state changes on the immutable version row, audited;
-delete also removes the artifact once no live version references it any more."""
+"""Marking versions evaluated, retiring and deleting them. Each is a state change on the immutable
+version row, audited; delete also removes the artifact once no live version references it any
+more. A version the rollout is routing to (a running canary, the stable while a canary runs, a
+fallback target) is refused until the rollout moves on."""
 
 from __future__ import annotations
 
 import logging
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import InvalidStateTransition
-from registry.models import AdapterVersion, utcnow
+from registry.models import Adapter, AdapterVersion, utcnow
 from registry.service.audit import record
 from registry.service.queries import artifact_references, get_version
 from registry.states import VersionState, check_transition
@@ -17,13 +20,34 @@ from registry.store.base import ArtifactStore
 logger = logging.getLogger(__name__)
 
 
+async def mark_evaluated(
+    session: AsyncSession, *, name: str, version: int, actor: str, reason: str | None = None
+) -> AdapterVersion:
+    """Record that a compatible version passed its evaluation (compatible → evaluated), the
+    state a canary starts from. `reason`: what was run (e.g. an eval report's id)."""
+    row = await get_version(session, name=name, version=version, for_update=True)
+    previous = row.state
+    move_state(row, VersionState.EVALUATED)
+    record(
+        session,
+        actor=actor,
+        action="adapter_version.evaluate",
+        target=f"adapter:{name}",
+        details={"version": version, "from": previous.value, "reason": reason},
+    )
+    await session.commit()
+    return row
+
+
 async def retire_version(
     session: AsyncSession, *, name: str, version: int, actor: str, reason: str | None = None
 ) -> AdapterVersion:
-    """Stop serving a version for good (kept for audit and as a deletion candidate)."""
+    """Stop serving a version for good (kept for audit and as a deletion candidate). Refused
+    for a running canary, the stable while a canary runs, and a stable fallback's target."""
     row = await get_version(session, name=name, version=version, for_update=True)
+    await _refuse_routed(session, row)
     previous = row.state
-    _move(row, VersionState.RETIRED)
+    move_state(row, VersionState.RETIRED)
     record(
         session,
         actor=actor,
@@ -52,8 +76,9 @@ async def delete_version(
         raise InvalidStateTransition(
             f"{name}@{version} is the adapter's stable or canary version; roll out another first"
         )
+    await _refuse_routed(session, row)
     previous = row.state
-    _move(row, VersionState.DELETED)
+    move_state(row, VersionState.DELETED)
     others = await artifact_references(session, row.artifact_sha256, excluding_id=row.id)
     remove_artifact = others == 0
     record(
@@ -78,7 +103,25 @@ async def delete_version(
     return row
 
 
-def _move(row: AdapterVersion, target: VersionState) -> None:
+def move_state(row: AdapterVersion, target: VersionState) -> None:
+    """Change a version's state if the state machine allows it (else InvalidStateTransition)."""
     check_transition(row.state, target, what=f"{row.adapter.name}@{row.version}")
     row.state = target
     row.state_changed_at = utcnow()
+
+
+async def _refuse_routed(session: AsyncSession, row: AdapterVersion) -> None:
+    adapter, address = row.adapter, f"{row.adapter.name}@{row.version}"
+    if row.version == adapter.canary_version:
+        raise InvalidStateTransition(f"{address} is in canary; promote or roll it back first")
+    if adapter.canary_version is not None and row.version == adapter.stable_version:
+        raise InvalidStateTransition(
+            f"{address} is the stable of a running canary; finish the rollout first"
+        )
+    routed_here = await session.scalar(
+        select(Adapter.name).where(Adapter.active_target == address).limit(1)
+    )
+    if routed_here is not None:
+        raise InvalidStateTransition(
+            f"{address} serves {routed_here}'s traffic in fallback; restore that stable first"
+        )

@@ -5,6 +5,13 @@ everyone, or it is shared with that tenant explicitly (`share_adapter`); any oth
 is indistinguishable from a missing one (AdapterNotFound either way), so names cannot be probed.
 The scope is part of the query (`queries.usable_by`): no per-adapter share lookups. With
 `base_sha256` set, only adapters bound to that base resolve.
+
+Rollouts: `resolve_adapter(model="name")` keeps meaning the stable (what /v1/models lists and an
+admin expects); it ignores canaries and fallbacks. Request routing goes through the adapter's
+`RolloutView`: `view.route(caller_key)` gives an address ("name@N", or "base") that the gateway
+resolves with `resolve_adapter(model=address, tenant=<the caller's tenant>)`; replicas cache the
+views (registry.service.rollout_views: list_rollouts / rollout_generation).
+`resolve_rollout_version` does both steps in one call for callers without a view cache.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from registry.errors import AdapterNotFound, InvalidName
 from registry.models import Adapter, AdapterVersion
 from registry.naming import parse_address
 from registry.service.queries import current_version, find_adapter, get_version, list_adapters
+from registry.service.rollout_views import build_view
 from registry.states import ADDRESSABLE, VersionState, Visibility
 from registry.store.base import ArtifactStore
 
@@ -76,6 +84,41 @@ async def resolve_adapter(
     if row is None:
         raise AdapterNotFound(f"adapter {model!r} has no servable version")
     return await _resolved(store, adapter, row, with_path=True)
+
+
+async def resolve_rollout_version(
+    session: AsyncSession,
+    *,
+    store: ArtifactStore,
+    model: str,
+    caller_key: str,
+    tenant: str | None = None,
+    base_sha256: str | None = None,
+) -> ResolvedAdapter | None:
+    """What `caller_key`'s request for `model` serves under the adapter's rollout: the canary
+    if the caller is in it, else the stable, or the fallback target while the stable is in
+    fallback; None means the base model (a fallback to "base"). `name@N` is resolved exactly,
+    as by resolve_adapter. A fallback to another adapter resolves in `tenant`'s scope, so a
+    tenant that may not use it gets AdapterNotFound rather than someone else's adapter."""
+    try:
+        address = parse_address(model)
+    except InvalidName:
+        raise AdapterNotFound(f"adapter {model[:80]!r} does not exist") from None
+    if address.version is not None:
+        return await resolve_adapter(
+            session, store=store, model=model, tenant=tenant, base_sha256=base_sha256
+        )
+    adapter = await find_adapter(session, address.name, usable_by_tenant=tenant)
+    if adapter is None or not _on_base(adapter, base_sha256):
+        raise AdapterNotFound(f"adapter {model!r} does not exist")
+    route = (await build_view(session, adapter)).route(caller_key)
+    if route is None:
+        raise AdapterNotFound(f"adapter {model!r} has no servable version")
+    if route.address == "base":
+        return None
+    return await resolve_adapter(
+        session, store=store, model=route.address, tenant=tenant, base_sha256=base_sha256
+    )
 
 
 async def list_resolvable(

@@ -1,5 +1,6 @@
-"""Validating a card's rollback_path (seed §1): the fallback must exist, be servable, run on the
-same base, be usable by the same tenant, and following fallbacks must never lead back here.
+"""Validating a rollback path (seed §1), a card's or one an admin sets on the adapter: the
+fallback must exist, be servable, run on the same base, be usable by the same tenant, and
+following fallbacks must never lead back here.
 
 `base` is always valid. `name@N` pins a version (rolling back to one's own earlier version is
 the usual case); a bare `name` follows that adapter's current version, and so can form cycles.
@@ -20,8 +21,18 @@ MAX_HOPS = 32
 
 
 async def rollback_path_problems(
-    session: AsyncSession, *, target: str, name: str, tenant: Tenant, base: BaseModel
+    session: AsyncSession,
+    *,
+    target: str,
+    name: str,
+    tenant: Tenant,
+    base: BaseModel,
+    adapter_level: bool = False,
 ) -> list[Problem]:
+    """Every reason `target` cannot be the rollback path of adapter `name` (empty: it can).
+    `adapter_level`: the path applies to the adapter as a whole (set by an admin, or followed
+    at fallback time), so a direct `name@N` is fine (an earlier version ends the chain) but
+    any later return to `name`, pinned or not, is a cycle."""
     if target == "base":
         return []
 
@@ -41,21 +52,27 @@ async def rollback_path_problems(
         return invalid(f"runs on base {fallback.base_model.name!r}, not {base.name!r}")
     if not await _usable(session, fallback, tenant):
         return invalid("belongs to another tenant")
-    node = await _resolve(session, address)
+    node = await resolve_target(session, address)
     if node is None:
         return invalid("has no servable version")
+    if adapter_level and node.adapter.name == name:
+        # An earlier version of this adapter ends the chain: only the stable falls back, and
+        # the path being set is that version's own.
+        return []
     seen = {node.id}
     for _ in range(MAX_HOPS):
-        path = (node.card or {}).get("rollback_path", "base")
+        # The path that version would fall back along: its adapter's admin-set one, else its
+        # card's (registry.service.rollout follows the same order).
+        path = node.adapter.rollback_path or (node.card or {}).get("rollback_path", "base")
         if path == "base":
             return []
         try:
             step = parse_address(path)
         except InvalidName:
             return []  # a stored card was validated when registered; nothing to follow
-        if step.name == name and step.version is None:
+        if step.name == name and (step.version is None or adapter_level):
             return invalid(f"leads back to {name!r} (via {node.adapter.name}@{node.version})")
-        following = await _resolve(session, step)
+        following = await resolve_target(session, step)
         if following is None:
             return []  # a broken chain ends at the base
         if following.id in seen:
@@ -74,7 +91,9 @@ async def _usable(session: AsyncSession, adapter: Adapter, tenant: Tenant) -> bo
     return await is_shared_with(session, adapter_id=adapter.id, tenant_id=tenant.id)
 
 
-async def _resolve(session: AsyncSession, address: AdapterAddress) -> AdapterVersion | None:
+async def resolve_target(session: AsyncSession, address: AdapterAddress) -> AdapterVersion | None:
+    """The servable version a rollback address reaches (a bare name: that adapter's current
+    version), or None. No tenant scope: callers check usability separately."""
     if address.version is not None:
         try:
             row = await get_version(session, name=address.name, version=address.version)

@@ -153,6 +153,7 @@ async def blank_engine(
 
 
 TABLES = (
+    "rollout_events",
     "audit_log",
     "adapter_shares",
     "api_keys",

@@ -1,12 +1,16 @@
-"""Schema migrations on SQLite and PostgreSQL: a database written at 0001 upgrades to head with
-its rows intact and works with the new tables; downgrading and upgrading again round-trips."""
+"""Schema migrations on SQLite and PostgreSQL: rows written at an older revision (with that
+revision's columns, not today's models) survive upgrading to head and work with the new code;
+downgrading and upgrading again round-trips."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from alembic import command
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import service
@@ -14,11 +18,26 @@ from registry.compat import BaseModelFingerprint
 from registry.db import alembic_config, make_session_factory, migrate
 from registry.store.local import LocalArtifactStore
 
+HEAD = "0003"
+ROLLOUT_COLUMNS = {
+    "canary_percent",
+    "rollout_paused",
+    "active_target",
+    "rollout_thresholds",
+    "rolled_back_version",
+    "rolled_back_at",
+    "rollout_updated_at",
+}
 
-async def schema(engine: AsyncEngine) -> tuple[str, set[str]]:
-    def read(connection: Connection) -> tuple[str, set[str]]:
+
+async def schema(engine: AsyncEngine) -> tuple[str, set[str], set[str]]:
+    """(revision, table names, adapters' column names)."""
+
+    def read(connection: Connection) -> tuple[str, set[str], set[str]]:
         revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        return str(revision), set(inspect(connection).get_table_names())
+        inspector = inspect(connection)
+        columns = {c["name"] for c in inspector.get_columns("adapters")}
+        return str(revision), set(inspector.get_table_names()), columns
 
     async with engine.connect() as connection:
         return await connection.run_sync(read)
@@ -34,35 +53,90 @@ async def downgrade(engine: AsyncEngine, revision: str) -> None:
         await connection.run_sync(run)
 
 
+async def write_old_rows(engine: AsyncEngine, base_fp: BaseModelFingerprint) -> None:
+    """An adapter with one version, written through the tables as they are now (reflected),
+    the way code of that revision would have: today's models know columns they lack."""
+    now = datetime.now(UTC)
+
+    def write(connection: Connection) -> None:
+        tables = MetaData()
+        tables.reflect(connection)
+
+        def insert(table: str, /, **row: Any) -> int:
+            result = connection.execute(tables.tables[table].insert().values(**row))
+            assert result.inserted_primary_key is not None
+            return int(result.inserted_primary_key[0])
+
+        base = insert(
+            "base_models",
+            name="tiny",
+            weights_sha256=base_fp.weights_sha256,
+            tokenizer_sha256=base_fp.tokenizer_sha256,
+            model_type=base_fp.model_type,
+            hidden_size=base_fp.hidden_size,
+            intermediate_size=base_fp.intermediate_size,
+            num_layers=base_fp.num_layers,
+            num_heads=base_fp.num_heads,
+            num_kv_heads=base_fp.num_kv_heads,
+            head_dim=base_fp.head_dim,
+            vocab_size=base_fp.vocab_size,
+            modules={m: [d.in_features, d.out_features] for m, d in base_fp.modules.items()},
+            special_tokens=sorted(base_fp.special_tokens),
+            weight_files=list(base_fp.weight_files),
+            created_at=now,
+        )
+        acme = insert("tenants", name="acme", limits=None, created_at=now)
+        insert("tenants", name="globex", limits=None, created_at=now)
+        adapter = insert(
+            "adapters",
+            name="acme-private",
+            tenant_id=acme,
+            base_model_id=base,
+            visibility="private",
+            created_at=now,
+            stable_version=1,
+        )
+        insert(
+            "adapter_versions",
+            adapter_id=adapter,
+            version=1,
+            artifact_sha256="ab" * 32,
+            rank=8,
+            alpha=16.0,
+            use_rslora=False,
+            target_modules=["q_proj"],
+            dtype="F32",
+            size_bytes=1,
+            peft_config={},
+            card=None,
+            state="production",
+            created_by="root",
+            created_at=now,
+            state_changed_at=now,
+        )
+
+    async with engine.begin() as connection:
+        await connection.run_sync(write)
+
+
 async def test_a_0001_database_upgrades_with_its_rows(
     blank_engine: AsyncEngine,
     store: LocalArtifactStore,
     base_fp: BaseModelFingerprint,
-    good_adapter: Path,
+    make_adapter: Callable[..., Path],
 ):
     await migrate(blank_engine, revision="0001")
-    revision, tables = await schema(blank_engine)
-    assert revision == "0001" and not {"api_keys", "adapter_shares"} & tables
-    sessions = make_session_factory(blank_engine)
-    async with sessions() as session:  # written by the 0001-era code paths
-        await service.register_base_model(session, name="tiny", fingerprint=base_fp, actor="s")
-        await service.create_tenant(session, name="acme", actor="root")
-        await service.create_tenant(session, name="globex", actor="root")
-        await service.register_adapter_version(
-            session,
-            store=store,
-            artifact_dir=good_adapter,
-            name="acme-private",
-            tenant="acme",
-            served_base=base_fp,
-            max_lora_rank=16,
-            actor="root",
-        )
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == "0001" and not {"api_keys", "adapter_shares", "rollout_events"} & tables
+    assert not ROLLOUT_COLUMNS & columns
+    await write_old_rows(blank_engine, base_fp)
 
     await migrate(blank_engine)
-    revision, tables = await schema(blank_engine)
-    assert revision == "0002" and {"api_keys", "adapter_shares"} <= tables
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == HEAD and {"api_keys", "adapter_shares", "rollout_events"} <= tables
+    assert columns >= ROLLOUT_COLUMNS
 
+    sessions = make_session_factory(blank_engine)
     async with sessions() as session:
         assert [t.name for t in await service.list_tenants(session)] == ["acme", "globex"]
         assert (await service.get_version(session, name="acme-private", version=1)).rank == 8
@@ -70,16 +144,71 @@ async def test_a_0001_database_upgrades_with_its_rows(
         await service.share_adapter(session, name="acme-private", tenant="globex", actor="root")
         caller = await service.authenticate_api_key(session, presented=issued.plaintext)
         visible = await service.list_resolvable(session, store=store, tenant=caller.tenant)
-        assert [r.name for r in visible] == ["acme-private"]
+        assert [(r.name, r.version) for r in visible] == [("acme-private", 1)]
+
+        # An old adapter starts with no rollout state and rolls out like a new one.
+        view = await service.rollout_status(session, name="acme-private")
+        assert (view.stable_version, view.canary_version, view.paused) == (1, None, False)
+        assert view.updated_at is None and await service.list_rollouts(session) == []
+        await service.register_adapter_version(
+            session,
+            store=store,
+            artifact_dir=make_adapter("qv-r4", r=4, lora_alpha=8, target_modules=["q_proj"]),
+            name="acme-private",
+            tenant="acme",
+            served_base=base_fp,
+            max_lora_rank=16,
+            actor="root",
+        )
+        await service.mark_evaluated(session, name="acme-private", version=2, actor="root")
+        view = await service.start_rollout(session, name="acme-private", version=2, actor="root")
+        assert (view.stable_version, view.canary_version, view.canary_percent) == (1, 2, 1)
+        assert await service.rollout_generation(session) == view.updated_at
 
     await migrate(blank_engine)  # idempotent at head
 
 
-async def test_downgrade_and_upgrade_again(blank_engine: AsyncEngine):
+async def test_a_0002_database_upgrades_to_rollouts(
+    blank_engine: AsyncEngine, base_fp: BaseModelFingerprint
+):
+    await migrate(blank_engine, revision="0002")
+    await write_old_rows(blank_engine, base_fp)
+    await migrate(blank_engine, revision="0003")
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        view = await service.set_thresholds(
+            session, name="acme-private", thresholds={"window": 200}, actor="root"
+        )
+        assert view.threshold_override == {"window": 200} and view.rollback_target == "base"
+        assert [v.name for v in await service.list_rollouts(session)] == ["acme-private"]
+
+
+async def test_downgrade_and_upgrade_again(
+    blank_engine: AsyncEngine, base_fp: BaseModelFingerprint
+):
     await migrate(blank_engine)
+    await write_old_rows(blank_engine, base_fp)
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        await service.set_thresholds(
+            session, name="acme-private", thresholds={"window": 200}, actor="root"
+        )
+        await service.rollback(
+            session, name="acme-private", actor="monitor", reason="latency_p95", automatic=True
+        )
+        assert len(await service.list_rollout_events(session, name="acme-private")) == 1
+
+    await downgrade(blank_engine, "0002")
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == "0002" and "rollout_events" not in tables and "api_keys" in tables
+    assert not ROLLOUT_COLUMNS & columns and "stable_version" in columns
     await downgrade(blank_engine, "0001")
-    revision, tables = await schema(blank_engine)
+    revision, tables, _ = await schema(blank_engine)
     assert revision == "0001" and not {"api_keys", "adapter_shares"} & tables
     assert {"tenants", "adapters", "audit_log"} <= tables
+
     await migrate(blank_engine)
-    assert (await schema(blank_engine))[0] == "0002"
+    assert (await schema(blank_engine))[0] == HEAD
+    async with sessions() as session:  # the adapter survived; its rollout state did not
+        view = await service.rollout_status(session, name="acme-private")
+        assert (view.stable_version, view.active_target, view.threshold_override) == (1, None, None)

@@ -1,0 +1,154 @@
+"""Reading rollout state: one adapter's `RolloutView`, the views changed since a replica last
+looked, the rollout generation, and the rollout history.
+
+Polling (gateway replicas): keep `g = await rollout_generation(session)`; every few seconds,
+if the generation moved, fetch `list_rollouts(since=g - lag)` and replace those views. `lag`
+(a few seconds) covers a transaction that stamped its time before a faster one committed and
+clock skew between writers; replacing a view twice is harmless. Reads here never commit and
+always re-read rows (populate_existing), so a long-lived session sees other writers' changes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import AdapterNotFound
+from registry.models import Adapter, AdapterVersion, RolloutEvent
+from registry.rollout import RolloutView, card_limits
+from registry.states import SERVABLE
+
+
+def adapter_query(name: str, *, for_update: bool = False) -> Select[Adapter]:
+    query = select(Adapter).where(Adapter.name == name).execution_options(populate_existing=True)
+    # `of=`: lock the adapter row only, not the joined tenant and base rows.
+    return query.with_for_update(of=Adapter) if for_update else query
+
+
+async def load_adapter(session: AsyncSession, name: str, *, for_update: bool = False) -> Adapter:
+    """`for_update`: hold the adapter's write lock until the transaction ends, so racing
+    replicas apply one after the other and each decides on what the previous one wrote."""
+    if for_update and session.get_bind().dialect.name == "sqlite":
+        # SQLite ignores FOR UPDATE and pysqlite opens a transaction only at the first write,
+        # so reads would not wait for a concurrent writer. A no-op UPDATE first takes the
+        # database's write lock (other writers wait for it, busy_timeout), then we read.
+        await session.execute(
+            update(Adapter)
+            .where(Adapter.name == name)
+            .values(rollout_paused=Adapter.rollout_paused)
+            .execution_options(synchronize_session=False)
+        )
+    adapter = await session.scalar(adapter_query(name, for_update=for_update))
+    if adapter is None:
+        raise AdapterNotFound(f"adapter {name!r} does not exist")
+    return adapter
+
+
+async def version_row(
+    session: AsyncSession, adapter: Adapter, version: int, *, for_update: bool = False
+) -> AdapterVersion | None:
+    query = (
+        select(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == version)
+        .execution_options(populate_existing=True)
+    )
+    if for_update:
+        query = query.with_for_update(of=AdapterVersion)
+    return await session.scalar(query)
+
+
+async def stable_row(session: AsyncSession, adapter: Adapter) -> AdapterVersion | None:
+    """What `name` serves outside the canary: the stable pointer when servable, else the newest
+    servable version (the same rule as queries.current_version, re-reading rows)."""
+    servable = (
+        select(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.state.in_(SERVABLE))
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+        .execution_options(populate_existing=True)
+    )
+    if adapter.stable_version is not None:
+        pinned = await session.scalar(
+            servable.where(AdapterVersion.version == adapter.stable_version)
+        )
+        if pinned is not None:
+            return pinned
+    return await session.scalar(servable)
+
+
+def rollback_target(adapter: Adapter, stable: AdapterVersion | None) -> str:
+    """Where a breaching stable goes: the admin-set path, else the stable card's, else base."""
+    if adapter.rollback_path:
+        return adapter.rollback_path
+    card_path = (stable.card or {}).get("rollback_path") if stable is not None else None
+    return str(card_path) if card_path else "base"
+
+
+async def build_view(session: AsyncSession, adapter: Adapter) -> RolloutView:
+    stable = await stable_row(session, adapter)
+    canary = None
+    if adapter.canary_version is not None:
+        canary = await version_row(session, adapter, adapter.canary_version)
+    return RolloutView(
+        name=adapter.name,
+        tenant=adapter.tenant.name,
+        base_model=adapter.base_model.name,
+        base_sha256=adapter.base_model.weights_sha256,
+        stable_version=stable.version if stable is not None else None,
+        stable_version_id=stable.id if stable is not None else None,
+        canary_version=canary.version if canary is not None else None,
+        canary_version_id=canary.id if canary is not None else None,
+        canary_percent=(adapter.canary_percent or 0) if canary is not None else 0,
+        paused=adapter.rollout_paused,
+        stage=adapter.rollout_stage,
+        rollback_target=rollback_target(adapter, stable),
+        active_target=adapter.active_target,
+        rolled_back_version=adapter.rolled_back_version,
+        rolled_back_at=adapter.rolled_back_at,
+        updated_at=adapter.rollout_updated_at,
+        stable_card=card_limits(stable.card) if stable is not None else None,
+        canary_card=card_limits(canary.card) if canary is not None else None,
+        threshold_override=adapter.rollout_thresholds,
+    )
+
+
+async def rollout_status(session: AsyncSession, *, name: str) -> RolloutView:
+    """Raises AdapterNotFound. Any adapter has a view (no rollout: stable = current version)."""
+    return await build_view(session, await load_adapter(session, name))
+
+
+async def list_rollouts(
+    session: AsyncSession, *, since: datetime | None = None
+) -> list[RolloutView]:
+    """Views of the adapters a rollout write has touched (ever, or at or after `since`), by
+    name. Adapters never touched route as `resolve_adapter(name)` says, so they are left out."""
+    query = (
+        select(Adapter)
+        .where(Adapter.rollout_updated_at.is_not(None))
+        .order_by(Adapter.name)
+        .execution_options(populate_existing=True)
+    )
+    if since is not None:
+        query = query.where(Adapter.rollout_updated_at >= since)
+    return [await build_view(session, adapter) for adapter in await session.scalars(query)]
+
+
+async def rollout_generation(session: AsyncSession) -> datetime | None:
+    """The newest rollout write anywhere (one indexed max()); None before the first."""
+    return await session.scalar(select(func.max(Adapter.rollout_updated_at)))
+
+
+async def list_rollout_events(
+    session: AsyncSession, *, name: str, limit: int = 100
+) -> list[RolloutEvent]:
+    """One adapter's rollout history, newest first. Raises AdapterNotFound."""
+    adapter = await load_adapter(session, name)
+    query = (
+        select(RolloutEvent)
+        .where(RolloutEvent.adapter_id == adapter.id)
+        .order_by(RolloutEvent.id.desc())
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
