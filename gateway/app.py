@@ -15,14 +15,19 @@ from gateway.auth import KeyAuthenticator
 from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import install_error_handlers
+from gateway.faults import FaultInjector
 from gateway.http_utils import RequestIdMiddleware
 from gateway.limits import TenantLimiter
 from gateway.metrics import ENGINE_UP
 from gateway.registry_runtime import ensure_start_key, import_adapter_dir, open_registry
 from gateway.request_metrics import RequestMetricsMiddleware
+from gateway.rollout_controller import RolloutController
+from gateway.rollout_router import RolloutRouter
 from gateway.routes import (
     admin_adapters,
+    admin_faults,
     admin_registry,
+    admin_rollouts,
     admin_tenants,
     chat,
     completions,
@@ -32,8 +37,10 @@ from gateway.routes import (
 )
 from gateway.services.adapter_admin import AdapterAdmin, S3Import
 from gateway.services.generation import GenerationService
+from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
+from registry.rollout import Thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ def create_app(
         model_name = settings.resolved_model_name()
         # Registry first: a base that differs from the one registered under its name stops
         # start-up here, before any engine resources are spent.
+        polling: asyncio.Task[None] | None = None
+        controller: RolloutController | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
         served_engine: EngineClient
         if engine is None:
@@ -85,7 +94,11 @@ def create_app(
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             await served_engine.start()
             ENGINE_UP.set(1)
-            catalog = RegistryCatalog(registry, settings.catalog_cache_ttl_s)
+            router = RolloutRouter(registry, poll_interval_s=settings.rollout_poll_interval_s)
+            catalog = RegistryCatalog(registry, settings.catalog_cache_ttl_s, router)
+            router.on_change = catalog.invalidate
+            await router.refresh()
+            polling = asyncio.create_task(router.run(), name="rollout-poll")
             authenticator = KeyAuthenticator(registry, settings.catalog_cache_ttl_s)
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
@@ -105,8 +118,21 @@ def create_app(
             )
             app.state.authenticator = authenticator
             app.state.tenant_admin = TenantAdmin(registry, authenticator, catalog)
+            app.state.rollout_admin = RolloutAdmin(registry, router)
+            defaults = Thresholds(
+                window=settings.rollout_window,
+                max_error_rate=settings.rollout_max_error_rate,
+                margin_ms=settings.rollout_margin_ms,
+                max_p95_ttft_ms=settings.rollout_max_p95_ttft_ms,
+                max_p95_e2e_ms=settings.rollout_max_p95_e2e_ms,
+            )
+            controller = RolloutController(
+                registry, router, defaults, auto_promote=settings.rollout_auto_promote
+            )
+            faults = FaultInjector() if settings.enable_faults else None
+            app.state.faults = faults
             app.state.generation = GenerationService(
-                served_engine, catalog, tokenizer, TenantLimiter(), cache
+                served_engine, catalog, tokenizer, TenantLimiter(), cache, controller, faults
             )
             app.state.engine = served_engine
             logger.info("loraplex ready: serving %s", model_name)
@@ -114,6 +140,11 @@ def create_app(
                 on_ready(app)
             yield
         finally:
+            if polling is not None:
+                polling.cancel()
+                await asyncio.gather(polling, return_exceptions=True)
+            if controller is not None:
+                await controller.close()
             for name in (
                 "engine",
                 "generation",
@@ -121,6 +152,7 @@ def create_app(
                 "adapter_admin",
                 "authenticator",
                 "tenant_admin",
+                "rollout_admin",
                 "registry",
             ):
                 setattr(app.state, name, None)
@@ -150,8 +182,11 @@ def create_app(
         admin_adapters.router,
         admin_registry.router,
         admin_tenants.router,
+        admin_rollouts.router,
         metrics.router,
     )
     for router in routers:
         app.include_router(router)
+    if settings.enable_faults:
+        app.include_router(admin_faults.router)
     return app

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from gateway.engine.client import AdapterHandle
 from gateway.errors import ModelNotFound
 from gateway.registry_runtime import RegistryRuntime
+from gateway.rollout_router import RolloutRouter
 from registry import service
 from registry.compat import EngineLimits, inspect_adapter, run_gate
 from registry.errors import InvalidName, NotFound
@@ -50,9 +51,10 @@ class ModelCatalog(Protocol):
         """Exactly what `caller` may use."""
         ...
 
-    async def resolve(self, name: str, caller: Principal) -> ServedModel:
+    async def resolve(self, name: str, caller: Principal, caller_key: str = "") -> ServedModel:
         """Raises ModelNotFound for anything `caller` may not use: unknown, another tenant's,
-        retired or not servable all give the same answer."""
+        retired or not servable all give the same answer. `caller_key` picks the caller's
+        side of a canary (sticky)."""
         ...
 
 
@@ -60,8 +62,14 @@ class RegistryCatalog:
     """The served base plus every servable adapter version bound to it in the registry, as
     seen by one tenant: its own adapters, those shared with it, and globally shared ones."""
 
-    def __init__(self, runtime: RegistryRuntime, cache_ttl_s: float = 1.0):
+    def __init__(
+        self,
+        runtime: RegistryRuntime,
+        cache_ttl_s: float = 1.0,
+        router: RolloutRouter | None = None,
+    ):
         self._runtime = runtime
+        self._router = router
         self._base = ServedModel(name=runtime.base_name, adapter=None, created=int(time.time()))
         self._verified: set[int] = set()
         # name → (expiry, resolution). A database round trip per request costs the API process
@@ -95,7 +103,19 @@ class RegistryCatalog:
         base = [self._base] if caller.policy.allow_base_model else []
         return [*base, *adapters]
 
-    async def resolve(self, name: str, caller: Principal) -> ServedModel:
+    async def resolve(self, name: str, caller: Principal, caller_key: str = "") -> ServedModel:
+        routed = self._router.route(name, caller_key) if self._router is not None else None
+        if routed is not None:
+            # A rollout steers this name: the caller's side of the canary, or the stable's
+            # fallback target. Scope still applies: the target resolves for this tenant.
+            await self._resolve_named(name, caller)  # the name itself must be in scope
+            if routed == "base":
+                return replace(self._base, name=name)
+            return replace(await self._resolve_named(routed, caller), name=name)
+        return await self._resolve_named(name, caller)
+
+    async def _resolve_named(self, name: str, caller: Principal) -> ServedModel:
+        """`name` (its stable) or `name@N`, in the caller's scope; no rollout routing."""
         if name == self._base.name:
             if not caller.policy.allow_base_model:
                 raise ModelNotFound(name)

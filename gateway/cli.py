@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli_admin import adapters_app, keys_app, tenants_app
+from gateway.cli_admin import adapters_app, faults_app, keys_app, rollout_app, tenants_app
 
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
@@ -15,6 +15,8 @@ app.add_typer(demo_app, name="demo")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(faults_app, name="faults")
 
 
 @app.command()

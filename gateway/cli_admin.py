@@ -299,3 +299,96 @@ def unshare(
 ) -> None:
     """Stop sharing an adapter with a tenant."""
     _print(_call("DELETE", f"/adapters/{name}/shares/{tenant}"))
+
+
+rollout_app = typer.Typer(
+    help="Canary rollouts of adapter versions (admin API).", no_args_is_help=True
+)
+
+
+@rollout_app.command("start")
+def rollout_start(
+    name: str,
+    version: Annotated[int, typer.Option(help="The evaluated version to canary.")],
+    percent: Annotated[int, typer.Option(help="Starting stage: 1, 10, 50 or 100.")] = 1,
+    force: Annotated[bool, typer.Option(help="Restart a version rolled back before.")] = False,
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Start a canary of NAME@VERSION."""
+    body = {"version": version, "percent": percent, "force": force, "reason": reason}
+    _print(_call("POST", f"/rollouts/{name}/start", json=body))
+
+
+@rollout_app.command("status")
+def rollout_status(name: str) -> None:
+    """Where NAME's traffic goes now, and its last rollout events."""
+    _print(_call("GET", f"/rollouts/{name}"))
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    name: str,
+    to_percent: Annotated[int | None, typer.Option(help="Default: the next stage.")] = None,
+) -> None:
+    """Move the canary to its next stage; at 100 % it becomes the stable."""
+    _print(_call("POST", f"/rollouts/{name}/promote", json={"to_percent": to_percent}))
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(name: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """All traffic back to the stable (or the stable's to its rollback target)."""
+    _print(_call("POST", f"/rollouts/{name}/rollback", json={"reason": reason}))
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: str) -> None:
+    """Freeze the split (no promotion until resumed)."""
+    _print(_call("POST", f"/rollouts/{name}/pause"))
+
+
+@rollout_app.command("resume")
+def rollout_resume(name: str) -> None:
+    """Resume a paused rollout."""
+    _print(_call("POST", f"/rollouts/{name}/resume"))
+
+
+@rollout_app.command("restore")
+def rollout_restore(name: str) -> None:
+    """Send the stable's traffic back to it after a fallback."""
+    _print(_call("POST", f"/rollouts/{name}/restore"))
+
+
+@adapters_app.command("evaluate")
+def evaluate(address: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """Mark NAME@VERSION evaluated (passed its evals): it may then start a canary."""
+    name, version = _split(address)
+    _print(_call("POST", f"/adapters/{name}/versions/{version}/evaluate", json={"reason": reason}))
+
+
+faults_app = typer.Typer(
+    help="Fault injection (gateway started with LORAPLEX_ENABLE_FAULTS=1).", no_args_is_help=True
+)
+
+
+@faults_app.command("set")
+def faults_set(
+    address: str,
+    latency_ms: Annotated[float, typer.Option(help="Added before the first token.")] = 0,
+    error_rate: Annotated[float, typer.Option(help="Share of requests failed (0-1).")] = 0,
+) -> None:
+    """Delay or fail requests served by NAME@VERSION."""
+    name, version = _split(address)
+    body = {"adapter": name, "version": version, "latency_ms": latency_ms, "error_rate": error_rate}
+    _print(_call("POST", "/faults", json=body))
+
+
+@faults_app.command("clear")
+def faults_clear(
+    address: Annotated[str | None, typer.Argument(help="NAME@VERSION; all when omitted.")] = None,
+) -> None:
+    """Remove injected faults."""
+    params = None
+    if address is not None:
+        name, version = _split(address)
+        params = {"adapter": name, "version": version}
+    _print(_call("DELETE", "/faults", params=params))

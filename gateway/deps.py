@@ -12,6 +12,7 @@ from gateway.errors import EngineUnavailable
 from gateway.registry_runtime import RegistryRuntime
 from gateway.services.adapter_admin import AdapterAdmin
 from gateway.services.generation import GenerationService
+from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 
 
@@ -52,9 +53,15 @@ def get_tenant_admin(request: Request) -> TenantAdmin:
     return admin
 
 
+def get_rollout_admin(request: Request) -> RolloutAdmin:
+    admin: RolloutAdmin = _state(request, "rollout_admin")
+    return admin
+
+
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[RegistryRuntime, Depends(get_registry)]
 AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]
 TenantAdminDep = Annotated[TenantAdmin, Depends(get_tenant_admin)]
+RolloutAdminDep = Annotated[RolloutAdmin, Depends(get_rollout_admin)]

@@ -53,6 +53,7 @@ class GenerationRecorder:
     finished: bool = False
     completed: bool = False  # the engine finished every sequence (not aborted, not failed)
     failed: bool = False  # an error ended it after the response had started
+    finished_at: float = 0.0
 
     def __post_init__(self) -> None:
         REQUESTS_IN_FLIGHT.labels(self.scope.tenant, self.scope.adapter).inc()
@@ -71,6 +72,7 @@ class GenerationRecorder:
         if self.finished:
             return
         self.finished = True
+        self.finished_at = time.perf_counter()
         tenant, adapter = self.scope.tenant, self.scope.adapter
         REQUESTS_IN_FLIGHT.labels(tenant, adapter).dec()
         if self.first_token_at is None:

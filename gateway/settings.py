@@ -61,6 +61,23 @@ class Settings(BaseSettings):
         description="Buckets adapters may be registered from by s3:// URI (empty: none).",
     )
     upload_max_bytes: int = Field(2 * 1024**3, gt=0)
+    # Rollback monitor defaults; an adapter's card and its admin override take precedence.
+    rollout_window: int = Field(100, ge=1, description="Requests per sliding window.")
+    rollout_max_error_rate: float = Field(0.001, ge=0, lt=1)
+    rollout_margin_ms: float = Field(15.0, ge=0, description="Allowed p95 above the card's SLA.")
+    rollout_max_p95_ttft_ms: float | None = Field(None, gt=0, description="Absolute bound.")
+    rollout_max_p95_e2e_ms: float | None = Field(None, gt=0, description="Absolute bound.")
+    rollout_auto_promote: bool = Field(
+        False, description="Promote a canary one stage after each healthy full window."
+    )
+    enable_faults: bool = Field(
+        False, description="Mount /admin/v1/faults (latency/error injection per version)."
+    )
+    rollout_poll_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="How often each replica reloads changed rollouts from the registry.",
+    )
     catalog_cache_ttl_s: float = Field(
         1.0,
         ge=0,

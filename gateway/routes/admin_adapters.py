@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, UploadFile
 
 from gateway.admin_auth import AdminDep
+from gateway.audit_log import registry_operation
 from gateway.deps import AdapterAdminDep, RegistryDep
 from gateway.schemas.admin import AdapterOut, ChangeReason, ImportAdapter, VersionOut
 from registry import service
@@ -73,6 +74,25 @@ async def get_adapter(name: str, actor: AdminDep, registry: RegistryDep) -> Adap
         row = await service.get_adapter(session, name=name)
         versions = await service.list_versions(session, name=name)
     return AdapterOut.of(row, versions)
+
+
+@router.post("/{name}/versions/{version}/evaluate")
+async def evaluate_version(
+    name: str,
+    version: int,
+    actor: AdminDep,
+    registry: RegistryDep,
+    body: ChangeReason | None = None,
+) -> VersionOut:
+    """Record that a version passed its evaluation (compatible → evaluated): a canary can start."""
+    async with (
+        registry_operation("evaluate", actor, adapter=name, version=version),
+        registry.sessions() as session,
+    ):
+        row = await service.mark_evaluated(
+            session, name=name, version=version, actor=actor, reason=body.reason if body else None
+        )
+    return VersionOut.of(row)
 
 
 @router.post("/{name}/versions/{version}/retire")

@@ -8,6 +8,7 @@ from gateway.auth import TenantDep
 from gateway.deps import ServiceDep
 from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
 from gateway.request_metrics import note_generation
+from gateway.rollout_router import sticky_key
 from gateway.schemas.openai import ChatCompletionRequest
 from gateway.services.generation import new_request_id
 from gateway.services.openai_format import chat_completion_body, chat_stream
@@ -20,7 +21,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: ServiceDep, caller: TenantDep
 ) -> dict[str, Any] | Response:
     """Create a chat completion with the base model or the adapter named by `model`."""
-    job = await service.prepare_chat(body, new_request_id("chatcmpl"), caller)
+    key = sticky_key(body.user, request.headers.get("x-session-id"), caller.key_id)
+    job = await service.prepare_chat(body, new_request_id("chatcmpl"), caller, key)
     note_generation(request.state, job.recorder)
     if body.stream:
         updates = await service.open_stream(job)

@@ -267,3 +267,93 @@ class RegistryHealthOut(Strict):
             "adapters": 1204,
         }
     )
+
+
+class StartRollout(Strict):
+    version: int = Field(gt=0)
+    percent: Literal[1, 10, 50, 100] = 1
+    force: bool = Field(False, description="Restart a version that was rolled back before.")
+    reason: str | None = Field(None, max_length=500)
+
+    model_config = example({"version": 3, "percent": 10, "reason": "eval passed"})
+
+
+class PromoteRollout(Strict):
+    to_percent: Literal[10, 50, 100] | None = Field(None, description="Default: the next stage.")
+
+    model_config = example({"to_percent": 50})
+
+
+class RollbackPath(Strict):
+    target: str | None = Field(
+        None,
+        description='"base", "name" or "name@N" of an adapter the tenant may use; null clears.',
+    )
+
+    model_config = example({"target": "support-bot@2"})
+
+
+class RolloutOut(Strict):
+    name: str
+    stable_version: int | None
+    canary_version: int | None
+    canary_percent: int
+    paused: bool
+    stage: str | None
+    rollback_target: str
+    active_target: str | None
+    rolled_back_version: int | None
+    rolled_back_at: datetime | None
+    updated_at: datetime | None
+    threshold_override: dict[str, Any] | None
+    events: list[dict[str, Any]] | None = None
+
+    model_config = example(
+        {
+            "name": "support-bot",
+            "stable_version": 2,
+            "canary_version": 3,
+            "canary_percent": 10,
+            "paused": False,
+            "stage": "canary",
+            "rollback_target": "support-bot@1",
+            "active_target": None,
+            "rolled_back_version": None,
+            "rolled_back_at": None,
+            "updated_at": "2026-11-24T10:00:00Z",
+            "threshold_override": {"sla_p95_e2e_ms": 800},
+            "events": None,
+        }
+    )
+
+
+class ThresholdsOverride(Strict):
+    """Rollback thresholds for one adapter; omitted fields fall back to the card, then the
+    gateway defaults (window 100, error rate 0.1 %, margin 15 ms)."""
+
+    window: int | None = Field(None, gt=0)
+    max_error_rate: float | None = Field(None, ge=0, lt=1)
+    sla_p95_ttft_ms: float | None = Field(None, gt=0)
+    sla_p95_e2e_ms: float | None = Field(None, gt=0)
+    margin_ms: float | None = Field(None, ge=0)
+    max_p95_ttft_ms: float | None = Field(None, gt=0)
+    max_p95_e2e_ms: float | None = Field(None, gt=0)
+
+    model_config = example({"sla_p95_e2e_ms": 800, "margin_ms": 15, "max_error_rate": 0.001})
+
+
+class FaultIn(Strict):
+    adapter: str
+    version: int = Field(gt=0)
+    latency_ms: float = Field(0, ge=0, le=600_000)
+    error_rate: float = Field(0, ge=0, le=1)
+
+    model_config = example({"adapter": "support-bot", "version": 3, "latency_ms": 400})
+
+
+class FaultsOut(Strict):
+    faults: list[dict[str, Any]]
+
+    model_config = example(
+        {"faults": [{"adapter": "support-bot", "version": 3, "latency_ms": 400, "error_rate": 0}]}
+    )

@@ -31,8 +31,10 @@ from gateway.errors import (
     InvalidRequest,
     LoraplexError,
 )
+from gateway.faults import FaultInjector
 from gateway.limits import Lease, TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
+from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
 from registry.service import Principal
 
@@ -59,14 +61,20 @@ class GenerationJob:
     lease: Lease | None = None
     recorder: GenerationRecorder | None = None
     cache: HostAdapterCache | None = None
+    controller: RolloutController | None = None
 
     def finish(self) -> None:
-        """Release the tenant's lease (refunding unused tokens) and close the metrics.
-        Idempotent: every exit path calls it."""
+        """Release the tenant's lease (refunding unused tokens), close the metrics and feed the
+        rollout monitor. Idempotent: every exit path calls it."""
         completion = 0
         if self.recorder is not None:
+            first_time = not self.recorder.finished
             self.recorder.finish()
             completion = self.recorder.completion_tokens
+            if first_time and self.controller is not None:
+                self.controller.observe(
+                    self.served.adapter_name, self.served.version, self.recorder
+                )
         if self.lease is not None:
             self.lease.release(completion)
         if self.cache is not None and self.served.adapter is not None:
@@ -101,21 +109,29 @@ class GenerationService:
         tokenizer: Any,
         limiter: TenantLimiter,
         cache: HostAdapterCache,
+        controller: RolloutController | None = None,
+        faults: FaultInjector | None = None,
     ):
         self._engine = engine
         self._catalog = catalog
         self._tokenizer = tokenizer
         self._limiter = limiter
         self._cache = cache
+        self._controller = controller
+        self._faults = faults
         self._defaults = engine.default_sampling()
 
     # ---- preparing -------------------------------------------------------------------------
     # Order matters: scope (resolve for this caller) → prompt → limits. Nothing reaches the
     # engine before all three passed, and the engine only ever gets the resolved version id.
     async def prepare_chat(
-        self, body: ChatCompletionRequest, request_id: str, caller: Principal
+        self,
+        body: ChatCompletionRequest,
+        request_id: str,
+        caller: Principal,
+        caller_key: str = "",
     ) -> GenerationJob:
-        served = await self._catalog.resolve(body.model, caller)
+        served = await self._catalog.resolve(body.model, caller, caller_key)
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -132,13 +148,17 @@ class GenerationService:
         return await self._admit(job, caller)
 
     async def prepare_completion(
-        self, body: CompletionRequest, request_id: str, caller: Principal
+        self,
+        body: CompletionRequest,
+        request_id: str,
+        caller: Principal,
+        caller_key: str = "",
     ) -> GenerationJob:
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported", param="echo")
-        served = await self._catalog.resolve(body.model, caller)
+        served = await self._catalog.resolve(body.model, caller, caller_key)
         prompts = self._completion_prompts(body.prompt)
         options = self._options(body, prompts, body.max_tokens, body.logprobs, caller)
         echo = self._echo_texts(body.prompt, prompts) if body.echo else None
@@ -177,6 +197,7 @@ class GenerationService:
             job.cache = self._cache
         scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
         job.recorder = GenerationRecorder(scope, job.prompt_tokens)
+        job.controller = self._controller
         return job
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
@@ -251,6 +272,8 @@ class GenerationService:
         However it ends, the job's lease and metrics are closed."""
         recorder = job.recorder
         try:
+            if self._faults is not None:
+                await self._faults.apply(job.served.adapter_name, job.served.version)
             async for index, update in self._interleaved(job):
                 if recorder is not None:
                     recorder.tokens(sum(len(d.token_ids) for d in update.choices))
