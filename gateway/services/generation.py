@@ -8,14 +8,13 @@ then either streams the job's updates or collects them into final choices.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
-from gateway.catalog import ModelCatalog, ServedModel
+from gateway.catalog import ModelCatalog
 from gateway.engine.client import (
     EngineClient,
     EngineDead,
@@ -23,7 +22,6 @@ from gateway.engine.client import (
     EngineRejected,
     GenerationUpdate,
     SamplingOptions,
-    TokenLogprob,
 )
 from gateway.errors import (
     ContextLengthExceeded,
@@ -32,10 +30,11 @@ from gateway.errors import (
     LoraplexError,
 )
 from gateway.faults import FaultInjector
-from gateway.limits import Lease, TenantLimiter
+from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
+from gateway.services.generation_job import ChoiceResult, GenerationJob
 from registry.service import Principal
 
 
@@ -43,62 +42,6 @@ class GenerationFailed(LoraplexError):
     status_code = 500
     error_type = "server_error"
     code = "generation_failed"
-
-
-@dataclass
-class GenerationJob:
-    request_id: str
-    kind: str  # "chat.completion" | "text_completion"
-    model: str  # the name the client asked for, echoed back in responses
-    served: ServedModel
-    prompts: list[list[int]]
-    options: SamplingOptions
-    created: int = field(default_factory=lambda: int(time.time()))
-    echo_texts: list[str] | None = None  # completions with echo=true
-    # >1 when greedy n was fanned out: each prompt appears `copies` times in a row with n=1.
-    copies: int = 1
-    # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.
-    lease: Lease | None = None
-    recorder: GenerationRecorder | None = None
-    cache: HostAdapterCache | None = None
-    controller: RolloutController | None = None
-
-    def finish(self) -> None:
-        """Release the tenant's lease (refunding unused tokens), close the metrics and feed the
-        rollout monitor. Idempotent: every exit path calls it."""
-        completion = 0
-        if self.recorder is not None:
-            first_time = not self.recorder.finished
-            self.recorder.finish()
-            completion = self.recorder.completion_tokens
-            if first_time and self.controller is not None:
-                self.controller.observe(
-                    self.served.adapter_name, self.served.version, self.recorder
-                )
-        if self.lease is not None:
-            self.lease.release(completion)
-        if self.cache is not None and self.served.adapter is not None:
-            self.cache.release(self.served.adapter)
-            self.cache = None  # released once
-
-    def sub_request_id(self, prompt_index: int) -> str:
-        return f"{self.request_id}-{prompt_index}"
-
-    def choice_index(self, prompt_index: int, choice: int) -> int:
-        return prompt_index * self.options.n + choice
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts) // self.copies
-
-
-@dataclass
-class ChoiceResult:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
 
 
 class GenerationService:

@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.engine.client import GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, error_body
-from gateway.services.generation import ChoiceResult, GenerationJob
+from gateway.services.generation_job import ChoiceResult, GenerationJob
 
 Updates = AsyncIterator[tuple[int, GenerationUpdate]]
 

@@ -1,0 +1,57 @@
+"""Garbage sent to the tenancy, key, share and rollout admin routes: a 4xx in OpenAI's error
+shape, and nothing stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.gateway.fake_engine import ADMIN_TOKEN, ScriptedEngine, client_for
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from gateway.demo import build_base
+
+    root = tmp_path_factory.mktemp("bad-input")
+    build_base(root / "base")
+    return root
+
+
+CASES = [
+    ("POST", "/admin/v1/tenants", {"name": "../etc"}, 400),
+    ("POST", "/admin/v1/tenants", {"name": "ok-1", "limits": {"requests_per_second": -1}}, 400),
+    ("POST", "/admin/v1/tenants", {"name": "ok-2", "limits": {"burst": 3}}, 422),
+    ("POST", "/admin/v1/tenants", {"name": "ok-3", "surprise": 1}, 400),
+    ("PATCH", "/admin/v1/tenants/nobody/limits", {"max_tokens": 5}, 404),
+    ("POST", "/admin/v1/tenants/nobody/keys", {}, 404),
+    ("POST", "/admin/v1/keys/nosuchkeyid1/revoke", {}, 404),
+    ("POST", "/admin/v1/adapters/nothing/shares", {"tenant": "x"}, 404),
+    ("POST", "/admin/v1/rollouts/nothing/start", {"version": 1}, 404),
+    ("POST", "/admin/v1/rollouts/nothing/start", {"version": 0}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/start", {"version": 1, "percent": 7}, 400),
+    ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"window": -5}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/rollback", {}, 404),
+]
+
+
+def test_garbage_is_a_4xx_and_stores_nothing(demo_root):
+    with client_for(demo_root, ScriptedEngine(["a"])) as client:
+        tenants_before = client.get("/admin/v1/tenants", headers=ADMIN).json()
+        keys_before = client.get("/admin/v1/keys", headers=ADMIN).json()
+        for method, path, body, status in CASES:
+            response = client.request(method, path, json=body, headers=ADMIN)
+            assert response.status_code == status, (method, path, body, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"] == "invalid_request_error"
+        assert client.get("/admin/v1/tenants", headers=ADMIN).json() == tenants_before
+        assert client.get("/admin/v1/keys", headers=ADMIN).json() == keys_before
+
+        # A past expiry is refused and issues no key.
+        past = {"expires_at": "2020-01-01T00:00:00Z"}
+        refused = client.post(f"/admin/v1/tenants/{client.tenant}/keys", json=past, headers=ADMIN)
+        assert refused.status_code == 422, refused.text
+        assert client.get("/admin/v1/keys", headers=ADMIN).json() == keys_before
+        # No admin token at all.
+        assert client.post("/admin/v1/tenants", json={"name": "x"}).status_code == 401
