@@ -40,6 +40,7 @@ from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
+from gateway.shadow import ShadowMirror
 from registry.rollout import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(
         # start-up here, before any engine resources are spent.
         polling: asyncio.Task[None] | None = None
         controller: RolloutController | None = None
+        mirror: ShadowMirror | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
         served_engine: EngineClient
         if engine is None:
@@ -103,6 +105,7 @@ def create_app(
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog
+            app.state.rollout_router = router  # tests replay a lagging replica's view
             cache = HostAdapterCache(
                 served_engine,
                 settings.adapter_cache_bytes,
@@ -118,7 +121,6 @@ def create_app(
             )
             app.state.authenticator = authenticator
             app.state.tenant_admin = TenantAdmin(registry, authenticator, catalog)
-            app.state.rollout_admin = RolloutAdmin(registry, router)
             defaults = Thresholds(
                 window=settings.rollout_window,
                 max_error_rate=settings.rollout_max_error_rate,
@@ -129,10 +131,27 @@ def create_app(
             controller = RolloutController(
                 registry, router, defaults, auto_promote=settings.rollout_auto_promote
             )
+            app.state.rollout_admin = RolloutAdmin(registry, router, controller)
             faults = FaultInjector() if settings.enable_faults else None
             app.state.faults = faults
+            mirror = ShadowMirror(
+                served_engine,
+                catalog,
+                router,
+                cache,
+                controller,
+                faults,
+                max_inflight=settings.shadow_max_inflight,
+            )
             app.state.generation = GenerationService(
-                served_engine, catalog, tokenizer, TenantLimiter(), cache, controller, faults
+                served_engine,
+                catalog,
+                tokenizer,
+                TenantLimiter(),
+                cache,
+                controller,
+                faults,
+                mirror,
             )
             app.state.engine = served_engine
             logger.info("loraplex ready: serving %s", model_name)
@@ -143,6 +162,8 @@ def create_app(
             if polling is not None:
                 polling.cancel()
                 await asyncio.gather(polling, return_exceptions=True)
+            if mirror is not None:
+                await mirror.close()  # before the engine stops under its requests
             if controller is not None:
                 await controller.close()
             for name in (

@@ -111,7 +111,15 @@ class RegistryCatalog:
             await self._resolve_named(name, caller)  # the name itself must be in scope
             if routed == "base":
                 return replace(self._base, name=name)
-            return replace(await self._resolve_named(routed, caller), name=name)
+            try:
+                return replace(await self._resolve_named(routed, caller), name=name)
+            except ModelNotFound:
+                # This replica's view is behind the registry: another replica rolled the
+                # routed version back (or it was retired) since our last poll. A switch must
+                # never fail a request, so the caller gets the name's stable now and the next
+                # poll brings the new view.
+                logger.info("stale rollout view: %s is gone, %s serves its stable", routed, name)
+                return await self._resolve_named(name, caller)
         return await self._resolve_named(name, caller)
 
     async def _resolve_named(self, name: str, caller: Principal) -> ServedModel:

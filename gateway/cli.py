@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli_admin import adapters_app, faults_app, keys_app, rollout_app, tenants_app
+from gateway.cli_admin import adapters_app, keys_app, tenants_app
+from gateway.cli_rollout import faults_app, rollout_app
 
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)

@@ -2,8 +2,8 @@
 
 Labels are bounded by construction: `tenant`, `adapter` and `version` come from the registry
 (names validated by regex, a few thousand at most), `route`, `status`, `reason`, `limit`,
-`tier`, `result` and `operation` from small fixed sets in code. Never a prompt, a request id or
-a joined list. Requests for the base model carry adapter="" and version="".
+`tier`, `result`, `operation` and `outcome` from small fixed sets in code. Never a prompt, a
+request id or a joined list. Requests for the base model carry adapter="" and version="".
 
 Several workers: when PROMETHEUS_MULTIPROC_DIR is set, prometheus-client writes every value to
 per-process files and /metrics aggregates them (see routes/metrics.py); gauges declare how.
@@ -100,6 +100,21 @@ ADAPTER_LOAD_DURATION = Histogram(
 ADAPTER_LOAD_BYTES = Counter(
     "loraplex_adapter_load_bytes", "Adapter weight bytes loaded into the engine."
 )
+ADAPTER_POOL_PAGES = Gauge(
+    "loraplex_adapter_pool_pages",
+    "Pages of the engine's paged adapter pool (state: used, free); absent without paged mode.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+ADAPTER_PAGE_INS = Counter(
+    "loraplex_adapter_page_ins", "Adapters copied into the device pool (paged mode)."
+)
+ADAPTER_PAGE_OUTS = Counter(
+    "loraplex_adapter_page_outs", "Adapters dropped from the device pool (paged mode)."
+)
+ADAPTER_PAGE_IN_BYTES = Counter(
+    "loraplex_adapter_page_in_bytes", "Adapter weight bytes copied into the device pool."
+)
 ADAPTER_EVICTIONS = Counter(
     "loraplex_adapter_evictions",
     "Adapters dropped from a tier (reason: capacity, retired).",
@@ -116,13 +131,49 @@ ROLLOUT_CANARY_PERCENT = Gauge(
 ROLLOUT_TRANSITIONS = Counter(
     "loraplex_rollout_transitions",
     "Rollout transitions (action: start, promote, pause, resume, complete, rollback, abort, "
-    "stable_fallback, stable_restore).",
+    "stable_fallback, stable_restore, fallback_refused, shadow_start, shadow_stop).",
     ["adapter", "version", "action"],
 )
 ROLLBACKS = Counter(
     "loraplex_rollbacks",
     "Automatic and manual rollbacks (reason: ttft_p95, latency_p95, error_rate, manual).",
     ["adapter", "version", "reason"],
+)
+
+# --- shadow (a candidate version mirrored the stable's requests; its output discarded) ----
+# Divergence: 0 = the candidate generated the stable's tokens exactly, 1 = from the first token.
+DIVERGENCE_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+SHADOW_PERCENT = Gauge(
+    "loraplex_shadow_percent",
+    "Share of an adapter's stable callers whose requests are mirrored to its shadow version "
+    "(0 when none).",
+    ["adapter", "version"],
+    multiprocess_mode="mostrecent",
+)
+SHADOW_REQUESTS = Counter(
+    "loraplex_shadow_requests",
+    "Mirrored requests per candidate version (outcome: match, diverged, error, dropped: over "
+    "the in-flight cap).",
+    ["adapter", "version", "outcome"],
+)
+SHADOW_DIVERGENCE = Histogram(
+    "loraplex_shadow_divergence_ratio",
+    "1 - common prefix / longer length of the candidate's and the stable's generated tokens "
+    "(first choice; the mean over a request's prompts).",
+    ["adapter", "version"],
+    buckets=DIVERGENCE_BUCKETS,
+)
+SHADOW_TIME_TO_FIRST_TOKEN = Histogram(
+    "loraplex_shadow_time_to_first_token_seconds",
+    "A mirrored request's start to the candidate's first token.",
+    ["adapter", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+SHADOW_DURATION = Histogram(
+    "loraplex_shadow_duration_seconds",
+    "A mirrored request's start to the candidate's last token.",
+    ["adapter", "version"],
+    buckets=LATENCY_BUCKETS,
 )
 
 # --- engine and registry ------------------------------------------------------------------

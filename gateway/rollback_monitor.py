@@ -18,8 +18,10 @@ the version's window starts empty, so the next verdict needs a whole new window 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,24 @@ def p95(values: list[float]) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+class SampleFields(TypedDict):
+    ttft_s: float | None
+    e2e_s: float
+    error: bool
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One finished request as the monitor sees it."""
+
+    ttft_s: float | None  # None: no token came
+    e2e_s: float
+    error: bool
+
+    def fields(self) -> SampleFields:
+        return {"ttft_s": self.ttft_s, "e2e_s": self.e2e_s, "error": self.error}
 
 
 @dataclass
@@ -130,30 +150,56 @@ def judge(figures: WindowFigures, limits: WindowLimits) -> Verdict | None:
     return None
 
 
+# Windows kept for versions nobody judges yet (possible fallback targets): least recently
+# served dropped first, so memory stays bounded however many adapters serve.
+MAX_WINDOWS = 4096
+# A fallback target is "failing" on this much evidence, full window or not: one bad request of
+# three is no proof, ten are.
+MIN_TARGET_SAMPLES = 10
+
+
 class RollbackMonitor:
-    """Windows for every served version. `observe` returns a verdict at most once per full
-    window of evidence; `healthy` says whether a full window passed (promotion, restore)."""
+    """Windows for every served version, keyed by its address ("name@N", "base"). `observe`
+    returns a verdict at most once per full window of evidence; `healthy` says whether a full
+    window passed (promotion); `failing` whether a would-be fallback target is breaching now."""
 
-    def __init__(self) -> None:
-        self._windows: dict[int, VersionWindow] = {}
+    def __init__(self, max_windows: int = MAX_WINDOWS) -> None:
+        self._windows: OrderedDict[Hashable, VersionWindow] = OrderedDict()
+        self._max_windows = max_windows
 
-    def _window(self, version_id: int, limits: WindowLimits) -> VersionWindow:
-        window = self._windows.get(version_id)
+    def _window(self, key: Hashable, limits: WindowLimits) -> VersionWindow:
+        window = self._windows.get(key)
         if window is None or window._samples.maxlen != limits.window:
-            window = self._windows[version_id] = VersionWindow(limits.window)
+            window = self._windows[key] = VersionWindow(limits.window)
+            while len(self._windows) > self._max_windows:
+                self._windows.popitem(last=False)
+        self._windows.move_to_end(key)
+        return window
+
+    def record(
+        self,
+        key: Hashable,
+        limits: WindowLimits,
+        *,
+        ttft_s: float | None,
+        e2e_s: float,
+        error: bool,
+    ) -> VersionWindow:
+        """Add one finished request to `key`'s window without judging it."""
+        window = self._window(key, limits)
+        window.record(ttft_s=ttft_s, e2e_s=e2e_s, error=error)
         return window
 
     def observe(
         self,
-        version_id: int,
+        key: Hashable,
         limits: WindowLimits,
         *,
         ttft_s: float | None,
         e2e_s: float,
         error: bool,
     ) -> Verdict | None:
-        window = self._window(version_id, limits)
-        window.record(ttft_s=ttft_s, e2e_s=e2e_s, error=error)
+        window = self.record(key, limits, ttft_s=ttft_s, e2e_s=e2e_s, error=error)
         if not window.full:
             return None
         verdict = judge(window.figures(), limits)
@@ -161,13 +207,27 @@ class RollbackMonitor:
             window.clear()  # the next verdict needs a whole new window
         return verdict
 
-    def healthy(self, version_id: int, limits: WindowLimits) -> bool:
-        window = self._windows.get(version_id)
+    def healthy(self, key: Hashable, limits: WindowLimits) -> bool:
+        window = self._windows.get(key)
         return window is not None and window.full and judge(window.figures(), limits) is None
 
-    def figures(self, version_id: int) -> WindowFigures | None:
-        window = self._windows.get(version_id)
+    def failing(self, key: Hashable, limits: WindowLimits) -> bool:
+        """Whether `key`'s recent requests break `limits` (at least MIN_TARGET_SAMPLES of them,
+        or a full smaller window): a target not to fall back into."""
+        window = self._windows.get(key)
+        if window is None:
+            return False
+        figures = window.figures()
+        if figures.samples < min(MIN_TARGET_SAMPLES, limits.window):
+            return False
+        return judge(figures, limits) is not None
+
+    def addresses(self) -> list[Hashable]:
+        return list(self._windows)
+
+    def figures(self, key: Hashable) -> WindowFigures | None:
+        window = self._windows.get(key)
         return None if window is None else window.figures()
 
-    def reset(self, version_id: int) -> None:
-        self._windows.pop(version_id, None)
+    def reset(self, key: Hashable) -> None:
+        self._windows.pop(key, None)

@@ -1,16 +1,26 @@
-"""Automatic rollback (and optional promotion) of canaries from what users actually got.
+"""Automatic rollback (and optional promotion) from what users actually got.
 
-Every finished request of a version that a rollout is steering is one observation in that
-version's sliding window (gateway/rollback_monitor.py). A verdict on the canary rolls it back in
-the registry at once (all traffic to the stable, the window's figures recorded); a healthy full
-window may promote it one stage. The registry call names the version judged, so two replicas
-deciding at once roll back once. Requests already running keep their version to the end.
+Every finished request is one observation in its version's sliding window
+(gateway/rollback_monitor.py), keyed by the address that served it ("name@N", "base"):
+- a canary's verdict rolls it back in the registry at once (all traffic to the stable, the
+  window's figures recorded); a healthy full window may promote it one stage;
+- an armed stable's verdict (a rollback path set by an admin or its card) moves its traffic to
+  that path, unless the target is breaching too: then the refusal is audited once and retried
+  only after FALLBACK_RETRY_S, and the stable keeps serving;
+- every other version's window is evidence about it as a possible fallback target;
+- a shadow candidate's mirrored requests (gateway/shadow.py) fill its window too, recorded and
+  never judged: it serves nobody, so there is nothing to roll back, but an operator reads its
+  figures beside the stable's before starting a canary.
+The registry call names the version judged, so two replicas deciding at once act once.
+Requests already running keep their version to the end; restoring a fallen-back stable is an
+operator's decision (`loraplex rollout restore`), so traffic never flaps between the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from dataclasses import asdict
 from typing import Any
@@ -18,13 +28,28 @@ from typing import Any
 from gateway.metrics import ROLLBACKS, ROLLOUT_TRANSITIONS
 from gateway.registry_runtime import RegistryRuntime
 from gateway.request_metrics import GenerationRecorder
-from gateway.rollback_monitor import RollbackMonitor, Verdict, WindowLimits
+from gateway.rollback_monitor import (
+    RollbackMonitor,
+    Sample,
+    Verdict,
+    WindowFigures,
+    WindowLimits,
+)
 from gateway.rollout_router import RolloutRouter
 from registry import service
+from registry.errors import RollbackRefused
 from registry.rollout import RolloutView, Thresholds
 
 logger = logging.getLogger(__name__)
 ACTOR = "rollout-monitor"
+# After a refused fallback (its target breaching too): how long before trying again. Each try
+# writes an audit row; under heavy traffic a window fills in a second.
+FALLBACK_RETRY_S = 60.0
+
+
+def served_address(adapter: str, version: int | None) -> str:
+    """The monitor's key for what served a request: "name@N", or "base" for the base model."""
+    return "base" if not adapter or version is None else f"{adapter}@{version}"
 
 
 class RolloutController:
@@ -35,45 +60,60 @@ class RolloutController:
         defaults: Thresholds,
         *,
         auto_promote: bool = False,
+        fallback_retry_s: float = FALLBACK_RETRY_S,
     ):
         self._runtime = runtime
         self._router = router
         self._defaults = defaults
         self._auto_promote = auto_promote
+        self._fallback_retry_s = fallback_retry_s
         self._monitor = RollbackMonitor()
-        self._acting: set[int] = set()
+        self._acting: set[str] = set()
+        self._retry_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def observe(self, adapter: str, version: int | None, recorder: GenerationRecorder) -> None:
         """One finished request. Client disconnects say nothing about the version: skipped."""
-        if version is None or not (recorder.completed or recorder.failed):
+        if not (recorder.completed or recorder.failed):
             return
-        view = self._router.view(adapter)
-        if view is None or view.canary_version != version or view.canary_version_id is None:
-            return
-        limits = self._limits(view, version)
+        key = served_address(adapter, version)
         ttft = None
         if recorder.first_token_at is not None:
             ttft = recorder.first_token_at - recorder.started
-        verdict = self._monitor.observe(
-            view.canary_version_id,
-            limits,
-            ttft_s=ttft,
-            e2e_s=recorder.finished_at - recorder.started,
-            error=recorder.failed,
-        )
-        if verdict is not None:
-            self._spawn(self._roll_back(view, version, verdict))
-        elif (
-            self._auto_promote
-            and not view.paused
-            and self._monitor.healthy(view.canary_version_id, limits)
-        ):
-            self._monitor.reset(view.canary_version_id)
-            self._spawn(self._promote(view, version))
+        sample = Sample(ttft, recorder.finished_at - recorder.started, recorder.failed)
+        view = self._router.view(adapter) if key != "base" else None
+        if view is None or version is None:
+            self._monitor.record(key, self._limits(None, None), **sample.fields())
+            return
+        limits = self._limits(view, version)
+        if version == view.canary_version:
+            verdict = self._monitor.observe(key, limits, **sample.fields())
+            if verdict is not None:
+                self._spawn(self._take_back(view, version, verdict, stable=False))
+            elif self._auto_promote and not view.paused and self._monitor.healthy(key, limits):
+                self._monitor.reset(key)
+                self._spawn(self._promote(view, version))
+        elif version == view.stable_version and view.auto_fallback and not view.in_fallback:
+            verdict = self._monitor.observe(key, limits, **sample.fields())
+            if verdict is not None:
+                self._spawn(self._take_back(view, version, verdict, stable=True))
+        else:
+            self._monitor.record(key, limits, **sample.fields())
 
-    def _limits(self, view: RolloutView, version: int) -> WindowLimits:
-        fields = asdict(view.thresholds(version, self._defaults))
+    def record_shadow(self, adapter: str, version: int, sample: Sample) -> None:
+        """One mirrored request to a shadow candidate: into its window, no verdict."""
+        limits = self._limits(self._router.view(adapter), version)
+        self._monitor.record(served_address(adapter, version), limits, **sample.fields())
+
+    def figures(self, adapter: str, version: int) -> WindowFigures | None:
+        """This replica's window of `adapter@version` (None: nothing recorded yet)."""
+        return self._monitor.figures(served_address(adapter, version))
+
+    def _limits(self, view: RolloutView | None, version: int | None) -> WindowLimits:
+        thresholds = self._defaults
+        if view is not None and version is not None:
+            thresholds = view.thresholds(version, self._defaults)
+        fields = asdict(thresholds)
         fields["max_error_rate"] = min(fields["max_error_rate"], 0.999)
         return WindowLimits(**fields)
 
@@ -82,11 +122,14 @@ class RolloutController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _roll_back(self, view: RolloutView, version: int, verdict: Verdict) -> None:
-        version_id = view.canary_version_id or 0
-        if version_id in self._acting:
+    async def _take_back(
+        self, view: RolloutView, version: int, verdict: Verdict, *, stable: bool
+    ) -> None:
+        """Roll the canary back, or (stable=True) move the stable's traffic to its target."""
+        key = served_address(view.name, version)
+        if key in self._acting or self._retry_at.get(key, 0.0) > time.monotonic():
             return
-        self._acting.add(version_id)
+        self._acting.add(key)
         try:
             async with self._runtime.sessions() as session:
                 change = await service.rollback(
@@ -97,17 +140,41 @@ class RolloutController:
                     automatic=True,
                     figures=verdict.figures.as_dict(),
                     version=version,
+                    failing=self.failing_addresses() if stable else (),
                 )
             self._router.accept(change.view)
             if change.acted:
+                action = change.action or "rollback"
                 ROLLBACKS.labels(view.name, str(version), verdict.reason).inc()
-                ROLLOUT_TRANSITIONS.labels(view.name, str(version), "rollback").inc()
-                logger.warning("rolled back %s@%d: %s", view.name, version, verdict.detail)
+                ROLLOUT_TRANSITIONS.labels(view.name, str(version), action).inc()
+                logger.warning("%s of %s: %s", action, key, verdict.detail)
+        except RollbackRefused as refused:
+            self._retry_at[key] = time.monotonic() + self._fallback_retry_s
+            ROLLOUT_TRANSITIONS.labels(view.name, str(version), "fallback_refused").inc()
+            logger.warning(
+                "stable %s breached (%s) but its fallback was refused (%s); it keeps serving, "
+                "next try in %.0f s",
+                key,
+                verdict.detail,
+                "; ".join(p.message for p in refused.problems),
+                self._fallback_retry_s,
+            )
         except Exception:
-            logger.exception("automatic rollback of %s@%d failed", view.name, version)
+            logger.exception("automatic %s of %s failed", "fallback" if stable else "rollback", key)
         finally:
-            self._acting.discard(version_id)
-            self._monitor.reset(version_id)
+            self._acting.discard(key)
+            self._monitor.reset(key)
+
+    def failing_addresses(self) -> set[str]:
+        """Every served address whose recent requests breach its thresholds: never a target."""
+        failing = set()
+        for key in self._monitor.addresses():
+            name, _, number = str(key).partition("@")
+            view = self._router.view(name) if number else None
+            version = int(number) if number.isdigit() else None
+            if self._monitor.failing(key, self._limits(view, version)):
+                failing.add(str(key))
+        return failing
 
     async def _promote(self, view: RolloutView, version: int) -> None:
         try:

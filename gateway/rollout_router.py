@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from gateway.metrics import ROLLOUT_CANARY_PERCENT
+from gateway.metrics import ROLLOUT_CANARY_PERCENT, SHADOW_PERCENT
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.rollout import RolloutView
@@ -56,8 +56,8 @@ class RolloutRouter:
         """The address ("name@N" or "base") serving `name` for this caller, or None when no
         rollout steers it (then `name` means its stable, as the catalog resolves it)."""
         view = self._views.get(name)
-        if view is None:
-            return None
+        if view is None or not view.steers:
+            return None  # only watched (fallback armed, a shadow): `name` is its stable
         route = view.route(caller_key)
         return None if route is None else route.address
 
@@ -85,7 +85,11 @@ class RolloutRouter:
             ROLLOUT_CANARY_PERCENT.labels(view.name, str(view.canary_version)).set(
                 view.canary_percent
             )
-        if view.canary_running or view.in_fallback:
+        if previous is not None and previous.shadow_version not in (None, view.shadow_version):
+            SHADOW_PERCENT.labels(view.name, str(previous.shadow_version)).set(0)
+        if view.shadow_version is not None:
+            SHADOW_PERCENT.labels(view.name, str(view.shadow_version)).set(view.shadow_percent)
+        if view.watched:
             self._views[view.name] = view
         else:
             self._views.pop(view.name, None)

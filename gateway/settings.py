@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     rollout_auto_promote: bool = Field(
         False, description="Promote a canary one stage after each healthy full window."
     )
+    shadow_max_inflight: int = Field(
+        4,
+        ge=0,
+        description="Mirrored requests to shadow versions running at once per process; more "
+        "are dropped and counted (0 mirrors nothing).",
+    )
     enable_faults: bool = Field(
         False, description="Mount /admin/v1/faults (latency/error injection per version)."
     )

@@ -78,6 +78,12 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
 
 
+# Every module namespace that bound the upstream ops by name.
+NAMESPACES = (
+    "vllm.lora.ops.torch_ops.lora_ops",
+    "vllm.lora.ops.torch_ops",
+    "vllm.lora.punica_wrapper.punica_cpu",
+)
 REPLACEMENTS = {
     "bgmv_shrink": bgmv_shrink,
     "bgmv_expand": bgmv_expand,
@@ -94,11 +100,7 @@ def install() -> list[str]:
     import importlib
 
     patched = []
-    for module_name in (
-        "vllm.lora.ops.torch_ops.lora_ops",
-        "vllm.lora.ops.torch_ops",
-        "vllm.lora.punica_wrapper.punica_cpu",
-    ):
+    for module_name in NAMESPACES:
         module = importlib.import_module(module_name)
         for name, replacement in REPLACEMENTS.items():
             if not hasattr(module, name):

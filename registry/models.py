@@ -143,6 +143,10 @@ class Adapter(Base):
     stable_version: Mapped[int | None]
     canary_version: Mapped[int | None]
     canary_percent: Mapped[int | None]  # 1, 10 or 50 while a canary runs, else None
+    # The candidate that gets a copy of the requests of `shadow_percent` % of the stable's
+    # callers (its output discarded, only compared); None without a shadow.
+    shadow_version: Mapped[int | None]
+    shadow_percent: Mapped[int | None]  # 1..100 while a shadow runs, else None
     rollout_paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The last rollout's phase: "canary" (running), "complete" or "rolled_back".
     rollout_stage: Mapped[str | None] = mapped_column(String(32))

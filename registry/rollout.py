@@ -13,6 +13,10 @@ Routing a request for adapter `name` (what `RolloutView.route` does):
    `assign` puts in it;
 2. everyone else gets the stable version, or `active_target` while the stable is in fallback.
 An explicit `name@N` bypasses all of this (admins, tests, pinned clients).
+
+Shadow (seed step 8): while a shadow runs, a request the stable served for a caller that
+`in_shadow` puts in its share is also sent to `name@<shadow>` after the client's answer is
+complete; the candidate's output is only compared, never shown (`shadow_route`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ def bucket(caller_key: str, adapter: str) -> int:
     sha256(adapter + "\\0" + caller_key), big-endian, mod 10 000 (bias below 1e-15)."""
     digest = hashlib.sha256(f"{adapter}\0{caller_key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def shadow_bucket_key(adapter: str) -> str:
+    """The namespace `in_shadow` hashes callers in: adapter names never contain NUL, so this
+    is no other adapter's canary namespace, and the shadow's share is independent of the
+    canary's (the same callers are not both in the 1 % canary and the 1 % shadow)."""
+    return f"{adapter}\0shadow"
 
 
 def assign(caller_key: str, adapter: str, percent: int) -> bool:
@@ -162,7 +173,7 @@ def effective_thresholds(
 
 # ------------------------------------------------------------------------------ the view
 
-Role = Literal["stable", "canary", "fallback"]
+Role = Literal["stable", "canary", "fallback", "shadow"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,7 @@ class Route:
     """Where one request for an adapter goes. `address` is "base" (the base model, no adapter)
     or `name@N`, to resolve with `resolve_adapter(model=address, tenant=<the caller's tenant>)`:
     a fallback to another adapter must be resolved in the caller's scope. `version`/`version_id`
-    are set for this adapter's stable and canary (the monitor's window keys)."""
+    are set for this adapter's stable, canary and shadow (the monitor's window keys)."""
 
     address: str
     role: Role
@@ -193,15 +204,22 @@ class RolloutView:
     canary_version: int | None
     canary_version_id: int | None
     canary_percent: int  # 0 without a canary
+    shadow_version: int | None
+    shadow_version_id: int | None
+    shadow_percent: int  # 0 without a shadow
     paused: bool
     stage: str | None  # the last rollout's phase: "canary", "complete", "rolled_back"
     rollback_target: str  # where a breaching stable would go: "base", "name" or "name@N"
     active_target: str | None  # where the stable's traffic goes now ("base", "name@N")
+    # Whether a breaching stable falls back on its own: armed by an admin-set rollback path or
+    # by the stable's card (rollback triggers, or a path other than the implicit base).
+    auto_fallback: bool
     rolled_back_version: int | None
     rolled_back_at: datetime | None
     updated_at: datetime | None
     stable_card: Mapping[str, Any] | None  # card_limits() of the stable version
     canary_card: Mapping[str, Any] | None
+    shadow_card: Mapping[str, Any] | None
     threshold_override: Mapping[str, Any] | None
 
     @property
@@ -209,11 +227,46 @@ class RolloutView:
         return self.canary_version is not None
 
     @property
+    def shadow_running(self) -> bool:
+        return self.shadow_version is not None
+
+    @property
     def in_fallback(self) -> bool:
         return self.active_target is not None
 
+    @property
+    def steers(self) -> bool:
+        """Whether routing differs from plain `name` → stable (a canary or a fallback)."""
+        return self.canary_running or self.in_fallback
+
+    @property
+    def watched(self) -> bool:
+        """Whether a gateway replica must keep this view: it steers traffic, mirrors it to a
+        shadow, or its stable is judged for an automatic fallback."""
+        armed = self.auto_fallback and self.stable_version is not None
+        return self.steers or self.shadow_running or armed
+
     def in_canary(self, caller_key: str) -> bool:
         return self.canary_running and assign(caller_key, self.name, self.canary_percent)
+
+    def in_shadow(self, caller_key: str) -> bool:
+        """Whether the caller's requests are mirrored: sticky and monotone like `assign`, in
+        a namespace of its own (`shadow_bucket_key`)."""
+        return self.shadow_running and assign(
+            caller_key, shadow_bucket_key(self.name), self.shadow_percent
+        )
+
+    def shadow_route(self, caller_key: str) -> Route | None:
+        """Where a copy of this caller's request goes, or None: only requests the stable
+        serves are mirrored (a canary's or a fallback's answer compares nothing with the
+        stable)."""
+        if self.shadow_version is None or not self.in_shadow(caller_key):
+            return None
+        served = self.route(caller_key)
+        if served is None or served.role != "stable":
+            return None
+        address = f"{self.name}@{self.shadow_version}"
+        return Route(address, "shadow", self.shadow_version, self.shadow_version_id)
 
     def route(self, caller_key: str) -> Route | None:
         """Where this caller's request for `name` goes; None when nothing is servable."""
@@ -229,13 +282,12 @@ class RolloutView:
 
     def thresholds(self, version: int, defaults: Thresholds) -> Thresholds:
         """The thresholds that judge `version` of this adapter (its card, then the override)."""
-        card = (
-            self.canary_card
-            if version == self.canary_version
-            else self.stable_card
-            if version == self.stable_version
-            else None
-        )
+        cards = {
+            self.stable_version: self.stable_card,
+            self.shadow_version: self.shadow_card,
+            self.canary_version: self.canary_card,
+        }
+        card = cards.get(version)
         return effective_thresholds(card, self.threshold_override, defaults)
 
 

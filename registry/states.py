@@ -4,10 +4,12 @@ production, plus rolled_back, retired and deleted.
 Registration runs the compatibility gate first, so a stored version starts as `compatible`;
 `registered` exists for importers that record a version before gating it. Promotion along the
 ladder is registry.service.rollout's; this module only says which moves are legal. A canary
-starts from `evaluated` (or `shadow`); a rolled-back version may start a canary again only when
-an operator forces it (its rollback may have been an infrastructure incident, and its bytes
-cannot be registered a second time). A stable version that breaches keeps its state: its traffic
-moves to the rollback target (an adapter-level routing change, undone by restoring it).
+starts from `evaluated` (or `shadow`: a shadow gets copies of the stable's requests, its output
+discarded; stopping it returns it to `evaluated`); a rolled-back version may start a canary
+again only when an operator forces it (its rollback may have been an infrastructure incident,
+and its bytes cannot be registered a second time). A stable version that breaches keeps its
+state: its traffic moves to the rollback target (an adapter-level routing change, undone by
+restoring it).
 
 A deleted version stays as a tombstone row so its number is never reused and the audit trail
 keeps pointing at something; only its artifact goes (once no other version references it).
@@ -52,7 +54,9 @@ TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
     S.REGISTERED: frozenset({S.COMPATIBLE, S.RETIRED, S.DELETED}),
     S.COMPATIBLE: frozenset({S.EVALUATED, S.RETIRED, S.DELETED}),
     S.EVALUATED: frozenset({S.SHADOW, S.CANARY_1, S.RETIRED, S.DELETED}),
-    S.SHADOW: frozenset({S.CANARY_1, S.ROLLED_BACK, S.RETIRED}),
+    # Back to evaluated when a shadow stops: mirroring judges nothing by itself (an operator
+    # reads its divergence and latency, then starts a canary, retires it or rolls it back).
+    S.SHADOW: frozenset({S.EVALUATED, S.CANARY_1, S.ROLLED_BACK, S.RETIRED}),
     S.CANARY_1: frozenset({S.CANARY_10, S.ROLLED_BACK, S.RETIRED}),
     S.CANARY_10: frozenset({S.CANARY_50, S.ROLLED_BACK, S.RETIRED}),
     S.CANARY_50: frozenset({S.PRODUCTION, S.ROLLED_BACK, S.RETIRED}),

@@ -145,7 +145,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "## Servers",
         "",
-        "| server | startup s | LoRA slot bytes | engine flags |",
+        "| server | startup s | adapter weight bytes (slots or pool) | engine flags |",
         "|---|---:|---:|---|",
     ]
     for server in results["servers"]:

@@ -57,9 +57,11 @@ class LoadSettings:
     seed: int = 0
 
 
-# Equal adapter-weight memory: today both engines are vLLM with max_loras 4 x max_lora_rank 32.
-# When loraplex sizes its pool by bytes, give it that flag here, e.g.
-#   engine={"loraplex": {"lora_pool_bytes": lora_slot_bytes(base, DEFAULT_ENGINE_FLAGS)}}.
+# Equal adapter-weight memory: by default both engines are vLLM with max_loras 4 x max_lora_rank
+# 32. loraplex's paged pool (issue 9) is measured at that memory with
+#   --engine loraplex:paged_lora=1 --engine loraplex:paged_pool_bytes=4194304
+#   --engine loraplex:max_loras=16
+# (4 MiB is lora_slot_bytes() of the demo base at the default flags; see README).
 FULL_SCENARIOS: tuple[Scenario, ...] = (
     Scenario("base", "base model only", "load", adapters=0),
     Scenario("lora3", "3 adapters, uniform", "load", adapters=3, active=3),

@@ -192,13 +192,17 @@ def _group_alive(pgid: int) -> bool:
 
 
 def lora_slot_bytes(base: Path, flags: EngineFlags) -> int | None:
-    """Bytes of vLLM's preallocated LoRA slots: max_loras x max_lora_rank x Σ(in + out) x dtype.
+    """Bytes of adapter weights the engine preallocates: vLLM's LoRA slots, max_loras x
+    max_lora_rank x Σ(in + out) x dtype, or loraplex's paged pool (`paged_pool_bytes`) when
+    `paged_lora` is on (its slots cost a page-table row, not weights).
 
     vLLM stacks A and B for every LoRA-capable projection of every layer, whatever the adapters
-    target. Only meaningful for engines sized by slots; None when the flags do not say.
+    target. None when the flags do not say.
     """
     import json
 
+    if str(flags.get("paged_lora", "0")).lower() in {"1", "true", "yes", "on"}:
+        return int(flags["paged_pool_bytes"]) if "paged_pool_bytes" in flags else None
     if "max_loras" not in flags or "max_lora_rank" not in flags:
         return None
     config = json.loads((base / "config.json").read_text())

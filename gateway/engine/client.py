@@ -111,6 +111,11 @@ class EngineClient(Protocol):
 
     async def health(self) -> EngineHealth: ...
 
+    async def adapter_pool(self) -> dict[str, int] | None:
+        """The engine's paged adapter pool counters (kernels.paged_stats.PagedPoolStats
+        snapshot), or None when the engine keeps vLLM's own slot buffers."""
+        ...
+
     def default_sampling(self) -> dict[str, Any]:
         """The model's own generation defaults (generation_config.json), e.g. temperature."""
         ...

@@ -160,6 +160,19 @@ class EmbeddedVLLM:
             },
         )
 
+    async def adapter_pool(self) -> dict[str, int] | None:
+        engine = self._engine
+        if engine is None or engine.errored:
+            return None
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
+                # A method loraplex's vLLM plugin adds to every worker (kernels.paged_stats).
+                reports = await engine.collective_rpc("loraplex_paged_pool_stats")
+        except Exception:
+            logger.warning("could not read the paged adapter pool", exc_info=True)
+            return None
+        return next((r for r in reports if r), None)
+
 
 def _lora_request(adapter: AdapterHandle | None) -> Any:
     if adapter is None:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from gateway.admin_auth import AdminDep
 from gateway.deps import RolloutAdminDep
@@ -12,6 +12,7 @@ from gateway.schemas.admin import (
     RollbackPath,
     RolloutOut,
     StartRollout,
+    StartShadow,
     ThresholdsOverride,
 )
 from registry.rollout import RolloutView
@@ -19,16 +20,23 @@ from registry.rollout import RolloutView
 router = APIRouter(prefix="/admin/v1/rollouts", tags=["admin: rollouts"])
 
 
-def rollout_out(view: RolloutView, events: list[Any] | None = None) -> RolloutOut:
+def rollout_out(
+    view: RolloutView,
+    events: list[Any] | None = None,
+    windows: dict[str, dict[str, Any]] | None = None,
+) -> RolloutOut:
     return RolloutOut(
         name=view.name,
         stable_version=view.stable_version,
         canary_version=view.canary_version,
         canary_percent=view.canary_percent,
+        shadow_version=view.shadow_version,
+        shadow_percent=view.shadow_percent,
         paused=view.paused,
         stage=view.stage,
         rollback_target=view.rollback_target,
         active_target=view.active_target,
+        auto_fallback=view.auto_fallback,
         rolled_back_version=view.rolled_back_version,
         rolled_back_at=view.rolled_back_at,
         updated_at=view.updated_at,
@@ -48,14 +56,16 @@ def rollout_out(view: RolloutView, events: list[Any] | None = None) -> RolloutOu
             }
             for e in events
         ],
+        windows=windows,
     )
 
 
 @router.get("/{name}")
 async def rollout_status(name: str, actor: AdminDep, admin: RolloutAdminDep) -> RolloutOut:
-    """Where an adapter's traffic goes now, with its last rollout events."""
+    """Where an adapter's traffic goes now, with its last rollout events and this replica's
+    monitor windows."""
     view, events = await admin.status(name)
-    return rollout_out(view, events)
+    return rollout_out(view, events, admin.windows(view))
 
 
 @router.post("/{name}/start")
@@ -65,6 +75,27 @@ async def start_rollout(
     """Start a canary of an evaluated version at 1 % (or a later stage)."""
     view = await admin.start(name, body.version, body.percent, body.force, body.reason, actor)
     return rollout_out(view)
+
+
+@router.post("/{name}/shadow")
+async def start_shadow(
+    name: str, body: StartShadow, actor: AdminDep, admin: RolloutAdminDep
+) -> RolloutOut:
+    """Mirror a share of the stable's requests to an evaluated version; its output is only
+    compared (divergence, latency in loraplex_shadow_* metrics), never shown."""
+    view = await admin.start_shadow(name, body.version, body.percent, body.reason, actor)
+    return rollout_out(view)
+
+
+@router.delete("/{name}/shadow")
+async def stop_shadow(
+    name: str,
+    actor: AdminDep,
+    admin: RolloutAdminDep,
+    reason: Annotated[str | None, Query(max_length=500)] = None,
+) -> RolloutOut:
+    """Stop mirroring; the candidate returns to evaluated."""
+    return rollout_out(await admin.stop_shadow(name, reason, actor))
 
 
 @router.post("/{name}/promote")

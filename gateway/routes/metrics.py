@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from gateway.metrics import ENGINE_UP
+from gateway.pool_metrics import PoolMetrics
 
 router = APIRouter(tags=["observability"])
 
@@ -28,5 +29,11 @@ async def metrics(request: Request) -> Response:
     engine's own vllm:* metrics (same process)."""
     engine = getattr(request.app.state, "engine", None)
     # Probed at scrape time, so "engine down" alerts fire even when no traffic arrives.
-    ENGINE_UP.set(1 if engine is not None and (await engine.health()).alive else 0)
+    alive = engine is not None and (await engine.health()).alive
+    ENGINE_UP.set(1 if alive else 0)
+    if engine is not None and alive:
+        pool = getattr(request.app.state, "pool_metrics", None)
+        if pool is None:
+            pool = request.app.state.pool_metrics = PoolMetrics()
+        pool.update(await engine.adapter_pool())
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)

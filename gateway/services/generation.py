@@ -35,6 +35,7 @@ from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
 from gateway.services.generation_job import ChoiceResult, GenerationJob
+from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
 
@@ -54,6 +55,7 @@ class GenerationService:
         cache: HostAdapterCache,
         controller: RolloutController | None = None,
         faults: FaultInjector | None = None,
+        shadow: ShadowMirror | None = None,
     ):
         self._engine = engine
         self._catalog = catalog
@@ -62,6 +64,7 @@ class GenerationService:
         self._cache = cache
         self._controller = controller
         self._faults = faults
+        self._shadow = shadow
         self._defaults = engine.default_sampling()
 
     # ---- preparing -------------------------------------------------------------------------
@@ -88,7 +91,7 @@ class GenerationService:
         job = GenerationJob(
             request_id, "chat.completion", body.model, served, prompts, options, copies=copies
         )
-        return await self._admit(job, caller)
+        return await self._admit(job, caller, caller_key)
 
     async def prepare_completion(
         self,
@@ -118,9 +121,9 @@ class GenerationService:
             echo_texts=echo,
             copies=copies,
         )
-        return await self._admit(job, caller)
+        return await self._admit(job, caller, caller_key)
 
-    async def _admit(self, job: GenerationJob, caller: Principal) -> GenerationJob:
+    async def _admit(self, job: GenerationJob, caller: Principal, caller_key: str) -> GenerationJob:
         sequences = len(job.prompts) * job.options.n
         job.lease = self._limiter.admit(
             caller.tenant,
@@ -141,6 +144,8 @@ class GenerationService:
         scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
         job.recorder = GenerationRecorder(scope, job.prompt_tokens)
         job.controller = self._controller
+        if self._shadow is not None:
+            job.shadow = self._shadow.plan(job, caller, caller_key)
         return job
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
@@ -220,9 +225,15 @@ class GenerationService:
             async for index, update in self._interleaved(job):
                 if recorder is not None:
                     recorder.tokens(sum(len(d.token_ids) for d in update.choices))
+                if job.shadow is not None:
+                    job.shadow.observe(index, update)
                 yield index, update
             if recorder is not None:
                 recorder.completed = True
+            if job.shadow is not None and self._shadow is not None:
+                # The client's answer is complete (only bytes left to send); the mirror runs
+                # in its own task, so it can neither delay nor fail this request.
+                self._shadow.submit(job.shadow)
         except Exception:
             if recorder is not None:
                 recorder.failed = True

@@ -12,6 +12,7 @@ from gateway.engine.client import SamplingOptions, TokenLogprob
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
+from gateway.shadow import ShadowPlan
 
 
 @dataclass
@@ -31,6 +32,7 @@ class GenerationJob:
     recorder: GenerationRecorder | None = None
     cache: HostAdapterCache | None = None
     controller: RolloutController | None = None
+    shadow: ShadowPlan | None = None  # a copy for the adapter's shadow, sent once complete
 
     def finish(self) -> None:
         """Release the tenant's lease (refunding unused tokens), close the metrics and feed the

@@ -10,21 +10,63 @@ from typing import Any
 from gateway.audit_log import registry_operation
 from gateway.metrics import ROLLBACKS, ROLLOUT_TRANSITIONS
 from gateway.registry_runtime import RegistryRuntime
+from gateway.rollout_controller import RolloutController
 from gateway.rollout_router import RolloutRouter
 from registry import service
 from registry.rollout import RolloutChange, RolloutView
 
 
 class RolloutAdmin:
-    def __init__(self, runtime: RegistryRuntime, router: RolloutRouter):
+    def __init__(
+        self,
+        runtime: RegistryRuntime,
+        router: RolloutRouter,
+        controller: RolloutController | None = None,
+    ):
         self._runtime = runtime
         self._router = router
+        self._controller = controller
 
     async def status(self, name: str) -> tuple[RolloutView, list[Any]]:
         async with self._runtime.sessions() as session:
             view = await service.rollout_status(session, name=name)
             events = await service.list_rollout_events(session, name=name, limit=20)
         return view, events
+
+    def windows(self, view: RolloutView) -> dict[str, dict[str, Any]]:
+        """This replica's monitor windows of the view's stable, canary and shadow versions
+        ("name@N" → samples, p95 TTFT/latency, error rate); a version with none is left out."""
+        if self._controller is None:
+            return {}
+        found = {}
+        for version in (view.stable_version, view.canary_version, view.shadow_version):
+            if version is None:
+                continue
+            figures = self._controller.figures(view.name, version)
+            if figures is not None:
+                found[f"{view.name}@{version}"] = figures.as_dict()
+        return found
+
+    async def start_shadow(
+        self, name: str, version: int, percent: int, reason: str | None, actor: str
+    ) -> RolloutView:
+        async with (
+            registry_operation("shadow_start", actor, adapter=name, version=version),
+            self._runtime.sessions() as session,
+        ):
+            view = await service.start_shadow(
+                session, name=name, version=version, percent=percent, actor=actor, reason=reason
+            )
+        return self._took(view, "shadow_start", version)
+
+    async def stop_shadow(self, name: str, reason: str | None, actor: str) -> RolloutView:
+        async with (
+            registry_operation("shadow_stop", actor, adapter=name),
+            self._runtime.sessions() as session,
+        ):
+            before = await service.rollout_status(session, name=name)
+            view = await service.stop_shadow(session, name=name, actor=actor, reason=reason)
+        return self._took(view, "shadow_stop", before.shadow_version)
 
     async def start(
         self, name: str, version: int, percent: int, force: bool, reason: str | None, actor: str

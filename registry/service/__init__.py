@@ -37,6 +37,7 @@ from registry.service.rollout import (
     start_rollout,
 )
 from registry.service.rollout_fallback import restore_stable, set_rollback_path, set_thresholds
+from registry.service.rollout_shadow import start_shadow, stop_shadow
 from registry.service.rollout_views import (
     list_rollout_events,
     list_rollouts,
@@ -87,6 +88,8 @@ __all__ = [
     "set_thresholds",
     "share_adapter",
     "start_rollout",
+    "start_shadow",
+    "stop_shadow",
     "unshare_adapter",
     "update_tenant_policy",
 ]

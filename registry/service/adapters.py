@@ -29,6 +29,8 @@ from registry.service.audit import record
 from registry.service.base_models import get_served_base
 from registry.service.queries import find_adapter, next_version_number
 from registry.service.rollback_paths import rollback_path_problems
+from registry.service.rollout_log import touch, touch_if_tracked
+from registry.service.rollout_views import arms_fallback
 from registry.service.tenants import get_tenant
 from registry.states import VersionState, Visibility
 from registry.store.base import ArtifactStore
@@ -227,6 +229,10 @@ async def _insert_version(
         created_by=actor[:200],
     )
     session.add(version)
+    if version.card is not None and arms_fallback(adapter, version):
+        touch(adapter)  # replicas start judging it
+    else:
+        touch_if_tracked(adapter)  # `name` may serve this version now
     record(
         session,
         actor=actor,

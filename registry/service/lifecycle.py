@@ -1,7 +1,7 @@
 """Marking versions evaluated, retiring and deleting them. Each is a state change on the immutable
 version row, audited; delete also removes the artifact once no live version references it any
-more. A version the rollout is routing to (a running canary, the stable while a canary runs, a
-fallback target) is refused until the rollout moves on."""
+more. A version the rollout is routing to (a running canary or shadow, the stable while either
+runs, a fallback target) is refused until the rollout moves on."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from registry.errors import InvalidStateTransition
 from registry.models import Adapter, AdapterVersion, utcnow
 from registry.service.audit import record
 from registry.service.queries import artifact_references, get_version
+from registry.service.rollout_log import touch_if_tracked
 from registry.states import VersionState, check_transition
 from registry.store.base import ArtifactStore
 
@@ -48,6 +49,7 @@ async def retire_version(
     await _refuse_routed(session, row)
     previous = row.state
     move_state(row, VersionState.RETIRED)
+    touch_if_tracked(row.adapter)  # a retired stable: `name` serves another version now
     record(
         session,
         actor=actor,
@@ -79,6 +81,7 @@ async def delete_version(
     await _refuse_routed(session, row)
     previous = row.state
     move_state(row, VersionState.DELETED)
+    touch_if_tracked(adapter)
     others = await artifact_references(session, row.artifact_sha256, excluding_id=row.id)
     remove_artifact = others == 0
     record(
@@ -114,9 +117,15 @@ async def _refuse_routed(session: AsyncSession, row: AdapterVersion) -> None:
     adapter, address = row.adapter, f"{row.adapter.name}@{row.version}"
     if row.version == adapter.canary_version:
         raise InvalidStateTransition(f"{address} is in canary; promote or roll it back first")
+    if row.version == adapter.shadow_version:
+        raise InvalidStateTransition(f"{address} is in shadow; stop the shadow first")
     if adapter.canary_version is not None and row.version == adapter.stable_version:
         raise InvalidStateTransition(
             f"{address} is the stable of a running canary; finish the rollout first"
+        )
+    if adapter.shadow_version is not None and row.version == adapter.stable_version:
+        raise InvalidStateTransition(
+            f"{address} is the stable a running shadow is compared with; stop the shadow first"
         )
     routed_here = await session.scalar(
         select(Adapter.name).where(Adapter.active_target == address).limit(1)

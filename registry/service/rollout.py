@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import (
@@ -41,13 +40,15 @@ from registry.rollout import (
 from registry.service.lifecycle import move_state
 from registry.service.rollout_fallback import fall_back
 from registry.service.rollout_log import log_event
+from registry.service.rollout_shadow import end_shadow
 from registry.service.rollout_views import (
     build_view,
     load_adapter,
+    stable_below,
     stable_row,
     version_row,
 )
-from registry.states import SERVABLE, VersionState
+from registry.states import VersionState
 
 LADDER = (
     VersionState.CANARY_1,
@@ -85,7 +86,7 @@ async def start_rollout(
     row = await version_row(session, adapter, version, for_update=True)
     if row is None:
         raise VersionNotFound(f"adapter {name!r} has no version {version}")
-    stable = await _stable_below(session, adapter, version)
+    stable = await stable_below(session, adapter, version)
     if stable is None:
         raise InvalidStateTransition(
             f"{name} has no servable version below {version} to keep serving the other "
@@ -99,7 +100,10 @@ async def start_rollout(
             f"{name}@{version} was rolled back ({when}); start it again with force=True"
         )
     forced = row.state == VersionState.ROLLED_BACK
-    _climb(row, STAGE_STATES[percent])
+    _climb(row, STAGE_STATES[percent])  # a shadow version climbs shadow → canary_1 → …
+    if adapter.shadow_version == version:
+        # Its users now see its answers: mirroring them to it again would compare nothing.
+        end_shadow(session, adapter, actor=actor, reason="canary started", state=None)
     adapter.stable_version = stable.version
     adapter.canary_version = version
     adapter.canary_percent = percent
@@ -170,6 +174,13 @@ async def promote(
         adapter.canary_percent = None
         adapter.active_target = None
         adapter.rollout_stage = "complete"
+        if adapter.shadow_version is not None and adapter.shadow_version <= canary.version:
+            # A shadow must be newer than the stable it is compared with.
+            shadow = await version_row(session, adapter, adapter.shadow_version, for_update=True)
+            details["ended_shadow"] = adapter.shadow_version
+            end_shadow(
+                session, adapter, actor=actor, reason="an equal or newer stable", state=shadow
+            )
     else:
         action = "promote"
         adapter.canary_percent = target
@@ -317,26 +328,6 @@ async def _unchanged(session: AsyncSession, adapter: Adapter) -> RolloutChange:
     view = await build_view(session, adapter)
     await session.commit()  # releases the row lock; nothing was changed
     return RolloutChange(view, acted=False)
-
-
-async def _stable_below(
-    session: AsyncSession, adapter: Adapter, version: int
-) -> AdapterVersion | None:
-    current = await stable_row(session, adapter)
-    if current is not None and current.version != version:
-        return current  # older: the stable; newer: start_rollout refuses it by name
-    # No stable pinned yet and the newest servable version is the candidate itself (a new
-    # version serves as soon as it is registered until a rollout pins one): take the one before.
-    return await session.scalar(
-        select(AdapterVersion)
-        .where(
-            AdapterVersion.adapter_id == adapter.id,
-            AdapterVersion.version < version,
-            AdapterVersion.state.in_(SERVABLE),
-        )
-        .order_by(AdapterVersion.version.desc())
-        .limit(1)
-    )
 
 
 def _climb(row: AdapterVersion, target: VersionState) -> None:

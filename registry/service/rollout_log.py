@@ -23,6 +23,13 @@ def touch(adapter: Adapter) -> None:
     )
 
 
+def touch_if_tracked(adapter: Adapter) -> None:
+    """Stamp an adapter that replicas hold a view of (any rollout write, ever), so a change of
+    what its name serves (a new version, a retired stable) reaches their copy too."""
+    if adapter.rollout_updated_at is not None:
+        touch(adapter)
+
+
 def log_event(
     session: AsyncSession,
     adapter: Adapter,

@@ -59,6 +59,28 @@ async def version_row(
     return await session.scalar(query)
 
 
+async def stable_below(
+    session: AsyncSession, adapter: Adapter, version: int
+) -> AdapterVersion | None:
+    """The stable a candidate `version` (canary or shadow) is compared with: the current
+    stable, or the newest servable version below `version` when the candidate itself is what
+    `name` serves now (a new version serves as soon as it is registered until a rollout pins
+    one). A stable newer than `version` is returned as is: the caller refuses it by name."""
+    current = await stable_row(session, adapter)
+    if current is not None and current.version != version:
+        return current
+    return await session.scalar(
+        select(AdapterVersion)
+        .where(
+            AdapterVersion.adapter_id == adapter.id,
+            AdapterVersion.version < version,
+            AdapterVersion.state.in_(SERVABLE),
+        )
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+    )
+
+
 async def stable_row(session: AsyncSession, adapter: Adapter) -> AdapterVersion | None:
     """What `name` serves outside the canary: the stable pointer when servable, else the newest
     servable version (the same rule as queries.current_version, re-reading rows)."""
@@ -86,11 +108,24 @@ def rollback_target(adapter: Adapter, stable: AdapterVersion | None) -> str:
     return str(card_path) if card_path else "base"
 
 
+def arms_fallback(adapter: Adapter, stable: AdapterVersion | None) -> bool:
+    """Whether a breaching stable moves to its rollback path without an operator. Only when
+    someone asked for it: an admin-set path, or a stable card that declares rollback triggers
+    or names a path. The implicit base model is for a manual `rollout rollback`: silently
+    swapping a tenant's fine-tune for the bare base is a change the operator opts into."""
+    if adapter.rollback_path:
+        return True
+    card = (stable.card or {}) if stable is not None else {}
+    return card.get("rollback") is not None or card.get("rollback_path") not in (None, "base")
+
+
 async def build_view(session: AsyncSession, adapter: Adapter) -> RolloutView:
     stable = await stable_row(session, adapter)
-    canary = None
+    canary = shadow = None
     if adapter.canary_version is not None:
         canary = await version_row(session, adapter, adapter.canary_version)
+    if adapter.shadow_version is not None:
+        shadow = await version_row(session, adapter, adapter.shadow_version)
     return RolloutView(
         name=adapter.name,
         tenant=adapter.tenant.name,
@@ -101,15 +136,20 @@ async def build_view(session: AsyncSession, adapter: Adapter) -> RolloutView:
         canary_version=canary.version if canary is not None else None,
         canary_version_id=canary.id if canary is not None else None,
         canary_percent=(adapter.canary_percent or 0) if canary is not None else 0,
+        shadow_version=shadow.version if shadow is not None else None,
+        shadow_version_id=shadow.id if shadow is not None else None,
+        shadow_percent=(adapter.shadow_percent or 0) if shadow is not None else 0,
         paused=adapter.rollout_paused,
         stage=adapter.rollout_stage,
         rollback_target=rollback_target(adapter, stable),
         active_target=adapter.active_target,
+        auto_fallback=arms_fallback(adapter, stable),
         rolled_back_version=adapter.rolled_back_version,
         rolled_back_at=adapter.rolled_back_at,
         updated_at=adapter.rollout_updated_at,
         stable_card=card_limits(stable.card) if stable is not None else None,
         canary_card=card_limits(canary.card) if canary is not None else None,
+        shadow_card=card_limits(shadow.card) if shadow is not None else None,
         threshold_override=adapter.rollout_thresholds,
     )
 

@@ -138,3 +138,16 @@ def test_summary_percentiles_tpot_and_ratios() -> None:
     }
     assert stats.ratios(result, ("vllm", "loraplex"))["closed"]["req_per_s"] == 2
     assert stats.ratios(result, ("vllm",)) == {}
+
+
+def test_adapter_weight_bytes_are_vllm_slots_or_the_paged_pool(tmp_path):
+    from benchmarks.serve.servers import lora_slot_bytes
+
+    config = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4}
+    config |= {"num_key_value_heads": 2, "num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    slots = {"max_loras": 4, "max_lora_rank": 32, "dtype": "float32"}
+    assert lora_slot_bytes(tmp_path, slots) == 4 * 1024 * 1024  # the demo base: 4 MiB
+    paged = {**slots, "max_loras": 16, "paged_lora": "1", "paged_pool_bytes": "4194304"}
+    assert lora_slot_bytes(tmp_path, paged) == 4194304  # the pool, not 16 max-rank slots
+    assert lora_slot_bytes(tmp_path, {"paged_lora": "1"}) is None

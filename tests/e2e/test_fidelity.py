@@ -9,14 +9,48 @@ import pytest
 from transformers import AutoTokenizer
 
 from gateway.demo import DEMO_ADAPTERS
-from tests.conftest import BASE_NAME, MAX_LORAS
+from tests.conftest import (
+    BASE_NAME,
+    MAX_LORAS,
+    register_demo_adapters,
+    start_gateway,
+    stop_gateway,
+)
 from tests.e2e.merged_reference import greedy_tokens
+from tests.paged_budget import PAGE_SIZE, pages, pool_bytes
 
 pytestmark = pytest.mark.engine
 
 MODELS = [BASE_NAME, *(spec.name for spec in DEMO_ADAPTERS)]
 PROMPTS = ["The gateway serves", "Hello world, what is the rank of"]
 MAX_TOKENS = 24
+
+
+# The paged gateway's pool: every demo adapter at once would need Σ pages = 15; vLLM's slot
+# buffers for the same engine take MAX_LORAS x max_lora_rank 32 rows = 32 pages.
+PAGED_POOL_PAGES = 15
+
+
+@pytest.fixture(scope="module", params=["slots", "paged"])
+def served(request, gateway, demo, tmp_path_factory):
+    """The same tests against vLLM's own slot buffers (the session gateway) and against a
+    gateway whose engine runs loraplex's paged pool (LORAPLEX_PAGED_LORA, kernels/README.md)
+    with less adapter memory than vLLM's slots."""
+    if request.param == "slots":
+        yield gateway
+        return
+    running = start_gateway(
+        demo,
+        tmp_path_factory.mktemp("paged-gateway"),
+        LORAPLEX_PAGED_LORA="1",
+        LORAPLEX_PAGED_POOL_BYTES=str(pool_bytes(PAGED_POOL_PAGES)),
+        LORAPLEX_PAGED_PAGE_SIZE=str(PAGE_SIZE),
+    )
+    try:
+        running.api_key = register_demo_adapters(running, demo)
+        yield running
+    finally:
+        stop_gateway(running)
 
 
 def visible_text(tokenizer, tokens: list[int]) -> str:
@@ -59,8 +93,8 @@ def test_adapters_change_the_output(references):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_completion_equals_merged_reference(gateway, references, model):
-    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key)
+def test_completion_equals_merged_reference(served, references, model):
+    client = openai.OpenAI(base_url=served.v1, api_key=served.api_key)
     for prompt in PROMPTS:
         response = client.completions.create(
             model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
@@ -69,13 +103,13 @@ def test_completion_equals_merged_reference(gateway, references, model):
 
 
 @pytest.mark.parametrize("model", ["demo-all-r16", "demo-qv-rs32", BASE_NAME])
-def test_chat_equals_merged_reference(gateway, demo, tokenizer, model):
+def test_chat_equals_merged_reference(served, demo, tokenizer, model):
     messages = [{"role": "user", "content": "Which adapter is this?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     adapter = None if model == BASE_NAME else demo.adapters[model]
     expected = visible_text(tokenizer, greedy_tokens(demo.base, adapter, prompt_ids, MAX_TOKENS))
-    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key)
+    client = openai.OpenAI(base_url=served.v1, api_key=served.api_key)
     response = client.chat.completions.create(
         model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0
     )
@@ -83,9 +117,9 @@ def test_chat_equals_merged_reference(gateway, demo, tokenizer, model):
     assert response.usage.prompt_tokens == len(prompt_ids)
 
 
-async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(gateway, references):
+async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(served, references):
     """Every max_loras slot busy while base requests run in the same batches: no bleed."""
-    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.api_key)
+    client = openai.AsyncOpenAI(base_url=served.v1, api_key=served.api_key)
     jobs = [(model, prompt) for _ in range(2) for prompt in PROMPTS for model in MODELS]
 
     async def one(model: str, prompt: str) -> str:
@@ -104,8 +138,8 @@ async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(gateway
     await client.close()
 
 
-async def test_streamed_burst_matches_references(gateway, references):
-    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.api_key)
+async def test_streamed_burst_matches_references(served, references):
+    client = openai.AsyncOpenAI(base_url=served.v1, api_key=served.api_key)
 
     async def one(model: str) -> str:
         stream = await client.completions.create(
@@ -116,3 +150,26 @@ async def test_streamed_burst_matches_references(gateway, references):
     results = await asyncio.gather(*(one(model) for model in MODELS))
     assert results == [references[model, PROMPTS[0]] for model in MODELS]
     await client.close()
+
+
+def test_device_pool_metrics(served, request):
+    """After the tests above, the paged engine's pool shows in /metrics (pages used + free =
+    the pool, adapters paged in, device-tier residency); vLLM's slots report no pool."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{served.base_url}/metrics", timeout=30).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    pool = {k[1][0][1]: v for k, v in samples.items() if k[0] == "loraplex_adapter_pool_pages"}
+    if request.node.callspec.params["served"] == "slots":
+        assert pool == {}
+        return
+    assert pool["used"] + pool["free"] == PAGED_POOL_PAGES
+    assert samples["loraplex_adapter_page_ins_total", ()] >= len(DEMO_ADAPTERS)
+    assert samples["loraplex_adapter_page_in_bytes_total", ()] > 0
+    resident = samples["loraplex_adapters_resident", (("tier", "device"),)]
+    assert 1 <= resident <= len(DEMO_ADAPTERS) and pool["used"] >= pages(4)

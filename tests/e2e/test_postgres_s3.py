@@ -6,44 +6,14 @@ missing."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-
 import openai
 import pytest
-from sqlalchemy import make_url
 
 from tests.conftest import cli, start_gateway, stop_gateway, tenant_with_key
-from tests.registry.conftest import _postgres_unavailable, postgres_url
 from tests.registry.s3_server import CREDENTIALS, REGION, moto_server, new_bucket, s3_client
 
 pytestmark = [pytest.mark.engine, pytest.mark.postgres]
 ADAPTER_SOURCE = "demo-qv-rs32"  # rsLoRA: scale must survive the S3 round trip too
-
-
-async def _admin_sql(statement: str) -> None:
-    import asyncpg
-
-    url = make_url(postgres_url()).set(drivername="postgresql")
-    connection = await asyncpg.connect(url.render_as_string(hide_password=False), timeout=5)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
-def postgres_database():
-    """A database of its own (dropped afterwards): the gateway migrates it from empty."""
-    reason = asyncio.run(_postgres_unavailable(postgres_url()))
-    if reason is not None:
-        pytest.skip(reason)
-    name = f"loraplex_e2e_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin_sql(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_url()).set(database=name).render_as_string(hide_password=False)
-    finally:
-        asyncio.run(_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def greedy(client: openai.OpenAI, model: str) -> str:

@@ -35,6 +35,9 @@ class ScriptedEngine:
         self.error = error
         self.aborted: list[str] = []
         self.calls: list[tuple[str, AdapterHandle | None, SamplingOptions]] = []
+        # Other words for some adapter versions (by engine id): token i is i where the word
+        # equals words[i], else 1000 + i, so outputs share exactly their common prefix.
+        self.words_for: dict[int, list[str]] = {}
 
     async def start(self) -> None:
         pass
@@ -53,7 +56,8 @@ class ScriptedEngine:
         adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationUpdate]:
         self.calls.append((request_id, adapter, options))
-        count = min(options.max_tokens, len(self.words))
+        words = self.words_for.get(adapter.engine_id, self.words) if adapter else self.words
+        count = min(options.max_tokens, len(words))
         for i in range(count):
             if self.fail_after is not None and i == self.fail_after:
                 assert self.error is not None
@@ -64,8 +68,10 @@ class ScriptedEngine:
                 choices=[
                     ChoiceDelta(
                         index=c,
-                        text=self.words[i],
-                        token_ids=[i],
+                        text=words[i],
+                        token_ids=[
+                            i if i < len(self.words) and words[i] == self.words[i] else 1000 + i
+                        ],
                         finish_reason="length" if last else None,
                     )
                     for c in range(options.n)
@@ -81,6 +87,9 @@ class ScriptedEngine:
 
     async def remove_adapter(self, engine_id: int) -> None:
         pass
+
+    async def adapter_pool(self) -> dict[str, int] | None:
+        return None  # vLLM's own slot buffers: no paged pool
 
     async def health(self) -> EngineHealth:
         return EngineHealth(alive=True, detail={"unfinished_requests": 0})
@@ -99,12 +108,13 @@ class KeyedClient(TestClient):
         return self
 
 
-def client_for(demo_root: Path, engine: Any) -> KeyedClient:
+def client_for(demo_root: Path, engine: Any, **overrides: Any) -> KeyedClient:
     settings = Settings(
         base_model=demo_root / "base",
         served_model_name=BASE,
         adapter_dir=None,
         data_dir=demo_root / "data",
         admin_token=ADMIN_TOKEN,
+        **overrides,
     )
     return KeyedClient(create_app(settings, engine=engine), raise_server_exceptions=False)

@@ -33,6 +33,13 @@ CASES = [
     ("POST", "/admin/v1/rollouts/nothing/start", {"version": 1, "percent": 7}, 400),
     ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"window": -5}, 400),
     ("POST", "/admin/v1/rollouts/nothing/rollback", {}, 404),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 10}, 404),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 0}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 101}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 5, "x": 1}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": "two", "percent": 5}, 400),
+    ("DELETE", "/admin/v1/rollouts/nothing/shadow", None, 404),
 ]
 
 

@@ -103,3 +103,26 @@ def test_limits_are_validated():
         WindowLimits(window=0)
     with pytest.raises(ValueError):
         WindowLimits(max_error_rate=1.5)
+
+
+def test_a_target_is_failing_on_ten_bad_requests_without_a_verdict_of_its_own():
+    monitor = RollbackMonitor()
+    limits = WindowLimits(window=100)
+    for _ in range(9):
+        monitor.record("alt@1", limits, ttft_s=0.01, e2e_s=0.1, error=True)
+    assert not monitor.failing("alt@1", limits)  # nine requests are not enough evidence
+    monitor.record("alt@1", limits, ttft_s=0.01, e2e_s=0.1, error=True)
+    assert monitor.failing("alt@1", limits)
+    assert monitor.figures("alt@1").samples == 10  # recording never clears a window
+    assert not monitor.failing("never-served@1", limits)
+    for _ in range(10):
+        monitor.record("ok@1", limits, ttft_s=0.01, e2e_s=0.1, error=False)
+    assert not monitor.failing("ok@1", limits)
+
+
+def test_windows_are_bounded_least_recently_served_first():
+    monitor = RollbackMonitor(max_windows=3)
+    limits = WindowLimits(window=10)
+    for key in ("a@1", "b@1", "c@1", "a@1", "d@1"):
+        monitor.record(key, limits, ttft_s=None, e2e_s=0.1, error=False)
+    assert sorted(monitor.addresses()) == ["a@1", "c@1", "d@1"]  # b was the least recent

@@ -9,30 +9,13 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.demo import DemoAdapterSpec, build_adapter
-from tests.gateway.fake_engine import ADMIN_TOKEN, ScriptedEngine, client_for
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+from tests.gateway.fake_engine import ScriptedEngine, client_for
+from tests.gateway.rollout_helpers import ADMIN, build_demo_root, register
 
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from gateway.demo import build_base
-
-    root = tmp_path_factory.mktemp("rollout")
-    build_base(root / "base")
-    for seed in (1, 2):
-        spec = DemoAdapterSpec(f"v{seed}", 8, 16, ["q_proj", "v_proj"], seed=seed)
-        build_adapter(root / "base", root / f"v{seed}", spec)
-    return root
-
-
-def register(client, root, name: str, folder: str) -> None:
-    files = [("files", (f, (root / folder / f).read_bytes())) for f in FILES]
-    form = {"name": name, "tenant": client.tenant}
-    response = client.post("/admin/v1/adapters", data=form, files=files, headers=ADMIN)
-    assert response.status_code == 201, response.text
+    return build_demo_root(tmp_path_factory.mktemp("rollout"))
 
 
 def served_version(client, engine, name: str, user: str | None = None, **headers) -> int:
@@ -42,6 +25,19 @@ def served_version(client, engine, name: str, user: str | None = None, **headers
     response = client.post("/v1/completions", json=body, headers=headers)
     assert response.status_code == 200, response.text
     return engine.calls[-1][1].engine_id
+
+
+def start_half_canary(client, engine, demo_root, name: str) -> int:
+    """v1 stable, v2 evaluated and rolled out to 50 %; returns v1's engine id."""
+    register(client, demo_root, name, "v1")
+    stable = served_version(client, engine, name)
+    register(client, demo_root, name, "v2")
+    client.post(f"/admin/v1/adapters/{name}/versions/2/evaluate", headers=ADMIN)
+    started = client.post(
+        f"/admin/v1/rollouts/{name}/start", json={"version": 2, "percent": 50}, headers=ADMIN
+    )
+    assert started.status_code == 200, started.text
+    return stable
 
 
 def test_canary_split_stickiness_promotion_and_rollback(demo_root):
@@ -90,13 +86,7 @@ def test_manual_rollback_sends_every_caller_back_to_stable(demo_root):
     engine = ScriptedEngine(["a"])
     name = "rolled-back"
     with client_for(demo_root, engine) as client:
-        register(client, demo_root, name, "v1")
-        stable = served_version(client, engine, name)
-        register(client, demo_root, name, "v2")
-        client.post(f"/admin/v1/adapters/{name}/versions/2/evaluate", headers=ADMIN)
-        client.post(
-            f"/admin/v1/rollouts/{name}/start", json={"version": 2, "percent": 50}, headers=ADMIN
-        )
+        stable = start_half_canary(client, engine, demo_root, name)
         users = [f"u{i}" for i in range(30)]
         assert len({served_version(client, engine, name, user=u) for u in users}) == 2
         assert (
@@ -129,3 +119,24 @@ def test_manual_rollback_sends_every_caller_back_to_stable(demo_root):
             "/v1/completions", json={"model": f"{name}@2", "prompt": "x", "max_tokens": 1}
         )
         assert pinned.status_code == 404
+
+
+def test_a_replica_behind_the_registry_serves_stable_instead_of_failing(demo_root):
+    """Another replica rolled the canary back; this one has not polled yet, so its view still
+    sends half the callers to a version the registry no longer serves. Those callers must get
+    the stable, never a 404 (CI caught exactly this race between two replicas)."""
+    engine = ScriptedEngine(["a"])
+    name = "lagging"
+    with client_for(demo_root, engine) as client:
+        stable = start_half_canary(client, engine, demo_root, name)
+        router = client.app.state.rollout_router
+        stale = router.view(name)
+        assert stale is not None and stale.canary_version == 2
+        rolled = client.post(
+            f"/admin/v1/rollouts/{name}/rollback", json={"reason": "elsewhere"}, headers=ADMIN
+        )
+        assert rolled.status_code == 200, rolled.text
+        router.accept(stale)  # as if the rollback came from a replica we have not heard from
+        users = [f"u{i}" for i in range(30)]
+        assert {router.route(name, f"user:{u}") for u in users} >= {f"{name}@2"}
+        assert {served_version(client, engine, name, user=u) for u in users} == {stable}

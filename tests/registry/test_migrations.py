@@ -18,7 +18,8 @@ from registry.compat import BaseModelFingerprint
 from registry.db import alembic_config, make_session_factory, migrate
 from registry.store.local import LocalArtifactStore
 
-HEAD = "0003"
+HEAD = "0004"
+SHADOW_COLUMNS = {"shadow_version", "shadow_percent"}
 ROLLOUT_COLUMNS = {
     "canary_percent",
     "rollout_paused",
@@ -128,13 +129,13 @@ async def test_a_0001_database_upgrades_with_its_rows(
     await migrate(blank_engine, revision="0001")
     revision, tables, columns = await schema(blank_engine)
     assert revision == "0001" and not {"api_keys", "adapter_shares", "rollout_events"} & tables
-    assert not ROLLOUT_COLUMNS & columns
+    assert not (ROLLOUT_COLUMNS | SHADOW_COLUMNS) & columns
     await write_old_rows(blank_engine, base_fp)
 
     await migrate(blank_engine)
     revision, tables, columns = await schema(blank_engine)
     assert revision == HEAD and {"api_keys", "adapter_shares", "rollout_events"} <= tables
-    assert columns >= ROLLOUT_COLUMNS
+    assert columns >= ROLLOUT_COLUMNS | SHADOW_COLUMNS
 
     sessions = make_session_factory(blank_engine)
     async with sessions() as session:
@@ -150,17 +151,7 @@ async def test_a_0001_database_upgrades_with_its_rows(
         view = await service.rollout_status(session, name="acme-private")
         assert (view.stable_version, view.canary_version, view.paused) == (1, None, False)
         assert view.updated_at is None and await service.list_rollouts(session) == []
-        await service.register_adapter_version(
-            session,
-            store=store,
-            artifact_dir=make_adapter("qv-r4", r=4, lora_alpha=8, target_modules=["q_proj"]),
-            name="acme-private",
-            tenant="acme",
-            served_base=base_fp,
-            max_lora_rank=16,
-            actor="root",
-        )
-        await service.mark_evaluated(session, name="acme-private", version=2, actor="root")
+        await evaluated_second_version(session, store, make_adapter, base_fp)
         view = await service.start_rollout(session, name="acme-private", version=2, actor="root")
         assert (view.stable_version, view.canary_version, view.canary_percent) == (1, 2, 1)
         assert await service.rollout_generation(session) == view.updated_at
@@ -168,12 +159,27 @@ async def test_a_0001_database_upgrades_with_its_rows(
     await migrate(blank_engine)  # idempotent at head
 
 
+async def evaluated_second_version(session, store, make_adapter, base_fp) -> None:
+    """acme-private@2, evaluated: ready for a canary or a shadow."""
+    await service.register_adapter_version(
+        session,
+        store=store,
+        artifact_dir=make_adapter("qv-r4", r=4, lora_alpha=8, target_modules=["q_proj"]),
+        name="acme-private",
+        tenant="acme",
+        served_base=base_fp,
+        max_lora_rank=16,
+        actor="root",
+    )
+    await service.mark_evaluated(session, name="acme-private", version=2, actor="root")
+
+
 async def test_a_0002_database_upgrades_to_rollouts(
     blank_engine: AsyncEngine, base_fp: BaseModelFingerprint
 ):
     await migrate(blank_engine, revision="0002")
     await write_old_rows(blank_engine, base_fp)
-    await migrate(blank_engine, revision="0003")
+    await migrate(blank_engine)  # today's models need every later column too
     sessions = make_session_factory(blank_engine)
     async with sessions() as session:
         view = await service.set_thresholds(
@@ -181,6 +187,32 @@ async def test_a_0002_database_upgrades_to_rollouts(
         )
         assert view.threshold_override == {"window": 200} and view.rollback_target == "base"
         assert [v.name for v in await service.list_rollouts(session)] == ["acme-private"]
+
+
+async def test_a_0003_database_upgrades_to_shadows(
+    blank_engine: AsyncEngine,
+    store: LocalArtifactStore,
+    base_fp: BaseModelFingerprint,
+    make_adapter: Callable[..., Path],
+):
+    await migrate(blank_engine, revision="0003")
+    await write_old_rows(blank_engine, base_fp)
+    assert not SHADOW_COLUMNS & (await schema(blank_engine))[2]
+    await migrate(blank_engine)
+    assert (await schema(blank_engine))[2] >= SHADOW_COLUMNS
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        view = await service.rollout_status(session, name="acme-private")
+        assert (view.shadow_version, view.shadow_percent) == (None, 0)
+        await evaluated_second_version(session, store, make_adapter, base_fp)
+        view = await service.start_shadow(
+            session, name="acme-private", version=2, percent=10, actor="root"
+        )
+        assert (view.stable_version, view.shadow_version, view.shadow_percent) == (1, 2, 10)
+
+    await downgrade(blank_engine, "0003")  # the shadow pointer goes, the adapter stays
+    revision, _, columns = await schema(blank_engine)
+    assert revision == "0003" and not SHADOW_COLUMNS & columns and columns >= ROLLOUT_COLUMNS
 
 
 async def test_downgrade_and_upgrade_again(

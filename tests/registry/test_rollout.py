@@ -200,15 +200,20 @@ def view(**changes: Any) -> RolloutView:
         "canary_version": None,
         "canary_version_id": None,
         "canary_percent": 0,
+        "shadow_version": None,
+        "shadow_version_id": None,
+        "shadow_percent": 0,
         "paused": False,
         "stage": None,
         "rollback_target": "base",
         "active_target": None,
+        "auto_fallback": False,
         "rolled_back_version": None,
         "rolled_back_at": None,
         "updated_at": None,
         "stable_card": None,
         "canary_card": None,
+        "shadow_card": None,
         "threshold_override": None,
     }
     return RolloutView(**{**fields, **changes})
@@ -249,3 +254,43 @@ def test_view_thresholds_use_each_versions_card():
     assert both.thresholds(1, Thresholds()).sla_p95_ttft_ms == 100
     assert both.thresholds(2, Thresholds()).sla_p95_ttft_ms == 80
     assert both.thresholds(7, Thresholds()) == Thresholds(margin_ms=5)
+
+
+def shadowed(percent: int, **changes: Any) -> RolloutView:
+    return view(shadow_version=3, shadow_version_id=13, shadow_percent=percent, **changes)
+
+
+def test_shadow_share_is_sticky_monotone_and_independent_of_the_canary():
+    for percent in (1, 10, 50):
+        share = sum(shadowed(percent).in_shadow(k) for k in KEYS) / len(KEYS)
+        assert abs(share - percent / 100) < 0.02, (percent, share)
+    inside = [k for k in KEYS if shadowed(10).in_shadow(k)]
+    assert inside == [k for k in KEYS if shadowed(10).in_shadow(k)]  # sticky
+    assert all(shadowed(50).in_shadow(k) for k in inside)  # monotone
+    assert all(shadowed(100).in_shadow(k) for k in KEYS)
+    # Another namespace than the canary's: at 10 % each, the overlap is ~1 %, not ~10 %.
+    both = sum(1 for k in inside if assign(k, "acme-support", 10))
+    assert both / len(KEYS) < 0.03
+    assert not view().in_shadow(KEYS[0]) and not view().shadow_running
+
+
+def test_shadow_route_mirrors_only_what_the_stable_serves():
+    plain = shadowed(100)
+    assert plain.watched and not plain.steers  # kept by replicas, routing unchanged
+    assert plain.route(KEYS[0]) == Route("acme-support@1", "stable", 1, 11)
+    assert plain.shadow_route(KEYS[0]) == Route("acme-support@3", "shadow", 3, 13)
+    with_canary = shadowed(100, canary_version=2, canary_version_id=12, canary_percent=50)
+    for key in KEYS[:500]:
+        served = with_canary.route(key)
+        mirrored = with_canary.shadow_route(key)
+        assert (mirrored is not None) == (served is not None and served.role == "stable")
+    assert shadowed(100, active_target="base").shadow_route(KEYS[0]) is None
+    outside = next(k for k in KEYS if not shadowed(10).in_shadow(k))
+    assert shadowed(10).shadow_route(outside) is None
+    assert view().shadow_route(KEYS[0]) is None
+
+
+def test_shadow_thresholds_use_its_card():
+    candidate = shadowed(10, shadow_card={"sla": {"p95_ttft_ms": 70}})
+    assert candidate.thresholds(3, Thresholds()).sla_p95_ttft_ms == 70
+    assert candidate.thresholds(1, Thresholds()).sla_p95_ttft_ms is None

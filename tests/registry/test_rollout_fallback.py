@@ -249,3 +249,39 @@ async def test_threshold_override(world: World):
     assert view.threshold_override is None
     audit = await service.list_audit(world.session, action="rollout.thresholds", limit=2)
     assert [a.details["to"] for a in audit] == [None, {"margin_ms": 30.0, "max_p95_e2e_ms": 2000.0}]
+
+
+# ------------------------------------------------------------------ what arms automatic fallback
+
+
+async def test_only_an_asked_for_rollback_path_arms_automatic_fallback(world: World):
+    await world.register("plain", 1)  # no card: base is the manual path only
+    await world.register("carded", 1, card=card())  # a card that names nothing
+    await world.register("triggers", 1, card=card(rollback={"error_rate": 0.01}))
+    await world.register("acme-guard", 1)
+    await world.register("pathed", 1, card=card(rollback_path="acme-guard"))
+    armed = {}
+    for name in ("plain", "carded", "triggers", "pathed"):
+        armed[name] = (await service.rollout_status(world.session, name=name)).auto_fallback
+    assert armed == {"plain": False, "carded": False, "triggers": True, "pathed": True}
+
+    view = await service.set_rollback_path(world.session, name="plain", target="base", actor="ops")
+    assert view.auto_fallback and view.watched and not view.steers
+
+
+async def test_replicas_hear_of_armed_adapters_and_of_new_stables(world: World):
+    """An armed card stamps the adapter (polling replicas load its view); once stamped, a new
+    version or a retired stable stamps it again, so no replica judges a stale stable."""
+    await world.register("plain", 1)
+    assert await service.list_rollouts(world.session) == []  # nothing to watch, nothing listed
+    await world.register("triggers", 1, card=card(rollback={"error_rate": 0.01}))
+    [view] = await service.list_rollouts(world.session)
+    assert view.name == "triggers" and view.stable_version == 1
+    mark = view.updated_at
+    await world.register("triggers", 2)
+    [view] = await service.list_rollouts(world.session, since=mark)
+    assert view.stable_version == 2 and view.updated_at > mark
+    mark = view.updated_at
+    await service.retire_version(world.session, name="triggers", version=2, actor="ops")
+    [view] = await service.list_rollouts(world.session, since=mark)
+    assert view.stable_version == 1 and view.updated_at > mark

@@ -1,0 +1,54 @@
+"""The engine's paged adapter pool (kernels/README.md, LORAPLEX_PAGED_LORA) as loraplex_*
+metrics. The engine keeps plain counters (kernels.paged_stats); the /metrics route reads a
+snapshot at scrape time and this turns it into gauges and counter increments, so everything
+stays in gateway/metrics.py and aggregates like the rest under several workers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import Counter
+
+from gateway.metrics import (
+    ADAPTER_EVICTIONS,
+    ADAPTER_PAGE_IN_BYTES,
+    ADAPTER_PAGE_INS,
+    ADAPTER_PAGE_OUTS,
+    ADAPTER_POOL_PAGES,
+    ADAPTER_RESIDENT_BYTES,
+    ADAPTERS_RESIDENT,
+)
+
+TIER = "device"
+# engine counter (kernels.paged_stats.PagedPoolStats field) -> loraplex counter
+_COUNTERS: dict[str, Counter] = {
+    "page_ins_total": ADAPTER_PAGE_INS,
+    "page_outs_total": ADAPTER_PAGE_OUTS,
+    "bytes_in_total": ADAPTER_PAGE_IN_BYTES,
+}
+
+
+class PoolMetrics:
+    """Remembers the last snapshot so engine counters become increments of ours."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def update(self, snapshot: Mapping[str, int] | None) -> None:
+        if snapshot is None:
+            return  # vLLM's own slot buffers: nothing paged to report
+        ADAPTER_POOL_PAGES.labels("used").set(snapshot["pages_used"])
+        ADAPTER_POOL_PAGES.labels("free").set(snapshot["pages_free"])
+        ADAPTERS_RESIDENT.labels(TIER).set(snapshot["adapters_resident"])
+        ADAPTER_RESIDENT_BYTES.labels(TIER).set(snapshot["pages_used"] * snapshot["bytes_per_page"])
+        for field, counter in _COUNTERS.items():
+            counter.inc(self._delta(snapshot, field))
+        evicted = self._delta(snapshot, "evictions_for_space_total")
+        ADAPTER_EVICTIONS.labels(TIER, "capacity").inc(evicted)
+        self._last = dict(snapshot)
+
+    def _delta(self, snapshot: Mapping[str, int], field: str) -> int:
+        value = snapshot[field]
+        before = self._last.get(field, 0)
+        # An engine restarted from zero: everything it counted since is new.
+        return value if value < before else value - before

@@ -1,0 +1,232 @@
+"""Driver of the paged LoRA pool inside vLLM 0.32's worker: which adapters hold pages, when.
+
+What vLLM does (vllm/lora/model_manager.py, worker_manager.py, v1/worker/lora_model_runner_mixin):
+- The scheduler admits at most `max_loras` distinct adapters into one batch.
+- Each step the worker calls `_apply_adapters(batch adapters)`, which `activate_adapter`s each
+  one: if all `max_loras` slots are taken, the least recently used active adapter is
+  deactivated (its slot freed, its weights left in place), then `set_lora` copies the adapter
+  into the first free slot of every LoRA layer. `set_adapter_mapping` then maps tokens to slots.
+- Out of band, `add_lora` loads and activates an adapter the same way. Here that is a
+  prefetch: it pages the adapter in only into free pages and a free slot, evicting nothing
+  (the resident adapters may be the next step's batch); otherwise the adapter waits in host
+  memory (vLLM's CPU cache) and pages in with its first step.
+
+What changes here (`install` rebinds two names, nothing else of vLLM is edited):
+- Every paged layer has a pool of N pages (kernels.paged_lora_layers); N comes from the byte
+  budget divided by what one page costs summed over all paged layers. Slots (`max_loras`) cost
+  a page-table row each, so `max_loras` can be far larger than what max-rank slots would allow.
+- `activate_adapter` first asks `Residency` how to make room for the adapter's pages: it pages
+  out least-recently-used adapters that are neither in the running batch nor pinned. When only
+  the running batch could make room it raises `PoolExhausted`, failing the step loudly rather
+  than serving a request with another adapter's weights or none.
+- Deactivation frees the adapter's pages at once (vLLM left the weights in the slot), so the
+  pool holds exactly the active adapters; `remove_all_adapters` frees every page.
+
+Invariants relied on: `lora_index_to_id[i]` is the adapter whose weights slot i holds; every
+`set_lora` / `reset_lora` goes through `activate_adapter`; `_deactivate_adapter` is the single
+place slots are released (LRU callbacks, `deactivate_adapter`, `remove_adapter`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.model_manager import LRUCacheLoRAModelManager
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
+from kernels.paged_residency import PoolExhausted, Residency
+from kernels.paged_stats import PagedPoolStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PagedLoraConfig:
+    """Paged mode's settings (from LORAPLEX_PAGED_* in `kernels.vllm_plugin.register`)."""
+
+    pool_bytes: int
+    page_size: int = 4
+    # Residency-aware admission in the scheduler (kernels.paged_scheduler). Off only to test
+    # the worker's own refusal (PoolExhausted) when a batch does not fit.
+    admission: bool = True
+    max_wait_s: float = 10.0  # bounded waiting: older requests are admitted first
+
+
+_config: PagedLoraConfig | None = None
+
+
+class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
+    """vLLM's LRU adapter manager with adapter weights in byte-bounded paged pools."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _config is None:
+            raise RuntimeError(
+                "paged LoRA manager created before kernels.paged_lora_manager.install"
+            )
+        lora_config = kwargs.get("lora_config")
+        if lora_config is not None and lora_config.fully_sharded_loras:
+            raise NotImplementedError("loraplex paged LoRA does not support fully sharded LoRA")
+        self.paged_config = _config
+        self.stats = PagedPoolStats(page_size=_config.page_size)
+        self.residency = Residency(0, _config.page_size)
+        # Adapters of the batch being applied (set by the worker manager): never paged out.
+        self.protected: frozenset[int] = frozenset()
+        # True while the worker manager applies a step's adapters; an activation outside a
+        # step is vLLM's add_lora, i.e. the gateway loading an adapter ahead of its requests.
+        self.in_step = False
+        super().__init__(*args, **kwargs)
+        self._allocate_pools()
+
+    @property
+    def paged_modules(self) -> dict[str, PagedLinearMixin]:
+        return {n: m for n, m in self.modules.items() if isinstance(m, PagedLinearMixin)}
+
+    def _allocate_pools(self) -> None:
+        page_size, budget = self.paged_config.page_size, self.paged_config.pool_bytes
+        paged = self.paged_modules
+        if not paged:
+            raise RuntimeError(
+                f"LORAPLEX_PAGED_LORA is on but no LoRA layer of {type(self.model).__name__} "
+                "is one loraplex pages"
+            )
+        per_page = sum(m.paged_geometry.page_bytes(page_size) for m in paged.values())
+        num_pages = budget // per_page
+        if num_pages == 0:
+            raise ValueError(
+                f"LORAPLEX_PAGED_POOL_BYTES={budget} is less than one page ({per_page} bytes: "
+                f"{page_size} rank rows in {len(paged)} layers)"
+            )
+        for module in paged.values():
+            module.allocate_pool(num_pages, page_size, self.stats)
+        self.residency = Residency(num_pages, page_size)
+        self.stats.pages_total = num_pages
+        self.stats.bytes_per_page = per_page
+        self.stats.slots_total = self.lora_slots
+        max_rank = self.lora_config.max_lora_rank
+        if num_pages * page_size < max_rank:
+            logger.warning(
+                "paged LoRA pool holds %d rank rows, less than max_lora_rank %d: larger "
+                "adapters will be refused",
+                num_pages * page_size,
+                max_rank,
+            )
+        logger.info(
+            "paged LoRA: %d layers, %d pages x %d rank rows (%d bytes, %d slots); vLLM's "
+            "stacked buffers would take %d bytes",
+            len(paged),
+            num_pages,
+            page_size,
+            num_pages * per_page,
+            self.lora_slots,
+            self.lora_slots * max_rank * per_page // page_size,
+        )
+
+    def pages_needed(self, lora: LoRAModel) -> int:
+        """Pages the adapter takes in the layer that needs most (see kernels.paged_residency)."""
+        rank = 0
+        for name in self.paged_modules:
+            weights = self._get_lora_layer_weights(lora, name)
+            if weights is not None:
+                rank = max(rank, effective_rank(weights.lora_a, weights.lora_b))
+        return self.residency.pages_for_rank(rank)
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        if lora_id in self._active_adapters:
+            self.residency.touch(lora_id)
+            return super().activate_adapter(lora_id)
+        pages = self.pages_needed(self._registered_adapters[lora_id])
+        if not self.in_step and not self._room_to_prefetch(pages):
+            # A prefetch never evicts: what is resident may be the next step's batch. The
+            # adapter stays loaded in host memory and pages in when its step comes.
+            self.stats.prefetches_skipped_total += 1
+            return False
+        protected = self.protected | set(self._active_adapters.pinned_items)
+        try:
+            victims = self.residency.plan_admit(lora_id, pages, protected)
+        except PoolExhausted:
+            self.stats.refusals_total += 1
+            raise
+        for victim in victims:
+            logger.debug("paged LoRA: paging out adapter %d for %d", victim, lora_id)
+            self.stats.evictions_for_space_total += 1
+            self.deactivate_adapter(victim)
+        activated = super().activate_adapter(lora_id)
+        self.residency.admit(lora_id, pages)
+        if not self.in_step:
+            self.stats.prefetches_total += 1
+        self.stats.page_ins_total += 1
+        self.stats.pages_in_total += pages
+        self._sync_gauges()
+        return activated
+
+    def _room_to_prefetch(self, pages: int) -> bool:
+        """Free pages and a free slot: paging in now displaces nothing."""
+        return pages <= self.residency.pages_free and len(self._active_adapters) < self.lora_slots
+
+    def _deactivate_adapter(self, lora_id: int) -> None:
+        index = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
+        super()._deactivate_adapter(lora_id)
+        if index is not None:
+            for module in self.paged_modules.values():
+                module.reset_lora(index)
+        if lora_id in self.residency:
+            self.stats.page_outs_total += 1
+            self.stats.pages_out_total += self.residency.release(lora_id)
+            self._sync_gauges()
+
+    def remove_all_adapters(self) -> None:
+        super().remove_all_adapters()
+        for module in self.paged_modules.values():
+            for index in range(self.lora_slots):
+                module.reset_lora(index)
+        for lora_id in self.residency.resident():
+            self.stats.page_outs_total += 1
+            self.stats.pages_out_total += self.residency.release(lora_id)
+        self._sync_gauges()
+
+    def _sync_gauges(self) -> None:
+        self.stats.pages_used = self.residency.pages_used
+        self.stats.adapters_resident = len(self.residency.resident())
+
+
+class PagedLRUCacheWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+    """vLLM's worker LoRA manager that tells the pool which adapters the step needs."""
+
+    _manager_cls = PagedLRUCacheLoRAModelManager
+
+    def _apply_adapters(self, lora_requests: set[Any]) -> None:
+        manager = self._adapter_manager
+        assert isinstance(manager, PagedLRUCacheLoRAModelManager)
+        manager.protected = frozenset(r.lora_int_id for r in lora_requests if r)
+        manager.in_step = True
+        try:
+            super()._apply_adapters(lora_requests)
+        finally:
+            manager.protected = frozenset()
+            manager.in_step = False
+
+
+def install(config: PagedLoraConfig) -> list[str]:
+    """Swap in the paged layer classes and managers; returns what was rebound."""
+    import vllm.lora.utils as lora_utils
+    import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
+
+    from kernels.paged_lora_layers import PAGED_LAYER_CLASSES
+
+    global _config
+    _config = config
+    classes = lora_utils._all_lora_classes
+    missing = [c.__name__ for c in PAGED_LAYER_CLASSES if c not in classes]
+    if missing or not hasattr(runner_mixin, "LRUCacheWorkerLoRAManager"):
+        raise RuntimeError(f"loraplex: vLLM LoRA layout changed (missing {missing})")
+    # from_layer() walks this tuple in order; replacing in place keeps vLLM's precedence.
+    lora_utils._all_lora_classes = tuple(PAGED_LAYER_CLASSES.get(c, c) for c in classes)
+    runner_mixin.LRUCacheWorkerLoRAManager = PagedLRUCacheWorkerLoRAManager  # type: ignore[misc]
+    return [
+        "vllm.lora.utils._all_lora_classes",
+        "lora_model_runner_mixin.LRUCacheWorkerLoRAManager",
+    ]

@@ -1,0 +1,156 @@
+"""vLLM 0.32's scheduler with residency-aware admission, for paged mode (LORAPLEX_PAGED_LORA).
+
+vLLM bounds a batch by `max_loras` distinct adapters; with the paged pool the real bound is the
+pool's pages, so `ResidencyAwareScheduler` reorders and filters the waiting queue before each
+step with `kernels.paged_admission.AdmissionPlanner` (page budget, grouping by adapter,
+bounded waiting) and then runs vLLM's own `schedule()` unchanged. Requests held back stay
+queued in arrival order and are planned again on the next step.
+
+How it gets in (`install`, called by the plugin in every vLLM process):
+- `vllm.v1.core.sched.scheduler.Scheduler` is rebound to the subclass: that is what
+  `SchedulerConfig.get_scheduler_cls()` returns when no scheduler class is configured and
+  async scheduling is off (always on CPU, where paged mode runs today).
+- `EngineCore._initialize_kv_caches` is wrapped: it runs after the workers built their pools
+  and before the scheduler is made, so it asks them for the pool (the plugin's
+  `loraplex_paged_pool_stats` worker method) and leaves pages and page size for the scheduler,
+  which lives in the engine-core process while the workers may not.
+The page count therefore is the workers' real one, never a second computation of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+
+from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_rank, pages_for_rank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    pages_total: int
+    page_size: int
+
+
+@dataclass
+class AdmissionStats:
+    steps_planned: int = 0
+    requests_held_total: int = 0  # request-steps held back for lack of pages
+    steps_reordered: int = 0
+
+
+# Set in the engine-core process by the wrapped _initialize_kv_caches; read by the scheduler.
+_pool: PoolGeometry | None = None
+_max_wait_s: float = 10.0
+
+
+class ResidencyAwareScheduler(VllmScheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admission_stats = AdmissionStats()
+        self._pages: dict[int, int] = {}  # lora_int_id -> pages it may take
+        self._planner: AdmissionPlanner | None = None
+        self._page_size = 0
+        if self.lora_config is None:
+            return
+        if _pool is None:
+            raise RuntimeError(
+                "loraplex paged LoRA: the workers reported no adapter pool; is the plugin "
+                "loaded in every vLLM process (VLLM_PLUGINS)?"
+            )
+        widest = pages_for_rank(self.lora_config.max_lora_rank, _pool.page_size)
+        if _pool.pages_total < widest:
+            raise ValueError(
+                f"loraplex paged LoRA: the pool has {_pool.pages_total} pages of "
+                f"{_pool.page_size} rank rows, an adapter of max_lora_rank "
+                f"{self.lora_config.max_lora_rank} needs {widest}: raise "
+                "LORAPLEX_PAGED_POOL_BYTES or lower max_lora_rank"
+            )
+        self._page_size = _pool.page_size
+        self._planner = AdmissionPlanner(total_pages=_pool.pages_total, max_wait_s=_max_wait_s)
+        logger.info(
+            "loraplex paged LoRA admission: %d pages of %d rank rows, max wait %.1f s",
+            _pool.pages_total,
+            _pool.page_size,
+            _max_wait_s,
+        )
+
+    def _adapter_pages(self, request: Any) -> tuple[int, int]:
+        lora = request.lora_request
+        if lora is None or lora.lora_int_id <= 0:
+            return 0, 0
+        pages = self._pages.get(lora.lora_int_id)
+        if pages is None:
+            rank = adapter_rank(lora.lora_path)
+            pages = self._pages[lora.lora_int_id] = pages_for_rank(rank, self._page_size)
+        return lora.lora_int_id, pages
+
+    def schedule(self, throttle_prefills: bool = False) -> Any:
+        planner = self._planner
+        if planner is None or not self.waiting:
+            return super().schedule(throttle_prefills)
+        waiting = list(self.waiting)
+        items = [Waiting(r, *self._adapter_pages(r), r.arrival_time) for r in waiting]
+        running = dict(self._adapter_pages(r) for r in self.running)
+        plan = planner.plan(running, items, time.time())
+        self.admission_stats.steps_planned += 1
+        order = [w.key for w in plan.order]
+        if not plan.held and order == waiting:
+            return super().schedule(throttle_prefills)
+        self.admission_stats.steps_reordered += 1
+        self.admission_stats.requests_held_total += len(plan.held)
+        self._requeue(order)
+        try:
+            return super().schedule(throttle_prefills)
+        finally:
+            # Whatever vLLM left waiting plus what was held, back in arrival order (FCFS).
+            rest = [*self.waiting, *(w.key for w in plan.held)]
+            self._requeue(sorted(rest, key=lambda r: r.arrival_time))
+
+    def _requeue(self, requests: list[Any]) -> None:
+        queue = self.waiting
+        if isinstance(queue, FCFSRequestQueue):
+            queue.clear()
+            queue.extend(requests)
+            return
+        queue.remove_requests(list(queue))  # a priority queue orders itself again
+        for request in requests:
+            queue.add_request(request)
+
+
+def install(max_wait_s: float) -> list[str]:
+    """Rebind the scheduler and wrap the engine core's KV-cache set-up (idempotent)."""
+    import vllm.v1.core.sched.scheduler as scheduler_module
+    from vllm.v1.engine.core import EngineCore
+
+    global _max_wait_s
+    _max_wait_s = max_wait_s
+    rebound = ["vllm.v1.core.sched.scheduler.Scheduler", "EngineCore._initialize_kv_caches"]
+    if scheduler_module.Scheduler is ResidencyAwareScheduler:
+        return rebound
+    original = EngineCore._initialize_kv_caches
+
+    def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
+        result = original(self, vllm_config)
+        if vllm_config.lora_config is not None:
+            _set_pool(self.model_executor.collective_rpc("loraplex_paged_pool_stats"))
+        return result
+
+    scheduler_module.Scheduler = ResidencyAwareScheduler  # type: ignore[misc]
+    EngineCore._initialize_kv_caches = initialize_kv_caches  # type: ignore[method-assign]
+    return rebound
+
+
+def _set_pool(reports: list[dict[str, int] | None]) -> None:
+    global _pool
+    pools = [r for r in reports if r]
+    if not pools:
+        return
+    # One pool per worker (tensor parallel is refused today); the smallest one binds.
+    _pool = PoolGeometry(min(r["pages_total"] for r in pools), pools[0]["page_size"])

@@ -1,0 +1,78 @@
+"""Engine-side counters of the paged LoRA pool, as plain Python (no metrics library here).
+
+The gateway owns metric objects (prefix `loraplex_`); it reads a `snapshot()` from the engine
+process with `await engine.collective_rpc("loraplex_paged_pool_stats")` (one entry per worker;
+the plugin adds that method to vLLM's worker wrapper, see `WORKER_METHODS`) and exports it.
+Counters (`*_total`) only grow; the others describe the pool now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class PagedPoolStats:
+    """One engine's pool. A page is `page_size` rank rows in every paged layer at once."""
+
+    page_size: int = 0
+    pages_total: int = 0
+    pages_used: int = 0
+    bytes_per_page: int = 0  # summed over every paged layer: what one page costs the engine
+    slots_total: int = 0
+    adapters_resident: int = 0
+    # Adapters copied into the pool / dropped from it (whatever the reason).
+    page_ins_total: int = 0
+    page_outs_total: int = 0
+    # Pages allocated / freed by those events (one page id per layer counts once).
+    pages_in_total: int = 0
+    pages_out_total: int = 0
+    # Bytes copied host -> pool by page-ins, counted per layer as really copied.
+    bytes_in_total: int = 0
+    # Page-outs forced by a page-in that did not fit (LRU adapters outside the running batch).
+    evictions_for_space_total: int = 0
+    # Activations refused because the pool could not hold the adapter (engine fails loudly).
+    refusals_total: int = 0
+    # Adapters paged in ahead of their requests (vLLM's add_lora, sent by the gateway when it
+    # admits a request for an adapter), and prefetches skipped for lack of free pages or slots.
+    prefetches_total: int = 0
+    prefetches_skipped_total: int = 0
+
+    @property
+    def pages_free(self) -> int:
+        return self.pages_total - self.pages_used
+
+    def snapshot(self) -> dict[str, int]:
+        """Plain dict (picklable across vLLM's RPC), `pages_free` included."""
+        out = asdict(self)
+        out["pages_free"] = self.pages_free
+        return out
+
+
+def _adapter_manager(worker: Any) -> Any:
+    """vLLM's LoRAModelManager in this worker (None without LoRA); `worker` is what
+    collective_rpc passes: the worker wrapper, which forwards attributes to the worker."""
+    runner = getattr(worker, "model_runner", None)
+    return getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+
+
+def paged_pool_stats(worker: Any) -> dict[str, int] | None:
+    """The pool's counters in this worker; None when paged mode is off."""
+    stats = getattr(_adapter_manager(worker), "stats", None)
+    return stats.snapshot() if isinstance(stats, PagedPoolStats) else None
+
+
+def paged_layers(worker: Any) -> dict[str, str]:
+    """LoRA layer name -> class name for every layer whose weights are paged."""
+    manager = _adapter_manager(worker)
+    modules = getattr(manager, "modules", {})
+    return {name: type(m).__name__ for name, m in modules.items() if hasattr(m, "paged_geometry")}
+
+
+# Installed on vLLM's WorkerWrapperBase by the plugin, so collective_rpc can name them.
+WORKER_METHODS: dict[str, Callable[[Any], Any]] = {
+    "loraplex_paged_pool_stats": paged_pool_stats,
+    "loraplex_paged_layers": paged_layers,
+}

@@ -1,0 +1,68 @@
+"""Engine pool snapshots become loraplex_* gauges and counter increments: counters move by
+what the engine counted since the last scrape, and an engine that restarted from zero does
+not make them go backwards."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from gateway.pool_metrics import PoolMetrics
+
+
+def snapshot(**changes: int) -> dict[str, int]:
+    base = {
+        "page_size": 4,
+        "pages_total": 32,
+        "pages_used": 10,
+        "pages_free": 22,
+        "bytes_per_page": 1000,
+        "slots_total": 16,
+        "adapters_resident": 3,
+        "page_ins_total": 5,
+        "page_outs_total": 2,
+        "pages_in_total": 12,
+        "pages_out_total": 2,
+        "bytes_in_total": 12_000,
+        "evictions_for_space_total": 1,
+        "refusals_total": 0,
+    }
+    return {**base, **changes}
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_snapshots_become_gauges_and_increments():
+    before = {
+        "ins": value("loraplex_adapter_page_ins_total"),
+        "outs": value("loraplex_adapter_page_outs_total"),
+        "bytes": value("loraplex_adapter_page_in_bytes_total"),
+        "evicted": value("loraplex_adapter_evictions_total", tier="device", reason="capacity"),
+    }
+
+    def moved(key: str, name: str, **labels: str) -> float:
+        return value(name, **labels) - before[key]
+
+    metrics = PoolMetrics()
+    metrics.update(None)  # no paged pool: nothing reported, nothing breaks
+    metrics.update(snapshot())
+    assert value("loraplex_adapter_pool_pages", state="used") == 10
+    assert value("loraplex_adapter_pool_pages", state="free") == 22
+    assert value("loraplex_adapters_resident", tier="device") == 3
+    assert value("loraplex_adapter_resident_bytes", tier="device") == 10_000
+    assert moved("ins", "loraplex_adapter_page_ins_total") == 5
+
+    metrics.update(snapshot(page_ins_total=9, bytes_in_total=20_000, pages_used=4))
+    assert moved("ins", "loraplex_adapter_page_ins_total") == 9  # +4, not +9 again
+    assert moved("bytes", "loraplex_adapter_page_in_bytes_total") == 20_000
+    assert value("loraplex_adapter_pool_pages", state="used") == 4
+
+    restarted = snapshot(page_ins_total=2, page_outs_total=0, evictions_for_space_total=0)
+    metrics.update(restarted)
+    assert moved("ins", "loraplex_adapter_page_ins_total") == 11  # the new engine's 2
+    assert moved("outs", "loraplex_adapter_page_outs_total") == 2
+    evictions = moved(
+        "evicted", "loraplex_adapter_evictions_total", tier="device", reason="capacity"
+    )
+    assert evictions == 1

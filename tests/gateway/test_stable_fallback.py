@@ -1,0 +1,128 @@
+"""Automatic stable fallback, driven by the rollback monitor through the app: an armed stable
+(rollback path set by an admin) that breaches moves its traffic to the target; a target that is
+itself breaching is refused (audited once, the stable keeps serving, no retry storm); an
+unarmed stable never moves on its own. Failures come from fault injection (error rate 1.0);
+the scripted engine records which adapter version each request reached. The same behaviour
+through the real engine, with latency instead of errors, is in tests/e2e/test_rollout.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.gateway.fake_engine import ScriptedEngine, client_for
+from tests.gateway.rollout_helpers import ADMIN, build_demo_root, register, wait_for
+
+WINDOW = 10  # the smallest window an override may set
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return build_demo_root(tmp_path_factory.mktemp("fallback"))
+
+
+def complete(client, name: str) -> int:
+    body = {"model": name, "prompt": "x", "max_tokens": 1}
+    return client.post("/v1/completions", json=body).status_code
+
+
+def arm(client, name: str, target: str | None) -> None:
+    if target is not None:
+        path = client.put(
+            f"/admin/v1/rollouts/{name}/rollback-path", json={"target": target}, headers=ADMIN
+        )
+        assert path.status_code == 200, path.text
+        assert path.json()["auto_fallback"] is True
+    limits = client.put(
+        f"/admin/v1/rollouts/{name}/thresholds", json={"window": WINDOW}, headers=ADMIN
+    )
+    assert limits.status_code == 200, limits.text
+
+
+def break_version(client, name: str, version: int = 1) -> None:
+    fault = {"adapter": name, "version": version, "error_rate": 1.0}
+    assert client.post("/admin/v1/faults", json=fault, headers=ADMIN).status_code == 200
+
+
+def status(client, name: str) -> dict:
+    return client.get(f"/admin/v1/rollouts/{name}", headers=ADMIN).json()
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_breaching_armed_stable_falls_back_to_its_target_and_restore_returns(demo_root):
+    engine = ScriptedEngine(["a"])
+    with client_for(demo_root, engine, enable_faults=True) as client:
+        register(client, demo_root, "fb-main", "v1")
+        register(client, demo_root, "fb-alt", "v2")
+        complete(client, "fb-alt")
+        alt_engine_id = engine.calls[-1][1].engine_id
+        arm(client, "fb-main", "fb-alt")
+        break_version(client, "fb-main")
+
+        codes = [complete(client, "fb-main") for _ in range(WINDOW)]
+        assert codes == [500] * WINDOW  # the injected failures the monitor judges
+        assert wait_for(lambda: status(client, "fb-main")["active_target"] == "fb-alt@1")
+
+        assert complete(client, "fb-main") == 200  # now served by the target
+        assert engine.calls[-1][1].engine_id == alt_engine_id
+        event = next(e for e in status(client, "fb-main")["events"])
+        assert event["action"] == "stable_fallback" and event["actor"] == "rollout-monitor"
+        assert event["figures"]["error_rate"] == 1.0 and event["figures"]["samples"] == WINDOW
+        assert (
+            counter("loraplex_rollbacks_total", adapter="fb-main", version="1", reason="error_rate")
+            == 1
+        )
+
+        client.delete("/admin/v1/faults", headers=ADMIN)
+        restored = client.post("/admin/v1/rollouts/fb-main/restore", headers=ADMIN)
+        assert restored.status_code == 200 and restored.json()["active_target"] is None
+        assert complete(client, "fb-main") == 200
+        assert engine.calls[-1][1].engine_id != alt_engine_id  # its own stable again
+
+
+def test_fallback_into_a_breaching_target_is_refused_once_and_the_stable_keeps_serving(
+    demo_root,
+):
+    engine = ScriptedEngine(["a"])
+    with client_for(demo_root, engine, enable_faults=True) as client:
+        register(client, demo_root, "rf-main", "v1")
+        register(client, demo_root, "rf-alt", "v2")
+        assert complete(client, "rf-main") == 200
+        main_engine_id = engine.calls[-1][1].engine_id
+        arm(client, "rf-main", "rf-alt")
+        break_version(client, "rf-alt")
+        assert [complete(client, "rf-alt") for _ in range(WINDOW)] == [500] * WINDOW
+
+        break_version(client, "rf-main")
+        refusals = {"adapter": "rf-main", "version": "1", "action": "fallback_refused"}
+        for _ in range(3):  # three full windows of breach: one attempt, then backing off
+            assert [complete(client, "rf-main") for _ in range(WINDOW)] == [500] * WINDOW
+            assert wait_for(lambda: counter("loraplex_rollout_transitions_total", **refusals) > 0)
+        time.sleep(0.3)
+        assert counter("loraplex_rollout_transitions_total", **refusals) == 1
+        assert status(client, "rf-main")["active_target"] is None  # the stable keeps serving
+
+        client.delete("/admin/v1/faults", headers=ADMIN)
+        assert complete(client, "rf-main") == 200
+        assert engine.calls[-1][1].engine_id == main_engine_id
+
+
+def test_unarmed_stable_never_falls_back_on_its_own(demo_root):
+    engine = ScriptedEngine(["a"])
+    with client_for(demo_root, engine, enable_faults=True) as client:
+        register(client, demo_root, "plain", "v1")
+        arm(client, "plain", None)  # thresholds only: no rollback path, no card
+        assert status(client, "plain")["auto_fallback"] is False
+        break_version(client, "plain")
+        assert [complete(client, "plain") for _ in range(2 * WINDOW)] == [500] * (2 * WINDOW)
+        time.sleep(0.3)
+        assert status(client, "plain")["active_target"] is None
+        assert (
+            counter("loraplex_rollbacks_total", adapter="plain", version="1", reason="error_rate")
+            == 0
+        )

@@ -1,0 +1,233 @@
+"""A real vLLM engine with paged LoRA on serves every request its own adapter's output.
+
+Each engine runs in its own process (tests/kernels/paged_engine_run.py) with LORAPLEX_PAGED_*
+set, so the plugin pages the weights in every vLLM process and nothing leaks into this session.
+Ground truth is HF transformers with the adapter merged (tests/e2e/merged_reference.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed")
+
+from gateway.demo import (
+    ALL_PROJECTIONS,
+    DemoAdapterSpec,
+    DemoPaths,
+    build_adapter,
+)
+from tests.e2e.merged_reference import greedy_tokens
+from tests.paged_budget import PAGE_SIZE, pages, row_bytes
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["The gateway serves", "Hello world, what is the rank of"]
+MAX_TOKENS = 16
+# Extra adapters at both ends of the rank range, all seven projections.
+EXTRA = (
+    DemoAdapterSpec("paged-r1", rank=1, alpha=4, target_modules=ALL_PROJECTIONS, seed=31),
+    DemoAdapterSpec("paged-r64", rank=64, alpha=32, target_modules=ALL_PROJECTIONS, seed=32),
+)
+
+
+ROW_BYTES = row_bytes()
+
+
+@pytest.fixture(scope="module")
+def adapters(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    extra_dir = tmp_path_factory.mktemp("paged-adapters")
+    for spec in EXTRA:
+        build_adapter(demo.base, extra_dir / spec.name, spec)
+    return {**demo.adapters, **{spec.name: extra_dir / spec.name for spec in EXTRA}}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(demo: DemoPaths) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    return [tokenizer.encode(prompt) for prompt in PROMPTS]
+
+
+def run_engine(
+    tmp_path: Path,
+    demo: DemoPaths,
+    adapters: dict[str, Path],
+    jobs: list[tuple[str | None, list[int]]],
+    *,
+    max_loras: int,
+    pool_bytes: int,
+    max_lora_rank: int = 64,
+    prefetch: tuple[str, ...] = (),
+    **extra_env: str,
+) -> tuple[dict, str]:
+    spec = {
+        "base": str(demo.base),
+        "adapters": {name: str(path) for name, path in adapters.items()},
+        "engine": {
+            "max_loras": max_loras,
+            "max_lora_rank": max_lora_rank,
+            "max_cpu_loras": len(adapters),
+        },
+        "max_tokens": MAX_TOKENS,
+        "prefetch": list(prefetch),
+        "jobs": [{"adapter": name, "prompt_ids": ids} for name, ids in jobs],
+    }
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")},
+        "LORAPLEX_PAGED_LORA": "1",
+        "LORAPLEX_PAGED_POOL_BYTES": str(pool_bytes),
+        "LORAPLEX_PAGED_PAGE_SIZE": str(PAGE_SIZE),
+        **extra_env,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.paged_engine_run", str(spec_path), str(out_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and out_path.exists(), log[-4000:]
+    return json.loads(out_path.read_text()), log
+
+
+def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
+    tmp_path, demo, adapters, prompt_ids
+):
+    ranks = {"paged-r64": 64, "demo-qv-rs32": 32, "demo-all-r16": 16, "demo-qkvo-r8": 8}
+    ranks |= {"demo-mlp-r4": 4, "paged-r1": 1}
+    # The pool holds the three largest adapters at once (any batch of max_loras=3 fits) but
+    # not all six: later batches page out earlier adapters. vLLM would need 3 x 64 rows.
+    pool_pages = sum(sorted((pages(r) for r in ranks.values()), reverse=True)[:3])
+    assert pool_pages < sum(pages(r) for r in ranks.values())
+    order = [*ranks, None]  # largest first, so the first batch fills the pool exactly
+    jobs = [(name, ids) for ids in prompt_ids for name in order]
+    out, log = run_engine(
+        tmp_path, demo, adapters, jobs, max_loras=3, pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+
+    layers = out["paged_layers"]
+    for proj in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        assert f"model.layers.0.{proj}" in layers and f"model.layers.1.{proj}" in layers, layers
+
+    check_outputs(demo, adapters, jobs, out["outputs"])
+
+    stats = out["stats"]
+    assert stats["pages_total"] == pool_pages and stats["bytes_per_page"] == PAGE_SIZE * ROW_BYTES
+    assert stats["page_ins_total"] >= len(ranks)  # every adapter was paged in at least once
+    assert stats["evictions_for_space_total"] >= 1  # and the pool really was too small for all
+    assert stats["refusals_total"] == 0
+    assert stats["pages_used"] + stats["pages_free"] == pool_pages
+    assert stats["page_ins_total"] - stats["page_outs_total"] == stats["adapters_resident"]
+
+
+def check_outputs(demo, adapters, jobs, outputs) -> None:
+    wrong = []
+    for (name, ids), got in zip(jobs, outputs, strict=True):
+        want = greedy_tokens(demo.base, adapters[name] if name else None, ids, MAX_TOKENS)
+        if got != want:
+            wrong.append((name, ids, got, want))
+    assert not wrong, wrong
+
+
+def serve_unfit_pair(tmp_path, demo, adapters, prompt_ids, **options: Any):
+    """rs32 and r16 in one batch, on a pool that holds either but not both."""
+    jobs = [("demo-qv-rs32", prompt_ids[0]), ("demo-all-r16", prompt_ids[1])]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        adapters,
+        jobs,
+        max_loras=2,
+        pool_bytes=(pages(32) + pages(16) - 1) * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=32,  # with admission, the pool must hold one adapter of max_lora_rank
+        **options,
+    )
+    return jobs, out, log
+
+
+def test_without_admission_a_batch_that_does_not_fit_the_pool_fails_loudly(
+    tmp_path, demo, adapters, prompt_ids
+):
+    """The worker's own safety net, with the scheduler's admission switched off: the engine
+    refuses the step rather than serve."""
+    _, out, log = serve_unfit_pair(
+        tmp_path, demo, adapters, prompt_ids, LORAPLEX_PAGED_ADMISSION="0"
+    )
+    assert out["outputs"] is None and out["error"] is not None
+    assert "PoolExhausted" in log and "LORAPLEX_PAGED_POOL_BYTES" in log, log[-4000:]
+
+
+def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_the_other(
+    tmp_path, demo, adapters, prompt_ids
+):
+    """The same batch and pool with admission on (the default): the scheduler holds the second
+    adapter's request until the first one's is done, and both answers are right."""
+    jobs, out, log = serve_unfit_pair(
+        tmp_path, demo, adapters, prompt_ids, prefetch=("demo-all-r16", "demo-qv-rs32")
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    check_outputs(demo, adapters, jobs, out["outputs"])
+    assert out["stats"]["refusals_total"] == 0
+    # Prefetch (add_lora ahead of the requests) pages r16 in; rs32 no longer fits the free
+    # pages, and a prefetch never evicts: it waits in host memory for its step.
+    ahead = out["stats_after_prefetch"]
+    assert (ahead["prefetches_total"], ahead["prefetches_skipped_total"]) == (1, 1)
+    assert ahead["page_ins_total"] == 1 and ahead["evictions_for_space_total"] == 0
+    assert ahead["pages_used"] == pages(16)
+
+
+CHURN_RANKS = (4, 8, 16, 32)
+CHURN_TARGETS = (ALL_PROJECTIONS, ["q_proj", "v_proj"], ALL_PROJECTIONS[4:], ALL_PROJECTIONS[:4])
+
+
+def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
+    tmp_path, tmp_path_factory, demo, prompt_ids
+):
+    """36 adapters of ranks 4-32 rotate through a pool that holds about a quarter of them, with
+    16 cheap slots, so admission must hold adapters back and the pool must page them in and
+    out all the time: every answer is still its own adapter's merged reference."""
+    folder = tmp_path_factory.mktemp("churn")
+    churn: dict[str, Path] = {}
+    for i in range(36):
+        rank = CHURN_RANKS[i % 4]
+        targets = list(CHURN_TARGETS[(i // 4) % 4])
+        spec = DemoAdapterSpec(f"churn-{i:02d}", rank, 2 * rank, targets, seed=100 + i)
+        build_adapter(demo.base, folder / spec.name, spec)
+        churn[spec.name] = folder / spec.name
+    total = sum(pages(CHURN_RANKS[i % 4]) for i in range(36))
+    pool_pages = 32  # of the 135 all 36 need; one rank-32 adapter takes 8
+    names = list(churn)
+    order = [names[(7 * k) % 36] for k in range(36)]  # neighbours in the queue differ in rank
+    jobs = [(name, prompt_ids[k % 2]) for k, name in enumerate(order)]
+    jobs += [(None, prompt_ids[0]), *[(name, prompt_ids[1]) for name in order[:12]]]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        churn,
+        jobs,
+        max_loras=16,
+        pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=32,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    check_outputs(demo, churn, jobs, out["outputs"])
+    stats = out["stats"]
+    assert total > 4 * pool_pages and stats["pages_total"] == pool_pages
+    assert stats["refusals_total"] == 0
+    assert stats["page_ins_total"] >= len(churn)  # each adapter was paged in
+    assert stats["evictions_for_space_total"] > 0  # and pushed others out: the pool churned

@@ -1,0 +1,116 @@
+"""The CPU torch path of the paged vLLM layers against the SGMV torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.paged_lora_cpu import group_rows_by_slot, paged_lora_linear_cpu
+from kernels.paged_pool import PagedLoraPool
+from kernels.sgmv_expand import sgmv_expand_ref
+from kernels.sgmv_metadata import SgmvMetadataBuilder
+from kernels.sgmv_shrink import sgmv_shrink_ref
+from tests.kernels.test_sgmv_ops import TOL, make_adapters, make_pool
+
+CPU = torch.device("cpu")
+# (hidden_in, slice widths): Llama's qkv under GQA (k, v narrower than q), gate/up, one slice.
+SHAPES = {"qkv_gqa": (64, (64, 16, 16)), "gate_up": (48, (96, 96)), "o_proj": (80, (80,))}
+RANKS = [1, 3, 8, 17, 32, 64]  # mixed ranks in one batch, some not a multiple of the page
+
+
+def token_slots(n_adapters: int) -> list[int]:
+    """A prefill-like mix: long runs, interleaved decode rows, -1 rows, and one row pointing at
+    the pool's extra, empty slot (rank 0). Slot 2 gets no rows at all (an empty segment)."""
+    empty = n_adapters
+    runs = [0] * 20 + [-1] * 4 + [5] * 33 + [1, -1, 3, 4, empty, 0, -1] + [4] * 9
+    return [*runs, n_adapters - 1, -1]
+
+
+def reference(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, slots: list[int]):
+    meta = SgmvMetadataBuilder(
+        max_tokens=len(slots), num_slots=pool.num_slots, chunk_size=16, device=CPU
+    ).build(torch.tensor(slots, dtype=torch.int32), pool.slot_rank, pool.slot_scale)
+    h = sgmv_shrink_ref(x, pool.a_pages, pool.page_table, meta)
+    return sgmv_expand_ref(h, pool.b_pages, pool.page_table, meta, y0.clone(), pool.slice_widths)
+
+
+def run(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, token_slot: torch.Tensor):
+    return paged_lora_linear_cpu(
+        y0.clone(),
+        x,
+        pool.a_pages,
+        pool.b_pages,
+        pool.page_table,
+        pool.slot_rank,
+        pool.slot_scale,
+        token_slot,
+        pool.slice_widths,
+    )
+
+
+@pytest.mark.parametrize("page_size", [None, 4, 1], ids=["contiguous", "pages_of_4", "pages_of_1"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_sgmv_references(dtype: torch.dtype, shape: str, page_size: int | None) -> None:
+    hidden, widths = SHAPES[shape]
+    adapters = make_adapters(RANKS, hidden, widths, seed=7)
+    pool = make_pool(
+        adapters,
+        hidden=hidden,
+        widths=widths,
+        page_size=page_size,
+        dtype=dtype,
+        device=CPU,
+        extra_slots=1,
+    )
+    slots = token_slots(len(adapters))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(len(slots), hidden, generator=gen).to(dtype)
+    y0 = torch.randn(len(slots), sum(widths), generator=gen).to(dtype)
+    got = run(pool, x, y0, torch.tensor(slots))
+    torch.testing.assert_close(got, reference(pool, x, y0, slots), **TOL[dtype])
+    untouched = torch.tensor([s < 0 or s == len(adapters) for s in slots])
+    assert torch.equal(got[untouched], y0[untouched])  # bit-identical, not merely close
+    assert not torch.allclose(got[~untouched], y0[~untouched])  # the delta is really there
+
+
+def test_rows_past_the_mapping_and_all_minus_one_get_nothing() -> None:
+    hidden, widths = SHAPES["qkv_gqa"]
+    pool = make_pool(
+        make_adapters([8, 16], hidden, widths, seed=9),
+        hidden=hidden,
+        widths=widths,
+        page_size=4,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    x = torch.randn(6, hidden)
+    y0 = torch.randn(6, sum(widths))
+    # Every slot full and only -1 rows: vLLM 0.32's CPU ops gave these the last slot.
+    assert torch.equal(run(pool, x, y0, torch.full((6,), -1)), y0)
+    # Mapping shorter than the batch (padded rows): the extra rows are left alone.
+    got = run(pool, x, y0, torch.tensor([1, 0, 1]))
+    assert torch.equal(got[3:], y0[3:])
+    torch.testing.assert_close(got[:3], reference(pool, x[:3], y0[:3], [1, 0, 1]))
+
+
+def test_groups_cover_each_valid_row_once_in_order() -> None:
+    slots = torch.tensor([3, -1, 0, 3, 7, 0, 0, -1, 3])
+    groups = group_rows_by_slot(slots, num_slots=4)  # 7 is out of range: no adapter
+    assert [(s, r.tolist()) for s, r in groups] == [(0, [2, 5, 6]), (3, [0, 3, 8])]
+    assert group_rows_by_slot(torch.full((3,), -1), num_slots=4) == []
+
+
+def test_a_rank_without_pages_is_refused_not_read() -> None:
+    hidden, widths = SHAPES["o_proj"]
+    pool = make_pool(
+        make_adapters([8], hidden, widths, seed=10),
+        hidden=hidden,
+        widths=widths,
+        page_size=4,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    pool.page_table[0, 1] = -1  # corrupt bookkeeping: rank 8 but only one page mapped
+    with pytest.raises(RuntimeError, match="unmapped pages"):
+        run(pool, torch.randn(2, hidden), torch.zeros(2, sum(widths)), torch.tensor([0, 0]))
