@@ -115,6 +115,13 @@ ADAPTER_PAGE_OUTS = Counter(
 ADAPTER_PAGE_IN_BYTES = Counter(
     "loraplex_adapter_page_in_bytes", "Adapter weight bytes copied into the device pool."
 )
+ADAPTER_RESIDENCY_WAIT = Histogram(
+    "loraplex_adapter_residency_wait_seconds",
+    "Time a request waited for its adapter's pages in the device pool (paged mode): from the "
+    "first step admission held it back to the step that started it. Requests that never "
+    "waited are not observed.",
+    buckets=LATENCY_BUCKETS,
+)
 ADAPTER_EVICTIONS = Counter(
     "loraplex_adapter_evictions",
     "Adapters dropped from a tier (reason: capacity, retired).",

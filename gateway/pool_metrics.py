@@ -5,7 +5,7 @@ stays in gateway/metrics.py and aggregates like the rest under several workers."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import Counter
 
@@ -15,6 +15,7 @@ from gateway.metrics import (
     ADAPTER_PAGE_INS,
     ADAPTER_PAGE_OUTS,
     ADAPTER_POOL_PAGES,
+    ADAPTER_RESIDENCY_WAIT,
     ADAPTER_RESIDENT_BYTES,
     ADAPTERS_RESIDENT,
 )
@@ -46,6 +47,12 @@ class PoolMetrics:
         evicted = self._delta(snapshot, "evictions_for_space_total")
         ADAPTER_EVICTIONS.labels(TIER, "capacity").inc(evicted)
         self._last = dict(snapshot)
+
+    def observe_waits(self, waits: Iterable[float]) -> None:
+        """Residency waits the engine measured since the last scrape (it hands each one
+        over once)."""
+        for wait in waits:
+            ADAPTER_RESIDENCY_WAIT.observe(wait)
 
     def _delta(self, snapshot: Mapping[str, int], field: str) -> int:
         value = snapshot[field]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kernels.vllm_plugin import DEFAULT_MAX_WAIT_MS, DEFAULT_PAGE_SIZE
 
 DEMO_DIR_NAME = "demo"
 # vLLM 0.32 preallocates LoRA buffers for these ranks only.
@@ -118,6 +120,23 @@ class Settings(BaseSettings):
     seed: int = 0
     engine_start_timeout_s: float = Field(600, gt=0)
 
+    # Paged adapter pool inside vLLM (kernels/README.md): adapter weights live in pages bounded
+    # by bytes, so a slot costs a page-table row and capacity is Σ ⌈rank / page⌉ pages instead
+    # of max_loras x max_lora_rank. Exported as LORAPLEX_PAGED_* to the engine's processes.
+    paged_lora: bool = Field(
+        False, description="Paged adapter pool with residency-aware admission (CPU today)."
+    )
+    paged_pool_bytes: int | None = Field(
+        None, gt=0, description="The pool's size in bytes, every paged layer together."
+    )
+    paged_page_size: int = Field(DEFAULT_PAGE_SIZE, gt=0, description="Rank rows per page.")
+    paged_max_wait_ms: int = Field(
+        DEFAULT_MAX_WAIT_MS,
+        gt=0,
+        description="Admission's bounded wait: an older request goes first, and no new adapter "
+        "is admitted ahead of it.",
+    )
+
     admin_token: SecretStr | None = None
 
     @field_validator("max_lora_rank")
@@ -126,6 +145,12 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _paged_pool_sized(self) -> Settings:
+        if self.paged_lora and self.paged_pool_bytes is None:
+            raise ValueError("paged_lora needs paged_pool_bytes (LORAPLEX_PAGED_POOL_BYTES)")
+        return self
 
     @property
     def demo_root(self) -> Path:

@@ -128,6 +128,7 @@ class PagedLinearMixin:
         self.output_slices = widths
         max_rank = lora_config.max_lora_rank
         dtype = lora_config.lora_dtype
+        assert isinstance(dtype, torch.dtype), f"vLLM resolves lora_dtype first, got {dtype!r}"
         self.paged_geometry = LayerGeometry(
             num_slots=max_loras,
             max_rank=max_rank,
@@ -166,6 +167,8 @@ class PagedLinearMixin:
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per-slice lists (None = slice not adapted), packed groups expanded like vLLM."""
         if isinstance(lora_a, torch.Tensor) or isinstance(lora_b, torch.Tensor):
+            # one unpacked slice: vLLM never mixes a tensor with a per-slice list
+            assert not isinstance(lora_a, Sequence) and not isinstance(lora_b, Sequence)
             return [lora_a], [lora_b]
         a_list, b_list = list(lora_a or []), list(lora_b or [])
         if len(b_list) != self.n_slices:

@@ -83,7 +83,11 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
 
     @property
     def paged_modules(self) -> dict[str, PagedLinearMixin]:
-        return {n: m for n, m in self.modules.items() if isinstance(m, PagedLinearMixin)}
+        paged: dict[str, PagedLinearMixin] = {}
+        for name, module in self.modules.items():
+            if isinstance(module, PagedLinearMixin):
+                paged[name] = module
+        return paged
 
     def _allocate_pools(self) -> None:
         page_size, budget = self.paged_config.page_size, self.paged_config.pool_bytes

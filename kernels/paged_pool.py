@@ -63,12 +63,14 @@ class PagedLoraPool:
         self.hidden_out = sum(self.slice_widths)
         max_pages = -(-max_rank // page_size)
         n_slices = len(self.slice_widths)
-        kw = {"device": torch.device(device)}
-        self.a_pages = torch.zeros(num_pages, n_slices, page_size, hidden_in, dtype=dtype, **kw)
-        self.b_pages = torch.zeros(num_pages, page_size, self.hidden_out, dtype=dtype, **kw)
-        self.page_table = torch.full((num_slots, max_pages), -1, dtype=torch.int32, **kw)
-        self.slot_rank = torch.zeros(num_slots, dtype=torch.int32, **kw)
-        self.slot_scale = torch.zeros(num_slots, dtype=torch.float32, **kw)
+        dev = torch.device(device)
+        self.a_pages = torch.zeros(
+            num_pages, n_slices, page_size, hidden_in, dtype=dtype, device=dev
+        )
+        self.b_pages = torch.zeros(num_pages, page_size, self.hidden_out, dtype=dtype, device=dev)
+        self.page_table = torch.full((num_slots, max_pages), -1, dtype=torch.int32, device=dev)
+        self.slot_rank = torch.zeros(num_slots, dtype=torch.int32, device=dev)
+        self.slot_scale = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._slot_pages: dict[int, list[int]] = {}
         self._page_is_slot = False

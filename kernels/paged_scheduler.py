@@ -15,17 +15,22 @@ How it gets in (`install`, called by the plugin in every vLLM process):
   `loraplex_paged_pool_stats` worker method) and leaves pages and page size for the scheduler,
   which lives in the engine-core process while the workers may not.
 The page count therefore is the workers' real one, never a second computation of it.
+- `EngineCore.loraplex_residency_waits` is added: a utility method (vLLM's
+  `engine_core.call_utility_async`) that hands the gateway the residency waits measured since
+  its last call, since the scheduler's figures live in this process and nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+from vllm.v1.request import RequestStatus
 
 from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_rank, pages_for_rank
 
@@ -45,6 +50,10 @@ class AdmissionStats:
     steps_reordered: int = 0
 
 
+# Waits measured but not yet read by the gateway; beyond this many the oldest are dropped (a
+# gateway that never scrapes must not grow the engine's memory).
+WAIT_BUFFER = 65_536
+
 # Set in the engine-core process by the wrapped _initialize_kv_caches; read by the scheduler.
 _pool: PoolGeometry | None = None
 _max_wait_s: float = 10.0
@@ -55,6 +64,10 @@ class ResidencyAwareScheduler(VllmScheduler):
         super().__init__(*args, **kwargs)
         self.admission_stats = AdmissionStats()
         self._pages: dict[int, int] = {}  # lora_int_id -> pages it may take
+        # Residency wait: from the first step admission held a request back for lack of pages
+        # to the step that started it. Requests never held back are not measured.
+        self._held_since: dict[str, float] = {}  # request_id -> first hold
+        self._waits: deque[float] = deque(maxlen=WAIT_BUFFER)
         self._planner: AdmissionPlanner | None = None
         self._page_size = 0
         if self.lora_config is None:
@@ -92,19 +105,46 @@ class ResidencyAwareScheduler(VllmScheduler):
         return lora.lora_int_id, pages
 
     def schedule(self, throttle_prefills: bool = False) -> Any:
+        try:
+            return self._plan_and_schedule(throttle_prefills)
+        finally:
+            if self._held_since:
+                self._settle_waits(time.time())
+
+    def drain_residency_waits(self) -> list[float]:
+        """Seconds each request started since the last call waited for its adapter's pages."""
+        waits = list(self._waits)
+        self._waits.clear()
+        return waits
+
+    def _settle_waits(self, now: float) -> None:
+        """Held requests that left the waiting queue: started ones have waited; aborted or
+        finished ones drop out unmeasured."""
+        waiting = {r.request_id for r in self.waiting}
+        for request_id in [r for r in self._held_since if r not in waiting]:
+            since = self._held_since.pop(request_id)
+            request = self.requests.get(request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self._waits.append(now - since)
+
+    def _plan_and_schedule(self, throttle_prefills: bool) -> Any:
         planner = self._planner
         if planner is None or not self.waiting:
             return super().schedule(throttle_prefills)
         waiting = list(self.waiting)
         items = [Waiting(r, *self._adapter_pages(r), r.arrival_time) for r in waiting]
         running = dict(self._adapter_pages(r) for r in self.running)
-        plan = planner.plan(running, items, time.time())
+        now = time.time()
+        plan = planner.plan(running, items, now)
         self.admission_stats.steps_planned += 1
         order = [w.key for w in plan.order]
         if not plan.held and order == waiting:
             return super().schedule(throttle_prefills)
         self.admission_stats.steps_reordered += 1
         self.admission_stats.requests_held_total += len(plan.held)
+        for held in plan.held:
+            request: Any = held.key  # vLLM's Request
+            self._held_since.setdefault(request.request_id, now)
         self._requeue(order)
         try:
             return super().schedule(throttle_prefills)
@@ -131,7 +171,11 @@ def install(max_wait_s: float) -> list[str]:
 
     global _max_wait_s
     _max_wait_s = max_wait_s
-    rebound = ["vllm.v1.core.sched.scheduler.Scheduler", "EngineCore._initialize_kv_caches"]
+    rebound = [
+        "vllm.v1.core.sched.scheduler.Scheduler",
+        "EngineCore._initialize_kv_caches",
+        "EngineCore.loraplex_residency_waits",
+    ]
     if scheduler_module.Scheduler is ResidencyAwareScheduler:
         return rebound
     original = EngineCore._initialize_kv_caches
@@ -144,7 +188,16 @@ def install(max_wait_s: float) -> list[str]:
 
     scheduler_module.Scheduler = ResidencyAwareScheduler  # type: ignore[misc]
     EngineCore._initialize_kv_caches = initialize_kv_caches  # type: ignore[method-assign]
+    EngineCore.loraplex_residency_waits = residency_waits  # type: ignore[attr-defined]
     return rebound
+
+
+def residency_waits(engine_core: Any) -> list[float]:
+    """EngineCore utility method: the scheduler's residency waits since the last call."""
+    scheduler = getattr(engine_core, "scheduler", None)
+    if isinstance(scheduler, ResidencyAwareScheduler):
+        return scheduler.drain_residency_waits()
+    return []
 
 
 def _set_pool(reports: list[dict[str, int] | None]) -> None:

@@ -14,9 +14,12 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
                                       (required with paged mode)
     LORAPLEX_PAGED_PAGE_SIZE=4        rank rows per page (default 4)
     LORAPLEX_PAGED_MAX_WAIT_MS=10000  admission: a request waiting longer goes first, and no
-                                      new adapter is admitted ahead of it (default 2000)
+                                      new adapter is admitted ahead of it (default 10000)
     LORAPLEX_PAGED_ADMISSION=1        residency-aware admission in the scheduler (default on;
                                       0 only to test the worker's own refusal)
+
+The gateway sets them from its Settings (paged_lora, paged_pool_bytes, ...) with
+`paged_environment` before it starts the engine.
 
 To run vLLM without any of it (e.g. the vanilla baseline in benchmarks), set `VLLM_PLUGINS=""`.
 """
@@ -90,6 +93,24 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
         admission=_flag(environ, ADMISSION_ENV, default=True),
         max_wait_s=_positive_int(environ, MAX_WAIT_ENV, DEFAULT_MAX_WAIT_MS) / 1000,
     )
+
+
+def paged_environment(
+    *, enabled: bool, pool_bytes: int | None, page_size: int, max_wait_ms: int
+) -> dict[str, str]:
+    """The LORAPLEX_PAGED_* variables for these settings (what `paged_config_from_env` reads
+    back), to export before vLLM starts its processes. Admission is left alone: switching it
+    off exists only for tests of the worker's own refusal."""
+    if not enabled:
+        return {PAGED_ENV: "0"}
+    if pool_bytes is None or pool_bytes <= 0:
+        raise BadPluginSetting(f"{POOL_BYTES_ENV} is required when {PAGED_ENV} is on")
+    return {
+        PAGED_ENV: "1",
+        POOL_BYTES_ENV: str(pool_bytes),
+        PAGE_SIZE_ENV: str(page_size),
+        MAX_WAIT_ENV: str(max_wait_ms),
+    }
 
 
 def _flag(environ: Mapping[str, str], name: str, *, default: bool) -> bool:

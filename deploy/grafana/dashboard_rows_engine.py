@@ -94,7 +94,7 @@ def residency_row() -> list[Member]:
                 [("sum by (state) (loraplex_adapter_pool_pages)", "{{state}}")],
                 stack=True,
             ),
-            12,
+            8,
             8,
         ),
         (
@@ -112,7 +112,26 @@ def residency_row() -> list[Member]:
                 ],
                 unit="ops",
             ),
-            12,
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Residency wait",
+                "How long requests held back by the paged pool's admission waited for their "
+                "adapter's pages (p50, p95), and how many waited per second. Rising waits mean "
+                "the pool is too small for the active adapter set (LORAPLEX_PAGED_POOL_BYTES).",
+                [
+                    *quantiles("loraplex_adapter_residency_wait_seconds", ""),
+                    (
+                        "sum(rate(loraplex_adapter_residency_wait_seconds_count"
+                        "[$__rate_interval]))",
+                        "waits/s",
+                    ),
+                ],
+                unit="s",
+            ),
+            8,
             8,
         ),
     ]

@@ -116,6 +116,11 @@ class EngineClient(Protocol):
         snapshot), or None when the engine keeps vLLM's own slot buffers."""
         ...
 
+    async def residency_waits(self) -> list[float]:
+        """Seconds each request the paged pool's admission held back waited for its adapter's
+        pages, for requests started since the last call (drained); [] without paged mode."""
+        ...
+
     def default_sampling(self) -> dict[str, Any]:
         """The model's own generation defaults (generation_config.json), e.g. temperature."""
         ...

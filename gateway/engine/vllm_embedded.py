@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from gateway.engine.client import (
     TokenLogprob,
 )
 from gateway.settings import Settings
+from kernels.vllm_plugin import paged_environment
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -29,6 +31,15 @@ logger = logging.getLogger(__name__)
 CPU_MEMORY_UTILIZATION = 0.2
 CUDA_MEMORY_UTILIZATION = 0.9
 HEALTH_PROBE_TIMEOUT_S = 3.0
+
+
+def paged_environment_for(settings: Settings) -> dict[str, str]:
+    return paged_environment(
+        enabled=settings.paged_lora,
+        pool_bytes=settings.paged_pool_bytes,
+        page_size=settings.paged_page_size,
+        max_wait_ms=settings.paged_max_wait_ms,
+    )
 
 
 def _cuda_available() -> bool:
@@ -73,6 +84,9 @@ class EmbeddedVLLM:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
+        # The plugin (kernels.vllm_plugin) reads paged mode from the environment in every
+        # process vLLM starts; they inherit ours, so these settings decide, not stray variables.
+        os.environ.update(paged_environment_for(self._settings))
         loop = asyncio.get_running_loop()
         # Engine construction blocks for seconds (process spawn, weight load, warm-up).
         self._engine = await asyncio.wait_for(
@@ -172,6 +186,21 @@ class EmbeddedVLLM:
             logger.warning("could not read the paged adapter pool", exc_info=True)
             return None
         return next((r for r in reports if r), None)
+
+    async def residency_waits(self) -> list[float]:
+        engine = self._engine
+        if engine is None or engine.errored:
+            return []
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
+                # A utility method loraplex's scheduler adds to the engine core, whose process
+                # holds the scheduler (kernels.paged_scheduler); collective_rpc reaches only
+                # the workers.
+                waits = await engine.engine_core.call_utility_async("loraplex_residency_waits")
+        except Exception:
+            logger.warning("could not read the residency waits", exc_info=True)
+            return []
+        return [float(w) for w in waits]
 
 
 def _lora_request(adapter: AdapterHandle | None) -> Any:

@@ -35,5 +35,8 @@ async def metrics(request: Request) -> Response:
         pool = getattr(request.app.state, "pool_metrics", None)
         if pool is None:
             pool = request.app.state.pool_metrics = PoolMetrics()
-        pool.update(await engine.adapter_pool())
+        snapshot = await engine.adapter_pool()
+        pool.update(snapshot)
+        if snapshot is not None:  # paged mode: its scheduler measures residency waits
+            pool.observe_waits(await engine.residency_waits())
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)

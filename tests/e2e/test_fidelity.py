@@ -173,3 +173,6 @@ def test_device_pool_metrics(served, request):
     assert samples["loraplex_adapter_page_in_bytes_total", ()] > 0
     resident = samples["loraplex_adapters_resident", (("tier", "device"),)]
     assert 1 <= resident <= len(DEMO_ADAPTERS) and pool["used"] >= pages(4)
+    # Each scrape also asked the engine core for its residency waits, and got an answer (this
+    # pool fits every demo adapter, so nobody waited: test_paged_engine.py measures waits).
+    assert "could not read the residency waits" not in served.log_path.read_text()

@@ -91,6 +91,9 @@ class ScriptedEngine:
     async def adapter_pool(self) -> dict[str, int] | None:
         return None  # vLLM's own slot buffers: no paged pool
 
+    async def residency_waits(self) -> list[float]:
+        return []
+
     async def health(self) -> EngineHealth:
         return EngineHealth(alive=True, detail={"unfinished_requests": 0})
 

@@ -66,3 +66,15 @@ def test_snapshots_become_gauges_and_increments():
         "evicted", "loraplex_adapter_evictions_total", tier="device", reason="capacity"
     )
     assert evictions == 1
+
+
+def test_residency_waits_become_histogram_observations():
+    name = "loraplex_adapter_residency_wait_seconds"
+    count, total = value(f"{name}_count"), value(f"{name}_sum")
+    below_1s = value(f"{name}_bucket", le="1.0")
+    metrics = PoolMetrics()
+    metrics.observe_waits([])  # nothing waited since the last scrape
+    metrics.observe_waits([0.25, 3.0])
+    assert value(f"{name}_count") - count == 2
+    assert abs(value(f"{name}_sum") - total - 3.25) < 1e-9
+    assert value(f"{name}_bucket", le="1.0") - below_1s == 1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,31 @@ def test_environment_overrides_and_real_model(monkeypatch, tmp_path):
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValidationError):
         Settings(**bad)
+
+
+def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
+    """Settings decide paged mode: what the engine's processes inherit reads back, through the
+    plugin's own parser, as the same pool; off means off even if a stray variable said on."""
+    from gateway.engine.vllm_embedded import paged_environment_for
+    from kernels.vllm_plugin import paged_config_from_env
+
+    for name in ("LORAPLEX_PAGED_LORA", "LORAPLEX_PAGED_POOL_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValidationError, match="paged_pool_bytes"):
+        Settings(paged_lora=True)
+    with pytest.raises(ValidationError):
+        Settings(paged_lora=True, paged_pool_bytes=0)
+
+    on = Settings(paged_lora=True, paged_pool_bytes=4 << 20, paged_page_size=8)
+    config = paged_config_from_env(paged_environment_for(on))
+    assert config is not None
+    assert (config.pool_bytes, config.page_size, config.max_wait_s) == (4 << 20, 8, 10.0)
+    assert config.admission
+
+    monkeypatch.setenv("LORAPLEX_PAGED_LORA", "1")
+    monkeypatch.setenv("LORAPLEX_PAGED_POOL_BYTES", "4096")
+    from_env = Settings(paged_max_wait_ms=500)
+    assert from_env.paged_lora and from_env.paged_pool_bytes == 4096
+    assert paged_config_from_env(paged_environment_for(from_env)).max_wait_s == 0.5
+    off = Settings(paged_lora=False)
+    assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None

@@ -53,10 +53,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         out["outputs"] = [list(r.outputs[0].token_ids) for r in results]
         out["stats"] = llm.collective_rpc("loraplex_paged_pool_stats")[0]
         out["paged_layers"] = llm.collective_rpc("loraplex_paged_layers")[0]
+        out["residency_waits"] = residency_waits(llm)
     except Exception as exc:  # reported to the test, which decides whether it was expected
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["cause"] = repr(exc.__cause__) if exc.__cause__ else None
     return out
+
+
+def residency_waits(llm: Any) -> list[float]:
+    """The scheduler's residency waits (an engine-core utility method the plugin adds), the
+    way the gateway reads them; the engine core runs in its own process or in this one."""
+    core = llm.llm_engine.engine_core
+    if hasattr(core, "call_utility"):
+        return list(core.call_utility("loraplex_residency_waits"))
+    return list(core.engine_core.loraplex_residency_waits())
 
 
 if __name__ == "__main__":

@@ -189,6 +189,9 @@ def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_t
     assert (ahead["prefetches_total"], ahead["prefetches_skipped_total"]) == (1, 1)
     assert ahead["page_ins_total"] == 1 and ahead["evictions_for_space_total"] == 0
     assert ahead["pages_used"] == pages(16)
+    # rs32 arrived first and took its pages; r16's request waited for residency, once.
+    waits = out["residency_waits"]
+    assert len(waits) == 1 and 0 < waits[0] < 120, waits
 
 
 CHURN_RANKS = (4, 8, 16, 32)
@@ -231,3 +234,4 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     assert stats["refusals_total"] == 0
     assert stats["page_ins_total"] >= len(churn)  # each adapter was paged in
     assert stats["evictions_for_space_total"] > 0  # and pushed others out: the pool churned
+    assert out["residency_waits"]  # admission held requests back until their pages were free
