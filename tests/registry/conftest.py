@@ -25,6 +25,7 @@ from registry.compat.fingerprint import BaseModelFingerprint, fingerprint_base_m
 from registry.db import make_engine, make_session_factory, migrate
 from registry.store.local import LocalArtifactStore
 from tests.registry.helpers import build_adapter, build_base
+from tests.registry.rollout_world import World, make_world
 
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
@@ -181,3 +182,9 @@ async def session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
 @pytest.fixture
 def store(tmp_path: Path) -> LocalArtifactStore:
     return LocalArtifactStore(tmp_path / "store")
+
+
+@pytest.fixture
+async def world(session, store, base_fp, make_adapter) -> World:
+    """A base model and tenants acme and globex, ready for rollout tests (rollout_world)."""
+    return await make_world(session, store, base_fp, make_adapter)

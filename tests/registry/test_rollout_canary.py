@@ -5,14 +5,11 @@ polling for changes, and what each caller is served meanwhile."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from registry import service
-from registry.compat import BaseModelFingerprint
 from registry.errors import (
     AdapterNotFound,
     InvalidInput,
@@ -22,21 +19,12 @@ from registry.errors import (
 )
 from registry.rollout import assign
 from registry.states import VersionState
-from registry.store.local import LocalArtifactStore
-from tests.registry.rollout_world import CALLERS, World, make_world
+from tests.registry.rollout_world import CALLERS, World
 
 S = VersionState
 FIGURES = {"samples": 100, "p95_ttft_ms": 140.5, "p95_e2e_ms": 900.0, "error_rate": 0.02}
 
 
-@pytest.fixture
-async def world(
-    session: AsyncSession,
-    store: LocalArtifactStore,
-    base_fp: BaseModelFingerprint,
-    make_adapter: Callable[..., Path],
-) -> World:
-    return await make_world(session, store, base_fp, make_adapter)
 
 
 @pytest.fixture

@@ -5,15 +5,12 @@ and the per-adapter threshold override."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry import service
-from registry.compat import BaseModelFingerprint, ProblemCode
+from registry.compat import ProblemCode
 from registry.errors import (
     AdapterNotFound,
     InvalidRollbackPath,
@@ -22,21 +19,12 @@ from registry.errors import (
     RollbackRefused,
 )
 from registry.rollout import Thresholds
-from registry.store.local import LocalArtifactStore
-from tests.registry.rollout_world import CALLERS, World, make_world
+from tests.registry.rollout_world import CALLERS, World
 
 FIGURES = {"samples": 100, "p95_ttft_ms": 80.0, "p95_e2e_ms": 2400.0, "error_rate": 0.0}
 ALL = len(CALLERS)
 
 
-@pytest.fixture
-async def world(
-    session: AsyncSession,
-    store: LocalArtifactStore,
-    base_fp: BaseModelFingerprint,
-    make_adapter: Callable[..., Path],
-) -> World:
-    return await make_world(session, store, base_fp, make_adapter)
 
 
 def card(**fields: Any) -> dict[str, Any]:

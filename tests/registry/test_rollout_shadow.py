@@ -5,14 +5,9 @@ replicas poll."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry import service
-from registry.compat import BaseModelFingerprint
 from registry.errors import (
     AdapterNotFound,
     InvalidInput,
@@ -21,21 +16,15 @@ from registry.errors import (
     VersionNotFound,
 )
 from registry.states import VersionState
-from registry.store.local import LocalArtifactStore
-from tests.registry.rollout_world import CALLERS, World, make_world
+from tests.registry.rollout_world import CALLERS, World
 
 S = VersionState
 NAME = "acme-support"
 
 
 @pytest.fixture
-async def world(
-    session: AsyncSession,
-    store: LocalArtifactStore,
-    base_fp: BaseModelFingerprint,
-    make_adapter: Callable[..., Path],
-) -> World:
-    world = await make_world(session, store, base_fp, make_adapter)
+async def world(world: World) -> World:
+    """conftest's world with NAME's v1 registered and v2 evaluated."""
     await world.register(NAME, 1)
     await world.evaluated(NAME, 2)
     return world
