@@ -8,7 +8,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kernels.vllm_plugin import DEFAULT_MAX_WAIT_MS, DEFAULT_PAGE_SIZE
+from kernels.vllm_plugin import (
+    DEFAULT_MAX_SKIP_MS,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_POLICY,
+)
 
 DEMO_DIR_NAME = "demo"
 # vLLM 0.32 preallocates LoRA buffers for these ranks only.
@@ -135,6 +140,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Admission's bounded wait: an older request goes first, and no new adapter "
         "is admitted ahead of it.",
+    )
+    paged_policy: Literal["hold", "rotate"] = Field(
+        DEFAULT_POLICY,
+        description="hold: a new adapter waits for a running one's pages; rotate: running "
+        "requests may sit out steps so pages are shared between steps.",
+    )
+    paged_max_skip_ms: int = Field(
+        DEFAULT_MAX_SKIP_MS, gt=0, description="rotate: the longest a running request sits out."
     )
 
     admin_token: SecretStr | None = None

@@ -5,10 +5,18 @@
 Rows whose slot is -1 (no adapter) are not touched: they get exactly zero delta whatever the
 pool holds, the property vLLM 0.32's own CPU ops lacked (see kernels.cpu_lora_ops).
 
-The batch is grouped by slot once per step (`group_rows_by_slot`) and each adapter's pages are
-gathered once per layer, so the work is one pair of GEMMs per adapter present, at the
-adapter's own rank. This reads index tensors on the host: fine on CPU, where vLLM runs LoRA
-models eagerly (it disables compilation when LoRA is on); CUDA uses kernels.sgmv_*.
+On a CPU the cost of this op is the number of torch calls, not the arithmetic (the decode
+batch of a tiny model is a few hundred kFLOP per adapter). So the step's rows are split once
+(`split_rows`, shared by every layer of the step):
+- an adapter with many rows (a prefill) gets its own pair of GEMMs at its own rank;
+- every other row goes into one batched pass over the pages of the adapters present: one
+  GEMM of those rows against all those pages' A rows, a mask that keeps each row's own
+  pages (and folds in its slot's scale), one GEMM per slice against the same pages' B rows.
+  The order of rank rows does not matter to the sum, so pages need no reordering, and rows
+  past an adapter's rank are zero in its last page (PagedLoraPool.load pads them), so they
+  add nothing. The call count no longer grows with the number of adapters in the batch.
+This reads index tensors on the host: fine on CPU, where vLLM runs LoRA models eagerly (it
+disables compilation when LoRA is on); CUDA uses kernels.sgmv_*.
 
 Layout and shapes are those of kernels.paged_pool:
     x          [T, H_in]
@@ -22,10 +30,30 @@ Layout and shapes are those of kernels.paged_pool:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 SlotGroups = list[tuple[int, torch.Tensor]]
+
+# An adapter with at least this many rows in a step gets GEMMs of its own: there the per-call
+# overhead is small next to the work, and the batched pass would multiply these rows by every
+# other adapter's pages too. Measured on 2 Xeon cores (benchmarks/kernels/bench_paged_cpu.py).
+OWN_GEMM_ROWS = 32
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """One step's rows with an adapter, split by how their delta is computed."""
+
+    own: SlotGroups  # (slot, rows) for adapters with >= OWN_GEMM_ROWS rows
+    batched_rows: torch.Tensor  # int64 rows of every other adapter, ascending
+    batched_slots: torch.Tensor  # int64 slot of each of those rows
+    batched_present: torch.Tensor  # int64 distinct slots among them, ascending
+
+    @property
+    def empty(self) -> bool:
+        return not self.own and self.batched_rows.numel() == 0
 
 
 def group_rows_by_slot(token_slot: torch.Tensor, num_slots: int) -> SlotGroups:
@@ -44,6 +72,25 @@ def group_rows_by_slot(token_slot: torch.Tensor, num_slots: int) -> SlotGroups:
     return [
         (int(s), r.to(token_slot.device)) for s, r in zip(present.tolist(), grouped, strict=True)
     ]
+
+
+def split_rows(
+    token_slot: torch.Tensor, num_slots: int, *, own_gemm_rows: int = OWN_GEMM_ROWS
+) -> StepRows:
+    """Rows with an adapter, split into per-adapter GEMM groups and the batched rest."""
+    own: SlotGroups = []
+    batched: SlotGroups = []
+    for slot, rows in group_rows_by_slot(token_slot, num_slots):
+        (own if rows.numel() >= own_gemm_rows else batched).append((slot, rows))
+    device = token_slot.device
+    if not batched:
+        none = torch.empty(0, dtype=torch.int64, device=device)
+        return StepRows(own, none, none, none)
+    rows = torch.cat([r for _, r in batched])
+    slots = torch.cat([torch.full_like(r, s) for s, r in batched])
+    rows, order = torch.sort(rows)  # ascending rows read and write y in memory order
+    present = torch.tensor([s for s, _ in batched], dtype=torch.int64, device=device)
+    return StepRows(own, rows, slots[order], present)
 
 
 def _check(
@@ -72,6 +119,16 @@ def _check(
     assert page_table.dim() == 2, f"page_table must be [slots, max_pages], got {page_table.shape}"
 
 
+def _mapped_pages(page_table: torch.Tensor, slot: int, rank: int, page_size: int) -> torch.Tensor:
+    """int64 pages holding `slot`'s rank rows; refuses a rank whose pages are not all mapped."""
+    pages = page_table[slot, : -(-rank // page_size)].to(torch.int64)
+    # A slot with a rank but an unmapped page means the pool's bookkeeping broke: refuse
+    # rather than read whatever a free page holds.
+    if bool((pages < 0).any()):
+        raise RuntimeError(f"slot {slot} has rank {rank} but unmapped pages {pages.tolist()}")
+    return pages
+
+
 def paged_lora_linear_cpu(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -83,38 +140,105 @@ def paged_lora_linear_cpu(
     token_slot: torch.Tensor,
     slice_widths: Sequence[int],
     *,
-    groups: SlotGroups | None = None,
+    rows: StepRows | None = None,
 ) -> torch.Tensor:
     """Add every row's own adapter delta to y (see module docstring); returns y.
 
-    groups: `group_rows_by_slot(token_slot, num_slots)` when the caller already has it (it is
-    the same for every layer of one step). Accumulation is fp32; y is rounded once.
+    rows: `split_rows(token_slot, num_slots)` when the caller already has it (it is the same
+    for every layer of one step). Accumulation is fp32; y is rounded once.
     """
     _check(y, x, a_pages, b_pages, page_table, token_slot, slice_widths)
-    if groups is None:
-        groups = group_rows_by_slot(token_slot, page_table.shape[0])
-    n_slices, page_size, h_in = a_pages.shape[1], a_pages.shape[2], a_pages.shape[3]
-    max_rank = page_table.shape[1] * page_size
+    if rows is None:
+        rows = split_rows(token_slot, page_table.shape[0])
+    if rows.empty:
+        return y
     bounds = [0]
     for w in slice_widths:
         bounds.append(bounds[-1] + int(w))
-    ranks = slot_rank.tolist()
+    max_rank = page_table.shape[1] * a_pages.shape[2]
+    ranks = [min(int(r), max_rank) for r in slot_rank.tolist()]
     scales = slot_scale.tolist()
-    for slot, rows in groups:
-        rank = min(int(ranks[slot]), max_rank)
-        if rank <= 0:  # an empty slot contributes nothing
-            continue
-        n_pages = -(-rank // page_size)
-        pages = page_table[slot, :n_pages].to(torch.int64)
-        # A slot with a rank but an unmapped page means the pool's bookkeeping broke: refuse
-        # rather than read whatever a free page holds.
-        if bool((pages < 0).any()):
-            raise RuntimeError(f"slot {slot} has rank {rank} but unmapped pages {pages.tolist()}")
-        # [n, S, P, H_in] -> [S, n·P, H_in]: rank row j sits in page j // P at row j % P.
-        a = a_pages[pages].transpose(0, 1).reshape(n_slices, n_pages * page_size, h_in)
-        b = b_pages[pages].reshape(n_pages * page_size, -1)[:rank].float()
-        xs = x[rows].float()
-        h = torch.einsum("th,srh->str", xs, a[:, :rank].float()) * scales[slot]
-        delta = torch.cat([h[i] @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)], dim=1)
-        y[rows] = (y[rows].float() + delta).to(y.dtype)
+    for slot, slot_rows in rows.own:
+        if ranks[slot] > 0:  # an empty slot contributes nothing
+            _own_gemms(
+                y,
+                x,
+                a_pages,
+                b_pages,
+                page_table,
+                slot,
+                slot_rows,
+                ranks[slot],
+                scales[slot],
+                bounds,
+            )
+    if rows.batched_rows.numel():
+        _batched(y, x, a_pages, b_pages, page_table, slot_scale, ranks, rows, bounds)
     return y
+
+
+def _own_gemms(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    slot: int,
+    rows: torch.Tensor,
+    rank: int,
+    scale: float,
+    bounds: list[int],
+) -> None:
+    n_slices, page_size, h_in = a_pages.shape[1], a_pages.shape[2], a_pages.shape[3]
+    pages = _mapped_pages(page_table, slot, rank, page_size)
+    n_pages = pages.numel()
+    # [n, S, P, H_in] -> [S, n·P, H_in]: rank row j sits in page j // P at row j % P.
+    a = a_pages[pages].transpose(0, 1).reshape(n_slices, n_pages * page_size, h_in)
+    b = b_pages[pages].reshape(n_pages * page_size, -1)[:rank].float()
+    xs = x[rows].float()
+    h = torch.einsum("th,srh->str", xs, a[:, :rank].float()) * scale
+    delta = torch.cat([h[i] @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)], dim=1)
+    y[rows] = (y[rows].float() + delta).to(y.dtype)
+
+
+def _batched(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    slot_scale: torch.Tensor,
+    ranks: list[int],
+    rows: StepRows,
+    bounds: list[int],
+) -> None:
+    n_slices, page_size, h_in = a_pages.shape[1], a_pages.shape[2], a_pages.shape[3]
+    # The pages of the adapters present and, for each, the slot that owns it; checked like
+    # _mapped_pages, in one pass over the present slots' page-table rows.
+    present = rows.batched_present
+    table = page_table[present].to(torch.int64)  # [K, max_pages]
+    rank = torch.tensor([ranks[s] for s in present.tolist()], dtype=torch.int64)
+    needed = torch.arange(table.shape[1])[None, :] < (-(-rank // page_size))[:, None]
+    if bool((needed & (table < 0)).any()):
+        bad = present[(needed & (table < 0)).any(dim=1)].tolist()
+        raise RuntimeError(f"slots {bad} have a rank but unmapped pages")
+    if not bool(needed.any()):  # only rank-0 slots: nothing to add
+        return
+    pages = table[needed]
+    owner = present[:, None].expand_as(table)[needed]
+    n_used = pages.numel()
+    a = a_pages[pages].reshape(n_used * n_slices * page_size, h_in).float()
+    b = b_pages[pages].reshape(n_used * page_size, -1).float()
+    xs = x[rows.batched_rows].float()
+    # h[t, u, s, p]: row t against rank row p of page u, slice s; then keep only the row's own
+    # pages, scaled by its slot's scale (rank-0 slots own no page, so their rows stay zero).
+    h = (xs @ a.t()).view(-1, n_used, n_slices, page_size)
+    keep = (owner[None, :] == rows.batched_slots[:, None]).float()
+    keep *= slot_scale.to(torch.float32)[rows.batched_slots][:, None]
+    h *= keep[:, :, None, None]
+    t = xs.shape[0]
+    delta = torch.cat(
+        [h[:, :, i].reshape(t, -1) @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)],
+        dim=1,
+    )
+    y.index_copy_(0, rows.batched_rows, (y[rows.batched_rows].float() + delta).to(y.dtype))

@@ -36,7 +36,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
-from kernels.paged_lora_cpu import SlotGroups, group_rows_by_slot, paged_lora_linear_cpu
+from kernels.paged_lora_cpu import StepRows, paged_lora_linear_cpu, split_rows
 from kernels.paged_pool import PagedLoraPool
 from kernels.paged_stats import PagedPoolStats
 
@@ -78,20 +78,20 @@ class LayerGeometry:
         )
 
 
-def _step_groups(wrapper: object, token_slot: torch.Tensor, num_slots: int) -> SlotGroups:
-    """Rows grouped by slot, computed once per step and shared by every layer.
+def _step_rows(wrapper: object, token_slot: torch.Tensor, num_slots: int) -> StepRows:
+    """Rows split by slot (`split_rows`), computed once per step and shared by every layer.
 
     vLLM rewrites the wrapper's index buffer in place (copy_) whenever the mapping changes,
     which bumps the tensor's version counter: (pointer, version, length) identifies a mapping.
     """
     key = (token_slot.data_ptr(), token_slot._version, token_slot.shape[0], num_slots)
-    cached = getattr(wrapper, "_loraplex_slot_groups", None)
+    cached = getattr(wrapper, "_loraplex_step_rows", None)
     if cached is not None and cached[0] == key:
-        groups: SlotGroups = cached[1]
-        return groups
-    groups = group_rows_by_slot(token_slot, num_slots)
-    wrapper._loraplex_slot_groups = (key, groups)  # type: ignore[attr-defined]
-    return groups
+        rows: StepRows = cached[1]
+        return rows
+    rows = split_rows(token_slot, num_slots)
+    wrapper._loraplex_step_rows = (key, rows)  # type: ignore[attr-defined]
+    return rows
 
 
 class PagedLinearMixin:
@@ -207,8 +207,8 @@ class PagedLinearMixin:
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
         token_slot = self.punica_wrapper.token_lora_indices  # type: ignore[attr-defined]
-        groups = _step_groups(self.punica_wrapper, token_slot, pool.num_slots)
-        if groups:
+        rows = _step_rows(self.punica_wrapper, token_slot, pool.num_slots)
+        if not rows.empty:
             paged_lora_linear_cpu(
                 output,
                 x,
@@ -219,7 +219,7 @@ class PagedLinearMixin:
                 pool.slot_scale,
                 token_slot,
                 pool.slice_widths,
-                groups=groups,
+                rows=rows,
             )
         if original_shape is not None:
             output = output.reshape(original_shape)

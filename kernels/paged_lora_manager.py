@@ -54,6 +54,10 @@ class PagedLoraConfig:
     # the worker's own refusal (PoolExhausted) when a batch does not fit.
     admission: bool = True
     max_wait_s: float = 10.0  # bounded waiting: older requests are admitted first
+    # "hold": a new adapter waits until running ones free pages (kernels.paged_admission);
+    # "rotate": running requests may sit out steps so pages are shared (kernels.paged_rotation)
+    policy: str = "hold"
+    max_skip_s: float = 0.2  # rotate: a running request sits out at most about this long
 
 
 _config: PagedLoraConfig | None = None

@@ -33,6 +33,7 @@ from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.request import RequestStatus
 
 from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_rank, pages_for_rank
+from kernels.paged_rotation import RotationPlanner, Running
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ WAIT_BUFFER = 65_536
 # Set in the engine-core process by the wrapped _initialize_kv_caches; read by the scheduler.
 _pool: PoolGeometry | None = None
 _max_wait_s: float = 10.0
+_policy: str = "hold"
+_max_skip_s: float = 0.2
 
 
 class ResidencyAwareScheduler(VllmScheduler):
@@ -69,6 +72,8 @@ class ResidencyAwareScheduler(VllmScheduler):
         self._held_since: dict[str, float] = {}  # request_id -> first hold
         self._waits: deque[float] = deque(maxlen=WAIT_BUFFER)
         self._planner: AdmissionPlanner | None = None
+        self._rotation: RotationPlanner | None = None
+        self._last_run: dict[str, float] = {}  # rotate: request_id -> last step it was in
         self._page_size = 0
         if self.lora_config is None:
             return
@@ -87,10 +92,18 @@ class ResidencyAwareScheduler(VllmScheduler):
             )
         self._page_size = _pool.page_size
         self._planner = AdmissionPlanner(total_pages=_pool.pages_total, max_wait_s=_max_wait_s)
+        if _policy == "rotate":
+            self._rotation = RotationPlanner(
+                total_pages=_pool.pages_total,
+                max_adapters=self.lora_config.max_loras,
+                max_wait_s=_max_wait_s,
+                max_skip_s=_max_skip_s,
+            )
         logger.info(
-            "loraplex paged LoRA admission: %d pages of %d rank rows, max wait %.1f s",
+            "loraplex paged LoRA admission: %d pages of %d rank rows, policy %s, max wait %.1f s",
             _pool.pages_total,
             _pool.page_size,
+            _policy,
             _max_wait_s,
         )
 
@@ -128,6 +141,8 @@ class ResidencyAwareScheduler(VllmScheduler):
                 self._waits.append(now - since)
 
     def _plan_and_schedule(self, throttle_prefills: bool) -> Any:
+        if self._rotation is not None:
+            return self._rotate_and_schedule(self._rotation, throttle_prefills)
         planner = self._planner
         if planner is None or not self.waiting:
             return super().schedule(throttle_prefills)
@@ -153,6 +168,54 @@ class ResidencyAwareScheduler(VllmScheduler):
             rest = [*self.waiting, *(w.key for w in plan.held)]
             self._requeue(sorted(rest, key=lambda r: r.arrival_time))
 
+    def _rotate_and_schedule(self, planner: RotationPlanner, throttle_prefills: bool) -> Any:
+        """One step of time-shared pages: requests the plan skips sit out this step.
+
+        vLLM supports running requests that a step does not schedule (the token budget does
+        the same): they keep their KV cache, and the model runner drops them from its
+        persistent batch until they come back. Three things keep vLLM's invariants: the
+        skipped requests are back in `running`, in their order, before `schedule()` returns;
+        admissions are capped so running plus skipped stays within max_num_seqs; and each
+        step's adapters are within max_loras (the plan's `max_adapters`).
+        """
+        now = time.time()
+        running = list(self.running)
+        last_run = self._last_run
+        plan = planner.plan(
+            [Running(r, *self._adapter_pages(r), last_run.get(r.request_id, now)) for r in running],
+            [Waiting(r, *self._adapter_pages(r), r.arrival_time) for r in self.waiting],
+            now,
+        )
+        self.admission_stats.steps_planned += 1
+        skipped = {id(s.key) for s in plan.skip}
+        if plan.skip or plan.held:
+            self.admission_stats.steps_reordered += 1
+            self.admission_stats.requests_held_total += len(plan.held)
+        for held in plan.held:
+            self._held_since.setdefault(held.key.request_id, now)  # type: ignore[attr-defined]
+        cap = self.max_num_active_reqs
+        self.running = [r for r in running if id(r) not in skipped]
+        self.max_num_active_reqs = max(0, cap - len(skipped))
+        self._requeue([w.key for w in plan.order])
+        try:
+            output = super().schedule(throttle_prefills)
+        finally:
+            self.max_num_active_reqs = cap
+            # vLLM may have replaced the list, finished or preempted some: read it again.
+            after = {id(r) for r in self.running}
+            before = {id(r) for r in running}
+            self.running = [
+                *(r for r in running if id(r) in skipped or id(r) in after),
+                *(r for r in self.running if id(r) not in before),
+            ]
+            rest = [*self.waiting, *(w.key for w in plan.held)]
+            self._requeue(sorted(rest, key=lambda r: r.arrival_time))
+        for request_id in output.num_scheduled_tokens:
+            last_run[request_id] = now
+        if len(last_run) > 2 * len(self.requests) + 64:  # forget finished requests
+            self._last_run = {k: v for k, v in last_run.items() if k in self.requests}
+        return output
+
     def _requeue(self, requests: list[Any]) -> None:
         queue = self.waiting
         if isinstance(queue, FCFSRequestQueue):
@@ -164,13 +227,13 @@ class ResidencyAwareScheduler(VllmScheduler):
             queue.add_request(request)
 
 
-def install(max_wait_s: float) -> list[str]:
+def install(max_wait_s: float, *, policy: str = "hold", max_skip_s: float = 0.2) -> list[str]:
     """Rebind the scheduler and wrap the engine core's KV-cache set-up (idempotent)."""
     import vllm.v1.core.sched.scheduler as scheduler_module
     from vllm.v1.engine.core import EngineCore
 
-    global _max_wait_s
-    _max_wait_s = max_wait_s
+    global _max_wait_s, _policy, _max_skip_s
+    _max_wait_s, _policy, _max_skip_s = max_wait_s, policy, max_skip_s
     rebound = [
         "vllm.v1.core.sched.scheduler.Scheduler",
         "EngineCore._initialize_kv_caches",

@@ -15,6 +15,10 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
     LORAPLEX_PAGED_PAGE_SIZE=4        rank rows per page (default 4)
     LORAPLEX_PAGED_MAX_WAIT_MS=10000  admission: a request waiting longer goes first, and no
                                       new adapter is admitted ahead of it (default 10000)
+    LORAPLEX_PAGED_POLICY=hold        hold: a new adapter waits for a running one's pages;
+                                      rotate: running requests may sit out steps so that the
+                                      pages are shared between steps (kernels/README.md)
+    LORAPLEX_PAGED_MAX_SKIP_MS=200    rotate: a running request sits out at most this long
     LORAPLEX_PAGED_ADMISSION=1        residency-aware admission in the scheduler (default on;
                                       0 only to test the worker's own refusal)
 
@@ -42,6 +46,11 @@ POOL_BYTES_ENV = "LORAPLEX_PAGED_POOL_BYTES"
 PAGE_SIZE_ENV = "LORAPLEX_PAGED_PAGE_SIZE"
 MAX_WAIT_ENV = "LORAPLEX_PAGED_MAX_WAIT_MS"
 ADMISSION_ENV = "LORAPLEX_PAGED_ADMISSION"
+POLICY_ENV = "LORAPLEX_PAGED_POLICY"
+MAX_SKIP_ENV = "LORAPLEX_PAGED_MAX_SKIP_MS"
+POLICIES = ("hold", "rotate")
+DEFAULT_POLICY = "hold"
+DEFAULT_MAX_SKIP_MS = 200
 DEFAULT_PAGE_SIZE = 4
 # Bounded waiting (kernels.paged_admission): 2 s caused head-of-line convoys at 1000 adapters
 # under open-loop load (TTFT p50 1.3 s vs 0.14 s without aging, benchmarks/results/residency).
@@ -92,11 +101,26 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
         page_size=_positive_int(environ, PAGE_SIZE_ENV, DEFAULT_PAGE_SIZE),
         admission=_flag(environ, ADMISSION_ENV, default=True),
         max_wait_s=_positive_int(environ, MAX_WAIT_ENV, DEFAULT_MAX_WAIT_MS) / 1000,
+        policy=_policy(environ),
+        max_skip_s=_positive_int(environ, MAX_SKIP_ENV, DEFAULT_MAX_SKIP_MS) / 1000,
     )
 
 
+def _policy(environ: Mapping[str, str]) -> str:
+    policy = environ.get(POLICY_ENV, "").strip().lower() or DEFAULT_POLICY
+    if policy not in POLICIES:
+        raise BadPluginSetting(f"{POLICY_ENV} must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return policy
+
+
 def paged_environment(
-    *, enabled: bool, pool_bytes: int | None, page_size: int, max_wait_ms: int
+    *,
+    enabled: bool,
+    pool_bytes: int | None,
+    page_size: int,
+    max_wait_ms: int,
+    policy: str = DEFAULT_POLICY,
+    max_skip_ms: int = DEFAULT_MAX_SKIP_MS,
 ) -> dict[str, str]:
     """The LORAPLEX_PAGED_* variables for these settings (what `paged_config_from_env` reads
     back), to export before vLLM starts its processes. Admission is left alone: switching it
@@ -110,6 +134,8 @@ def paged_environment(
         POOL_BYTES_ENV: str(pool_bytes),
         PAGE_SIZE_ENV: str(page_size),
         MAX_WAIT_ENV: str(max_wait_ms),
+        POLICY_ENV: policy,
+        MAX_SKIP_ENV: str(max_skip_ms),
     }
 
 
@@ -155,10 +181,14 @@ def register() -> None:
         if config.admission:
             from kernels import paged_scheduler
 
-            rebound += paged_scheduler.install(config.max_wait_s)
+            rebound += paged_scheduler.install(
+                config.max_wait_s, policy=config.policy, max_skip_s=config.max_skip_s
+            )
         logger.info(
-            "loraplex plugin: paged LoRA on (%d bytes, pages of %d rank rows); rebound %s",
+            "loraplex plugin: paged LoRA on (%d bytes, pages of %d rank rows, policy %s); "
+            "rebound %s",
             config.pool_bytes,
             config.page_size,
+            config.policy,
             ", ".join(rebound),
         )

@@ -39,6 +39,8 @@ def paged_environment_for(settings: Settings) -> dict[str, str]:
         pool_bytes=settings.paged_pool_bytes,
         page_size=settings.paged_page_size,
         max_wait_ms=settings.paged_max_wait_ms,
+        policy=settings.paged_policy,
+        max_skip_ms=settings.paged_max_skip_ms,
     )
 
 

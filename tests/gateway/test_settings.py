@@ -62,5 +62,10 @@ def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
     from_env = Settings(paged_max_wait_ms=500)
     assert from_env.paged_lora and from_env.paged_pool_bytes == 4096
     assert paged_config_from_env(paged_environment_for(from_env)).max_wait_s == 0.5
+    rotate = Settings(paged_policy="rotate", paged_max_skip_ms=100)
+    config = paged_config_from_env(paged_environment_for(rotate))
+    assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.1)
+    with pytest.raises(ValidationError, match="paged_policy"):
+        Settings(paged_policy="lru")
     off = Settings(paged_lora=False)
     assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None

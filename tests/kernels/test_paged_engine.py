@@ -194,12 +194,32 @@ def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_t
     assert len(waits) == 1 and 0 < waits[0] < 120, waits
 
 
+def test_rotation_serves_the_unfit_pair_in_turns(tmp_path, demo, adapters, prompt_ids):
+    """The same batch and pool with LORAPLEX_PAGED_POLICY=rotate: the two adapters take turns
+    in the pool step by step (each step holds one), instead of one waiting for the other's
+    request to finish, and both answers are still exactly right."""
+    jobs, out, log = serve_unfit_pair(
+        tmp_path, demo, adapters, prompt_ids, LORAPLEX_PAGED_POLICY="rotate"
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    check_outputs(demo, adapters, jobs, out["outputs"])
+    stats = out["stats"]
+    assert stats["refusals_total"] == 0
+    # Taking turns pages each adapter in again and again (holding would page each in once).
+    assert stats["page_ins_total"] >= 2 * MAX_TOKENS // 2, stats
+    assert stats["evictions_for_space_total"] >= stats["page_ins_total"] - 2, stats
+    # r16 waited for one step only: rs32 arrived first and took the pool for its prefill.
+    waits = out["residency_waits"]
+    assert len(waits) == 1 and 0 < waits[0] < 5, waits
+
+
 CHURN_RANKS = (4, 8, 16, 32)
 CHURN_TARGETS = (ALL_PROJECTIONS, ["q_proj", "v_proj"], ALL_PROJECTIONS[4:], ALL_PROJECTIONS[:4])
 
 
+@pytest.mark.parametrize("policy", ["hold", "rotate"])
 def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
-    tmp_path, tmp_path_factory, demo, prompt_ids
+    tmp_path, tmp_path_factory, demo, prompt_ids, policy
 ):
     """36 adapters of ranks 4-32 rotate through a pool that holds about a quarter of them, with
     16 cheap slots, so admission must hold adapters back and the pool must page them in and
@@ -226,6 +246,7 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
         max_loras=16,
         pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES,
         max_lora_rank=32,
+        LORAPLEX_PAGED_POLICY=policy,
     )
     assert out["error"] is None, (out["error"], log[-4000:])
     check_outputs(demo, churn, jobs, out["outputs"])

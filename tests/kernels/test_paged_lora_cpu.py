@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_lora_cpu import group_rows_by_slot, paged_lora_linear_cpu
+from kernels.paged_lora_cpu import (
+    OWN_GEMM_ROWS,
+    group_rows_by_slot,
+    paged_lora_linear_cpu,
+    split_rows,
+)
 from kernels.paged_pool import PagedLoraPool
 from kernels.sgmv_expand import sgmv_expand_ref
 from kernels.sgmv_metadata import SgmvMetadataBuilder
@@ -34,7 +39,18 @@ def reference(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, slots: lis
     return sgmv_expand_ref(h, pool.b_pages, pool.page_table, meta, y0.clone(), pool.slice_widths)
 
 
-def run(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, token_slot: torch.Tensor):
+# How many rows an adapter needs for GEMMs of its own: every adapter (1), the default split
+# (the prefill-like runs above go both ways), and none (every row in the batched pass).
+SPLITS = {"own_gemms": 1, "default_split": OWN_GEMM_ROWS, "all_batched": 10**9}
+
+
+def run(
+    pool: PagedLoraPool,
+    x: torch.Tensor,
+    y0: torch.Tensor,
+    token_slot: torch.Tensor,
+    own_gemm_rows: int = OWN_GEMM_ROWS,
+):
     return paged_lora_linear_cpu(
         y0.clone(),
         x,
@@ -45,13 +61,17 @@ def run(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, token_slot: torc
         pool.slot_scale,
         token_slot,
         pool.slice_widths,
+        rows=split_rows(token_slot, pool.num_slots, own_gemm_rows=own_gemm_rows),
     )
 
 
+@pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("page_size", [None, 4, 1], ids=["contiguous", "pages_of_4", "pages_of_1"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_matches_sgmv_references(dtype: torch.dtype, shape: str, page_size: int | None) -> None:
+def test_matches_sgmv_references(
+    dtype: torch.dtype, shape: str, page_size: int | None, split: str
+) -> None:
     hidden, widths = SHAPES[shape]
     adapters = make_adapters(RANKS, hidden, widths, seed=7)
     pool = make_pool(
@@ -67,14 +87,15 @@ def test_matches_sgmv_references(dtype: torch.dtype, shape: str, page_size: int 
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(len(slots), hidden, generator=gen).to(dtype)
     y0 = torch.randn(len(slots), sum(widths), generator=gen).to(dtype)
-    got = run(pool, x, y0, torch.tensor(slots))
+    got = run(pool, x, y0, torch.tensor(slots), SPLITS[split])
     torch.testing.assert_close(got, reference(pool, x, y0, slots), **TOL[dtype])
     untouched = torch.tensor([s < 0 or s == len(adapters) for s in slots])
     assert torch.equal(got[untouched], y0[untouched])  # bit-identical, not merely close
     assert not torch.allclose(got[~untouched], y0[~untouched])  # the delta is really there
 
 
-def test_rows_past_the_mapping_and_all_minus_one_get_nothing() -> None:
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_rows_past_the_mapping_and_all_minus_one_get_nothing(split: str) -> None:
     hidden, widths = SHAPES["qkv_gqa"]
     pool = make_pool(
         make_adapters([8, 16], hidden, widths, seed=9),
@@ -87,9 +108,9 @@ def test_rows_past_the_mapping_and_all_minus_one_get_nothing() -> None:
     x = torch.randn(6, hidden)
     y0 = torch.randn(6, sum(widths))
     # Every slot full and only -1 rows: vLLM 0.32's CPU ops gave these the last slot.
-    assert torch.equal(run(pool, x, y0, torch.full((6,), -1)), y0)
+    assert torch.equal(run(pool, x, y0, torch.full((6,), -1), SPLITS[split]), y0)
     # Mapping shorter than the batch (padded rows): the extra rows are left alone.
-    got = run(pool, x, y0, torch.tensor([1, 0, 1]))
+    got = run(pool, x, y0, torch.tensor([1, 0, 1]), SPLITS[split])
     assert torch.equal(got[3:], y0[3:])
     torch.testing.assert_close(got[:3], reference(pool, x[:3], y0[:3], [1, 0, 1]))
 
@@ -101,7 +122,18 @@ def test_groups_cover_each_valid_row_once_in_order() -> None:
     assert group_rows_by_slot(torch.full((3,), -1), num_slots=4) == []
 
 
-def test_a_rank_without_pages_is_refused_not_read() -> None:
+def test_split_keeps_every_valid_row_once() -> None:
+    slots = torch.tensor([3, -1, 0, 3, 7, 0, 0, -1, 3, 3])
+    rows = split_rows(slots, num_slots=4, own_gemm_rows=4)  # slot 3 has 4 rows: own GEMMs
+    assert [(s, r.tolist()) for s, r in rows.own] == [(3, [0, 3, 8, 9])]
+    assert rows.batched_rows.tolist() == [2, 5, 6]
+    assert rows.batched_slots.tolist() == [0, 0, 0]
+    assert rows.batched_present.tolist() == [0]
+    assert split_rows(torch.full((3,), -1), num_slots=4).empty
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_a_rank_without_pages_is_refused_not_read(split: str) -> None:
     hidden, widths = SHAPES["o_proj"]
     pool = make_pool(
         make_adapters([8], hidden, widths, seed=10),
@@ -112,5 +144,11 @@ def test_a_rank_without_pages_is_refused_not_read() -> None:
         device=CPU,
     )
     pool.page_table[0, 1] = -1  # corrupt bookkeeping: rank 8 but only one page mapped
-    with pytest.raises(RuntimeError, match="unmapped pages"):
-        run(pool, torch.randn(2, hidden), torch.zeros(2, sum(widths)), torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="but unmapped pages"):
+        run(
+            pool,
+            torch.randn(2, hidden),
+            torch.zeros(2, sum(widths)),
+            torch.tensor([0, 0]),
+            SPLITS[split],
+        )

@@ -43,6 +43,16 @@ def test_admission_settings():
         paged_config_from_env({**on, "LORAPLEX_PAGED_ADMISSION": "sometimes"})
 
 
+def test_policy_settings():
+    on = {"LORAPLEX_PAGED_LORA": "1", "LORAPLEX_PAGED_POOL_BYTES": "4096"}
+    config = paged_config_from_env(on)
+    assert config is not None and (config.policy, config.max_skip_s) == ("hold", 0.2)
+    config = paged_config_from_env(
+        {**on, "LORAPLEX_PAGED_POLICY": " Rotate ", "LORAPLEX_PAGED_MAX_SKIP_MS": "50"}
+    )
+    assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.05)
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
@@ -54,6 +64,22 @@ def test_admission_settings():
                 "LORAPLEX_PAGED_LORA": "1",
                 "LORAPLEX_PAGED_POOL_BYTES": "8",
                 "LORAPLEX_PAGED_PAGE_SIZE": "-4",
+            },
+            "positive",
+        ),
+        (
+            {
+                "LORAPLEX_PAGED_LORA": "1",
+                "LORAPLEX_PAGED_POOL_BYTES": "8",
+                "LORAPLEX_PAGED_POLICY": "lru",
+            },
+            "LORAPLEX_PAGED_POLICY must be one of hold, rotate",
+        ),
+        (
+            {
+                "LORAPLEX_PAGED_LORA": "1",
+                "LORAPLEX_PAGED_POOL_BYTES": "8",
+                "LORAPLEX_PAGED_MAX_SKIP_MS": "0",
             },
             "positive",
         ),

@@ -1,0 +1,95 @@
+"""Time-shared pages: which running and waiting requests take part in the next step.
+
+`kernels.paged_admission` holds a new adapter back until the pages of a running one free up,
+so a request whose adapter does not fit beside the running batch waits about one whole
+request lifetime (benchmarks/residency_sim.py shows TTFT p95 pinned there). Here, pages are
+shared between steps instead: a running request may sit out a step so that another adapter
+can use its pages, which costs a page copy (host DRAM -> pool) rather than a lifetime. Every
+step still fits the pool and at most `max_adapters` adapters, as vLLM and the worker require.
+
+The plan (pure: ids, page counts and times in, a selection out; `paged_scheduler` applies it):
+1. Running requests that sat out longer than `max_skip_s`, longest first: no request stalls
+   mid-stream for long.
+2. Waiting requests older than `max_wait_s`, oldest first (bounded waiting, as in admission).
+3. New waiting requests in arrival order: a new request starts at once, which is what keeps
+   time to first token short.
+4. Running requests, the one that ran least recently first: a round robin over the rest.
+Admitting an adapter brings every request for it (running and waiting) into the step, since
+they cost no further page. Requests without an adapter always take part. What does not fit
+sits out this step: running requests keep their KV cache, waiting ones their place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kernels.paged_admission import Waiting
+
+
+@dataclass(frozen=True)
+class Running:
+    key: object  # the caller's handle (vLLM's Request)
+    adapter: int  # vLLM lora_int_id; 0 = no adapter
+    pages: int
+    last_run: float  # when a step last included it (its admission, at first)
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    run: list[Running]  # running requests in this step, in their original order
+    skip: list[Running]  # running requests that sit this step out
+    order: list[Waiting]  # waiting requests that may start, in the order to try them
+    held: list[Waiting]  # waiting requests that do not fit this step
+
+
+class RotationPlanner:
+    def __init__(
+        self, *, total_pages: int, max_adapters: int, max_wait_s: float, max_skip_s: float
+    ) -> None:
+        assert total_pages > 0 and max_adapters > 0, "the pool and the slots must be positive"
+        assert max_wait_s >= 0 and max_skip_s >= 0, "waits must be >= 0"
+        self.total_pages = total_pages
+        self.max_adapters = max_adapters
+        self.max_wait_s = max_wait_s
+        self.max_skip_s = max_skip_s
+
+    def plan(
+        self, running: Sequence[Running], waiting: Sequence[Waiting], now: float
+    ) -> RotationPlan:
+        chosen: dict[int, int] = {}  # adapter -> pages, the step's adapters
+        used = 0
+
+        def fits(adapter: int, pages: int) -> bool:
+            nonlocal used
+            if adapter == 0 or adapter in chosen:
+                return True
+            if used + pages > self.total_pages or len(chosen) >= self.max_adapters:
+                return False
+            chosen[adapter] = pages
+            used += pages
+            return True
+
+        stalled = sorted(
+            (r for r in running if now - r.last_run > self.max_skip_s), key=lambda r: r.last_run
+        )
+        aged = sorted(
+            (w for w in waiting if now - w.arrival > self.max_wait_s), key=lambda w: w.arrival
+        )
+        fresh = [w for w in waiting if now - w.arrival <= self.max_wait_s]
+        by_recency = sorted(running, key=lambda r: r.last_run)
+        for item in [*stalled, *aged, *fresh, *by_recency]:
+            fits(item.adapter, item.pages)
+        # The first candidate always fits an empty pool (the scheduler refuses to start with a
+        # pool smaller than one max_lora_rank adapter), so no step is left empty.
+
+        def in_step(adapter: int) -> bool:
+            return adapter == 0 or adapter in chosen
+
+        order = [w for w in [*aged, *fresh] if in_step(w.adapter)]
+        return RotationPlan(
+            run=[r for r in running if in_step(r.adapter)],
+            skip=[r for r in running if not in_step(r.adapter)],
+            order=order,
+            held=[w for w in waiting if not in_step(w.adapter)],
+        )

@@ -1,0 +1,103 @@
+"""The time-sharing plan on synthetic steps: every step fits the pool and the slots, a new
+request starts at once by making running ones sit out, running requests take turns, none sits
+out longer than the bound, and an adapter in the step brings all its requests."""
+
+from __future__ import annotations
+
+from kernels.paged_admission import Waiting
+from kernels.paged_rotation import RotationPlan, RotationPlanner, Running
+
+NOW = 100.0
+
+
+def run(name: str, adapter: int, pages: int, idle: float = 0.0) -> Running:
+    return Running(name, adapter, pages, NOW - idle)
+
+
+def wait(name: str, adapter: int, pages: int, age: float = 0.0) -> Waiting:
+    return Waiting(name, adapter, pages, NOW - age)
+
+
+def names(items) -> list[str]:
+    return [str(i.key) for i in items]
+
+
+def plan(
+    total: int,
+    running: list[Running],
+    waiting: list[Waiting],
+    *,
+    max_adapters: int = 32,
+    max_wait_s: float = 10.0,
+    max_skip_s: float = 0.2,
+) -> RotationPlan:
+    planner = RotationPlanner(
+        total_pages=total, max_adapters=max_adapters, max_wait_s=max_wait_s, max_skip_s=max_skip_s
+    )
+    return planner.plan(running, waiting, NOW)
+
+
+def step_pages(result: RotationPlan, running: list[Running], waiting: list[Waiting]) -> int:
+    adapters = {r.adapter: r.pages for r in result.run} | {w.adapter: w.pages for w in result.order}
+    return sum(p for a, p in adapters.items() if a)
+
+
+def test_a_new_request_starts_at_once_and_a_running_one_sits_out():
+    running = [run("r1", 1, 4, idle=0.01), run("r2", 2, 4, idle=0.02)]
+    waiting = [wait("new", 3, 4)]
+    result = plan(8, running, waiting)
+    assert names(result.order) == ["new"] and not result.held
+    # r2 ran less recently than r1, so it keeps its turn; r1 sits out
+    assert names(result.run) == ["r2"] and names(result.skip) == ["r1"]
+    assert step_pages(result, running, waiting) <= 8
+
+
+def test_running_requests_take_turns_least_recently_run_first():
+    running = [run(f"r{a}", a, 3, idle=0.01 * a) for a in (1, 2, 3, 4)]
+    result = plan(6, running, [])
+    assert names(result.run) == ["r3", "r4"]  # idle longest: 0.04 and 0.03 s
+    assert names(result.skip) == ["r1", "r2"]
+    # r3 and r4 ran in that step; next step the other two have waited longest
+    after = [run(r.key, r.adapter, r.pages, idle=0.0 if r in result.run else 0.05) for r in running]
+    assert names(plan(6, after, []).run) == ["r1", "r2"]
+
+
+def test_no_running_request_sits_out_longer_than_the_bound():
+    running = [run("stalled", 1, 6, idle=0.5), run("recent", 2, 2, idle=0.0)]
+    waiting = [wait("new", 3, 6)]
+    result = plan(8, running, waiting, max_skip_s=0.2)
+    assert names(result.run) == ["stalled", "recent"]  # 6 + 2 = 8: the newcomer waits
+    assert names(result.held) == ["new"] and not result.order
+
+
+def test_an_adapter_in_the_step_brings_all_its_requests_and_base_always_runs():
+    running = [run("a1", 1, 4, idle=0.01), run("base", 0, 0), run("b1", 2, 4, idle=0.05)]
+    waiting = [wait("a2", 1, 4), wait("c", 3, 4), wait("base2", 0, 0)]
+    result = plan(8, running, waiting)
+    # a2 (new, first in line) brings adapter 1, so a1 runs too; c takes the other 4 pages and
+    # b1, though idle longest, sits out
+    assert names(result.order) == ["a2", "c", "base2"] and not result.held
+    assert names(result.run) == ["a1", "base"]
+    assert names(result.skip) == ["b1"]
+
+
+def test_requests_that_waited_too_long_go_before_new_ones():
+    waiting = [wait("new", 1, 4), wait("old", 2, 4, age=20)]
+    result = plan(4, [], waiting)
+    assert names(result.order) == ["old"] and names(result.held) == ["new"]
+
+
+def test_the_step_never_has_more_adapters_than_slots():
+    running = [run(f"r{a}", a, 1, idle=0.01 * a) for a in range(1, 6)]
+    result = plan(100, running, [wait("w", 9, 1)], max_adapters=3)
+    adapters = {r.adapter for r in result.run} | {w.adapter for w in result.order}
+    assert len(adapters) == 3 and names(result.order) == ["w"]
+    assert len(result.skip) == 3
+
+
+def test_everything_fits_nothing_sits_out():
+    running = [run("r1", 1, 2), run("r2", 2, 2)]
+    waiting = [wait("w1", 3, 2), wait("w2", 1, 2)]
+    result = plan(8, running, waiting)
+    assert names(result.run) == ["r1", "r2"] and not result.skip
+    assert names(result.order) == ["w1", "w2"] and not result.held
