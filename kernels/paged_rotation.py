@@ -13,7 +13,11 @@ The plan (pure: ids, page counts and times in, a selection out; `paged_scheduler
 2. Waiting requests older than `max_wait_s`, oldest first (bounded waiting, as in admission).
 3. New waiting requests in arrival order: a new request starts at once, which is what keeps
    time to first token short.
-4. Running requests, the one that ran least recently first: a round robin over the rest.
+4. The other running requests, the one that ran most recently first: a request that was in
+   the last step still has its pages, so keeping it costs no copy, while one that sat out
+   comes back through rule 1. (Least recently run first, a round robin, swapped adapters
+   every step: on the CPU that measured 3.9x vLLM's time per output token, most of it copies;
+   benchmarks/results/residency/run-2026-12-01-5.)
 Admitting an adapter brings every request for it (running and waiting) into the step, since
 they cost no further page. Requests without an adapter always take part. What does not fit
 sits out this step: running requests keep their KV cache, waiting ones their place.
@@ -77,7 +81,7 @@ class RotationPlanner:
             (w for w in waiting if now - w.arrival > self.max_wait_s), key=lambda w: w.arrival
         )
         fresh = [w for w in waiting if now - w.arrival <= self.max_wait_s]
-        by_recency = sorted(running, key=lambda r: r.last_run)
+        by_recency = sorted(running, key=lambda r: -r.last_run)
         for item in [*stalled, *aged, *fresh, *by_recency]:
             fits(item.adapter, item.pages)
         # The first candidate always fits an empty pool (the scheduler refuses to start with a

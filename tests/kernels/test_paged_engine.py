@@ -196,8 +196,8 @@ def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_t
 
 def test_rotation_serves_the_unfit_pair_in_turns(tmp_path, demo, adapters, prompt_ids):
     """The same batch and pool with LORAPLEX_PAGED_POLICY=rotate: the two adapters take turns
-    in the pool step by step (each step holds one), instead of one waiting for the other's
-    request to finish, and both answers are still exactly right."""
+    in the pool (each step holds one) instead of one waiting for the other's request to
+    finish, and both answers are still exactly right."""
     jobs, out, log = serve_unfit_pair(
         tmp_path, demo, adapters, prompt_ids, LORAPLEX_PAGED_POLICY="rotate"
     )
@@ -205,12 +205,13 @@ def test_rotation_serves_the_unfit_pair_in_turns(tmp_path, demo, adapters, promp
     check_outputs(demo, adapters, jobs, out["outputs"])
     stats = out["stats"]
     assert stats["refusals_total"] == 0
-    # Taking turns pages each adapter in again and again (holding would page each in once).
-    assert stats["page_ins_total"] >= 2 * MAX_TOKENS // 2, stats
-    assert stats["evictions_for_space_total"] >= stats["page_ins_total"] - 2, stats
-    # r16 waited for one step only: rs32 arrived first and took the pool for its prefill.
-    waits = out["residency_waits"]
-    assert len(waits) == 1 and 0 < waits[0] < 5, waits
+    # r16 took rs32's pages mid-stream and rs32 came back for its remaining tokens once it had
+    # sat out LORAPLEX_PAGED_MAX_SKIP_MS: three page-ins at least, where holding takes two.
+    assert stats["page_ins_total"] >= 3, stats
+    assert stats["evictions_for_space_total"] >= stats["page_ins_total"] - 1, stats
+    # Whether r16 is held for a step depends on whether both requests reach the scheduler
+    # before its first step, so residency waits are not asserted here (the hold tests do).
+    assert all(0 < w < 5 for w in out["residency_waits"]), out["residency_waits"]
 
 
 CHURN_RANKS = (4, 8, 16, 32)

@@ -47,19 +47,21 @@ def test_a_new_request_starts_at_once_and_a_running_one_sits_out():
     waiting = [wait("new", 3, 4)]
     result = plan(8, running, waiting)
     assert names(result.order) == ["new"] and not result.held
-    # r2 ran less recently than r1, so it keeps its turn; r1 sits out
-    assert names(result.run) == ["r2"] and names(result.skip) == ["r1"]
+    # r1 ran more recently than r2, so its pages are the ones still in place: it stays
+    assert names(result.run) == ["r1"] and names(result.skip) == ["r2"]
     assert step_pages(result, running, waiting) <= 8
 
 
-def test_running_requests_take_turns_least_recently_run_first():
-    running = [run(f"r{a}", a, 3, idle=0.01 * a) for a in (1, 2, 3, 4)]
-    result = plan(6, running, [])
-    assert names(result.run) == ["r3", "r4"]  # idle longest: 0.04 and 0.03 s
-    assert names(result.skip) == ["r1", "r2"]
-    # r3 and r4 ran in that step; next step the other two have waited longest
-    after = [run(r.key, r.adapter, r.pages, idle=0.0 if r in result.run else 0.05) for r in running]
-    assert names(plan(6, after, []).run) == ["r1", "r2"]
+def test_running_requests_keep_their_pages_until_one_that_sat_out_is_due():
+    ran = [run("r1", 1, 3, idle=0.01), run("r2", 2, 3, idle=0.01)]
+    sat_out = [run("r3", 3, 3, idle=0.05), run("r4", 4, 3, idle=0.1)]
+    result = plan(6, [*ran, *sat_out], [], max_skip_s=0.2)
+    assert names(result.run) == ["r1", "r2"]  # in the last step: no page copy to keep them
+    assert names(result.skip) == ["r3", "r4"]
+    # Once r4 has sat out longer than the bound it goes first, and r1 (or r2) makes room.
+    due = [*ran, run("r3", 3, 3, idle=0.05), run("r4", 4, 3, idle=0.3)]
+    result = plan(6, due, [], max_skip_s=0.2)
+    assert "r4" in names(result.run) and len(result.run) == 2
 
 
 def test_no_running_request_sits_out_longer_than_the_bound():
@@ -75,7 +77,7 @@ def test_an_adapter_in_the_step_brings_all_its_requests_and_base_always_runs():
     waiting = [wait("a2", 1, 4), wait("c", 3, 4), wait("base2", 0, 0)]
     result = plan(8, running, waiting)
     # a2 (new, first in line) brings adapter 1, so a1 runs too; c takes the other 4 pages and
-    # b1, though idle longest, sits out
+    # b1 sits out
     assert names(result.order) == ["a2", "c", "base2"] and not result.held
     assert names(result.run) == ["a1", "base"]
     assert names(result.skip) == ["b1"]
