@@ -82,7 +82,8 @@ class RotationPlanner:
         )
         fresh = [w for w in waiting if now - w.arrival <= self.max_wait_s]
         by_recency = sorted(running, key=lambda r: -r.last_run)
-        for item in [*stalled, *aged, *fresh, *by_recency]:
+        candidates: list[Running | Waiting] = [*stalled, *aged, *fresh, *by_recency]
+        for item in candidates:
             fits(item.adapter, item.pages)
         # The first candidate always fits an empty pool (the scheduler refuses to start with a
         # pool smaller than one max_lora_rank adapter), so no step is left empty.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from kernels.paged_lora_manager import PagedLoraConfig
@@ -49,7 +49,7 @@ ADMISSION_ENV = "LORAPLEX_PAGED_ADMISSION"
 POLICY_ENV = "LORAPLEX_PAGED_POLICY"
 MAX_SKIP_ENV = "LORAPLEX_PAGED_MAX_SKIP_MS"
 POLICIES = ("hold", "rotate")
-DEFAULT_POLICY = "hold"
+DEFAULT_POLICY: Literal["hold", "rotate"] = "hold"
 DEFAULT_MAX_SKIP_MS = 200
 DEFAULT_PAGE_SIZE = 4
 # Bounded waiting (kernels.paged_admission): 2 s caused head-of-line convoys at 1000 adapters
