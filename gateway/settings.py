@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kernels.vllm_plugin import (
+    DEFAULT_KERNEL,
     DEFAULT_MAX_SKIP_MS,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_PAGE_SIZE,
@@ -129,7 +130,7 @@ class Settings(BaseSettings):
     # by bytes, so a slot costs a page-table row and capacity is Σ ⌈rank / page⌉ pages instead
     # of max_loras x max_lora_rank. Exported as LORAPLEX_PAGED_* to the engine's processes.
     paged_lora: bool = Field(
-        False, description="Paged adapter pool with residency-aware admission (CPU today)."
+        False, description="Paged adapter pool with residency-aware admission."
     )
     paged_pool_bytes: int | None = Field(
         None, gt=0, description="The pool's size in bytes, every paged layer together."
@@ -148,6 +149,11 @@ class Settings(BaseSettings):
     )
     paged_max_skip_ms: int = Field(
         DEFAULT_MAX_SKIP_MS, gt=0, description="rotate: the longest a running request sits out."
+    )
+    paged_kernel: Literal["auto", "torch", "triton"] = Field(
+        DEFAULT_KERNEL,
+        description="auto: SGMV Triton kernels on CUDA, the torch path on CPU; triton on CPU "
+        "needs TRITON_INTERPRET=1 (tests only).",
     )
 
     admin_token: SecretStr | None = None

@@ -12,15 +12,18 @@ wrapper and change only what touches the weights:
   and dtype (dummy warm-up adapters) but any write to them raises instead of going nowhere.
 - `set_lora` copies the adapter's rank rows into pages (`PagedLoraPool.load`), `reset_lora`
   frees them.
-- `_apply_lora_to_output` adds the delta with `kernels.paged_lora_cpu`, driven by the punica
-  wrapper's per-token slot ids (-1 = no adapter, exactly zero delta).
+- `_apply_lora_to_output` adds the delta, driven by the punica wrapper's per-token slot ids
+  (-1 = no adapter, exactly zero delta), with the layer's kernel (`resolve_kernel`): the SGMV
+  Triton kernels (`kernels.paged_lora_triton`, the CUDA path; on CPU only under
+  TRITON_INTERPRET=1, for tests) or the torch path `kernels.paged_lora_cpu` (CPU).
 
 vLLM has already folded alpha/r (or alpha/sqrt(r)) into B when it calls `set_lora`, so slots
-hold scale 1. Tensor parallelism, fully sharded LoRA and CUDA are refused, not half-served.
+hold scale 1. Tensor parallelism and fully sharded LoRA are refused, not half-served.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +40,38 @@ from vllm.lora.layers import (
 )
 
 from kernels.paged_lora_cpu import StepRows, paged_lora_linear_cpu, split_rows
+from kernels.paged_lora_triton import PagedSgmvRunner
 from kernels.paged_pool import PagedLoraPool
 from kernels.paged_stats import PagedPoolStats
 
 Weights = torch.Tensor | Sequence[torch.Tensor | None] | None
+KERNELS = ("auto", "torch", "triton")
+
+
+def resolve_kernel(requested: str, device: torch.device) -> str:
+    """The kernel a paged layer on `device` runs: "triton" or "torch".
+
+    auto picks Triton on CUDA and the torch path on CPU. The torch path is refused on CUDA (it
+    syncs the host every layer) and Triton on CPU without TRITON_INTERPRET=1 (no CPU backend).
+    """
+    assert requested in KERNELS, f"kernel must be one of {KERNELS}, got {requested!r}"
+    if device.type == "cuda":
+        if requested == "torch":
+            raise NotImplementedError(
+                "loraplex paged LoRA: the torch path is for CPU; use LORAPLEX_PAGED_KERNEL=auto "
+                "or triton on CUDA"
+            )
+        return "triton"
+    if device.type != "cpu":
+        raise NotImplementedError(f"loraplex paged LoRA runs on CPU or CUDA, not {device.type}")
+    if requested == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise NotImplementedError(
+                "LORAPLEX_PAGED_KERNEL=triton on CPU needs TRITON_INTERPRET=1 (Triton has no "
+                "CPU backend; the interpreter is for tests)"
+            )
+        return "triton"
+    return "torch"
 
 
 def effective_rank(lora_a: Weights, lora_b: Weights) -> int:
@@ -94,6 +125,27 @@ def _step_rows(wrapper: object, token_slot: torch.Tensor, num_slots: int) -> Ste
     return rows
 
 
+def _sgmv_runner(wrapper: object, pool: PagedLoraPool) -> PagedSgmvRunner:
+    """The wrapper's `PagedSgmvRunner`, made on first use at its max_num_batched_tokens."""
+    runner = getattr(wrapper, "_loraplex_sgmv_runner", None)
+    if runner is None:
+        indices: torch.Tensor = wrapper._token_lora_indices  # type: ignore[attr-defined]
+        runner = PagedSgmvRunner(
+            max_tokens=indices.shape[0], num_slots=pool.num_slots, device=indices.device
+        )
+        wrapper._loraplex_sgmv_runner = runner  # type: ignore[attr-defined]
+    assert isinstance(runner, PagedSgmvRunner)
+    return runner
+
+
+def _padded_token_slots(wrapper: object, num_rows: int) -> torch.Tensor:
+    """Slot per row of x. Under CUDA-graph padding x has more rows than the mapping: the
+    fixed buffer is sliced by x's rows (padding rows get some delta, and are discarded),
+    never by the mapping's host-side length, so a captured step keeps fixed shapes."""
+    indices: torch.Tensor = wrapper._token_lora_indices  # type: ignore[attr-defined]
+    return indices[:num_rows]
+
+
 class PagedLinearMixin:
     """Paged storage for a `BaseLinearLayerWithLoRA`; put first in the bases."""
 
@@ -109,6 +161,7 @@ class PagedLinearMixin:
     paged_geometry: LayerGeometry
     paged_pool: PagedLoraPool | None = None
     paged_stats: PagedPoolStats | None = None
+    paged_kernel: str = "torch"
 
     def create_lora_weights(
         self, max_loras: int, lora_config: LoRAConfig, model_config: Any = None
@@ -117,11 +170,6 @@ class PagedLinearMixin:
             raise NotImplementedError(
                 "loraplex paged LoRA supports tensor parallel size 1 without fully sharded "
                 "LoRA only; unset LORAPLEX_PAGED_LORA"
-            )
-        if torch.device(self.device).type != "cpu":
-            raise NotImplementedError(
-                "loraplex paged LoRA runs on CPU only so far (the CUDA path through "
-                "kernels.sgmv_* is not wired into vLLM yet); unset LORAPLEX_PAGED_LORA"
             )
         self.lora_config = lora_config
         widths = tuple(self.output_slices) if self.n_slices > 1 else (self.output_size,)
@@ -143,8 +191,11 @@ class PagedLinearMixin:
         )
         self.lora_b_stacked = tuple(zero.expand(max_loras, 1, w, max_rank) for w in widths)
 
-    def allocate_pool(self, num_pages: int, page_size: int, stats: PagedPoolStats) -> None:
+    def allocate_pool(
+        self, num_pages: int, page_size: int, stats: PagedPoolStats, kernel: str = "auto"
+    ) -> None:
         g = self.paged_geometry
+        self.paged_kernel = resolve_kernel(kernel, g.device)
         self.paged_pool = PagedLoraPool(
             num_pages=num_pages,
             page_size=page_size,
@@ -206,6 +257,11 @@ class PagedLinearMixin:
         if x.ndim == 3 and output.ndim == 3:  # transformers backend: [1, T, H]
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
+        if self.paged_kernel == "triton":
+            _sgmv_runner(self.punica_wrapper, pool).apply(
+                output, x, pool, _padded_token_slots(self.punica_wrapper, x.shape[0])
+            )
+            return output if original_shape is None else output.reshape(original_shape)
         token_slot = self.punica_wrapper.token_lora_indices  # type: ignore[attr-defined]
         rows = _step_rows(self.punica_wrapper, token_slot, pool.num_slots)
         if not rows.empty:

@@ -58,6 +58,8 @@ class PagedLoraConfig:
     # "rotate": running requests may sit out steps so pages are shared (kernels.paged_rotation)
     policy: str = "hold"
     max_skip_s: float = 0.2  # rotate: a running request sits out at most about this long
+    # auto: Triton on CUDA, the torch path on CPU (kernels.paged_lora_layers.resolve_kernel)
+    kernel: str = "auto"
 
 
 _config: PagedLoraConfig | None = None
@@ -109,7 +111,7 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
                 f"{page_size} rank rows in {len(paged)} layers)"
             )
         for module in paged.values():
-            module.allocate_pool(num_pages, page_size, self.stats)
+            module.allocate_pool(num_pages, page_size, self.stats, self.paged_config.kernel)
         self.residency = Residency(num_pages, page_size)
         self.stats.pages_total = num_pages
         self.stats.bytes_per_page = per_page
@@ -122,14 +124,22 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
                 num_pages * page_size,
                 max_rank,
             )
+        kernel = next(iter(paged.values())).paged_kernel
+        if kernel == "triton" and str(self.device).startswith("cuda"):
+            logger.warning(
+                "paged LoRA on CUDA: the SGMV kernels are tested on GPUs on their own and "
+                "inside vLLM only on CPU under the Triton interpreter; check adapted outputs "
+                "against a reference before serving tenants with it"
+            )
         logger.info(
-            "paged LoRA: %d layers, %d pages x %d rank rows (%d bytes, %d slots); vLLM's "
-            "stacked buffers would take %d bytes",
+            "paged LoRA: %d layers, %d pages x %d rank rows (%d bytes, %d slots, %s kernel); "
+            "vLLM's stacked buffers would take %d bytes",
             len(paged),
             num_pages,
             page_size,
             num_pages * per_page,
             self.lora_slots,
+            kernel,
             self.lora_slots * max_rank * per_page // page_size,
         )
 

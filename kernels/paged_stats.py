@@ -71,8 +71,16 @@ def paged_layers(worker: Any) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in modules.items() if hasattr(m, "paged_geometry")}
 
 
+def paged_kernels(worker: Any) -> dict[str, str]:
+    """LoRA layer name -> the kernel its delta runs ("triton" or "torch"), paged layers only."""
+    manager = _adapter_manager(worker)
+    modules = getattr(manager, "modules", {})
+    return {name: m.paged_kernel for name, m in modules.items() if hasattr(m, "paged_kernel")}
+
+
 # Installed on vLLM's WorkerWrapperBase by the plugin, so collective_rpc can name them.
 WORKER_METHODS: dict[str, Callable[[Any], Any]] = {
     "loraplex_paged_pool_stats": paged_pool_stats,
     "loraplex_paged_layers": paged_layers,
+    "loraplex_paged_kernels": paged_kernels,
 }

@@ -76,13 +76,13 @@ class SgmvMetadataBuilder:
         self.chunk_size = chunk_size
         self.device = torch.device(device)
         s_max = max_segments(max_tokens, num_slots, chunk_size)
-        kw = {"device": self.device}
-        self._token_ids = torch.zeros(max_tokens, dtype=torch.int32, **kw)
-        self._seg_indptr = torch.zeros(s_max + 1, dtype=torch.int32, **kw)
-        self._seg_adapter = torch.full((s_max,), -1, dtype=torch.int32, **kw)
-        self._seg_rank = torch.zeros(s_max, dtype=torch.int32, **kw)
-        self._seg_scale = torch.zeros(s_max, dtype=torch.float32, **kw)
-        self._seg_iota = torch.arange(s_max, dtype=torch.int64, **kw)
+        dev = self.device
+        self._token_ids = torch.zeros(max_tokens, dtype=torch.int32, device=dev)
+        self._seg_indptr = torch.zeros(s_max + 1, dtype=torch.int32, device=dev)
+        self._seg_adapter = torch.full((s_max,), -1, dtype=torch.int32, device=dev)
+        self._seg_rank = torch.zeros(s_max, dtype=torch.int32, device=dev)
+        self._seg_scale = torch.zeros(s_max, dtype=torch.float32, device=dev)
+        self._seg_iota = torch.arange(s_max, dtype=torch.int64, device=dev)
         self.device = self._token_ids.device  # "cuda" -> "cuda:0", to compare with inputs
 
     def build(

@@ -19,6 +19,9 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
                                       rotate: running requests may sit out steps so that the
                                       pages are shared between steps (kernels/README.md)
     LORAPLEX_PAGED_MAX_SKIP_MS=200    rotate: a running request sits out at most this long
+    LORAPLEX_PAGED_KERNEL=auto        auto: the SGMV Triton kernels on CUDA, the torch path on
+                                      CPU; triton on CPU runs them under TRITON_INTERPRET=1
+                                      (tests only: slow); torch is CPU only
     LORAPLEX_PAGED_ADMISSION=1        residency-aware admission in the scheduler (default on;
                                       0 only to test the worker's own refusal)
 
@@ -48,6 +51,9 @@ MAX_WAIT_ENV = "LORAPLEX_PAGED_MAX_WAIT_MS"
 ADMISSION_ENV = "LORAPLEX_PAGED_ADMISSION"
 POLICY_ENV = "LORAPLEX_PAGED_POLICY"
 MAX_SKIP_ENV = "LORAPLEX_PAGED_MAX_SKIP_MS"
+KERNEL_ENV = "LORAPLEX_PAGED_KERNEL"
+KERNELS = ("auto", "torch", "triton")
+DEFAULT_KERNEL: Literal["auto", "torch", "triton"] = "auto"
 POLICIES = ("hold", "rotate")
 DEFAULT_POLICY: Literal["hold", "rotate"] = "hold"
 DEFAULT_MAX_SKIP_MS = 200
@@ -103,14 +109,19 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
         max_wait_s=_positive_int(environ, MAX_WAIT_ENV, DEFAULT_MAX_WAIT_MS) / 1000,
         policy=_policy(environ),
         max_skip_s=_positive_int(environ, MAX_SKIP_ENV, DEFAULT_MAX_SKIP_MS) / 1000,
+        kernel=_choice(environ, KERNEL_ENV, KERNELS, DEFAULT_KERNEL),
     )
 
 
 def _policy(environ: Mapping[str, str]) -> str:
-    policy = environ.get(POLICY_ENV, "").strip().lower() or DEFAULT_POLICY
-    if policy not in POLICIES:
-        raise BadPluginSetting(f"{POLICY_ENV} must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy
+    return _choice(environ, POLICY_ENV, POLICIES, DEFAULT_POLICY)
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise BadPluginSetting(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def paged_environment(
@@ -121,6 +132,7 @@ def paged_environment(
     max_wait_ms: int,
     policy: str = DEFAULT_POLICY,
     max_skip_ms: int = DEFAULT_MAX_SKIP_MS,
+    kernel: str = DEFAULT_KERNEL,
 ) -> dict[str, str]:
     """The LORAPLEX_PAGED_* variables for these settings (what `paged_config_from_env` reads
     back), to export before vLLM starts its processes. Admission is left alone: switching it
@@ -136,6 +148,7 @@ def paged_environment(
         MAX_WAIT_ENV: str(max_wait_ms),
         POLICY_ENV: policy,
         MAX_SKIP_ENV: str(max_skip_ms),
+        KERNEL_ENV: kernel,
     }
 
 

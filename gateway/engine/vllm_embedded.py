@@ -41,6 +41,7 @@ def paged_environment_for(settings: Settings) -> dict[str, str]:
         max_wait_ms=settings.paged_max_wait_ms,
         policy=settings.paged_policy,
         max_skip_ms=settings.paged_max_skip_ms,
+        kernel=settings.paged_kernel,
     )
 
 

@@ -67,5 +67,10 @@ def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
     assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.1)
     with pytest.raises(ValidationError, match="paged_policy"):
         Settings(paged_policy="lru")
+    assert paged_config_from_env(paged_environment_for(rotate)).kernel == "auto"
+    triton = Settings(paged_kernel="triton")
+    assert paged_config_from_env(paged_environment_for(triton)).kernel == "triton"
+    with pytest.raises(ValidationError, match="paged_kernel"):
+        Settings(paged_kernel="cuda")
     off = Settings(paged_lora=False)
     assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None

@@ -104,9 +104,12 @@ def run_engine(
     return json.loads(out_path.read_text()), log
 
 
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
 def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
-    tmp_path, demo, adapters, prompt_ids
+    tmp_path, demo, adapters, prompt_ids, kernel
 ):
+    """auto is the torch path on CPU; triton runs the SGMV kernels inside the engine, here
+    under the Triton interpreter (the CUDA path's code, on CPU)."""
     ranks = {"paged-r64": 64, "demo-qv-rs32": 32, "demo-all-r16": 16, "demo-qkvo-r8": 8}
     ranks |= {"demo-mlp-r4": 4, "paged-r1": 1}
     # The pool holds the three largest adapters at once (any batch of max_loras=3 fits) but
@@ -116,11 +119,21 @@ def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
     order = [*ranks, None]  # largest first, so the first batch fills the pool exactly
     jobs = [(name, ids) for ids in prompt_ids for name in order]
     out, log = run_engine(
-        tmp_path, demo, adapters, jobs, max_loras=3, pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES
+        tmp_path,
+        demo,
+        adapters,
+        jobs,
+        max_loras=3,
+        pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES,
+        LORAPLEX_PAGED_KERNEL=kernel,
+        TRITON_INTERPRET="1",
     )
     assert out["error"] is None, (out["error"], log[-4000:])
 
     layers = out["paged_layers"]
+    want_kernel = "torch" if kernel == "auto" else kernel
+    assert set(out["paged_kernels"].values()) == {want_kernel}, out["paged_kernels"]
+    assert out["paged_kernels"].keys() == layers.keys()
     for proj in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         assert f"model.layers.0.{proj}" in layers and f"model.layers.1.{proj}" in layers, layers
 

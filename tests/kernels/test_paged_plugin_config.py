@@ -53,6 +53,14 @@ def test_policy_settings():
     assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.05)
 
 
+def test_kernel_setting():
+    on = {"LORAPLEX_PAGED_LORA": "1", "LORAPLEX_PAGED_POOL_BYTES": "4096"}
+    config = paged_config_from_env(on)
+    assert config is not None and config.kernel == "auto"
+    config = paged_config_from_env({**on, "LORAPLEX_PAGED_KERNEL": " Triton"})
+    assert config is not None and config.kernel == "triton"
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
@@ -74,6 +82,14 @@ def test_policy_settings():
                 "LORAPLEX_PAGED_POLICY": "lru",
             },
             "LORAPLEX_PAGED_POLICY must be one of hold, rotate",
+        ),
+        (
+            {
+                "LORAPLEX_PAGED_LORA": "1",
+                "LORAPLEX_PAGED_POOL_BYTES": "8",
+                "LORAPLEX_PAGED_KERNEL": "cuda",
+            },
+            "LORAPLEX_PAGED_KERNEL must be one of auto, torch, triton",
         ),
         (
             {

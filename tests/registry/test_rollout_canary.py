@@ -25,8 +25,6 @@ S = VersionState
 FIGURES = {"samples": 100, "p95_ttft_ms": 140.5, "p95_e2e_ms": 900.0, "error_rate": 0.02}
 
 
-
-
 @pytest.fixture
 async def canary(world: World) -> World:
     """acme-support: v1 serving (never rolled out), v2 evaluated and in canary at 1 %."""

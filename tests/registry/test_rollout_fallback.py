@@ -25,8 +25,6 @@ FIGURES = {"samples": 100, "p95_ttft_ms": 80.0, "p95_e2e_ms": 2400.0, "error_rat
 ALL = len(CALLERS)
 
 
-
-
 def card(**fields: Any) -> dict[str, Any]:
     return {"owner": "ml@acme", "objective": "sft", **fields}
 
