@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kernels.vllm_plugin import (
     DEFAULT_KERNEL,
+    DEFAULT_MAX_OVERSUBSCRIPTION,
     DEFAULT_MAX_SKIP_MS,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_PAGE_SIZE,
@@ -149,6 +150,13 @@ class Settings(BaseSettings):
     )
     paged_max_skip_ms: int = Field(
         DEFAULT_MAX_SKIP_MS, gt=0, description="rotate: the longest a running request sits out."
+    )
+    paged_max_oversubscription: float = Field(
+        DEFAULT_MAX_OVERSUBSCRIPTION,
+        ge=1,
+        allow_inf_nan=False,
+        description="rotate: a new adapter starts only while the running adapters' pages stay "
+        "within this many times the pool.",
     )
     paged_kernel: Literal["auto", "torch", "triton"] = Field(
         DEFAULT_KERNEL,

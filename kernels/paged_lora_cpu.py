@@ -40,6 +40,11 @@ SlotGroups = list[tuple[int, torch.Tensor]]
 # overhead is small next to the work, and the batched pass would multiply these rows by every
 # other adapter's pages too. Measured on 2 Xeon cores (benchmarks/kernels/bench_paged_cpu.py).
 OWN_GEMM_ROWS = 32
+# With the pool's page owners at hand, the batched pass reads the whole pool in place once
+# the adapters present hold at least this share of its pages: multiplying by the few pages
+# that are not theirs costs less than gathering the ones that are (measured by
+# benchmarks/kernels/bench_paged_cpu.py).
+WHOLE_POOL_MIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class StepRows:
     batched_rows: torch.Tensor  # int64 rows of every other adapter, ascending
     batched_slots: torch.Tensor  # int64 slot of each of those rows
     batched_present: torch.Tensor  # int64 distinct slots among them, ascending
+    batched_present_slots: tuple[int, ...] = ()  # the same slots, on the host
 
     @property
     def empty(self) -> bool:
@@ -85,12 +91,13 @@ def split_rows(
     device = token_slot.device
     if not batched:
         none = torch.empty(0, dtype=torch.int64, device=device)
-        return StepRows(own, none, none, none)
+        return StepRows(own, none, none, none, ())
     rows = torch.cat([r for _, r in batched])
     slots = torch.cat([torch.full_like(r, s) for s, r in batched])
     rows, order = torch.sort(rows)  # ascending rows read and write y in memory order
-    present = torch.tensor([s for s, _ in batched], dtype=torch.int64, device=device)
-    return StepRows(own, rows, slots[order], present)
+    present_slots = tuple(s for s, _ in batched)
+    present = torch.tensor(present_slots, dtype=torch.int64, device=device)
+    return StepRows(own, rows, slots[order], present, present_slots)
 
 
 def _check(
@@ -141,11 +148,15 @@ def paged_lora_linear_cpu(
     slice_widths: Sequence[int],
     *,
     rows: StepRows | None = None,
+    page_owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add every row's own adapter delta to y (see module docstring); returns y.
 
     rows: `split_rows(token_slot, num_slots)` when the caller already has it (it is the same
     for every layer of one step). Accumulation is fp32; y is rounded once.
+    page_owner: the pool's [num_pages] slot per page (-1 = free). With it, a batched pass
+    whose adapters hold at least half the pool runs over the whole pool in place, masked by
+    owner, instead of first gathering the pages it needs.
     """
     _check(y, x, a_pages, b_pages, page_table, token_slot, slice_widths)
     if rows is None:
@@ -173,7 +184,12 @@ def paged_lora_linear_cpu(
                 bounds,
             )
     if rows.batched_rows.numel():
-        _batched(y, x, a_pages, b_pages, page_table, slot_scale, ranks, rows, bounds)
+        page_size, num_pages = a_pages.shape[2], a_pages.shape[0]
+        held = sum(-(-ranks[s] // page_size) for s in rows.batched_present_slots)
+        if page_owner is not None and held >= WHOLE_POOL_MIN_SHARE * num_pages:
+            _batched_whole_pool(y, x, a_pages, b_pages, page_owner, slot_scale, rows, bounds)
+        else:
+            _batched(y, x, a_pages, b_pages, page_table, slot_scale, ranks, rows, bounds)
     return y
 
 
@@ -233,10 +249,45 @@ def _batched(
     # h[t, u, s, p]: row t against rank row p of page u, slice s; then keep only the row's own
     # pages, scaled by its slot's scale (rank-0 slots own no page, so their rows stay zero).
     h = (xs @ a.t()).view(-1, n_used, n_slices, page_size)
-    keep = (owner[None, :] == rows.batched_slots[:, None]).float()
-    keep *= slot_scale.to(torch.float32)[rows.batched_slots][:, None]
-    h *= keep[:, :, None, None]
+    # Selected, not multiplied by a 0/1 mask: inf x 0 would carry another adapter's overflow
+    # into this row as NaN.
+    own = (owner[None, :] == rows.batched_slots[:, None])[:, :, None, None]
+    scale = slot_scale.to(torch.float32)[rows.batched_slots][:, None, None, None]
+    h = torch.where(own, h * scale, 0.0)
     t = xs.shape[0]
+    delta = torch.cat(
+        [h[:, :, i].reshape(t, -1) @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)],
+        dim=1,
+    )
+    y.index_copy_(0, rows.batched_rows, (y[rows.batched_rows].float() + delta).to(y.dtype))
+
+
+def _batched_whole_pool(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_owner: torch.Tensor,
+    slot_scale: torch.Tensor,
+    rows: StepRows,
+    bounds: list[int],
+) -> None:
+    """`_batched` over every page of the pool, read in place: no gather, no page-table walk.
+
+    A page counts for a row only if the row's slot owns it. The mask selects (torch.where)
+    rather than multiplies, so whatever another tenant's or a free page yields for this row,
+    even inf, never reaches it: the row's delta is exactly its own adapter's.
+    """
+    num_pages, n_slices, page_size, h_in = a_pages.shape
+    a = a_pages.view(num_pages * n_slices * page_size, h_in)
+    b = b_pages.view(num_pages * page_size, -1)
+    xs = x[rows.batched_rows]
+    t = xs.shape[0]
+    h = (xs.float() @ a.float().t()).view(t, num_pages, n_slices, page_size)
+    own = (page_owner[None, :] == rows.batched_slots[:, None])[:, :, None, None]
+    scale = slot_scale.to(torch.float32)[rows.batched_slots][:, None, None, None]
+    h = torch.where(own, h * scale, 0.0)
+    b = b.float()
     delta = torch.cat(
         [h[:, :, i].reshape(t, -1) @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)],
         dim=1,

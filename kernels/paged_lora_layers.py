@@ -276,6 +276,7 @@ class PagedLinearMixin:
                 token_slot,
                 pool.slice_widths,
                 rows=rows,
+                page_owner=pool.page_owner,
             )
         if original_shape is not None:
             output = output.reshape(original_shape)

@@ -21,6 +21,11 @@ What changes here (`install` rebinds two names, nothing else of vLLM is edited):
   than serving a request with another adapter's weights or none.
 - Deactivation frees the adapter's pages at once (vLLM left the weights in the slot), so the
   pool holds exactly the active adapters; `remove_all_adapters` frees every page.
+- vLLM's embedding and lm_head LoRA wrappers are unwrapped back to the base layers
+  (`_unwrap_vocab_layers`). They hold `max_loras x vocab x max_lora_rank` buffers each
+  (more than the pool itself once slots are cheap) and run two LoRA ops per step, for
+  deltas loraplex never serves: the registry refuses adapters with embedding or lm_head
+  weights, and an adapter that carries them anyway is refused here, loudly, at activation.
 
 Invariants relied on: `lora_index_to_id[i]` is the adapter whose weights slot i holds; every
 `set_lora` / `reset_lora` goes through `activate_adapter`; `_deactivate_adapter` is the single
@@ -30,11 +35,14 @@ place slots are released (LRU callbacks, `deactivate_adapter`, `remove_adapter`)
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.lora.layers import LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
+from vllm.lora.utils import replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
@@ -58,6 +66,8 @@ class PagedLoraConfig:
     # "rotate": running requests may sit out steps so pages are shared (kernels.paged_rotation)
     policy: str = "hold"
     max_skip_s: float = 0.2  # rotate: a running request sits out at most about this long
+    # rotate: running adapters' pages stay within this x the pool (kernels.paged_rotation)
+    max_oversubscription: float = 2.0
     # auto: Triton on CUDA, the torch path on CPU (kernels.paged_lora_layers.resolve_kernel)
     kernel: str = "auto"
 
@@ -84,8 +94,47 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         # True while the worker manager applies a step's adapters; an activation outside a
         # step is vLLM's add_lora, i.e. the gateway loading an adapter ahead of its requests.
         self.in_step = False
+        # lora id -> (the LoRAModel it was computed for, pages it needs); weak, so an adapter
+        # vLLM's host cache drops is freed
+        self._pages_cache: dict[int, tuple[weakref.ref[LoRAModel], int]] = {}
+        self.unwrapped_vocab_layers: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
+        self._unwrap_vocab_layers()
         self._allocate_pools()
+
+    def _unwrap_vocab_layers(self) -> None:
+        """Put the base embedding and logits layers back in place of vLLM's LoRA wrappers."""
+        wrappers = {
+            name: module
+            for name, module in self.modules.items()
+            if type(module) in (VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
+        }
+        if not wrappers:
+            return
+        by_object = {id(module): module for module in wrappers.values()}
+        mounted = [
+            (path, by_object[id(m)])
+            for path, m in self.model.named_modules(remove_duplicate=False)
+            if id(m) in by_object
+        ]
+        for path, wrapper in mounted:
+            replace_submodule(self.model, path, wrapper.base_layer)
+        for name in wrappers:
+            del self.modules[name]
+        self.unwrapped_vocab_layers = tuple(sorted(wrappers))
+        self.stats.vocab_layers_unwrapped = len(wrappers)
+
+    def _refuse_vocab_weights(self, lora_id: int, lora: LoRAModel) -> None:
+        carried = [
+            name
+            for name in self.unwrapped_vocab_layers
+            if self._get_lora_layer_weights(lora, name) is not None
+        ]
+        if carried:
+            raise ValueError(
+                f"adapter {lora_id} has LoRA weights for {', '.join(carried)}: paged LoRA "
+                "serves linear projections only (loraplex's registry refuses such adapters)"
+            )
 
     @property
     def paged_modules(self) -> dict[str, PagedLinearMixin]:
@@ -143,20 +192,32 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             self.lora_slots * max_rank * per_page // page_size,
         )
 
-    def pages_needed(self, lora: LoRAModel) -> int:
-        """Pages the adapter takes in the layer that needs most (see kernels.paged_residency)."""
+    def pages_needed(self, lora_id: int) -> int:
+        """Pages the adapter takes in the layer that needs most (see kernels.paged_residency).
+
+        Computed once per registered adapter (it reads every layer's weights) and refused
+        there if the adapter carries embedding or lm_head weights."""
+        lora = self._registered_adapters[lora_id]
+        cached = self._pages_cache.get(lora_id)
+        if cached is not None and cached[0]() is lora:
+            return cached[1]
+        self._refuse_vocab_weights(lora_id, lora)
         rank = 0
         for name in self.paged_modules:
             weights = self._get_lora_layer_weights(lora, name)
             if weights is not None:
                 rank = max(rank, effective_rank(weights.lora_a, weights.lora_b))
-        return self.residency.pages_for_rank(rank)
+        pages = self.residency.pages_for_rank(rank)
+        if len(self._pages_cache) >= 4 * max(self.capacity, 1):
+            self._pages_cache = {k: v for k, v in self._pages_cache.items() if v[0]() is not None}
+        self._pages_cache[lora_id] = (weakref.ref(lora), pages)
+        return pages
 
     def activate_adapter(self, lora_id: int) -> bool:
         if lora_id in self._active_adapters:
             self.residency.touch(lora_id)
             return super().activate_adapter(lora_id)
-        pages = self.pages_needed(self._registered_adapters[lora_id])
+        pages = self.pages_needed(lora_id)
         if not self.in_step and not self._room_to_prefetch(pages):
             # A prefetch never evicts: what is resident may be the next step's batch. The
             # adapter stays loaded in host memory and pages in when its step comes.
@@ -196,7 +257,12 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             self.stats.pages_out_total += self.residency.release(lora_id)
             self._sync_gauges()
 
+    def remove_adapter(self, adapter_id: int) -> bool:
+        self._pages_cache.pop(adapter_id, None)
+        return super().remove_adapter(adapter_id)
+
     def remove_all_adapters(self) -> None:
+        self._pages_cache.clear()
         super().remove_all_adapters()
         for module in self.paged_modules.values():
             for index in range(self.lora_slots):

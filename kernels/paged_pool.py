@@ -8,6 +8,7 @@ Layout (S-LoRA style, storage proportional to each adapter's own rank):
     page_table [num_slots, max_pages] int32       page holding rank rows [p*P, (p+1)*P) of the
                                                   adapter in a slot; -1 = not mapped
     slot_rank  [num_slots] int32, slot_scale [num_slots] float32
+    page_owner [num_pages] int64                  slot whose rank rows a page holds; -1 = free
 
 Rank row j of slot a lives in page page_table[a, j // P] at row j % P, for A of every slice
 and for B: one page id serves the whole fused layer. An adapter of rank r takes ceil(r / P)
@@ -71,6 +72,7 @@ class PagedLoraPool:
         self.page_table = torch.full((num_slots, max_pages), -1, dtype=torch.int32, device=dev)
         self.slot_rank = torch.zeros(num_slots, dtype=torch.int32, device=dev)
         self.slot_scale = torch.zeros(num_slots, dtype=torch.float32, device=dev)
+        self.page_owner = torch.full((num_pages,), -1, dtype=torch.int64, device=dev)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._slot_pages: dict[int, list[int]] = {}
         self._page_is_slot = False
@@ -205,6 +207,7 @@ class PagedLoraPool:
         row = torch.full((self.page_table.shape[1],), -1, dtype=torch.int32)
         row[:n_pages] = torch.tensor(pages, dtype=torch.int32)
         self.page_table[slot].copy_(row)
+        self.page_owner[index] = slot
         self.slot_rank[slot] = rank
         self.slot_scale[slot] = scale
         return list(pages)
@@ -214,5 +217,7 @@ class PagedLoraPool:
         pages = self._slot_pages.pop(slot, [])
         self._free.extend(reversed(pages))
         self.page_table[slot].fill_(-1)
+        if pages:
+            self.page_owner[torch.tensor(pages, dtype=torch.long)] = -1
         self.slot_rank[slot] = 0
         self.slot_scale[slot] = 0.0

@@ -18,6 +18,13 @@ The plan (pure: ids, page counts and times in, a selection out; `paged_scheduler
    comes back through rule 1. (Least recently run first, a round robin, swapped adapters
    every step: on the CPU that measured 3.9x vLLM's time per output token, most of it copies;
    benchmarks/results/residency/run-2026-12-01-5.)
+Oversubscription is bounded: a waiting request whose adapter is not running yet may start
+only while the running adapters' pages, with its own, stay within `max_oversubscription` x
+the pool; otherwise it waits (as under `hold`) until running requests finish. Without the
+bound, an open-loop burst let every new adapter in, each running request got an ever smaller
+share of the steps, requests lived longer, more piled up: TTFT p95 3.96x vLLM's where the
+closed loop measured 0.21x (benchmarks/results/residency/run-2026-12-01-7). With it, every
+running request takes part in at least about 1 / max_oversubscription of the steps.
 Admitting an adapter brings every request for it (running and waiting) into the step, since
 they cost no further page. Requests without an adapter always take part. What does not fit
 sits out this step: running requests keep their KV cache, waiting ones their place.
@@ -49,14 +56,40 @@ class RotationPlan:
 
 class RotationPlanner:
     def __init__(
-        self, *, total_pages: int, max_adapters: int, max_wait_s: float, max_skip_s: float
+        self,
+        *,
+        total_pages: int,
+        max_adapters: int,
+        max_wait_s: float,
+        max_skip_s: float,
+        max_oversubscription: float = 2.0,
     ) -> None:
         assert total_pages > 0 and max_adapters > 0, "the pool and the slots must be positive"
         assert max_wait_s >= 0 and max_skip_s >= 0, "waits must be >= 0"
+        assert max_oversubscription >= 1, (
+            f"max_oversubscription must be >= 1, got {max_oversubscription}"
+        )
         self.total_pages = total_pages
         self.max_adapters = max_adapters
         self.max_wait_s = max_wait_s
         self.max_skip_s = max_skip_s
+        self.max_oversubscription = max_oversubscription
+
+    def _startable(self, running: Sequence[Running], waiting: list[Waiting]) -> list[Waiting]:
+        """The waiting requests, in order, whose start keeps the running adapters' pages within
+        max_oversubscription x the pool (requests of running adapters and base always may)."""
+        demand = {r.adapter: r.pages for r in running if r.adapter != 0}
+        budget = self.max_oversubscription * self.total_pages
+        used = sum(demand.values())
+        startable = []
+        for w in waiting:
+            if w.adapter != 0 and w.adapter not in demand:
+                if used + w.pages > budget:
+                    continue
+                demand[w.adapter] = w.pages
+                used += w.pages
+            startable.append(w)
+        return startable
 
     def plan(
         self, running: Sequence[Running], waiting: Sequence[Waiting], now: float
@@ -81,6 +114,9 @@ class RotationPlanner:
             (w for w in waiting if now - w.arrival > self.max_wait_s), key=lambda w: w.arrival
         )
         fresh = [w for w in waiting if now - w.arrival <= self.max_wait_s]
+        startable = {id(w) for w in self._startable(running, [*aged, *fresh])}
+        aged = [w for w in aged if id(w) in startable]
+        fresh = [w for w in fresh if id(w) in startable]
         by_recency = sorted(running, key=lambda r: -r.last_run)
         candidates: list[Running | Waiting] = [*stalled, *aged, *fresh, *by_recency]
         for item in candidates:
@@ -92,9 +128,10 @@ class RotationPlanner:
             return adapter == 0 or adapter in chosen
 
         order = [w for w in [*aged, *fresh] if in_step(w.adapter)]
+        ordered = {id(w) for w in order}
         return RotationPlan(
             run=[r for r in running if in_step(r.adapter)],
             skip=[r for r in running if not in_step(r.adapter)],
             order=order,
-            held=[w for w in waiting if not in_step(w.adapter)],
+            held=[w for w in waiting if id(w) not in ordered],
         )

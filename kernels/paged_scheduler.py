@@ -60,6 +60,7 @@ _pool: PoolGeometry | None = None
 _max_wait_s: float = 10.0
 _policy: str = "hold"
 _max_skip_s: float = 0.2
+_max_oversubscription: float = 2.0
 
 
 class ResidencyAwareScheduler(VllmScheduler):
@@ -98,6 +99,7 @@ class ResidencyAwareScheduler(VllmScheduler):
                 max_adapters=self.lora_config.max_loras,
                 max_wait_s=_max_wait_s,
                 max_skip_s=_max_skip_s,
+                max_oversubscription=_max_oversubscription,
             )
         logger.info(
             "loraplex paged LoRA admission: %d pages of %d rank rows, policy %s, max wait %.1f s",
@@ -227,13 +229,20 @@ class ResidencyAwareScheduler(VllmScheduler):
             queue.add_request(request)
 
 
-def install(max_wait_s: float, *, policy: str = "hold", max_skip_s: float = 0.2) -> list[str]:
+def install(
+    max_wait_s: float,
+    *,
+    policy: str = "hold",
+    max_skip_s: float = 0.2,
+    max_oversubscription: float = 2.0,
+) -> list[str]:
     """Rebind the scheduler and wrap the engine core's KV-cache set-up (idempotent)."""
     import vllm.v1.core.sched.scheduler as scheduler_module
     from vllm.v1.engine.core import EngineCore
 
-    global _max_wait_s, _policy, _max_skip_s
+    global _max_wait_s, _policy, _max_skip_s, _max_oversubscription
     _max_wait_s, _policy, _max_skip_s = max_wait_s, policy, max_skip_s
+    _max_oversubscription = max_oversubscription
     rebound = [
         "vllm.v1.core.sched.scheduler.Scheduler",
         "EngineCore._initialize_kv_caches",

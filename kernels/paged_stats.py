@@ -39,6 +39,7 @@ class PagedPoolStats:
     # admits a request for an adapter), and prefetches skipped for lack of free pages or slots.
     prefetches_total: int = 0
     prefetches_skipped_total: int = 0
+    vocab_layers_unwrapped: int = 0  # embedding / lm_head LoRA wrappers put back to base
 
     @property
     def pages_free(self) -> int:

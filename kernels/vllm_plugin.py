@@ -19,6 +19,9 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
                                       rotate: running requests may sit out steps so that the
                                       pages are shared between steps (kernels/README.md)
     LORAPLEX_PAGED_MAX_SKIP_MS=200    rotate: a running request sits out at most this long
+    LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION=2
+                                      rotate: a new adapter starts only while the running
+                                      adapters' pages stay within this x the pool (>= 1)
     LORAPLEX_PAGED_KERNEL=auto        auto: the SGMV Triton kernels on CUDA, the torch path on
                                       CPU; triton on CPU runs them under TRITON_INTERPRET=1
                                       (tests only: slow); torch is CPU only
@@ -34,6 +37,7 @@ To run vLLM without any of it (e.g. the vanilla baseline in benchmarks), set `VL
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
@@ -52,6 +56,8 @@ ADMISSION_ENV = "LORAPLEX_PAGED_ADMISSION"
 POLICY_ENV = "LORAPLEX_PAGED_POLICY"
 MAX_SKIP_ENV = "LORAPLEX_PAGED_MAX_SKIP_MS"
 KERNEL_ENV = "LORAPLEX_PAGED_KERNEL"
+OVERSUBSCRIPTION_ENV = "LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION"
+DEFAULT_MAX_OVERSUBSCRIPTION = 2.0
 KERNELS = ("auto", "torch", "triton")
 DEFAULT_KERNEL: Literal["auto", "torch", "triton"] = "auto"
 POLICIES = ("hold", "rotate")
@@ -110,7 +116,21 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
         policy=_policy(environ),
         max_skip_s=_positive_int(environ, MAX_SKIP_ENV, DEFAULT_MAX_SKIP_MS) / 1000,
         kernel=_choice(environ, KERNEL_ENV, KERNELS, DEFAULT_KERNEL),
+        max_oversubscription=_oversubscription(environ),
     )
+
+
+def _oversubscription(environ: Mapping[str, str]) -> float:
+    raw = environ.get(OVERSUBSCRIPTION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_OVERSUBSCRIPTION
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadPluginSetting(f"{OVERSUBSCRIPTION_ENV} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise BadPluginSetting(f"{OVERSUBSCRIPTION_ENV} must be a finite number >= 1, got {raw}")
+    return value
 
 
 def _policy(environ: Mapping[str, str]) -> str:
@@ -133,6 +153,7 @@ def paged_environment(
     policy: str = DEFAULT_POLICY,
     max_skip_ms: int = DEFAULT_MAX_SKIP_MS,
     kernel: str = DEFAULT_KERNEL,
+    max_oversubscription: float = DEFAULT_MAX_OVERSUBSCRIPTION,
 ) -> dict[str, str]:
     """The LORAPLEX_PAGED_* variables for these settings (what `paged_config_from_env` reads
     back), to export before vLLM starts its processes. Admission is left alone: switching it
@@ -149,6 +170,7 @@ def paged_environment(
         POLICY_ENV: policy,
         MAX_SKIP_ENV: str(max_skip_ms),
         KERNEL_ENV: kernel,
+        OVERSUBSCRIPTION_ENV: repr(float(max_oversubscription)),
     }
 
 
@@ -195,7 +217,10 @@ def register() -> None:
             from kernels import paged_scheduler
 
             rebound += paged_scheduler.install(
-                config.max_wait_s, policy=config.policy, max_skip_s=config.max_skip_s
+                config.max_wait_s,
+                policy=config.policy,
+                max_skip_s=config.max_skip_s,
+                max_oversubscription=config.max_oversubscription,
             )
         logger.info(
             "loraplex plugin: paged LoRA on (%d bytes, pages of %d rank rows, policy %s); "

@@ -2,9 +2,12 @@
 
 Compares the split the layers use (`OWN_GEMM_ROWS`: adapters with many rows get GEMMs of
 their own, the rest one batched pass) with one pair of GEMMs per adapter for every row
-(`own_gemm_rows=1`, the path before the batched pass existed). Both are checked against each
-other before timing. Shapes are the demo Llama's (hidden 256, GQA qkv 256/128/128, MLP 512),
-adapters of ranks 4-32 in pages of 4 rank rows, as in the residency benchmark.
+(`own_gemm_rows=1`, the path before the batched pass existed), and the batched pass's two
+forms: gathering the present adapters' pages, or reading the whole pool in place masked by
+page owner (what the layers pick once the batch holds `WHOLE_POOL_MIN_SHARE` of the pool).
+All are checked against each other before timing. Shapes are the demo Llama's (hidden 256,
+GQA qkv 256/128/128, MLP 512), adapters of ranks 4-32 in pages of 4 rank rows, as in the
+residency benchmark.
 
     python -m benchmarks.kernels.bench_paged_cpu --out benchmarks/results/kernels_cpu
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import paged_lora_cpu
 from kernels.paged_lora_cpu import OWN_GEMM_ROWS, StepRows, paged_lora_linear_cpu, split_rows
 from kernels.paged_pool import PagedLoraPool
 
@@ -72,7 +76,12 @@ def token_slots(rows_per_adapter: list[int]) -> torch.Tensor:
 
 
 def layer_call(
-    pool: PagedLoraPool, x: torch.Tensor, y: torch.Tensor, token_slot: torch.Tensor, step: StepRows
+    pool: PagedLoraPool,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    token_slot: torch.Tensor,
+    step: StepRows,
+    page_owner: torch.Tensor | None,
 ) -> torch.Tensor:
     return paged_lora_linear_cpu(
         y,
@@ -85,6 +94,7 @@ def layer_call(
         token_slot,
         pool.slice_widths,
         rows=step,
+        page_owner=page_owner,
     )
 
 
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    share = paged_lora_cpu.WHOLE_POOL_MIN_SHARE
     rows = []
     for batch, per_adapter in BATCHES.items():
         token_slot = token_slots(per_adapter)
@@ -114,24 +125,36 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(token_slot.numel(), hidden_in)
             y = torch.randn(token_slot.numel(), sum(widths))
             results, times = {}, {}
-            for name, own in (("split", OWN_GEMM_ROWS), ("per_adapter", 1)):
+            variants = (
+                ("split", OWN_GEMM_ROWS, None),
+                ("whole_pool", OWN_GEMM_ROWS, pool.page_owner),
+                ("per_adapter", 1, None),
+            )
+            paged_lora_cpu.WHOLE_POOL_MIN_SHARE = 0.0  # time the whole-pool form in any batch
+            for name, own, owner in variants:
                 step = split_rows(token_slot, pool.num_slots, own_gemm_rows=own)
-                results[name] = layer_call(pool, x, y.clone(), token_slot, step)
+                results[name] = layer_call(pool, x, y.clone(), token_slot, step, owner)
                 scratch = y.clone()
                 times[name] = time_ms(
-                    functools.partial(layer_call, pool, x, scratch, token_slot, step),
+                    functools.partial(layer_call, pool, x, scratch, token_slot, step, owner),
                     args.repeats,
                 )
+            paged_lora_cpu.WHOLE_POOL_MIN_SHARE = share
             torch.testing.assert_close(results["split"], results["per_adapter"])
+            torch.testing.assert_close(results["whole_pool"], results["per_adapter"])
+            held = sum(-(-RANKS[s] // PAGE_SIZE) for s in range(len(per_adapter)))
             rows.append(
                 {
                     "batch": batch,
                     "layer": layer,
                     "tokens": token_slot.numel(),
                     "adapters": len(per_adapter),
+                    "pool_share_held": round(held / pool.num_pages, 2),
                     "split_ms": round(times["split"], 4),
+                    "whole_pool_ms": round(times["whole_pool"], 4),
                     "per_adapter_ms": round(times["per_adapter"], 4),
                     "speedup": round(times["per_adapter"] / times["split"], 2),
+                    "whole_pool_speedup": round(times["split"] / times["whole_pool"], 2),
                 }
             )
             print(rows[-1], flush=True)
@@ -143,21 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": args.threads,
         "torch": torch.__version__,
         "own_gemm_rows": OWN_GEMM_ROWS,
+        "whole_pool_min_share": share,
         "load_average": os.getloadavg(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paged_cpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     lines = [
-        "# Paged LoRA CPU path: batched pass vs one GEMM pair per adapter",
+        "# Paged LoRA CPU path: batched pass (gathered pages or whole pool) vs one GEMM pair "
+        "per adapter",
         "",
         *(f"- {k}: {v}" for k, v in env.items()),
         "- times: median ms of one layer call (shrink + expand, all slices), fp32",
         "",
-        "| batch | layer | tokens | adapters | split ms | per-adapter ms | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "- split = gathered pages; whole pool = the same split, batched pass over the whole pool;",
+        "  share held = the pool's pages the batch's adapters hold",
+        "",
+        "| batch | layer | tokens | adapters | share held | per-adapter ms | split ms | "
+        "whole pool ms | split vs per-adapter | whole pool vs split |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {r['batch']} | {r['layer']} | {r['tokens']} | {r['adapters']} | "
-            f"{r['split_ms']:.3f} | {r['per_adapter_ms']:.3f} | {r['speedup']:.2f}x |"
+            f"{r['pool_share_held']:.2f} | {r['per_adapter_ms']:.3f} | {r['split_ms']:.3f} | "
+            f"{r['whole_pool_ms']:.3f} | {r['speedup']:.2f}x | {r['whole_pool_speedup']:.2f}x |"
             for r in rows
         ),
         "",

@@ -42,6 +42,7 @@ def paged_environment_for(settings: Settings) -> dict[str, str]:
         policy=settings.paged_policy,
         max_skip_ms=settings.paged_max_skip_ms,
         kernel=settings.paged_kernel,
+        max_oversubscription=settings.paged_max_oversubscription,
     )
 
 

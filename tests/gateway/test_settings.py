@@ -72,5 +72,10 @@ def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
     assert paged_config_from_env(paged_environment_for(triton)).kernel == "triton"
     with pytest.raises(ValidationError, match="paged_kernel"):
         Settings(paged_kernel="cuda")
+    tight = Settings(paged_max_oversubscription=1.25)
+    assert paged_config_from_env(paged_environment_for(tight)).max_oversubscription == 1.25
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValidationError, match="paged_max_oversubscription"):
+            Settings(paged_max_oversubscription=bad)
     off = Settings(paged_lora=False)
     assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None

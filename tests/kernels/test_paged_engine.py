@@ -141,11 +141,34 @@ def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
 
     stats = out["stats"]
     assert stats["pages_total"] == pool_pages and stats["bytes_per_page"] == PAGE_SIZE * ROW_BYTES
+    # embed_tokens and lm_head run as the base layers: no max_loras x vocab buffers, no ops
+    assert stats["vocab_layers_unwrapped"] == 2
     assert stats["page_ins_total"] >= len(ranks)  # every adapter was paged in at least once
     assert stats["evictions_for_space_total"] >= 1  # and the pool really was too small for all
     assert stats["refusals_total"] == 0
     assert stats["pages_used"] + stats["pages_free"] == pool_pages
     assert stats["page_ins_total"] - stats["page_outs_total"] == stats["adapters_resident"]
+
+
+def test_an_adapter_with_embedding_weights_is_refused_not_half_served(
+    tmp_path, tmp_path_factory, demo, prompt_ids
+):
+    """The registry refuses embed_tokens / lm_head deltas; an adapter that reaches the engine
+    with them anyway fails its step loudly instead of being served without them."""
+    folder = tmp_path_factory.mktemp("embedding-adapter")
+    spec = DemoAdapterSpec("emb-r8", 8, 16, ["q_proj", "embed_tokens"], seed=41)
+    build_adapter(demo.base, folder / spec.name, spec)
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        {spec.name: folder / spec.name},
+        [(spec.name, prompt_ids[0])],
+        max_loras=1,
+        pool_bytes=pages(32) * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=32,
+    )
+    assert out["outputs"] is None and out["error"] is not None
+    assert "embed_tokens" in log and "linear projections only" in log, log[-4000:]
 
 
 def check_outputs(demo, adapters, jobs, outputs) -> None:

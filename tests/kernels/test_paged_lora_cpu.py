@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import paged_lora_cpu
 from kernels.paged_lora_cpu import (
     OWN_GEMM_ROWS,
     group_rows_by_slot,
@@ -42,6 +43,15 @@ def reference(pool: PagedLoraPool, x: torch.Tensor, y0: torch.Tensor, slots: lis
 # How many rows an adapter needs for GEMMs of its own: every adapter (1), the default split
 # (the prefill-like runs above go both ways), and none (every row in the batched pass).
 SPLITS = {"own_gemms": 1, "default_split": OWN_GEMM_ROWS, "all_batched": 10**9}
+# The batched pass gathers the pages it needs, or reads the whole pool masked by page owner.
+PASSES = ["gather", "whole_pool"]
+
+
+@pytest.fixture(params=PASSES)
+def batched_pass(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "whole_pool":  # whatever share of the pool the batch holds
+        monkeypatch.setattr(paged_lora_cpu, "WHOLE_POOL_MIN_SHARE", 0.0)
+    return str(request.param)
 
 
 def run(
@@ -50,6 +60,7 @@ def run(
     y0: torch.Tensor,
     token_slot: torch.Tensor,
     own_gemm_rows: int = OWN_GEMM_ROWS,
+    batched_pass: str = "gather",
 ):
     return paged_lora_linear_cpu(
         y0.clone(),
@@ -62,6 +73,7 @@ def run(
         token_slot,
         pool.slice_widths,
         rows=split_rows(token_slot, pool.num_slots, own_gemm_rows=own_gemm_rows),
+        page_owner=pool.page_owner if batched_pass == "whole_pool" else None,
     )
 
 
@@ -70,7 +82,7 @@ def run(
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_sgmv_references(
-    dtype: torch.dtype, shape: str, page_size: int | None, split: str
+    dtype: torch.dtype, shape: str, page_size: int | None, split: str, batched_pass: str
 ) -> None:
     hidden, widths = SHAPES[shape]
     adapters = make_adapters(RANKS, hidden, widths, seed=7)
@@ -87,7 +99,7 @@ def test_matches_sgmv_references(
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(len(slots), hidden, generator=gen).to(dtype)
     y0 = torch.randn(len(slots), sum(widths), generator=gen).to(dtype)
-    got = run(pool, x, y0, torch.tensor(slots), SPLITS[split])
+    got = run(pool, x, y0, torch.tensor(slots), SPLITS[split], batched_pass)
     torch.testing.assert_close(got, reference(pool, x, y0, slots), **TOL[dtype])
     untouched = torch.tensor([s < 0 or s == len(adapters) for s in slots])
     assert torch.equal(got[untouched], y0[untouched])  # bit-identical, not merely close
@@ -95,7 +107,7 @@ def test_matches_sgmv_references(
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
-def test_rows_past_the_mapping_and_all_minus_one_get_nothing(split: str) -> None:
+def test_rows_past_the_mapping_and_all_minus_one_get_nothing(split: str, batched_pass: str) -> None:
     hidden, widths = SHAPES["qkv_gqa"]
     pool = make_pool(
         make_adapters([8, 16], hidden, widths, seed=9),
@@ -108,11 +120,37 @@ def test_rows_past_the_mapping_and_all_minus_one_get_nothing(split: str) -> None
     x = torch.randn(6, hidden)
     y0 = torch.randn(6, sum(widths))
     # Every slot full and only -1 rows: vLLM 0.32's CPU ops gave these the last slot.
-    assert torch.equal(run(pool, x, y0, torch.full((6,), -1), SPLITS[split]), y0)
+    assert torch.equal(run(pool, x, y0, torch.full((6,), -1), SPLITS[split], batched_pass), y0)
     # Mapping shorter than the batch (padded rows): the extra rows are left alone.
-    got = run(pool, x, y0, torch.tensor([1, 0, 1]), SPLITS[split])
+    got = run(pool, x, y0, torch.tensor([1, 0, 1]), SPLITS[split], batched_pass)
     assert torch.equal(got[3:], y0[3:])
     torch.testing.assert_close(got[:3], reference(pool, x[:3], y0[:3], [1, 0, 1]))
+
+
+def test_another_adapters_overflow_or_a_freed_page_never_reaches_a_row(batched_pass: str) -> None:
+    """Rows of several adapters share one batched pass: slot 0's weights overflow to inf and a
+    freed page holds NaN, yet every other row gets exactly its own adapter's delta."""
+    hidden, widths = SHAPES["qkv_gqa"]
+    pool = make_pool(
+        make_adapters([8, 4, 16], hidden, widths, seed=12),
+        hidden=hidden,
+        widths=widths,
+        page_size=4,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    x = torch.randn(7, hidden)
+    y0 = torch.randn(7, sum(widths))
+    slots = [1, 2, 1, -1, 2, 1, 2]
+    want = reference(pool, x, y0, slots)
+    pool.a_pages[pool.slot_pages(0)] = 3e38  # finite weights whose products overflow
+    assert pool.page_owner[-1] == -1  # make_pool leaves spare pages at the end
+    pool.a_pages[-1] = float("nan")  # what a freed page might hold
+    got = run(pool, x, y0, torch.tensor(slots), 10**9, batched_pass)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(got).all()
+    got = run(pool, x, y0, torch.tensor([0, *slots[1:]]), 10**9, batched_pass)
+    torch.testing.assert_close(got[1:], want[1:])  # row 0 is slot 0's own business
 
 
 def test_groups_cover_each_valid_row_once_in_order() -> None:

@@ -61,6 +61,17 @@ def test_kernel_setting():
     assert config is not None and config.kernel == "triton"
 
 
+def test_oversubscription_setting():
+    on = {"LORAPLEX_PAGED_LORA": "1", "LORAPLEX_PAGED_POOL_BYTES": "4096"}
+    config = paged_config_from_env(on)
+    assert config is not None and config.max_oversubscription == 2.0
+    config = paged_config_from_env({**on, "LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION": "1.5"})
+    assert config is not None and config.max_oversubscription == 1.5
+    for bad in ("0.5", "nan", "inf", "lots"):
+        with pytest.raises(BadPluginSetting, match="LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION"):
+            paged_config_from_env({**on, "LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION": bad})
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [

@@ -30,9 +30,14 @@ def plan(
     max_adapters: int = 32,
     max_wait_s: float = 10.0,
     max_skip_s: float = 0.2,
+    max_oversubscription: float = 2.0,
 ) -> RotationPlan:
     planner = RotationPlanner(
-        total_pages=total, max_adapters=max_adapters, max_wait_s=max_wait_s, max_skip_s=max_skip_s
+        total_pages=total,
+        max_adapters=max_adapters,
+        max_wait_s=max_wait_s,
+        max_skip_s=max_skip_s,
+        max_oversubscription=max_oversubscription,
     )
     return planner.plan(running, waiting, NOW)
 
@@ -103,3 +108,30 @@ def test_everything_fits_nothing_sits_out():
     result = plan(8, running, waiting)
     assert names(result.run) == ["r1", "r2"] and not result.skip
     assert names(result.order) == ["w1", "w2"] and not result.held
+
+
+def test_new_adapters_start_only_while_running_ones_keep_a_share_of_the_steps():
+    """A burst of new adapters: they start until the running adapters' pages reach 2x the
+    pool; the rest wait, oldest first, while requests of adapters already running and base
+    requests still start at once."""
+    running = [run("r1", 1, 4, idle=0.01), run("r2", 2, 4, idle=0.01)]  # 8 of 8 pages
+    burst = [wait(f"n{a}", a, 4, age=0.1 - 0.01 * a) for a in range(3, 7)]
+    waiting = [*burst, wait("r1-again", 1, 4), wait("base", 0, 0)]
+    result = plan(8, running, waiting)
+    # demand 8 + 4 + 4 = 16 = 2 x 8 with n3 and n4; n5 and n6 would take it past. n3 and n4
+    # take this step's pages, so r1 and r2 (and r1-again with them) sit this one out.
+    assert names(result.order) == ["n3", "n4", "base"]
+    assert names(result.held) == ["n5", "n6", "r1-again"]
+    assert names(result.skip) == ["r1", "r2"]
+    assert step_pages(result, running, waiting) <= 8
+    # At 1x nothing new starts while the pool is taken: the hold policy's behaviour.
+    result = plan(8, running, waiting, max_oversubscription=1.0)
+    assert names(result.held) == ["n3", "n4", "n5", "n6"]
+    assert names(result.order) == ["r1-again", "base"] and not result.skip
+
+
+def test_the_oldest_waiting_adapter_gets_the_bound_first():
+    running = [run("r1", 1, 8, idle=0.01)]
+    waiting = [wait("new", 2, 8), wait("old", 3, 8, age=20)]
+    result = plan(8, running, waiting, max_oversubscription=2.0)
+    assert names(result.order) == ["old"] and names(result.held) == ["new"]
