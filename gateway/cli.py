@@ -68,6 +68,7 @@ def serve(
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.http_keep_alive_s,
     )
 
 

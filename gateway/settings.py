@@ -29,6 +29,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Idle keep-alive connections are closed after this long. Longer than a load balancer's
+    # idle timeout (60 s on common ones), so the balancer, not the gateway, closes them: a
+    # close racing a request on a reused connection is a client-side "server disconnected".
+    http_keep_alive_s: int = Field(75, gt=0)
     data_dir: Path = Path(".loraplex")
     log_level: str = "INFO"
     log_json: bool = False

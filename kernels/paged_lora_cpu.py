@@ -40,11 +40,14 @@ SlotGroups = list[tuple[int, torch.Tensor]]
 # overhead is small next to the work, and the batched pass would multiply these rows by every
 # other adapter's pages too. Measured on 2 Xeon cores (benchmarks/kernels/bench_paged_cpu.py).
 OWN_GEMM_ROWS = 32
-# With the pool's page owners at hand, the batched pass reads the whole pool in place once
-# the adapters present hold at least this share of its pages: multiplying by the few pages
-# that are not theirs costs less than gathering the ones that are (measured by
-# benchmarks/kernels/bench_paged_cpu.py).
+# With the pool's page owners at hand, the batched pass reads the whole pool in place, unless
+# the work spent on pages the step's adapters do not own is larger than what gathering the
+# ones they do own costs in calls: it does once the adapters hold at least this share of the
+# pool, or while that wasted work stays under this many multiply-adds (~0.1 ms on 2 cores,
+# about the cost of the gather's extra calls; benchmarks/kernels/bench_paged_cpu.py measured
+# the whole pool 1.4-3x faster even at a fifth of a small pool held).
 WHOLE_POOL_MIN_SHARE = 0.5
+WHOLE_POOL_MAX_WASTED_MACS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class StepRows:
     batched_slots: torch.Tensor  # int64 slot of each of those rows
     batched_present: torch.Tensor  # int64 distinct slots among them, ascending
     batched_present_slots: tuple[int, ...] = ()  # the same slots, on the host
+    # every row of token_slot is in the batched pass (a decode step): rows are 0..T'-1
+    batched_all_rows: bool = False
 
     @property
     def empty(self) -> bool:
@@ -97,7 +102,8 @@ def split_rows(
     rows, order = torch.sort(rows)  # ascending rows read and write y in memory order
     present_slots = tuple(s for s, _ in batched)
     present = torch.tensor(present_slots, dtype=torch.int64, device=device)
-    return StepRows(own, rows, slots[order], present, present_slots)
+    all_rows = not own and rows.numel() == token_slot.shape[0]
+    return StepRows(own, rows, slots[order], present, present_slots, all_rows)
 
 
 def _check(
@@ -186,8 +192,15 @@ def paged_lora_linear_cpu(
     if rows.batched_rows.numel():
         page_size, num_pages = a_pages.shape[2], a_pages.shape[0]
         held = sum(-(-ranks[s] // page_size) for s in rows.batched_present_slots)
-        if page_owner is not None and held >= WHOLE_POOL_MIN_SHARE * num_pages:
-            _batched_whole_pool(y, x, a_pages, b_pages, page_owner, slot_scale, rows, bounds)
+        per_row = page_size * (a_pages.shape[1] * a_pages.shape[3] + b_pages.shape[2])
+        wasted = rows.batched_rows.numel() * max(num_pages - held, 0) * per_row
+        if page_owner is not None and (
+            held >= WHOLE_POOL_MIN_SHARE * num_pages or wasted <= WHOLE_POOL_MAX_WASTED_MACS
+        ):
+            every_row = rows.batched_all_rows and token_slot.shape[0] == x.shape[0]
+            _batched_whole_pool(
+                y, x, a_pages, b_pages, page_owner, slot_scale, rows, bounds, every_row
+            )
         else:
             _batched(y, x, a_pages, b_pages, page_table, slot_scale, ranks, rows, bounds)
     return y
@@ -271,25 +284,36 @@ def _batched_whole_pool(
     slot_scale: torch.Tensor,
     rows: StepRows,
     bounds: list[int],
+    every_row: bool,
 ) -> None:
     """`_batched` over every page of the pool, read in place: no gather, no page-table walk.
 
     A page counts for a row only if the row's slot owns it. The mask selects (torch.where)
     rather than multiplies, so whatever another tenant's or a free page yields for this row,
     even inf, never reaches it: the row's delta is exactly its own adapter's.
+    every_row: the pass covers all rows of x and y in order (a decode step), so x is read and
+    an fp32 y is updated in place, slice by slice, without gathering or scattering rows.
     """
     num_pages, n_slices, page_size, h_in = a_pages.shape
     a = a_pages.view(num_pages * n_slices * page_size, h_in)
-    b = b_pages.view(num_pages * page_size, -1)
-    xs = x[rows.batched_rows]
+    b = b_pages.view(num_pages * page_size, -1).float()
+    xs = x if every_row else x[rows.batched_rows]
     t = xs.shape[0]
     h = (xs.float() @ a.float().t()).view(t, num_pages, n_slices, page_size)
     own = (page_owner[None, :] == rows.batched_slots[:, None])[:, :, None, None]
     scale = slot_scale.to(torch.float32)[rows.batched_slots][:, None, None, None]
     h = torch.where(own, h * scale, 0.0)
-    b = b.float()
+    # [T, pages, S, P] -> [S, T, pages·P]: one copy, then each slice's rows are a plain view
+    per_slice = h.permute(2, 0, 1, 3).reshape(n_slices, t, num_pages * page_size)
+    if every_row and y.dtype == torch.float32:
+        for i in range(n_slices):
+            lo, hi = bounds[i], bounds[i + 1]
+            y[:, lo:hi].addmm_(per_slice[i], b[:, lo:hi])
+        return
     delta = torch.cat(
-        [h[:, :, i].reshape(t, -1) @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)],
-        dim=1,
+        [per_slice[i] @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)], dim=1
     )
-    y.index_copy_(0, rows.batched_rows, (y[rows.batched_rows].float() + delta).to(y.dtype))
+    if every_row:
+        y.copy_((y.float() + delta).to(y.dtype))
+    else:
+        y.index_copy_(0, rows.batched_rows, (y[rows.batched_rows].float() + delta).to(y.dtype))

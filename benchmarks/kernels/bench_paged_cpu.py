@@ -4,7 +4,7 @@ Compares the split the layers use (`OWN_GEMM_ROWS`: adapters with many rows get 
 their own, the rest one batched pass) with one pair of GEMMs per adapter for every row
 (`own_gemm_rows=1`, the path before the batched pass existed), and the batched pass's two
 forms: gathering the present adapters' pages, or reading the whole pool in place masked by
-page owner (what the layers pick once the batch holds `WHOLE_POOL_MIN_SHARE` of the pool).
+page owner (what the layers pick unless the pool is large next to the step).
 All are checked against each other before timing. Shapes are the demo Llama's (hidden 256,
 GQA qkv 256/128/128, MLP 512), adapters of ranks 4-32 in pages of 4 rank rows, as in the
 residency benchmark.
@@ -41,6 +41,7 @@ LAYERS = {  # name: (hidden_in, slice widths)
 RANKS = (32, 16, 32, 16, 8, 16, 8, 32, 8, 8, 4, 16, 4, 32, 16, 8)
 # (name, rows per adapter): decode steps, then a prefill beside decode rows.
 BATCHES = {
+    "decode8_over_4": [2] * 4,
     "decode16_over_10": [1] * 4 + [2] * 6,
     "decode32_over_16": [2] * 16,
     "prefill64+decode12": [64] + [1] * 12,

@@ -120,7 +120,10 @@ def _session() -> aiohttp.ClientSession:
         # loraplex authenticates every /v1 call (servers.py registers this key at start-up);
         # vLLM started without --api-key ignores the header, so both systems get the same bytes.
         headers={"Authorization": f"Bearer {BENCH_API_KEY}"},
-        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        # Idle connections are dropped before either server's keep-alive timeout (vLLM's and
+        # uvicorn's default is 5 s): reusing one the server is closing fails the request with
+        # "server disconnected", which measures the client, not the server.
+        connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=3.0),
         timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
     )
 

@@ -31,7 +31,14 @@ def test_environment_overrides_and_real_model(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_lora_rank": 24}, {"port": 0}, {"max_loras": 0}, {"dtype": "int3"}]
+    "bad",
+    [
+        {"max_lora_rank": 24},
+        {"port": 0},
+        {"max_loras": 0},
+        {"dtype": "int3"},
+        {"http_keep_alive_s": 0},
+    ],
 )
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValidationError):
@@ -79,3 +86,20 @@ def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
             Settings(paged_max_oversubscription=bad)
     off = Settings(paged_lora=False)
     assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None
+
+
+def test_serve_hands_the_keep_alive_to_uvicorn(monkeypatch):
+    """Idle connections outlive a load balancer's idle timeout unless configured otherwise."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    captured: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: captured.update(kw))
+    monkeypatch.delenv("LORAPLEX_HTTP_KEEP_ALIVE_S", raising=False)
+    assert CliRunner().invoke(app, ["serve"]).exit_code == 0
+    assert captured["timeout_keep_alive"] == 75
+    monkeypatch.setenv("LORAPLEX_HTTP_KEEP_ALIVE_S", "30")
+    assert CliRunner().invoke(app, ["serve"]).exit_code == 0
+    assert captured["timeout_keep_alive"] == 30

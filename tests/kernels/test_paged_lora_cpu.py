@@ -106,17 +106,18 @@ def test_matches_sgmv_references(
     assert not torch.allclose(got[~untouched], y0[~untouched])  # the delta is really there
 
 
+def qkv_pool(ranks: list[int], seed: int) -> PagedLoraPool:
+    """fp32 GQA qkv pool in pages of 4 rank rows, one slot per rank, spare pages at the end."""
+    hidden, widths = SHAPES["qkv_gqa"]
+    adapters = make_adapters(ranks, hidden, widths, seed=seed)
+    kw = {"hidden": hidden, "widths": widths, "page_size": 4, "dtype": torch.float32}
+    return make_pool(adapters, **kw, device=CPU)
+
+
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_rows_past_the_mapping_and_all_minus_one_get_nothing(split: str, batched_pass: str) -> None:
     hidden, widths = SHAPES["qkv_gqa"]
-    pool = make_pool(
-        make_adapters([8, 16], hidden, widths, seed=9),
-        hidden=hidden,
-        widths=widths,
-        page_size=4,
-        dtype=torch.float32,
-        device=CPU,
-    )
+    pool = qkv_pool([8, 16], seed=9)
     x = torch.randn(6, hidden)
     y0 = torch.randn(6, sum(widths))
     # Every slot full and only -1 rows: vLLM 0.32's CPU ops gave these the last slot.
@@ -131,14 +132,7 @@ def test_another_adapters_overflow_or_a_freed_page_never_reaches_a_row(batched_p
     """Rows of several adapters share one batched pass: slot 0's weights overflow to inf and a
     freed page holds NaN, yet every other row gets exactly its own adapter's delta."""
     hidden, widths = SHAPES["qkv_gqa"]
-    pool = make_pool(
-        make_adapters([8, 4, 16], hidden, widths, seed=12),
-        hidden=hidden,
-        widths=widths,
-        page_size=4,
-        dtype=torch.float32,
-        device=CPU,
-    )
+    pool = qkv_pool([8, 4, 16], seed=12)
     x = torch.randn(7, hidden)
     y0 = torch.randn(7, sum(widths))
     slots = [1, 2, 1, -1, 2, 1, 2]
@@ -151,6 +145,62 @@ def test_another_adapters_overflow_or_a_freed_page_never_reaches_a_row(batched_p
     assert torch.isfinite(got).all()
     got = run(pool, x, y0, torch.tensor([0, *slots[1:]]), 10**9, batched_pass)
     torch.testing.assert_close(got[1:], want[1:])  # row 0 is slot 0's own business
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_decode_step_with_an_adapter_on_every_row(dtype: torch.dtype, batched_pass: str) -> None:
+    """Every row has an adapter and none has many rows: the batched pass covers all of x and
+    y in order (updated in place for fp32)."""
+    hidden, widths = SHAPES["gate_up"]
+    adapters = make_adapters([4, 8, 16, 32], hidden, widths, seed=14)
+    kw = {"hidden": hidden, "widths": widths, "page_size": 4, "dtype": dtype}
+    pool = make_pool(adapters, **kw, device=CPU)
+    slots = [2, 0, 3, 3, 1, 0, 2, 1, 3]
+    step = split_rows(torch.tensor(slots), pool.num_slots)
+    assert step.batched_all_rows and not step.own
+    x = torch.randn(len(slots), hidden).to(dtype)
+    y0 = torch.randn(len(slots), sum(widths)).to(dtype)
+    got = run(pool, x, y0, torch.tensor(slots), OWN_GEMM_ROWS, batched_pass)
+    torch.testing.assert_close(got, reference(pool, x, y0, slots), **TOL[dtype])
+
+
+def test_the_whole_pool_is_read_unless_the_unowned_pages_cost_more(monkeypatch) -> None:
+    calls: list[str] = []
+
+    def spy(name: str):
+        real = getattr(paged_lora_cpu, name)
+
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("_batched", "_batched_whole_pool"):
+        monkeypatch.setattr(paged_lora_cpu, name, spy(name))
+    hidden, widths = 512, (512, 256, 256)
+    adapters = make_adapters([8, 4], hidden, widths, seed=15)
+    kw = {"hidden": hidden, "widths": widths, "page_size": 4, "dtype": torch.float32}
+    small = make_pool(adapters, **kw, device=CPU)  # 3 pages held, 3 spare
+    x, y0, slots = torch.randn(8, hidden), torch.randn(8, sum(widths)), torch.tensor([0, 1] * 4)
+    want = reference(small, x, y0, slots.tolist())
+    torch.testing.assert_close(run(small, x, y0, slots, batched_pass="whole_pool"), want)
+    # 60 more pages no one in the step owns: 8 rows x 60 pages x 4 rows x (3 x 512 + 1024)
+    # multiply-adds wasted, more than gathering the 3 owned pages costs
+    big = PagedLoraPool(
+        num_pages=small.num_pages + 60,
+        page_size=4,
+        num_slots=2,
+        max_rank=8,
+        hidden_in=hidden,
+        slice_widths=widths,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    for slot, adapter in enumerate(adapters):
+        big.load(slot, adapter.a, adapter.b, adapter.scale)
+    torch.testing.assert_close(run(big, x, y0, slots, batched_pass="whole_pool"), want)
+    assert calls == ["_batched_whole_pool", "_batched"]
 
 
 def test_groups_cover_each_valid_row_once_in_order() -> None:
