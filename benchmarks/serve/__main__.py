@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve import report, runner
+from benchmarks.serve import report, runner, servers
 from benchmarks.serve.assets import Assets, prepare_assets
 from benchmarks.serve.load import Sample
 from benchmarks.serve.scenarios import (
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios, settings, systems, share_servers=share, open_rates=_open_rates(args.open_rate)
     )
 
+    client_raised = servers.raise_client_priority()
     started = time.monotonic()
     meta = {
         "date": report.now_utc(),
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**dataclasses.asdict(settings), "open_rates": plan.open_rates},
         "systems": list(systems),
         "share_servers": share,
+        "client_nice": servers.CLIENT_NICE if client_raised else 0,
     }
     assets = prepare_assets(args.data_dir, max(s.adapters for s in scenarios), seed=settings.seed)
     results = {"meta": meta, **_run_with_progress(plan, assets, args.data_dir / "logs")}

@@ -15,6 +15,7 @@ aiohttp's SSE path costs the least per chunk (it is what vLLM's own serving benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,45 @@ class Sample:
 class PhaseRun:
     samples: list[Sample] = field(default_factory=list)
     duration_s: float = 0.0
+    client_stalls_s: list[float] = field(default_factory=list)  # see ClientStallMonitor
+
+
+class ClientStallMonitor:
+    """Times how late this client's own event loop wakes up during a phase.
+
+    The client shares the machine with the server it measures; when the OS does not run it
+    (2 cores, servers spinning between steps), its sends go out late and whole streams are read
+    at once, and that delay lands in the server's TTFT. A task sleeping TICK_S records every
+    wake-up later than STALL_S: a phase whose client stalled for seconds is visible in the
+    results instead of read as the server's latency.
+    """
+
+    TICK_S = 0.01
+    STALL_S = 0.05
+
+    def __init__(self) -> None:
+        self.stalls: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(self.TICK_S)
+            now = time.perf_counter()
+            late = now - last - self.TICK_S
+            if late > self.STALL_S:
+                self.stalls.append(late)
+            last = now
+
+    async def __aenter__(self) -> ClientStallMonitor:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def completion_body(spec: RequestSpec, max_tokens: int) -> dict[str, object]:
@@ -138,7 +178,7 @@ async def closed_loop(
     """`concurrency` clients, each sending its next request as soon as the last one finished."""
     run = PhaseRun()
     queue = iter(requests)
-    async with _session() as session:
+    async with _session() as session, ClientStallMonitor() as monitor:
         t0 = time.perf_counter()
 
         async def client() -> None:
@@ -150,6 +190,7 @@ async def closed_loop(
 
         await asyncio.gather(*(client() for _ in range(min(concurrency, len(requests)))))
         run.duration_s = time.perf_counter() - t0
+    run.client_stalls_s = monitor.stalls
     return run
 
 
@@ -164,7 +205,7 @@ async def open_loop(
     if len(arrivals_s) != len(requests):
         raise ValueError("one arrival time per request")
     run = PhaseRun()
-    async with _session() as session:
+    async with _session() as session, ClientStallMonitor() as monitor:
         t0 = time.perf_counter()
 
         async def one(spec: RequestSpec) -> None:
@@ -181,6 +222,7 @@ async def open_loop(
             tasks.append(asyncio.create_task(one(spec)))
         await asyncio.gather(*tasks)
         run.duration_s = time.perf_counter() - t0
+    run.client_stalls_s = monitor.stalls
     return run
 
 

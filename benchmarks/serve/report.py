@@ -105,7 +105,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- machine: {machine['cpu_model']}, {machine['cores']} cores, "
         f"{machine['ram_gib']} GiB RAM; load average at start {machine['load_average']}, "
-        f"at end {meta['load_average_end']}",
+        f"at end {meta['load_average_end']}; load generator at niceness "
+        f"{meta.get('client_nice', 0)}, servers at 0",
         f"- software: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"- load: {s['requests']} measured requests per phase after {s['warmup']} warm-up; "
         f"closed loop at concurrency {s['concurrency']}; open loop Poisson at "
@@ -119,8 +120,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {heading}",
             "",
-            "| scenario | system | req/s | out tok/s | TTFT | TPOT | e2e | errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| scenario | system | req/s | out tok/s | TTFT | TPOT | e2e | errors "
+            "| client stalled s (max) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for sc in results["scenarios"]:
             if sc["kind"] != "load":
@@ -131,14 +133,15 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {name} | {system} | {p['req_per_s']:.1f} | {p['out_tok_per_s']:.0f} | "
                     f"{_latency_cells(p, 'ttft')} | {_latency_cells(p, 'tpot')} | "
-                    f"{_latency_cells(p, 'e2e')} | {p['errors']} |"
+                    f"{_latency_cells(p, 'e2e')} | {p['errors']} | "
+                    f"{p.get('client_stalled_s', 0):.2f} ({p.get('client_stall_max_s', 0):.2f}) |"
                 )
             ratio = sc.get("ratios", {}).get(phase)
             if ratio:
                 lines.append(
                     f"| {name} | **ratio** | {_x(ratio['req_per_s'])} | "
                     f"{_x(ratio['out_tok_per_s'])} | {_ratio_cells(ratio, 'ttft')} | "
-                    f"{_ratio_cells(ratio, 'tpot')} | {_ratio_cells(ratio, 'e2e')} | |"
+                    f"{_ratio_cells(ratio, 'tpot')} | {_ratio_cells(ratio, 'e2e')} | | |"
                 )
         lines.append("")
     lines += _cold_table(results)

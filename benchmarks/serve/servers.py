@@ -127,6 +127,30 @@ def server_command(
     return argv, {"VLLM_PLUGINS": ""}
 
 
+# The load generator runs at a higher priority than the servers it measures (see
+# `raise_client_priority`): on 2 cores the servers' busy loops (vLLM's engine core and worker
+# spin on shared memory between steps) otherwise starve the client, whose late sends and late
+# reads of whole streams then count as server latency. Servers start back at niceness 0.
+CLIENT_NICE = -5
+_client_raised = False
+
+
+def raise_client_priority() -> bool:
+    """Run this process at CLIENT_NICE; False (and unchanged) where that is not permitted."""
+    global _client_raised
+    try:
+        os.nice(CLIENT_NICE)
+    except PermissionError:
+        return False
+    _client_raised = True
+    return True
+
+
+def _server_priority() -> None:
+    if _client_raised:
+        os.nice(-CLIENT_NICE)  # children inherit the client's niceness: back to 0
+
+
 def start_server(
     spec: ServerSpec, assets: Assets, log_dir: Path, timeout_s: float = 600
 ) -> RunningServer:
@@ -143,6 +167,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches the engine children
+            preexec_fn=_server_priority,
         )
     server = RunningServer(
         spec, f"http://127.0.0.1:{port}", process, log_path, argv, 0.0, state_dir

@@ -34,6 +34,9 @@ def summarize(run: PhaseRun) -> dict[str, Any]:
         "out_tok_per_s": sum(s.tokens for s in ok) / duration if duration > 0 else 0.0,
         "prompt_tokens_mean": float(np.mean([s.prompt_tokens for s in ok])) if ok else 0.0,
         "output_tokens_mean": float(np.mean([s.tokens for s in ok])) if ok else 0.0,
+        # the load generator's own late wake-ups (load.ClientStallMonitor), seconds
+        "client_stall_max_s": round(max(run.client_stalls_s, default=0.0), 4),
+        "client_stalled_s": round(sum(run.client_stalls_s), 4),
     }
     values = {
         "ttft": [s.ttft_s for s in ok if s.ttft_s is not None],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from safetensors.numpy import load_file
 
 from benchmarks.serve import runner, scenarios, servers, stats
 from benchmarks.serve.assets import Assets, prepare_assets, rank_of
-from benchmarks.serve.load import PhaseRun, Sample
+from benchmarks.serve.load import ClientStallMonitor, PhaseRun, Sample
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,22 @@ def test_adapter_weight_bytes_are_vllm_slots_or_the_paged_pool(tmp_path):
     paged = {**slots, "max_loras": 16, "paged_lora": "1", "paged_pool_bytes": "4194304"}
     assert lora_slot_bytes(tmp_path, paged) == 4194304  # the pool, not 16 max-rank slots
     assert lora_slot_bytes(tmp_path, {"paged_lora": "1"}) is None
+
+
+def test_client_stalls_are_measured_not_charged_to_the_server() -> None:
+    """A loop blocked for 0.3 s (what an OS that does not run the client looks like from
+    inside) is recorded as one stall of about that length; idle waiting is not."""
+
+    async def phase() -> list[float]:
+        async with ClientStallMonitor() as monitor:
+            await asyncio.sleep(0.1)
+            time.sleep(0.3)  # the event loop cannot run: every send and read would be late
+            await asyncio.sleep(0.1)
+        return monitor.stalls
+
+    stalls = asyncio.run(phase())
+    assert len(stalls) == 1 and 0.25 < stalls[0] < 0.6, stalls
+    run = PhaseRun(duration_s=1.0, client_stalls_s=stalls)
+    summary = stats.summarize(run)
+    assert summary["client_stall_max_s"] == round(stalls[0], 4)
+    assert summary["client_stalled_s"] == round(stalls[0], 4)
