@@ -45,7 +45,7 @@ OWN_GEMM_ROWS = 32
 # ones they do own costs in calls: it does once the adapters hold at least this share of the
 # pool, or while that wasted work stays under this many multiply-adds (~0.1 ms on 2 cores,
 # about the cost of the gather's extra calls; benchmarks/kernels/bench_paged_cpu.py measured
-# the whole pool 1.4-3x faster even at a fifth of a small pool held).
+# the whole pool 1.3-2.6x faster with 38-100 % of the demo pool held).
 WHOLE_POOL_MIN_SHARE = 0.5
 WHOLE_POOL_MAX_WASTED_MACS = 4_000_000
 
