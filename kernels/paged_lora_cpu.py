@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.paged_pool import PagedLoraPool
+
 SlotGroups = list[tuple[int, torch.Tensor]]
 
 # An adapter with at least this many rows in a step gets GEMMs of its own: there the per-call
@@ -204,6 +206,32 @@ def paged_lora_linear_cpu(
         else:
             _batched(y, x, a_pages, b_pages, page_table, slot_scale, ranks, rows, bounds)
     return y
+
+
+def paged_lora_pool_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    pool: PagedLoraPool,
+    token_slot: torch.Tensor,
+    *,
+    rows: StepRows | None = None,
+    whole_pool: bool = True,
+) -> torch.Tensor:
+    """`paged_lora_linear_cpu` over one pool's tensors; whole_pool=False never reads the whole
+    pool (the batched pass always gathers the pages it needs)."""
+    return paged_lora_linear_cpu(
+        y,
+        x,
+        pool.a_pages,
+        pool.b_pages,
+        pool.page_table,
+        pool.slot_rank,
+        pool.slot_scale,
+        token_slot,
+        pool.slice_widths,
+        rows=rows,
+        page_owner=pool.page_owner if whole_pool else None,
+    )
 
 
 def _own_gemms(

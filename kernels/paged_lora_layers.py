@@ -39,7 +39,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
-from kernels.paged_lora_cpu import StepRows, paged_lora_linear_cpu, split_rows
+from kernels.paged_lora_cpu import StepRows, paged_lora_pool_cpu, split_rows
 from kernels.paged_lora_triton import PagedSgmvRunner
 from kernels.paged_pool import PagedLoraPool
 from kernels.paged_stats import PagedPoolStats
@@ -265,19 +265,7 @@ class PagedLinearMixin:
         token_slot = self.punica_wrapper.token_lora_indices  # type: ignore[attr-defined]
         rows = _step_rows(self.punica_wrapper, token_slot, pool.num_slots)
         if not rows.empty:
-            paged_lora_linear_cpu(
-                output,
-                x,
-                pool.a_pages,
-                pool.b_pages,
-                pool.page_table,
-                pool.slot_rank,
-                pool.slot_scale,
-                token_slot,
-                pool.slice_widths,
-                rows=rows,
-                page_owner=pool.page_owner,
-            )
+            paged_lora_pool_cpu(output, x, pool, token_slot, rows=rows)
         if original_shape is not None:
             output = output.reshape(original_shape)
         return output

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kernels import paged_lora_cpu
-from kernels.paged_lora_cpu import OWN_GEMM_ROWS, StepRows, paged_lora_linear_cpu, split_rows
+from kernels.paged_lora_cpu import OWN_GEMM_ROWS, StepRows, paged_lora_pool_cpu, split_rows
 from kernels.paged_pool import PagedLoraPool
 
 LAYERS = {  # name: (hidden_in, slice widths)
@@ -82,21 +82,9 @@ def layer_call(
     y: torch.Tensor,
     token_slot: torch.Tensor,
     step: StepRows,
-    page_owner: torch.Tensor | None,
+    whole_pool: bool,
 ) -> torch.Tensor:
-    return paged_lora_linear_cpu(
-        y,
-        x,
-        pool.a_pages,
-        pool.b_pages,
-        pool.page_table,
-        pool.slot_rank,
-        pool.slot_scale,
-        token_slot,
-        pool.slice_widths,
-        rows=step,
-        page_owner=page_owner,
-    )
+    return paged_lora_pool_cpu(y, x, pool, token_slot, rows=step, whole_pool=whole_pool)
 
 
 def time_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -127,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             y = torch.randn(token_slot.numel(), sum(widths))
             results, times = {}, {}
             variants = (
-                ("split", OWN_GEMM_ROWS, None),
-                ("whole_pool", OWN_GEMM_ROWS, pool.page_owner),
-                ("per_adapter", 1, None),
+                ("split", OWN_GEMM_ROWS, False),
+                ("whole_pool", OWN_GEMM_ROWS, True),
+                ("per_adapter", 1, False),
             )
             paged_lora_cpu.WHOLE_POOL_MIN_SHARE = 0.0  # time the whole-pool form in any batch
-            for name, own, owner in variants:
+            for name, own, whole in variants:
                 step = split_rows(token_slot, pool.num_slots, own_gemm_rows=own)
-                results[name] = layer_call(pool, x, y.clone(), token_slot, step, owner)
+                results[name] = layer_call(pool, x, y.clone(), token_slot, step, whole)
                 scratch = y.clone()
                 times[name] = time_ms(
-                    functools.partial(layer_call, pool, x, scratch, token_slot, step, owner),
+                    functools.partial(layer_call, pool, x, scratch, token_slot, step, whole),
                     args.repeats,
                 )
             paged_lora_cpu.WHOLE_POOL_MIN_SHARE = share
