@@ -19,7 +19,12 @@ from gateway.faults import FaultInjector
 from gateway.http_utils import RequestIdMiddleware
 from gateway.limits import TenantLimiter
 from gateway.metrics import ENGINE_UP
-from gateway.registry_runtime import ensure_start_key, import_adapter_dir, open_registry
+from gateway.registry_runtime import (
+    adapter_demand,
+    ensure_start_key,
+    import_adapter_dir,
+    open_registry,
+)
 from gateway.request_metrics import RequestMetricsMiddleware
 from gateway.rollout_controller import RolloutController
 from gateway.rollout_router import RolloutRouter
@@ -75,10 +80,11 @@ def create_app(
         mirror: ShadowMirror | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
         served_engine: EngineClient
+        embedded = None
         if engine is None:
             from gateway.engine.vllm_embedded import EmbeddedVLLM
 
-            served_engine = EmbeddedVLLM(settings, base_path, model_name)
+            served_engine = embedded = EmbeddedVLLM(settings, base_path, model_name)
         else:
             served_engine = engine
         try:
@@ -93,6 +99,8 @@ def create_app(
                 await ensure_start_key(
                     registry, settings.resolved_import_tenant(), settings.import_api_key
                 )
+            if embedded is not None and settings.paged_lora:
+                embedded.paged_demand = await adapter_demand(registry)
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             await served_engine.start()
             ENGINE_UP.set(1)

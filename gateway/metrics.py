@@ -102,7 +102,8 @@ ADAPTER_LOAD_BYTES = Counter(
 )
 ADAPTER_POOL_PAGES = Gauge(
     "loraplex_adapter_pool_pages",
-    "Pages of the engine's paged adapter pool (state: used, free); absent without paged mode.",
+    "Pages of the engine's paged adapter pool, all layer groups together (state: used, free); "
+    "absent without paged mode.",
     ["state"],
     multiprocess_mode="livesum",
 )

@@ -41,7 +41,8 @@ class PoolMetrics:
         ADAPTER_POOL_PAGES.labels("used").set(snapshot["pages_used"])
         ADAPTER_POOL_PAGES.labels("free").set(snapshot["pages_free"])
         ADAPTERS_RESIDENT.labels(TIER).set(snapshot["adapters_resident"])
-        ADAPTER_RESIDENT_BYTES.labels(TIER).set(snapshot["pages_used"] * snapshot["bytes_per_page"])
+        # pages of different layer groups differ in size; the engine counts the bytes exactly
+        ADAPTER_RESIDENT_BYTES.labels(TIER).set(snapshot["bytes_used"])
         for field, counter in _COUNTERS.items():
             counter.inc(self._delta(snapshot, field))
         evicted = self._delta(snapshot, "evictions_for_space_total")

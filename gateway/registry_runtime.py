@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.settings import Settings
+from kernels.page_groups import DemandEntry
 from registry import service
 from registry.compat import BaseModelFingerprint, fingerprint_base_model
 from registry.db import make_engine, make_session_factory, migrate
@@ -117,6 +118,14 @@ async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str
     if imported:
         logger.info("imported %d adapters for tenant %s from %s", len(imported), tenant, folder)
     return imported
+
+
+async def adapter_demand(runtime: RegistryRuntime) -> tuple[DemandEntry, ...]:
+    """The registered adapters the engine may be asked to hold, as the paged pool's demand
+    profile (kernels.page_groups): how its bytes are split between layer groups."""
+    async with runtime.sessions() as session:
+        profile = await service.rank_profile(session, base_model=runtime.base_name)
+    return tuple(DemandEntry(rank, modules, count) for rank, modules, count in profile)
 
 
 DEMO_KEY_LABEL = "demo"

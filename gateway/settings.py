@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         description="rotate: a new adapter starts only while the running adapters' pages stay "
         "within this many times the pool.",
     )
+    paged_split: Literal["demand", "equal"] = Field(
+        "demand",
+        description="demand: the pool's bytes are split between layer groups (q/k/v, o, "
+        "gate/up, down) by what the registered adapters would take in each, read at start; "
+        "equal: the same pages in every group.",
+    )
     paged_kernel: Literal["auto", "torch", "triton"] = Field(
         DEFAULT_KERNEL,
         description="auto: SGMV Triton kernels on CUDA, the torch path on CPU; triton on CPU "

@@ -15,6 +15,8 @@ The plan (pure: ids, page counts and times in, an order out; `paged_scheduler` a
    waiting request for it (grouping: one page-in serves them all).
 Requests without an adapter always pass. A request whose adapter does not fit is held back
 this step and considered again on the next one, in its arrival position.
+
+Pages are per pool group (kernels.page_groups): an adapter fits when it fits every group.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.page_groups import Pages, as_pages, declared_rank, pages_add, pages_fit
+
 
 @dataclass(frozen=True)
 class Waiting:
     key: object  # the caller's handle (vLLM's Request)
     adapter: int  # vLLM lora_int_id; 0 = no adapter
-    pages: int  # pages the adapter takes in the pool (0 without an adapter)
+    pages: int | Pages  # pages the adapter takes, per pool group (0 without an adapter)
     arrival: float  # seconds, same clock as `now`
 
 
@@ -44,18 +48,21 @@ class AdmissionPlan:
 
 
 class AdmissionPlanner:
-    def __init__(self, *, total_pages: int, max_wait_s: float):
-        assert total_pages > 0, f"total_pages must be positive, got {total_pages}"
+    def __init__(self, *, total_pages: int | Sequence[int], max_wait_s: float):
+        totals = as_pages(total_pages)
+        assert all(t > 0 for t in totals), f"total_pages must be positive, got {totals}"
         assert max_wait_s >= 0, f"max_wait_s must be >= 0, got {max_wait_s}"
-        self.total_pages = total_pages
+        self.total_pages: Pages = totals
         self.max_wait_s = max_wait_s
 
     def plan(
-        self, running: Mapping[int, int], waiting: Sequence[Waiting], now: float
+        self, running: Mapping[int, int | Pages], waiting: Sequence[Waiting], now: float
     ) -> AdmissionPlan:
         """`running`: adapter → pages of the adapters of requests already running."""
-        in_step = {a: p for a, p in running.items() if a > 0}
-        used = sum(in_step.values())
+        in_step = {a: as_pages(p) for a, p in running.items() if a > 0}
+        used: Pages = (0,) * len(self.total_pages)
+        for pages in in_step.values():
+            used = pages_add(used, pages)
         order: list[Waiting] = []
         held: list[Waiting] = []
         placed: set[int] = set()  # ids of requests put in order or held
@@ -68,10 +75,11 @@ class AdmissionPlanner:
             nonlocal used
             if w.adapter == 0 or w.adapter in in_step:
                 return True
-            if blocked or used + w.pages > self.total_pages:
+            pages = as_pages(w.pages)
+            if blocked or not pages_fit(used, pages, self.total_pages):
                 return False
-            in_step[w.adapter] = w.pages
-            used += w.pages
+            in_step[w.adapter] = pages
+            used = pages_add(used, pages)
             return True
 
         def take(group: Iterable[Waiting]) -> None:
@@ -108,16 +116,16 @@ def pages_for_rank(rank: int, page_size: int) -> int:
     return -(-rank // page_size)
 
 
+def adapter_config(adapter_dir: str | Path) -> dict[str, object]:
+    """A PEFT adapter's adapter_config.json, refused when it declares no positive rank."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if not isinstance(config, dict) or declared_rank(config) <= 0:
+        raise ValueError(f"{adapter_dir}: adapter_config.json declares no positive rank")
+    return config
+
+
 def adapter_rank(adapter_dir: str | Path) -> int:
     """The largest rank a PEFT adapter declares (`r`, or any `rank_pattern` entry): what the
     worker may need in its widest layer. Read from adapter_config.json; the worker charges the
     rank it really finds (zero slices cost nothing), which is never more than this."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    ranks = [
-        int(config.get("r") or 0),
-        *(int(v) for v in (config.get("rank_pattern") or {}).values()),
-    ]
-    rank = max(ranks)
-    if rank <= 0:
-        raise ValueError(f"{adapter_dir}: adapter_config.json declares no positive rank")
-    return rank
+    return declared_rank(adapter_config(adapter_dir))

@@ -12,9 +12,12 @@ What vLLM does (vllm/lora/model_manager.py, worker_manager.py, v1/worker/lora_mo
   memory (vLLM's CPU cache) and pages in with its first step.
 
 What changes here (`install` rebinds two names, nothing else of vLLM is edited):
-- Every paged layer has a pool of N pages (kernels.paged_lora_layers); N comes from the byte
-  budget divided by what one page costs summed over all paged layers. Slots (`max_loras`) cost
-  a page-table row each, so `max_loras` can be far larger than what max-rank slots would allow.
+- Every paged layer has a pool of pages (kernels.paged_lora_layers). Layers of one kind form a
+  group with one page ledger (kernels.page_groups): an adapter is charged only in the groups it
+  adapts. The byte budget is split between groups by the registered adapters' demand
+  (LORAPLEX_PAGED_DEMAND, from the gateway's registry), or equally without it. Slots
+  (`max_loras`) cost a page-table row each, so `max_loras` can be far larger than what
+  max-rank slots would allow.
 - `activate_adapter` first asks `Residency` how to make room for the adapter's pages: it pages
   out least-recently-used adapters that are neither in the running batch nor pinned. When only
   the running batch could make room it raises `PoolExhausted`, failing the step loudly rather
@@ -45,6 +48,17 @@ from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.utils import replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
+from kernels.page_groups import (
+    DemandEntry,
+    Pages,
+    PoolGroup,
+    PoolGroups,
+    demand_by_group,
+    module_group,
+    pages_fit,
+    pages_for_rank,
+    split_pages,
+)
 from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
 from kernels.paged_residency import PoolExhausted, Residency
 from kernels.paged_stats import PagedPoolStats
@@ -70,6 +84,8 @@ class PagedLoraConfig:
     max_oversubscription: float = 2.0
     # auto: Triton on CUDA, the torch path on CPU (kernels.paged_lora_layers.resolve_kernel)
     kernel: str = "auto"
+    # the registered adapters' ranks and modules: how the budget is split between layer groups
+    demand: tuple[DemandEntry, ...] = ()
 
 
 _config: PagedLoraConfig | None = None
@@ -96,7 +112,9 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self.in_step = False
         # lora id -> (the LoRAModel it was computed for, pages it needs); weak, so an adapter
         # vLLM's host cache drops is freed
-        self._pages_cache: dict[int, tuple[weakref.ref[LoRAModel], int]] = {}
+        self._pages_cache: dict[int, tuple[weakref.ref[LoRAModel], Pages]] = {}
+        self.pool_groups = PoolGroups(_config.page_size, ())
+        self._group_of: dict[str, int] = {}  # paged module name -> index of its group
         self.unwrapped_vocab_layers: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
         self._unwrap_vocab_layers()
@@ -152,25 +170,41 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
                 f"LORAPLEX_PAGED_LORA is on but no LoRA layer of {type(self.model).__name__} "
                 "is one loraplex pages"
             )
-        per_page = sum(m.paged_geometry.page_bytes(page_size) for m in paged.values())
-        num_pages = budget // per_page
-        if num_pages == 0:
+        layers: dict[str, list[PagedLinearMixin]] = {}
+        for name, module in paged.items():
+            layers.setdefault(module_group(name), []).append(module)
+        group_bytes = {
+            g: sum(m.paged_geometry.page_bytes(page_size) for m in ms) for g, ms in layers.items()
+        }
+        per_page = sum(group_bytes.values())
+        if budget < per_page:
             raise ValueError(
                 f"LORAPLEX_PAGED_POOL_BYTES={budget} is less than one page ({per_page} bytes: "
                 f"{page_size} rank rows in {len(paged)} layers)"
             )
-        for module in paged.values():
-            module.allocate_pool(num_pages, page_size, self.stats, self.paged_config.kernel)
-        self.residency = Residency(num_pages, page_size)
-        self.stats.pages_total = num_pages
-        self.stats.bytes_per_page = per_page
-        self.stats.slots_total = self.lora_slots
+        members = {g: tuple(self.packed_modules_mapping.get(g) or (g,)) for g in layers}
         max_rank = self.lora_config.max_lora_rank
-        if num_pages * page_size < max_rank:
+        widest = pages_for_rank(max_rank, page_size)
+        pages, by_demand = self._group_pages(group_bytes, members, widest)
+        for g, modules in layers.items():
+            for module in modules:
+                module.allocate_pool(pages[g], page_size, self.stats, self.paged_config.kernel)
+        self.pool_groups = PoolGroups(
+            page_size,
+            tuple(PoolGroup(g, pages[g], members[g], group_bytes[g]) for g in layers),
+        )
+        self._group_of = {name: self.pool_groups.names.index(module_group(name)) for name in paged}
+        self.residency = Residency(self.pool_groups.totals, page_size, self.pool_groups.names)
+        self.stats.pages_total = sum(pages.values())
+        self.stats.bytes_per_page = per_page
+        self.stats.bytes_total = self.pool_groups.bytes_of(self.pool_groups.totals)
+        self.stats.slots_total = self.lora_slots
+        if min(pages.values()) < widest:
             logger.warning(
-                "paged LoRA pool holds %d rank rows, less than max_lora_rank %d: larger "
-                "adapters will be refused",
-                num_pages * page_size,
+                "paged LoRA pool holds %s pages of %d rank rows, less than max_lora_rank %d "
+                "in some layers: larger adapters will be refused",
+                pages,
+                page_size,
                 max_rank,
             )
         kernel = next(iter(paged.values())).paged_kernel
@@ -181,19 +215,35 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
                 "against a reference before serving tenants with it"
             )
         logger.info(
-            "paged LoRA: %d layers, %d pages x %d rank rows (%d bytes, %d slots, %s kernel); "
-            "vLLM's stacked buffers would take %d bytes",
+            "paged LoRA: %d layers, pages of %d rank rows per group %s (%s; %d bytes, %d "
+            "slots, %s kernel); vLLM's stacked buffers would take %d bytes",
             len(paged),
-            num_pages,
             page_size,
-            num_pages * per_page,
+            pages,
+            "split by the registered adapters' demand" if by_demand else "equal split",
+            self.stats.bytes_total,
             self.lora_slots,
             kernel,
             self.lora_slots * max_rank * per_page // page_size,
         )
 
-    def pages_needed(self, lora_id: int) -> int:
-        """Pages the adapter takes in the layer that needs most (see kernels.paged_residency).
+    def _group_pages(
+        self, group_bytes: dict[str, int], members: dict[str, tuple[str, ...]], widest: int
+    ) -> tuple[dict[str, int], bool]:
+        """Pages per group within the budget, and whether the registered adapters' demand
+        decided them (kernels.page_groups.split_pages) rather than an equal split."""
+        budget = self.paged_config.pool_bytes
+        equal = budget // sum(group_bytes.values())
+        if not self.paged_config.demand or equal < widest:
+            # no demand, or too small a pool to hold max_lora_rank everywhere (the scheduler
+            # refuses to start on it; the worker's own refusal tests run it without admission)
+            return dict.fromkeys(group_bytes, equal), False
+        page_size = self.paged_config.page_size
+        demand = demand_by_group(self.paged_config.demand, members, page_size, group_bytes)
+        return split_pages(budget, group_bytes, widest, demand), True
+
+    def pages_needed(self, lora_id: int) -> Pages:
+        """Pages the adapter takes per group: in the group's layer that needs most.
 
         Computed once per registered adapter (it reads every layer's weights) and refused
         there if the adapter carries embedding or lm_head weights."""
@@ -202,12 +252,13 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         if cached is not None and cached[0]() is lora:
             return cached[1]
         self._refuse_vocab_weights(lora_id, lora)
-        rank = 0
+        ranks = [0] * len(self.pool_groups.groups)
         for name in self.paged_modules:
             weights = self._get_lora_layer_weights(lora, name)
             if weights is not None:
-                rank = max(rank, effective_rank(weights.lora_a, weights.lora_b))
-        pages = self.residency.pages_for_rank(rank)
+                group = self._group_of[name]
+                ranks[group] = max(ranks[group], effective_rank(weights.lora_a, weights.lora_b))
+        pages = tuple(self.residency.pages_for_rank(rank) for rank in ranks)
         if len(self._pages_cache) >= 4 * max(self.capacity, 1):
             self._pages_cache = {k: v for k, v in self._pages_cache.items() if v[0]() is not None}
         self._pages_cache[lora_id] = (weakref.ref(lora), pages)
@@ -238,13 +289,17 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         if not self.in_step:
             self.stats.prefetches_total += 1
         self.stats.page_ins_total += 1
-        self.stats.pages_in_total += pages
+        self.stats.pages_in_total += sum(pages)
         self._sync_gauges()
         return activated
 
-    def _room_to_prefetch(self, pages: int) -> bool:
+    def _room_to_prefetch(self, pages: Pages) -> bool:
         """Free pages and a free slot: paging in now displaces nothing."""
-        return pages <= self.residency.pages_free and len(self._active_adapters) < self.lora_slots
+        residency = self.residency
+        return (
+            pages_fit(residency.used, pages, residency.totals)
+            and len(self._active_adapters) < self.lora_slots
+        )
 
     def _deactivate_adapter(self, lora_id: int) -> None:
         index = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
@@ -273,7 +328,9 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self._sync_gauges()
 
     def _sync_gauges(self) -> None:
-        self.stats.pages_used = self.residency.pages_used
+        used = self.residency.used
+        self.stats.pages_used = sum(used)
+        self.stats.bytes_used = self.pool_groups.bytes_of(used)
         self.stats.adapters_resident = len(self.residency.resident())
 
 

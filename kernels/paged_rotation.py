@@ -28,6 +28,9 @@ running request takes part in at least about 1 / max_oversubscription of the ste
 Admitting an adapter brings every request for it (running and waiting) into the step, since
 they cost no further page. Requests without an adapter always take part. What does not fit
 sits out this step: running requests keep their KV cache, waiting ones their place.
+
+Pages are per pool group (kernels.page_groups): fitting, and the oversubscription bound, hold
+in every group.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kernels.page_groups import Pages, as_pages, pages_add, pages_fit
 from kernels.paged_admission import Waiting
 
 
@@ -42,7 +46,7 @@ from kernels.paged_admission import Waiting
 class Running:
     key: object  # the caller's handle (vLLM's Request)
     adapter: int  # vLLM lora_int_id; 0 = no adapter
-    pages: int
+    pages: int | Pages  # per pool group
     last_run: float  # when a step last included it (its admission, at first)
 
 
@@ -58,18 +62,22 @@ class RotationPlanner:
     def __init__(
         self,
         *,
-        total_pages: int,
+        total_pages: int | Sequence[int],
         max_adapters: int,
         max_wait_s: float,
         max_skip_s: float,
         max_oversubscription: float = 2.0,
     ) -> None:
-        assert total_pages > 0 and max_adapters > 0, "the pool and the slots must be positive"
+        totals = as_pages(total_pages)
+        assert all(t > 0 for t in totals) and max_adapters > 0, (
+            "the pool and the slots must be positive"
+        )
         assert max_wait_s >= 0 and max_skip_s >= 0, "waits must be >= 0"
         assert max_oversubscription >= 1, (
             f"max_oversubscription must be >= 1, got {max_oversubscription}"
         )
-        self.total_pages = total_pages
+        self.total_pages: Pages = totals
+        self._zero: Pages = (0,) * len(totals)
         self.max_adapters = max_adapters
         self.max_wait_s = max_wait_s
         self.max_skip_s = max_skip_s
@@ -78,33 +86,36 @@ class RotationPlanner:
     def _startable(self, running: Sequence[Running], waiting: list[Waiting]) -> list[Waiting]:
         """The waiting requests, in order, whose start keeps the running adapters' pages within
         max_oversubscription x the pool (requests of running adapters and base always may)."""
-        demand = {r.adapter: r.pages for r in running if r.adapter != 0}
-        budget = self.max_oversubscription * self.total_pages
-        used = sum(demand.values())
+        demand = {r.adapter: as_pages(r.pages) for r in running if r.adapter != 0}
+        used = self._zero
+        for pages in demand.values():
+            used = pages_add(used, pages)
         startable = []
         for w in waiting:
             if w.adapter != 0 and w.adapter not in demand:
-                if used + w.pages > budget:
+                pages = as_pages(w.pages)
+                if not pages_fit(used, pages, self.total_pages, self.max_oversubscription):
                     continue
-                demand[w.adapter] = w.pages
-                used += w.pages
+                demand[w.adapter] = pages
+                used = pages_add(used, pages)
             startable.append(w)
         return startable
 
     def plan(
         self, running: Sequence[Running], waiting: Sequence[Waiting], now: float
     ) -> RotationPlan:
-        chosen: dict[int, int] = {}  # adapter -> pages, the step's adapters
-        used = 0
+        chosen: dict[int, Pages] = {}  # adapter -> pages, the step's adapters
+        used = self._zero
 
-        def fits(adapter: int, pages: int) -> bool:
+        def fits(adapter: int, pages: int | Pages) -> bool:
             nonlocal used
             if adapter == 0 or adapter in chosen:
                 return True
-            if used + pages > self.total_pages or len(chosen) >= self.max_adapters:
+            need = as_pages(pages)
+            if len(chosen) >= self.max_adapters or not pages_fit(used, need, self.total_pages):
                 return False
-            chosen[adapter] = pages
-            used += pages
+            chosen[adapter] = need
+            used = pages_add(used, need)
             return True
 
         stalled = sorted(

@@ -12,9 +12,12 @@ How it gets in (`install`, called by the plugin in every vLLM process):
   async scheduling is off (always on CPU, where paged mode runs today).
 - `EngineCore._initialize_kv_caches` is wrapped: it runs after the workers built their pools
   and before the scheduler is made, so it asks them for the pool (the plugin's
-  `loraplex_paged_pool_stats` worker method) and leaves pages and page size for the scheduler,
-  which lives in the engine-core process while the workers may not.
-The page count therefore is the workers' real one, never a second computation of it.
+  `loraplex_paged_pool_groups` worker method: page size, the layer groups, their pages and
+  the PEFT module names whose weights land in each) and leaves it for the scheduler, which
+  lives in the engine-core process while the workers may not.
+The page counts therefore are the workers' real ones, never a second computation of them.
+A request's adapter is charged per group from its adapter_config.json (`r`, `rank_pattern`,
+`target_modules`: `PoolGroups.adapter_pages`), an upper bound of what the worker charges.
 - `EngineCore.loraplex_residency_waits` is added: a utility method (vLLM's
   `engine_core.call_utility_async`) that hands the gateway the residency waits measured since
   its last call, since the scheduler's figures live in this process and nowhere else.
@@ -32,16 +35,11 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.request import RequestStatus
 
-from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_rank, pages_for_rank
+from kernels.page_groups import Pages, PoolGroups, pages_for_rank
+from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_config
 from kernels.paged_rotation import RotationPlanner, Running
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolGeometry:
-    pages_total: int
-    page_size: int
 
 
 @dataclass
@@ -56,7 +54,7 @@ class AdmissionStats:
 WAIT_BUFFER = 65_536
 
 # Set in the engine-core process by the wrapped _initialize_kv_caches; read by the scheduler.
-_pool: PoolGeometry | None = None
+_pool: PoolGroups | None = None
 _max_wait_s: float = 10.0
 _policy: str = "hold"
 _max_skip_s: float = 0.2
@@ -67,7 +65,7 @@ class ResidencyAwareScheduler(VllmScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.admission_stats = AdmissionStats()
-        self._pages: dict[int, int] = {}  # lora_int_id -> pages it may take
+        self._pages: dict[int, Pages] = {}  # lora_int_id -> pages it may take, per group
         # Residency wait: from the first step admission held a request back for lack of pages
         # to the step that started it. Requests never held back are not measured.
         self._held_since: dict[str, float] = {}  # request_id -> first hold
@@ -75,7 +73,7 @@ class ResidencyAwareScheduler(VllmScheduler):
         self._planner: AdmissionPlanner | None = None
         self._rotation: RotationPlanner | None = None
         self._last_run: dict[str, float] = {}  # rotate: request_id -> last step it was in
-        self._page_size = 0
+        self._no_pages: Pages = ()
         if self.lora_config is None:
             return
         if _pool is None:
@@ -84,39 +82,40 @@ class ResidencyAwareScheduler(VllmScheduler):
                 "loaded in every vLLM process (VLLM_PLUGINS)?"
             )
         widest = pages_for_rank(self.lora_config.max_lora_rank, _pool.page_size)
-        if _pool.pages_total < widest:
+        small = {g.name: g.pages for g in _pool.groups if g.pages < widest}
+        if small:
             raise ValueError(
-                f"loraplex paged LoRA: the pool has {_pool.pages_total} pages of "
-                f"{_pool.page_size} rank rows, an adapter of max_lora_rank "
-                f"{self.lora_config.max_lora_rank} needs {widest}: raise "
-                "LORAPLEX_PAGED_POOL_BYTES or lower max_lora_rank"
+                f"loraplex paged LoRA: the pool has {small} pages of {_pool.page_size} rank "
+                f"rows, an adapter of max_lora_rank {self.lora_config.max_lora_rank} needs "
+                f"{widest}: raise LORAPLEX_PAGED_POOL_BYTES or lower max_lora_rank"
             )
-        self._page_size = _pool.page_size
-        self._planner = AdmissionPlanner(total_pages=_pool.pages_total, max_wait_s=_max_wait_s)
+        self._no_pages = (0,) * len(_pool.groups)
+        self._planner = AdmissionPlanner(total_pages=_pool.totals, max_wait_s=_max_wait_s)
         if _policy == "rotate":
             self._rotation = RotationPlanner(
-                total_pages=_pool.pages_total,
+                total_pages=_pool.totals,
                 max_adapters=self.lora_config.max_loras,
                 max_wait_s=_max_wait_s,
                 max_skip_s=_max_skip_s,
                 max_oversubscription=_max_oversubscription,
             )
         logger.info(
-            "loraplex paged LoRA admission: %d pages of %d rank rows, policy %s, max wait %.1f s",
-            _pool.pages_total,
+            "loraplex paged LoRA admission: pages %s of %d rank rows, policy %s, max wait %.1f s",
+            dict(zip(_pool.names, _pool.totals, strict=True)),
             _pool.page_size,
             _policy,
             _max_wait_s,
         )
 
-    def _adapter_pages(self, request: Any) -> tuple[int, int]:
+    def _adapter_pages(self, request: Any) -> tuple[int, Pages]:
         lora = request.lora_request
         if lora is None or lora.lora_int_id <= 0:
-            return 0, 0
+            return 0, self._no_pages
         pages = self._pages.get(lora.lora_int_id)
         if pages is None:
-            rank = adapter_rank(lora.lora_path)
-            pages = self._pages[lora.lora_int_id] = pages_for_rank(rank, self._page_size)
+            assert _pool is not None
+            config = adapter_config(lora.lora_path)
+            pages = self._pages[lora.lora_int_id] = _pool.adapter_pages(config)
         return lora.lora_int_id, pages
 
     def schedule(self, throttle_prefills: bool = False) -> Any:
@@ -255,7 +254,7 @@ def install(
     def initialize_kv_caches(self: Any, vllm_config: Any) -> Any:
         result = original(self, vllm_config)
         if vllm_config.lora_config is not None:
-            _set_pool(self.model_executor.collective_rpc("loraplex_paged_pool_stats"))
+            _set_pool(self.model_executor.collective_rpc("loraplex_paged_pool_groups"))
         return result
 
     scheduler_module.Scheduler = ResidencyAwareScheduler  # type: ignore[misc]
@@ -272,10 +271,10 @@ def residency_waits(engine_core: Any) -> list[float]:
     return []
 
 
-def _set_pool(reports: list[dict[str, int] | None]) -> None:
+def _set_pool(reports: list[dict[str, Any] | None]) -> None:
     global _pool
-    pools = [r for r in reports if r]
+    pools = [PoolGroups.from_dict(r) for r in reports if r]
     if not pools:
         return
     # One pool per worker (tensor parallel is refused today); the smallest one binds.
-    _pool = PoolGeometry(min(r["pages_total"] for r in pools), pools[0]["page_size"])
+    _pool = min(pools, key=lambda p: sum(p.totals))

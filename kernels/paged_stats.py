@@ -15,12 +15,15 @@ from typing import Any
 
 @dataclass
 class PagedPoolStats:
-    """One engine's pool. A page is `page_size` rank rows in every paged layer at once."""
+    """One engine's pool. A page is `page_size` rank rows of one layer group
+    (kernels.page_groups); page counts are summed over the groups, bytes are exact."""
 
     page_size: int = 0
     pages_total: int = 0
     pages_used: int = 0
-    bytes_per_page: int = 0  # summed over every paged layer: what one page costs the engine
+    bytes_per_page: int = 0  # one page in every paged layer at once (all groups together)
+    bytes_total: int = 0  # the pool's weight memory, all groups
+    bytes_used: int = 0  # held by resident adapters
     slots_total: int = 0
     adapters_resident: int = 0
     # Adapters copied into the pool / dropped from it (whatever the reason).
@@ -65,6 +68,13 @@ def paged_pool_stats(worker: Any) -> dict[str, int] | None:
     return stats.snapshot() if isinstance(stats, PagedPoolStats) else None
 
 
+def paged_pool_groups(worker: Any) -> dict[str, Any] | None:
+    """The pool's layer groups and their pages (kernels.page_groups.PoolGroups.to_dict), for
+    the scheduler's admission; None when paged mode is off."""
+    groups = getattr(_adapter_manager(worker), "pool_groups", None)
+    return groups.to_dict() if groups is not None else None
+
+
 def paged_layers(worker: Any) -> dict[str, str]:
     """LoRA layer name -> class name for every layer whose weights are paged."""
     manager = _adapter_manager(worker)
@@ -82,6 +92,7 @@ def paged_kernels(worker: Any) -> dict[str, str]:
 # Installed on vLLM's WorkerWrapperBase by the plugin, so collective_rpc can name them.
 WORKER_METHODS: dict[str, Callable[[Any], Any]] = {
     "loraplex_paged_pool_stats": paged_pool_stats,
+    "loraplex_paged_pool_groups": paged_pool_groups,
     "loraplex_paged_layers": paged_layers,
     "loraplex_paged_kernels": paged_kernels,
 }

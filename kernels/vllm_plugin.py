@@ -27,6 +27,10 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
                                       (tests only: slow); torch is CPU only
     LORAPLEX_PAGED_ADMISSION=1        residency-aware admission in the scheduler (default on;
                                       0 only to test the worker's own refusal)
+    LORAPLEX_PAGED_DEMAND=[...]       the registered adapters as a JSON list of
+                                      [rank, [target modules], count]: the pool's bytes are
+                                      split between layer groups by what they would take
+                                      (kernels.page_groups); unset or [] = equal pages
 
 The gateway sets them from its Settings (paged_lora, paged_pool_bytes, ...) with
 `paged_environment` before it starts the engine.
@@ -41,6 +45,8 @@ import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
+
+from kernels.page_groups import DemandEntry, format_demand, parse_demand
 
 if TYPE_CHECKING:
     from kernels.paged_lora_manager import PagedLoraConfig
@@ -57,6 +63,7 @@ POLICY_ENV = "LORAPLEX_PAGED_POLICY"
 MAX_SKIP_ENV = "LORAPLEX_PAGED_MAX_SKIP_MS"
 KERNEL_ENV = "LORAPLEX_PAGED_KERNEL"
 OVERSUBSCRIPTION_ENV = "LORAPLEX_PAGED_MAX_OVERSUBSCRIPTION"
+DEMAND_ENV = "LORAPLEX_PAGED_DEMAND"
 DEFAULT_MAX_OVERSUBSCRIPTION = 2.0
 KERNELS = ("auto", "torch", "triton")
 DEFAULT_KERNEL: Literal["auto", "torch", "triton"] = "auto"
@@ -117,7 +124,18 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
         max_skip_s=_positive_int(environ, MAX_SKIP_ENV, DEFAULT_MAX_SKIP_MS) / 1000,
         kernel=_choice(environ, KERNEL_ENV, KERNELS, DEFAULT_KERNEL),
         max_oversubscription=_oversubscription(environ),
+        demand=_demand(environ),
     )
+
+
+def _demand(environ: Mapping[str, str]) -> tuple[DemandEntry, ...]:
+    raw = environ.get(DEMAND_ENV, "").strip()
+    if not raw:
+        return ()
+    try:
+        return tuple(parse_demand(raw))
+    except ValueError as exc:
+        raise BadPluginSetting(f"{DEMAND_ENV}: {exc}") from None
 
 
 def _oversubscription(environ: Mapping[str, str]) -> float:
@@ -154,6 +172,7 @@ def paged_environment(
     max_skip_ms: int = DEFAULT_MAX_SKIP_MS,
     kernel: str = DEFAULT_KERNEL,
     max_oversubscription: float = DEFAULT_MAX_OVERSUBSCRIPTION,
+    demand: tuple[DemandEntry, ...] = (),
 ) -> dict[str, str]:
     """The LORAPLEX_PAGED_* variables for these settings (what `paged_config_from_env` reads
     back), to export before vLLM starts its processes. Admission is left alone: switching it
@@ -171,6 +190,7 @@ def paged_environment(
         MAX_SKIP_ENV: str(max_skip_ms),
         KERNEL_ENV: kernel,
         OVERSUBSCRIPTION_ENV: repr(float(max_oversubscription)),
+        DEMAND_ENV: format_demand(demand),
     }
 
 

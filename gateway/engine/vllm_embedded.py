@@ -20,6 +20,7 @@ from gateway.engine.client import (
     TokenLogprob,
 )
 from gateway.settings import Settings
+from kernels.page_groups import DemandEntry
 from kernels.vllm_plugin import paged_environment
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ CUDA_MEMORY_UTILIZATION = 0.9
 HEALTH_PROBE_TIMEOUT_S = 3.0
 
 
-def paged_environment_for(settings: Settings) -> dict[str, str]:
+def paged_environment_for(
+    settings: Settings, demand: tuple[DemandEntry, ...] = ()
+) -> dict[str, str]:
     return paged_environment(
         enabled=settings.paged_lora,
         pool_bytes=settings.paged_pool_bytes,
@@ -43,6 +46,7 @@ def paged_environment_for(settings: Settings) -> dict[str, str]:
         max_skip_ms=settings.paged_max_skip_ms,
         kernel=settings.paged_kernel,
         max_oversubscription=settings.paged_max_oversubscription,
+        demand=demand if settings.paged_split == "demand" else (),
     )
 
 
@@ -61,6 +65,9 @@ class EmbeddedVLLM:
         self._served_model_name = served_model_name
         self._engine: AsyncLLM | None = None
         self.max_model_len = settings.max_model_len
+        # The registered adapters (rank, modules, count), set before start(): paged mode
+        # splits its pool between layer groups by them (kernels.page_groups).
+        self.paged_demand: tuple[DemandEntry, ...] = ()
 
     def _engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
@@ -90,7 +97,7 @@ class EmbeddedVLLM:
         args = self._engine_args()
         # The plugin (kernels.vllm_plugin) reads paged mode from the environment in every
         # process vLLM starts; they inherit ours, so these settings decide, not stray variables.
-        os.environ.update(paged_environment_for(self._settings))
+        os.environ.update(paged_environment_for(self._settings, self.paged_demand))
         loop = asyncio.get_running_loop()
         # Engine construction blocks for seconds (process spawn, weight load, warm-up).
         self._engine = await asyncio.wait_for(

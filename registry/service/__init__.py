@@ -22,7 +22,13 @@ from registry.service.keys import (
     revoke_api_key,
 )
 from registry.service.lifecycle import delete_version, mark_evaluated, retire_version
-from registry.service.queries import get_adapter, get_version, list_adapters, list_versions
+from registry.service.queries import (
+    get_adapter,
+    get_version,
+    list_adapters,
+    list_versions,
+    rank_profile,
+)
 from registry.service.resolve import (
     ResolvedAdapter,
     list_resolvable,
@@ -73,6 +79,7 @@ __all__ = [
     "mark_evaluated",
     "pause_rollout",
     "promote",
+    "rank_profile",
     "register_adapter_version",
     "register_base_model",
     "resolve_adapter",

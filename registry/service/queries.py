@@ -6,8 +6,8 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound, VersionNotFound
-from registry.models import Adapter, AdapterShare, AdapterVersion, Tenant
-from registry.states import SERVABLE, VersionState, Visibility
+from registry.models import Adapter, AdapterShare, AdapterVersion, BaseModel, Tenant
+from registry.states import ADDRESSABLE, SERVABLE, VersionState, Visibility
 
 
 def usable_by(tenant: str) -> ColumnElement[bool]:
@@ -141,3 +141,22 @@ async def artifact_references(
     if excluding_id is not None:
         query = query.where(AdapterVersion.id != excluding_id)
     return int(await session.scalar(query) or 0)
+
+
+async def rank_profile(
+    session: AsyncSession, *, base_model: str
+) -> list[tuple[int, tuple[str, ...], int]]:
+    """(rank, target modules, how many) over the versions that may take traffic on
+    `base_model` (servable or shadow): what the engine will be asked to hold. Modules are
+    sorted; one rank per version (the gate refuses PEFT's per-module rank_pattern)."""
+    query = (
+        select(AdapterVersion.rank, AdapterVersion.target_modules)
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .join(BaseModel, Adapter.base_model_id == BaseModel.id)
+        .where(BaseModel.name == base_model, AdapterVersion.state.in_(ADDRESSABLE))
+    )
+    counts: dict[tuple[int, tuple[str, ...]], int] = {}
+    for rank, modules in (await session.execute(query)).all():
+        key = (int(rank), tuple(sorted(str(m) for m in modules or ())))
+        counts[key] = counts.get(key, 0) + 1
+    return [(rank, modules, n) for (rank, modules), n in sorted(counts.items())]

@@ -8,16 +8,18 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.demo import DEMO_ADAPTERS
+from gateway.demo import ADAPTERS_DIR_NAME, DEMO_ADAPTERS
+from kernels.page_groups import DemandEntry, demand_by_group, split_pages
 from tests.conftest import (
     BASE_NAME,
+    DEMO_TENANT,
     MAX_LORAS,
-    register_demo_adapters,
+    issue_key,
     start_gateway,
     stop_gateway,
 )
 from tests.e2e.merged_reference import greedy_tokens
-from tests.paged_budget import PAGE_SIZE, pages, pool_bytes
+from tests.paged_budget import GROUP_MEMBERS, PAGE_SIZE, group_row_bytes, pages, pool_bytes
 
 pytestmark = pytest.mark.engine
 
@@ -26,16 +28,28 @@ PROMPTS = ["The gateway serves", "Hello world, what is the rank of"]
 MAX_TOKENS = 24
 
 
-# The paged gateway's pool: every demo adapter at once would need Σ pages = 15; vLLM's slot
-# buffers for the same engine take MAX_LORAS x max_lora_rank 32 rows = 32 pages.
+# The paged gateway's pool: every demo adapter at once would need Σ pages = 15 if each were
+# charged in every layer; vLLM's slot buffers for the same engine take MAX_LORAS x
+# max_lora_rank 32 rows = 32 pages.
 PAGED_POOL_PAGES = 15
+
+
+def paged_group_pages() -> dict[str, int]:
+    """Pages per layer group the paged gateway's pool should have: it imports the demo
+    adapters at start, so its bytes are split by their ranks and modules (kernels.page_groups)
+    with room for one max_lora_rank (32) adapter in every group."""
+    page_bytes = {g: PAGE_SIZE * b for g, b in group_row_bytes().items()}
+    entries = [DemandEntry(s.rank, tuple(s.target_modules)) for s in DEMO_ADAPTERS]
+    demand = demand_by_group(entries, GROUP_MEMBERS, PAGE_SIZE, page_bytes)
+    return split_pages(pool_bytes(PAGED_POOL_PAGES), page_bytes, pages(32), demand)
 
 
 @pytest.fixture(scope="module", params=["slots", "paged"])
 def served(request, gateway, demo, tmp_path_factory):
     """The same tests against vLLM's own slot buffers (the session gateway) and against a
     gateway whose engine runs loraplex's paged pool (LORAPLEX_PAGED_LORA, kernels/README.md)
-    with less adapter memory than vLLM's slots."""
+    with less adapter memory than vLLM's slots. The paged one imports the demo adapters at
+    start, so its pool is split between layer groups by them (LORAPLEX_PAGED_SPLIT=demand)."""
     if request.param == "slots":
         yield gateway
         return
@@ -45,9 +59,11 @@ def served(request, gateway, demo, tmp_path_factory):
         LORAPLEX_PAGED_LORA="1",
         LORAPLEX_PAGED_POOL_BYTES=str(pool_bytes(PAGED_POOL_PAGES)),
         LORAPLEX_PAGED_PAGE_SIZE=str(PAGE_SIZE),
+        LORAPLEX_ADAPTER_DIR=str(demo.root / ADAPTERS_DIR_NAME),
+        LORAPLEX_IMPORT_TENANT=DEMO_TENANT,
     )
     try:
-        running.api_key = register_demo_adapters(running, demo)
+        running.api_key = issue_key(running, DEMO_TENANT)
         yield running
     finally:
         stop_gateway(running)
@@ -154,7 +170,8 @@ async def test_streamed_burst_matches_references(served, references):
 
 def test_device_pool_metrics(served, request):
     """After the tests above, the paged engine's pool shows in /metrics (pages used + free =
-    the pool, adapters paged in, device-tier residency); vLLM's slots report no pool."""
+    the pool, split between layer groups by the imported adapters, adapters paged in,
+    device-tier residency); vLLM's slots report no pool."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -168,7 +185,11 @@ def test_device_pool_metrics(served, request):
     if request.node.callspec.params["served"] == "slots":
         assert pool == {}
         return
-    assert pool["used"] + pool["free"] == PAGED_POOL_PAGES
+    split = paged_group_pages()
+    assert split != dict.fromkeys(split, PAGED_POOL_PAGES)  # the demand moved bytes
+    assert pool["used"] + pool["free"] == sum(split.values())
+    held = samples["loraplex_adapter_resident_bytes", (("tier", "device"),)]
+    assert 0 < held <= pool_bytes(PAGED_POOL_PAGES)
     assert samples["loraplex_adapter_page_ins_total", ()] >= len(DEMO_ADAPTERS)
     assert samples["loraplex_adapter_page_in_bytes_total", ()] > 0
     resident = samples["loraplex_adapters_resident", (("tier", "device"),)]

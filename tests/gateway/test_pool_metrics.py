@@ -16,6 +16,10 @@ def snapshot(**changes: int) -> dict[str, int]:
         "pages_used": 10,
         "pages_free": 22,
         "bytes_per_page": 1000,
+        # pages of different layer groups differ in size: resident bytes are the engine's
+        # exact count, not pages x bytes_per_page
+        "bytes_total": 30_000,
+        "bytes_used": 9_500,
         "slots_total": 16,
         "adapters_resident": 3,
         "page_ins_total": 5,
@@ -50,7 +54,7 @@ def test_snapshots_become_gauges_and_increments():
     assert value("loraplex_adapter_pool_pages", state="used") == 10
     assert value("loraplex_adapter_pool_pages", state="free") == 22
     assert value("loraplex_adapters_resident", tier="device") == 3
-    assert value("loraplex_adapter_resident_bytes", tier="device") == 10_000
+    assert value("loraplex_adapter_resident_bytes", tier="device") == 9_500
     assert moved("ins", "loraplex_adapter_page_ins_total") == 5
 
     metrics.update(snapshot(page_ins_total=9, bytes_in_total=20_000, pages_used=4))

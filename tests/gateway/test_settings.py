@@ -88,6 +88,29 @@ def test_paged_mode_settings_reach_the_plugin_as_its_environment(monkeypatch):
     assert paged_config_from_env({**dict(os.environ), **paged_environment_for(off)}) is None
 
 
+def test_the_registered_adapters_reach_the_pool_split_unless_told_equal(monkeypatch):
+    """The gateway's rank profile (registry) becomes LORAPLEX_PAGED_DEMAND, read back by the
+    plugin as the same entries; paged_split=equal sends none (same pages in every group)."""
+    from gateway.engine.vllm_embedded import paged_environment_for
+    from kernels.page_groups import DemandEntry
+    from kernels.vllm_plugin import BadPluginSetting, paged_config_from_env
+
+    monkeypatch.delenv("LORAPLEX_PAGED_SPLIT", raising=False)
+    demand = (DemandEntry(32, ("q_proj", "v_proj"), 15), DemandEntry(4, ("down_proj",), 11))
+    on = Settings(paged_lora=True, paged_pool_bytes=4 << 20)
+    assert on.paged_split == "demand"
+    config = paged_config_from_env(paged_environment_for(on, demand))
+    assert config is not None and config.demand == demand
+    equal = Settings(paged_lora=True, paged_pool_bytes=4 << 20, paged_split="equal")
+    config = paged_config_from_env(paged_environment_for(equal, demand))
+    assert config is not None and config.demand == ()
+    with pytest.raises(ValidationError, match="paged_split"):
+        Settings(paged_split="proportional")
+    env = {**paged_environment_for(on), "LORAPLEX_PAGED_DEMAND": '[[4, "q_proj", 1]]'}
+    with pytest.raises(BadPluginSetting, match="LORAPLEX_PAGED_DEMAND"):
+        paged_config_from_env(env)
+
+
 def test_serve_hands_the_keep_alive_to_uvicorn(monkeypatch):
     """Idle connections outlive a load balancer's idle timeout unless configured otherwise."""
     import uvicorn

@@ -52,6 +52,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         )
         out["outputs"] = [list(r.outputs[0].token_ids) for r in results]
         out["stats"] = llm.collective_rpc("loraplex_paged_pool_stats")[0]
+        out["pool_groups"] = llm.collective_rpc("loraplex_paged_pool_groups")[0]
         out["paged_layers"] = llm.collective_rpc("loraplex_paged_layers")[0]
         out["paged_kernels"] = llm.collective_rpc("loraplex_paged_kernels")[0]
         out["residency_waits"] = residency_waits(llm)

@@ -69,3 +69,12 @@ def test_adapter_rank_reads_the_widest_declared_rank(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 0}))
     with pytest.raises(ValueError, match="no positive rank"):
         adapter_rank(tmp_path)
+
+
+def test_with_pool_groups_an_adapter_fits_when_it_fits_every_group():
+    # groups (attention, mlp) of 8 and 4 pages; adapter 1 runs with q/v pages only
+    running = {1: (8, 0)}
+    queue = [w("attn", 2, (2, 0)), w("mlp", 3, (0, 4)), w("both", 4, (2, 2))]
+    result = AdmissionPlanner(total_pages=(8, 4), max_wait_s=2.0).plan(running, queue, NOW)
+    # attention is full: only the MLP-only adapter joins, in any total of pages it would
+    assert names(result.order) == ["mlp"] and names(result.held) == ["attn", "both"]

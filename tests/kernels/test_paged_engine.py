@@ -24,6 +24,7 @@ from gateway.demo import (
     DemoPaths,
     build_adapter,
 )
+from kernels.page_groups import DemandEntry, format_demand
 from tests.e2e.merged_reference import greedy_tokens
 from tests.paged_budget import PAGE_SIZE, pages, row_bytes
 
@@ -40,6 +41,9 @@ EXTRA = (
 
 
 ROW_BYTES = row_bytes()
+# The demo Llama's layer groups (kernels.page_groups): one page ledger each. Without a demand
+# profile each gets the pool's page count, so page counts summed over groups are 4x it.
+GROUPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +144,16 @@ def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
     check_outputs(demo, adapters, jobs, out["outputs"])
 
     stats = out["stats"]
-    assert stats["pages_total"] == pool_pages and stats["bytes_per_page"] == PAGE_SIZE * ROW_BYTES
+    assert stats["bytes_per_page"] == PAGE_SIZE * ROW_BYTES
+    assert stats["bytes_total"] == pool_pages * PAGE_SIZE * ROW_BYTES  # exactly the budget
+    groups = {g["name"]: g["pages"] for g in out["pool_groups"]["groups"]}
+    assert groups == dict.fromkeys(GROUPS, pool_pages) and stats["pages_total"] == 4 * pool_pages
     # embed_tokens and lm_head run as the base layers: no max_loras x vocab buffers, no ops
     assert stats["vocab_layers_unwrapped"] == 2
     assert stats["page_ins_total"] >= len(ranks)  # every adapter was paged in at least once
     assert stats["evictions_for_space_total"] >= 1  # and the pool really was too small for all
     assert stats["refusals_total"] == 0
-    assert stats["pages_used"] + stats["pages_free"] == pool_pages
+    assert stats["pages_used"] + stats["pages_free"] == 4 * pool_pages
     assert stats["page_ins_total"] - stats["page_outs_total"] == stats["adapters_resident"]
 
 
@@ -224,7 +231,7 @@ def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_t
     ahead = out["stats_after_prefetch"]
     assert (ahead["prefetches_total"], ahead["prefetches_skipped_total"]) == (1, 1)
     assert ahead["page_ins_total"] == 1 and ahead["evictions_for_space_total"] == 0
-    assert ahead["pages_used"] == pages(16)
+    assert ahead["pages_used"] == len(GROUPS) * pages(16)  # r16 adapts every layer group
     # rs32 arrived first and took its pages; r16's request waited for residency, once.
     waits = out["residency_waits"]
     assert len(waits) == 1 and 0 < waits[0] < 120, waits
@@ -254,13 +261,17 @@ CHURN_RANKS = (4, 8, 16, 32)
 CHURN_TARGETS = (ALL_PROJECTIONS, ["q_proj", "v_proj"], ALL_PROJECTIONS[4:], ALL_PROJECTIONS[:4])
 
 
-@pytest.mark.parametrize("policy", ["hold", "rotate"])
+@pytest.mark.parametrize(
+    ("policy", "split"), [("hold", "equal"), ("rotate", "equal"), ("rotate", "demand")]
+)
 def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
-    tmp_path, tmp_path_factory, demo, prompt_ids, policy
+    tmp_path, tmp_path_factory, demo, prompt_ids, policy, split
 ):
     """36 adapters of ranks 4-32 rotate through a pool that holds about a quarter of them, with
     16 cheap slots, so admission must hold adapters back and the pool must page them in and
-    out all the time: every answer is still its own adapter's merged reference."""
+    out all the time: every answer is still its own adapter's merged reference. With the
+    demand split (LORAPLEX_PAGED_DEMAND: the adapters' ranks and modules, as the gateway sends
+    them) the layer groups get different page counts from the same bytes."""
     folder = tmp_path_factory.mktemp("churn")
     churn: dict[str, Path] = {}
     for i in range(36):
@@ -275,6 +286,9 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     order = [names[(7 * k) % 36] for k in range(36)]  # neighbours in the queue differ in rank
     jobs = [(name, prompt_ids[k % 2]) for k, name in enumerate(order)]
     jobs += [(None, prompt_ids[0]), *[(name, prompt_ids[1]) for name in order[:12]]]
+    demand = [
+        DemandEntry(CHURN_RANKS[i % 4], tuple(CHURN_TARGETS[(i // 4) % 4])) for i in range(36)
+    ]
     out, log = run_engine(
         tmp_path,
         demo,
@@ -284,11 +298,18 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
         pool_bytes=pool_pages * PAGE_SIZE * ROW_BYTES,
         max_lora_rank=32,
         LORAPLEX_PAGED_POLICY=policy,
+        LORAPLEX_PAGED_DEMAND=format_demand(demand if split == "demand" else []),
     )
     assert out["error"] is None, (out["error"], log[-4000:])
     check_outputs(demo, churn, jobs, out["outputs"])
     stats = out["stats"]
-    assert total > 4 * pool_pages and stats["pages_total"] == pool_pages
+    groups = {g["name"]: g["pages"] for g in out["pool_groups"]["groups"]}
+    assert stats["bytes_total"] <= pool_pages * PAGE_SIZE * ROW_BYTES
+    if split == "equal":
+        assert groups == dict.fromkeys(GROUPS, pool_pages)
+    else:  # q/k/v is adapted by 28 of the 36, the others by 20: q/k/v gets more pages
+        assert groups["qkv_proj"] > pool_pages > groups["down_proj"] >= pages(32), groups
+    assert total > 4 * pool_pages
     assert stats["refusals_total"] == 0
     assert stats["page_ins_total"] >= len(churn)  # each adapter was paged in
     assert stats["evictions_for_space_total"] > 0  # and pushed others out: the pool churned

@@ -135,3 +135,18 @@ def test_the_oldest_waiting_adapter_gets_the_bound_first():
     waiting = [wait("new", 2, 8), wait("old", 3, 8, age=20)]
     result = plan(8, running, waiting, max_oversubscription=2.0)
     assert names(result.order) == ["old"] and names(result.held) == ["new"]
+
+
+def test_with_pool_groups_adapters_of_other_layers_share_the_step():
+    # groups (attention, mlp) of 8 and 8 pages: two q/v adapters fill attention, and an MLP
+    # adapter still runs beside them; the third attention adapter sits out
+    running = [run("qv1", 1, (8, 0), idle=0.01), run("qv2", 2, (8, 0), idle=0.05)]
+    waiting = [wait("mlp", 3, (0, 8))]
+    result = plan((8, 8), running, waiting)
+    assert names(result.order) == ["mlp"] and names(result.run) == ["qv1"]
+    assert names(result.skip) == ["qv2"]
+    # the bound holds per group: attention is oversubscribed 2x already, so a new attention
+    # adapter waits, while one that needs only the MLP pages starts
+    waiting = [wait("qv3", 4, (4, 0)), wait("mlp", 3, (0, 4))]
+    result = plan((8, 8), running, waiting)
+    assert names(result.held) == ["qv3"] and names(result.order) == ["mlp"]
