@@ -130,7 +130,8 @@ def server_command(
 # The load generator runs at a higher priority than the servers it measures (see
 # `raise_client_priority`): on 2 cores the servers' busy loops (vLLM's engine core and worker
 # spin on shared memory between steps) otherwise starve the client, whose late sends and late
-# reads of whole streams then count as server latency. Servers start back at niceness 0.
+# reads of whole streams then count as server latency. Servers start back at niceness 0, in
+# the client's session (see start_server: autogroups would otherwise void the niceness).
 CLIENT_NICE = -5
 _client_raised = False
 
@@ -166,7 +167,11 @@ def start_server(
             env={**os.environ, **env_extra},
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches the engine children
+            # Own process group (stop() reaches the engine children) but the client's session:
+            # Linux's autogroup scheduler (sched_autogroup_enabled, on by default) shares CPU
+            # fairly between sessions, and niceness only counts inside one, so a server in a
+            # session of its own would make CLIENT_NICE moot.
+            process_group=0,
             preexec_fn=_server_priority,
         )
     server = RunningServer(
