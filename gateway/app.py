@@ -25,6 +25,7 @@ from gateway.registry_runtime import (
     import_adapter_dir,
     open_registry,
 )
+from gateway.registry_watch import RegistryWatch
 from gateway.request_metrics import RequestMetricsMiddleware
 from gateway.rollout_controller import RolloutController
 from gateway.rollout_router import RolloutRouter
@@ -76,6 +77,7 @@ def create_app(
         # Registry first: a base that differs from the one registered under its name stops
         # start-up here, before any engine resources are spent.
         polling: asyncio.Task[None] | None = None
+        watching: asyncio.Task[None] | None = None
         controller: RolloutController | None = None
         mirror: ShadowMirror | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
@@ -110,6 +112,13 @@ def create_app(
             await router.refresh()
             polling = asyncio.create_task(router.run(), name="rollout-poll")
             authenticator = KeyAuthenticator(registry, settings.catalog_cache_ttl_s)
+            watch = RegistryWatch(
+                registry,
+                [catalog.invalidate, authenticator.invalidate],
+                poll_interval_s=settings.rollout_poll_interval_s,
+            )
+            await watch.check()
+            watching = asyncio.create_task(watch.run(), name="registry-watch")
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog
@@ -167,9 +176,10 @@ def create_app(
                 on_ready(app)
             yield
         finally:
-            if polling is not None:
-                polling.cancel()
-                await asyncio.gather(polling, return_exceptions=True)
+            for task in (polling, watching):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if mirror is not None:
                 await mirror.close()  # before the engine stops under its requests
             if controller is not None:

@@ -1,8 +1,9 @@
 """Tenant authentication for /v1: `Authorization: Bearer <key>` → the key's tenant and policy.
 
-Keys live in the registry as hashes only. A verified key is cached for a short TTL (the same one
-as model resolution) so the hot path makes no database round trip; revoking or editing limits
-through this process's admin API clears the cache at once, other replicas follow within the TTL.
+Keys live in the registry as hashes only. A verified key is cached (the same TTL as model
+resolution) so the hot path makes no database round trip; revoking or editing limits through
+this process's admin API clears the cache at once, other replicas follow within one poll of the
+registry's change generation (gateway/registry_watch.py).
 Failures never say which part was wrong (unknown, revoked and expired read the same to the
 client); the reason goes to the audit log and the auth-failures metric.
 """

@@ -95,13 +95,15 @@ class Settings(BaseSettings):
     rollout_poll_interval_s: float = Field(
         0.5,
         gt=0,
-        description="How often each replica reloads changed rollouts from the registry.",
+        description="How often each replica reloads changed rollouts from the registry and "
+        "checks its change generation (dropping cached names and keys when it moved).",
     )
     catalog_cache_ttl_s: float = Field(
-        1.0,
+        30.0,
         ge=0,
-        description="How long a model-name resolution is reused (other replicas' "
-        "retirements show within it).",
+        description="The longest a model-name resolution or a verified key is reused. Changes "
+        "made through any replica drop the caches within rollout_poll_interval_s (the "
+        "registry's change generation, gateway/registry_watch.py); this bounds the rest.",
     )
     import_roots: list[Path] = Field(
         default_factory=list, description="Local roots adapters may be registered from by path."

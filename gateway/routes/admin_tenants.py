@@ -96,7 +96,7 @@ async def list_keys(
 async def revoke_key(
     key_id: str, actor: AdminDep, admin: TenantAdminDep, body: ChangeReason | None = None
 ) -> KeyOut:
-    """Revoke a key: refused from the next request on this replica (cache TTL elsewhere)."""
+    """Revoke a key: refused from the next request here, on other replicas within a poll."""
     row = await admin.revoke_key(key_id, body.reason if body else None, actor)
     return KeyOut(**key_out(row))
 

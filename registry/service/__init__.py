@@ -6,7 +6,7 @@ session closes (expire_on_commit=False, many-to-one relations loaded eagerly).
 """
 
 from registry.service.adapters import register_adapter_version
-from registry.service.audit import list_audit
+from registry.service.audit import change_generation, list_audit
 from registry.service.base_models import (
     get_base_model,
     get_served_base,
@@ -58,6 +58,7 @@ __all__ = [
     "Principal",
     "ResolvedAdapter",
     "authenticate_api_key",
+    "change_generation",
     "create_api_key",
     "create_tenant",
     "delete_version",

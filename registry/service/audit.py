@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.models import AuditEntry
@@ -33,3 +33,9 @@ async def list_audit(
     if action is not None:
         query = query.where(AuditEntry.action == action)
     return list((await session.scalars(query)).all())
+
+
+async def change_generation(session: AsyncSession) -> int:
+    """A number that grows with every admin write anywhere (the newest audit row's id: each
+    write adds one in its own transaction); 0 before the first. One indexed max()."""
+    return int(await session.scalar(select(func.max(AuditEntry.id))) or 0)

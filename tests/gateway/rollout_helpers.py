@@ -29,6 +29,12 @@ def register(client, root: Path, name: str, folder: str) -> None:
     assert response.status_code == 201, response.text
 
 
+def complete(client, name: str) -> int:
+    """One tiny completion for `name`; its status code."""
+    body = {"model": name, "prompt": "x", "max_tokens": 1}
+    return client.post("/v1/completions", json=body).status_code
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     """For what the app does in a task after a response (the controller's rollbacks, shadow
     mirrors): poll until it shows."""

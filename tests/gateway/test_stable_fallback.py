@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.gateway.fake_engine import ScriptedEngine, client_for
-from tests.gateway.rollout_helpers import ADMIN, build_demo_root, register, wait_for
+from tests.gateway.rollout_helpers import ADMIN, build_demo_root, complete, register, wait_for
 
 WINDOW = 10  # the smallest window an override may set
 
@@ -21,11 +21,6 @@ WINDOW = 10  # the smallest window an override may set
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     return build_demo_root(tmp_path_factory.mktemp("fallback"))
-
-
-def complete(client, name: str) -> int:
-    body = {"model": name, "prompt": "x", "max_tokens": 1}
-    return client.post("/v1/completions", json=body).status_code
 
 
 def arm(client, name: str, target: str | None) -> None:
