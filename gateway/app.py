@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -56,6 +57,16 @@ def _load_tokenizer(path: str):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up built (torch, transformers, the tokenizer, the app: ~480k objects
+    with the demo model) out of the garbage collector's reach. A full collection over them
+    paused the event loop for ~250 ms, every stream with it, a few times a minute under load
+    (a burst of 16 first requests took 350 ms with one, 100 ms without). vLLM's own server
+    does the same after its start-up."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(
@@ -171,6 +182,7 @@ def create_app(
                 mirror,
             )
             app.state.engine = served_engine
+            freeze_startup_heap()
             logger.info("loraplex ready: serving %s", model_name)
             if on_ready is not None:
                 on_ready(app)

@@ -21,11 +21,13 @@ from gateway.rollout_router import RolloutRouter
 from registry import service
 from registry.compat import EngineLimits, inspect_adapter, run_gate
 from registry.errors import InvalidName, NotFound
-from registry.service import Principal
+from registry.service import Principal, ResolvedAdapter
 
 logger = logging.getLogger(__name__)
 # (tenant, name) pairs; bounded so probing many names cannot grow memory.
 MAX_CACHED = 50_000
+# Tenants whose whole scope (name → current version) is held; bounded the same way.
+MAX_SCOPES = 1_000
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,16 @@ class RegistryCatalog:
         self._verified: set[int] = set()
         # name → (expiry, resolution). A database round trip per request costs the API process
         # more than the rest of the gateway's work; admin writes in this process invalidate at
-        # once, other replicas' writes show within the TTL. Misses are never cached, so a new
-        # version is servable on the very next request everywhere.
+        # once, other replicas' writes within a poll (gateway/registry_watch.py). Misses are
+        # never cached, so a new version is servable on the very next request everywhere.
         self._ttl = cache_ttl_s
         self._cache: dict[tuple[str, str], tuple[float, ServedModel]] = {}
+        # tenant → (expiry, every name it may use → current version, without files): the first
+        # request for a name the tenant has not used yet needs no query of its own. A burst of
+        # first requests (a closed loop's start, 1000 adapters under Zipf traffic) otherwise
+        # queued one two-query resolution each on the registry connection.
+        self._scopes: dict[str, tuple[float, dict[str, ResolvedAdapter]]] = {}
+        self._scope_loads: dict[str, asyncio.Future[dict[str, ResolvedAdapter]]] = {}
 
     async def list_models(self, caller: Principal) -> list[ServedModel]:
         runtime = self._runtime
@@ -141,18 +149,28 @@ class RegistryCatalog:
 
     def invalidate(self) -> None:
         self._cache.clear()
+        self._scopes.clear()
+        self._scope_loads.clear()  # loads in flight finish for their callers, uncached
 
     async def _resolve_uncached(self, name: str, tenant: str) -> ServedModel:
         runtime = self._runtime
         try:
-            async with runtime.sessions() as session:
-                resolved = await service.resolve_adapter(
-                    session,
-                    store=runtime.store,
-                    model=name,
-                    tenant=tenant,
-                    base_sha256=runtime.base.weights_sha256,
-                )
+            # A plain name is its current version: from the tenant's scope when it is there.
+            # `name@N`, or a name the scope lacks (registered since it was read), is asked of
+            # the registry on its own, so a snapshot never answers 404 for a real adapter.
+            resolved = None if "@" in name else (await self._scope(tenant)).get(name)
+            if resolved is None:
+                async with runtime.sessions() as session:
+                    resolved = await service.resolve_adapter(
+                        session,
+                        store=runtime.store,
+                        model=name,
+                        tenant=tenant,
+                        base_sha256=runtime.base.weights_sha256,
+                    )
+            elif resolved.path is None:
+                path = await runtime.store.get_path(resolved.artifact_sha256)
+                resolved = replace(resolved, path=path)
         except (NotFound, InvalidName):
             raise ModelNotFound(name) from None
         if resolved.path is None:
@@ -173,6 +191,41 @@ class RegistryCatalog:
             adapter_name=resolved.name,
             version=resolved.version,
         )
+
+    async def _scope(self, tenant: str) -> dict[str, ResolvedAdapter]:
+        """Every name `tenant` may use → its current version (no files), read in one go
+        (`service.list_resolvable`: two queries) and shared by concurrent first requests."""
+        held = self._scopes.get(tenant)
+        if held is not None and held[0] > time.monotonic():
+            return held[1]
+        loading = self._scope_loads.get(tenant)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_scope(tenant))
+            self._scope_loads[tenant] = loading
+
+            def done(task: asyncio.Future[dict[str, ResolvedAdapter]]) -> None:
+                if self._scope_loads.get(tenant) is task:
+                    del self._scope_loads[tenant]
+
+            loading.add_done_callback(done)
+        return await asyncio.shield(loading)
+
+    async def _load_scope(self, tenant: str) -> dict[str, ResolvedAdapter]:
+        runtime = self._runtime
+        started = time.monotonic()
+        async with runtime.sessions() as session:
+            resolved = await service.list_resolvable(
+                session,
+                store=runtime.store,
+                tenant=tenant,
+                base_sha256=runtime.base.weights_sha256,
+            )
+        scope = {r.name: r for r in resolved}
+        if self._scope_loads.get(tenant) is asyncio.current_task():  # not invalidated meanwhile
+            if len(self._scopes) >= MAX_SCOPES:
+                self._scopes.clear()
+            self._scopes[tenant] = (started + self._ttl, scope)
+        return scope
 
     async def _gate_before_first_load(self, version_id: int, address: str, path: Path) -> None:
         """Re-run the whole gate on the stored files once per version and process: what reaches

@@ -19,15 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound, InvalidName
-from registry.models import Adapter, AdapterVersion
+from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import parse_address
-from registry.service.queries import current_version, find_adapter, get_version, list_adapters
+from registry.service.queries import current_version, find_adapter, get_version, usable_by
 from registry.service.rollout_views import build_view
-from registry.states import ADDRESSABLE, VersionState, Visibility
+from registry.states import ADDRESSABLE, SERVABLE, VersionState, Visibility
 from registry.store.base import ArtifactStore
 
 
@@ -129,16 +131,63 @@ async def list_resolvable(
     base_sha256: str | None = None,
     with_paths: bool = False,
 ) -> list[ResolvedAdapter]:
-    """Every adapter `tenant` may use with its current servable version (for /v1/models and
-    engine sync). Paths only on request: a remote store downloads to produce them."""
-    found = []
-    for adapter in await list_adapters(session, tenant=tenant):  # already scoped to `tenant`
-        if not _on_base(adapter, base_sha256):
-            continue
-        row = await current_version(session, adapter)
-        if row is not None:
-            found.append(await _resolved(store, adapter, row, with_path=with_paths))
-    return found
+    """Every adapter `tenant` may use with its current servable version (for /v1/models, the
+    gateway's name cache and engine sync), by name. One query of plain columns whatever their
+    number: with ORM rows, reading 1000 adapters took 100-200 ms on 2 cores. Paths only on
+    request: a remote store downloads to produce them."""
+    query = (
+        select(
+            Adapter.id.label("adapter_id"),
+            Adapter.name.label("name"),
+            Adapter.stable_version.label("stable"),
+            Adapter.visibility.label("visibility"),
+            Tenant.name.label("owner"),
+            BaseModel.name.label("base_name"),
+            BaseModel.weights_sha256.label("base_sha256"),
+            AdapterVersion.version.label("version"),
+            AdapterVersion.id.label("version_id"),
+            AdapterVersion.created_at.label("created_at"),
+            AdapterVersion.state.label("state"),
+            AdapterVersion.artifact_sha256.label("artifact"),
+            AdapterVersion.rank.label("rank"),
+            AdapterVersion.alpha.label("alpha"),
+            AdapterVersion.use_rslora.label("use_rslora"),
+        )
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .join(Tenant, Adapter.tenant_id == Tenant.id)
+        .join(BaseModel, Adapter.base_model_id == BaseModel.id)
+        .where(AdapterVersion.state.in_(SERVABLE))
+        .order_by(Adapter.name, AdapterVersion.version)
+    )
+    if tenant is not None:
+        query = query.where(usable_by(tenant))
+    if base_sha256 is not None:
+        query = query.where(BaseModel.weights_sha256 == base_sha256)
+    # current_version's rule: the pinned stable when it is servable, else the newest servable
+    current: dict[int, Any] = {}  # adapter id -> its current version's row
+    for row in await session.execute(query):
+        held = current.get(row.adapter_id)
+        if held is None or held.version != row.stable:  # ascending: newest wins unless pinned
+            current[row.adapter_id] = row
+    return [
+        ResolvedAdapter(
+            name=row.name,
+            version=row.version,
+            version_id=row.version_id,
+            created_at=row.created_at,
+            state=row.state,
+            tenant=row.owner,
+            visibility=row.visibility,
+            base_model=row.base_name,
+            base_sha256=row.base_sha256,
+            artifact_sha256=row.artifact,
+            rank=row.rank,
+            alpha=row.alpha,
+            use_rslora=row.use_rslora,
+            path=await store.get_path(row.artifact) if with_paths else None,
+        )
+        for row in current.values()
+    ]
 
 
 def _on_base(adapter: Adapter, base_sha256: str | None) -> bool:
