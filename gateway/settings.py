@@ -151,8 +151,8 @@ class Settings(BaseSettings):
     )
     paged_policy: Literal["hold", "rotate"] = Field(
         DEFAULT_POLICY,
-        description="hold: a new adapter waits for a running one's pages; rotate: running "
-        "requests may sit out steps so pages are shared between steps.",
+        description="rotate: running requests may sit out steps so pages are shared between "
+        "steps; hold: a new adapter waits for a running one's pages.",
     )
     paged_max_skip_ms: int = Field(
         DEFAULT_MAX_SKIP_MS, gt=0, description="rotate: the longest a running request sits out."

@@ -78,7 +78,7 @@ class PagedLoraConfig:
     max_wait_s: float = 10.0  # bounded waiting: older requests are admitted first
     # "hold": a new adapter waits until running ones free pages (kernels.paged_admission);
     # "rotate": running requests may sit out steps so pages are shared (kernels.paged_rotation)
-    policy: str = "hold"
+    policy: str = "rotate"
     max_skip_s: float = 0.2  # rotate: a running request sits out at most about this long
     # rotate: running adapters' pages stay within this x the pool (kernels.paged_rotation)
     max_oversubscription: float = 2.0

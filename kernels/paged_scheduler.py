@@ -56,7 +56,7 @@ WAIT_BUFFER = 65_536
 # Set in the engine-core process by the wrapped _initialize_kv_caches; read by the scheduler.
 _pool: PoolGroups | None = None
 _max_wait_s: float = 10.0
-_policy: str = "hold"
+_policy: str = "rotate"
 _max_skip_s: float = 0.2
 _max_oversubscription: float = 2.0
 
@@ -231,7 +231,7 @@ class ResidencyAwareScheduler(VllmScheduler):
 def install(
     max_wait_s: float,
     *,
-    policy: str = "hold",
+    policy: str = "rotate",
     max_skip_s: float = 0.2,
     max_oversubscription: float = 2.0,
 ) -> list[str]:

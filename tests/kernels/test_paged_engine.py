@@ -151,7 +151,9 @@ def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
     # embed_tokens and lm_head run as the base layers: no max_loras x vocab buffers, no ops
     assert stats["vocab_layers_unwrapped"] == 2
     assert stats["page_ins_total"] >= len(ranks)  # every adapter was paged in at least once
-    assert stats["evictions_for_space_total"] >= 1  # and the pool really was too small for all
+    # and adapters left the pool for others (under rotate, the default, slots turning over can
+    # free pages before space runs out; the churn test asserts evictions for space)
+    assert stats["page_outs_total"] >= 1
     assert stats["refusals_total"] == 0
     assert stats["pages_used"] + stats["pages_free"] == 4 * pool_pages
     assert stats["page_ins_total"] - stats["page_outs_total"] == stats["adapters_resident"]
@@ -218,10 +220,16 @@ def test_without_admission_a_batch_that_does_not_fit_the_pool_fails_loudly(
 def test_admission_serves_a_batch_that_does_not_fit_the_pool_one_adapter_after_the_other(
     tmp_path, demo, adapters, prompt_ids
 ):
-    """The same batch and pool with admission on (the default): the scheduler holds the second
-    adapter's request until the first one's is done, and both answers are right."""
+    """The same batch and pool with admission on (the default) under the hold policy: the
+    scheduler holds the second adapter's request until the first one's is done, and both
+    answers are right."""
     jobs, out, log = serve_unfit_pair(
-        tmp_path, demo, adapters, prompt_ids, prefetch=("demo-all-r16", "demo-qv-rs32")
+        tmp_path,
+        demo,
+        adapters,
+        prompt_ids,
+        prefetch=("demo-all-r16", "demo-qv-rs32"),
+        LORAPLEX_PAGED_POLICY="hold",
     )
     assert out["error"] is None, (out["error"], log[-4000:])
     check_outputs(demo, adapters, jobs, out["outputs"])

@@ -46,11 +46,11 @@ def test_admission_settings():
 def test_policy_settings():
     on = {"LORAPLEX_PAGED_LORA": "1", "LORAPLEX_PAGED_POOL_BYTES": "4096"}
     config = paged_config_from_env(on)
-    assert config is not None and (config.policy, config.max_skip_s) == ("hold", 0.2)
+    assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.2)
     config = paged_config_from_env(
-        {**on, "LORAPLEX_PAGED_POLICY": " Rotate ", "LORAPLEX_PAGED_MAX_SKIP_MS": "50"}
+        {**on, "LORAPLEX_PAGED_POLICY": " Hold ", "LORAPLEX_PAGED_MAX_SKIP_MS": "50"}
     )
-    assert config is not None and (config.policy, config.max_skip_s) == ("rotate", 0.05)
+    assert config is not None and (config.policy, config.max_skip_s) == ("hold", 0.05)
 
 
 def test_kernel_setting():
