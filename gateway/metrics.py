@@ -102,9 +102,9 @@ ADAPTER_LOAD_BYTES = Counter(
 )
 ADAPTER_POOL_PAGES = Gauge(
     "loraplex_adapter_pool_pages",
-    "Pages of the engine's paged adapter pool, all layer groups together (state: used, free); "
-    "absent without paged mode.",
-    ["state"],
+    "Pages of the engine's paged adapter pool per layer group (group: qkv_proj, o_proj, ...; "
+    "state: used, free); pages of different groups differ in size. Absent without paged mode.",
+    ["group", "state"],
     multiprocess_mode="livesum",
 )
 ADAPTER_PAGE_INS = Counter(

@@ -6,6 +6,7 @@ stays in gateway/metrics.py and aggregates like the rest under several workers."
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -33,13 +34,14 @@ class PoolMetrics:
     """Remembers the last snapshot so engine counters become increments of ours."""
 
     def __init__(self) -> None:
-        self._last: dict[str, int] = {}
+        self._last: dict[str, Any] = {}
 
-    def update(self, snapshot: Mapping[str, int] | None) -> None:
+    def update(self, snapshot: Mapping[str, Any] | None) -> None:
         if snapshot is None:
             return  # vLLM's own slot buffers: nothing paged to report
-        ADAPTER_POOL_PAGES.labels("used").set(snapshot["pages_used"])
-        ADAPTER_POOL_PAGES.labels("free").set(snapshot["pages_free"])
+        for group, pages in snapshot["group_pages"].items():
+            ADAPTER_POOL_PAGES.labels(group, "used").set(pages["used"])
+            ADAPTER_POOL_PAGES.labels(group, "free").set(pages["total"] - pages["used"])
         ADAPTERS_RESIDENT.labels(TIER).set(snapshot["adapters_resident"])
         # pages of different layer groups differ in size; the engine counts the bytes exactly
         ADAPTER_RESIDENT_BYTES.labels(TIER).set(snapshot["bytes_used"])
@@ -55,7 +57,7 @@ class PoolMetrics:
         for wait in waits:
             ADAPTER_RESIDENCY_WAIT.observe(wait)
 
-    def _delta(self, snapshot: Mapping[str, int], field: str) -> int:
+    def _delta(self, snapshot: Mapping[str, Any], field: str) -> int:
         value = snapshot[field]
         before = self._last.get(field, 0)
         # An engine restarted from zero: everything it counted since is new.

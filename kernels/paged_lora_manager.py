@@ -199,6 +199,7 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self.stats.bytes_per_page = per_page
         self.stats.bytes_total = self.pool_groups.bytes_of(self.pool_groups.totals)
         self.stats.slots_total = self.lora_slots
+        self._sync_gauges()  # per-group pages from the start, before any page-in
         if min(pages.values()) < widest:
             logger.warning(
                 "paged LoRA pool holds %s pages of %d rank rows, less than max_lora_rank %d "
@@ -329,6 +330,10 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
 
     def _sync_gauges(self) -> None:
         used = self.residency.used
+        self.stats.group_pages = {
+            group.name: {"total": group.pages, "used": held}
+            for group, held in zip(self.pool_groups.groups, used, strict=True)
+        }
         self.stats.pages_used = sum(used)
         self.stats.bytes_used = self.pool_groups.bytes_of(used)
         self.stats.adapters_resident = len(self.residency.resident())

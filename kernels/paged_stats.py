@@ -9,7 +9,7 @@ Counters (`*_total`) only grow; the others describe the pool now.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -43,12 +43,15 @@ class PagedPoolStats:
     prefetches_total: int = 0
     prefetches_skipped_total: int = 0
     vocab_layers_unwrapped: int = 0  # embedding / lm_head LoRA wrappers put back to base
+    # Per layer group (kernels.page_groups): {"total": pages, "used": pages}. The sums above
+    # add pages of different sizes; which group is full is what an operator acts on.
+    group_pages: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def pages_free(self) -> int:
         return self.pages_total - self.pages_used
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, Any]:
         """Plain dict (picklable across vLLM's RPC), `pages_free` included."""
         out = asdict(self)
         out["pages_free"] = self.pages_free
@@ -62,7 +65,7 @@ def _adapter_manager(worker: Any) -> Any:
     return getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
 
 
-def paged_pool_stats(worker: Any) -> dict[str, int] | None:
+def paged_pool_stats(worker: Any) -> dict[str, Any] | None:
     """The pool's counters in this worker; None when paged mode is off."""
     stats = getattr(_adapter_manager(worker), "stats", None)
     return stats.snapshot() if isinstance(stats, PagedPoolStats) else None

@@ -89,9 +89,10 @@ def residency_row() -> list[Member]:
         (
             timeseries(
                 "Device pool pages",
-                "Pages of the paged adapter pool (LORAPLEX_PAGED_LORA) in use and free; empty "
-                "when the engine keeps vLLM's own slot buffers.",
-                [("sum by (state) (loraplex_adapter_pool_pages)", "{{state}}")],
+                "Pages of the paged adapter pool (LORAPLEX_PAGED_LORA) in use and free per layer "
+                "group (a group whose free pages stay near zero binds residency); empty when "
+                "the engine keeps vLLM's own slot buffers.",
+                [("sum by (group, state) (loraplex_adapter_pool_pages)", "{{group}} {{state}}")],
                 stack=True,
             ),
             8,

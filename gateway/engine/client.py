@@ -111,7 +111,7 @@ class EngineClient(Protocol):
 
     async def health(self) -> EngineHealth: ...
 
-    async def adapter_pool(self) -> dict[str, int] | None:
+    async def adapter_pool(self) -> dict[str, Any] | None:
         """The engine's paged adapter pool counters (kernels.paged_stats.PagedPoolStats
         snapshot), or None when the engine keeps vLLM's own slot buffers."""
         ...

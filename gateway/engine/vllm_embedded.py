@@ -185,7 +185,7 @@ class EmbeddedVLLM:
             },
         )
 
-    async def adapter_pool(self) -> dict[str, int] | None:
+    async def adapter_pool(self) -> dict[str, Any] | None:
         engine = self._engine
         if engine is None or engine.errored:
             return None

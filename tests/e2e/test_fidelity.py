@@ -181,13 +181,18 @@ def test_device_pool_metrics(served, request):
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    pool = {k[1][0][1]: v for k, v in samples.items() if k[0] == "loraplex_adapter_pool_pages"}
+    groups: dict[str, dict[str, float]] = {}  # group -> state -> pages
+    for (name, labels), count in samples.items():
+        if name == "loraplex_adapter_pool_pages":
+            label = dict(labels)
+            groups.setdefault(label["group"], {})[label["state"]] = count
+    pool = {s: sum(g.get(s, 0.0) for g in groups.values()) for s in ("used", "free")}
     if request.node.callspec.params["served"] == "slots":
-        assert pool == {}
+        assert groups == {}
         return
     split = paged_group_pages()
     assert split != dict.fromkeys(split, PAGED_POOL_PAGES)  # the demand moved bytes
-    assert pool["used"] + pool["free"] == sum(split.values())
+    assert {g: p["used"] + p["free"] for g, p in groups.items()} == split
     held = samples["loraplex_adapter_resident_bytes", (("tier", "device"),)]
     assert 0 < held <= pool_bytes(PAGED_POOL_PAGES)
     assert samples["loraplex_adapter_page_ins_total", ()] >= len(DEMO_ADAPTERS)

@@ -88,7 +88,7 @@ class ScriptedEngine:
     async def remove_adapter(self, engine_id: int) -> None:
         pass
 
-    async def adapter_pool(self) -> dict[str, int] | None:
+    async def adapter_pool(self) -> dict[str, Any] | None:
         return None  # vLLM's own slot buffers: no paged pool
 
     async def residency_waits(self) -> list[float]:

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 from gateway.pool_metrics import PoolMetrics
 
 
-def snapshot(**changes: int) -> dict[str, int]:
+def snapshot(**changes: object) -> dict[str, object]:
     base = {
         "page_size": 4,
         "pages_total": 32,
@@ -29,6 +29,10 @@ def snapshot(**changes: int) -> dict[str, int]:
         "bytes_in_total": 12_000,
         "evictions_for_space_total": 1,
         "refusals_total": 0,
+        "group_pages": {
+            "qkv_proj": {"total": 20, "used": 8},
+            "down_proj": {"total": 12, "used": 2},
+        },
     }
     return {**base, **changes}
 
@@ -51,16 +55,19 @@ def test_snapshots_become_gauges_and_increments():
     metrics = PoolMetrics()
     metrics.update(None)  # no paged pool: nothing reported, nothing breaks
     metrics.update(snapshot())
-    assert value("loraplex_adapter_pool_pages", state="used") == 10
-    assert value("loraplex_adapter_pool_pages", state="free") == 22
+    # per layer group: the sums add pages of different sizes
+    assert value("loraplex_adapter_pool_pages", group="qkv_proj", state="used") == 8
+    assert value("loraplex_adapter_pool_pages", group="qkv_proj", state="free") == 12
+    assert value("loraplex_adapter_pool_pages", group="down_proj", state="free") == 10
     assert value("loraplex_adapters_resident", tier="device") == 3
     assert value("loraplex_adapter_resident_bytes", tier="device") == 9_500
     assert moved("ins", "loraplex_adapter_page_ins_total") == 5
 
-    metrics.update(snapshot(page_ins_total=9, bytes_in_total=20_000, pages_used=4))
+    groups = {"qkv_proj": {"total": 20, "used": 4}, "down_proj": {"total": 12, "used": 0}}
+    metrics.update(snapshot(page_ins_total=9, bytes_in_total=20_000, group_pages=groups))
     assert moved("ins", "loraplex_adapter_page_ins_total") == 9  # +4, not +9 again
     assert moved("bytes", "loraplex_adapter_page_in_bytes_total") == 20_000
-    assert value("loraplex_adapter_pool_pages", state="used") == 4
+    assert value("loraplex_adapter_pool_pages", group="qkv_proj", state="used") == 4
 
     restarted = snapshot(page_ins_total=2, page_outs_total=0, evictions_for_space_total=0)
     metrics.update(restarted)

@@ -148,6 +148,9 @@ def test_mixed_ranks_and_base_with_every_slot_full_match_merged_references(
     assert stats["bytes_total"] == pool_pages * PAGE_SIZE * ROW_BYTES  # exactly the budget
     groups = {g["name"]: g["pages"] for g in out["pool_groups"]["groups"]}
     assert groups == dict.fromkeys(GROUPS, pool_pages) and stats["pages_total"] == 4 * pool_pages
+    # per group, as the gateway exports it (loraplex_adapter_pool_pages{group,state})
+    assert {g: p["total"] for g, p in stats["group_pages"].items()} == groups
+    assert sum(p["used"] for p in stats["group_pages"].values()) == stats["pages_used"]
     # embed_tokens and lm_head run as the base layers: no max_loras x vocab buffers, no ops
     assert stats["vocab_layers_unwrapped"] == 2
     assert stats["page_ins_total"] >= len(ranks)  # every adapter was paged in at least once

@@ -151,6 +151,7 @@ def test_stats_rpc_reads_the_workers_adapter_manager():
             self.__dict__.update(kw)
 
     stats = PagedPoolStats(page_size=4, pages_total=10, pages_used=3)
+    stats.group_pages = {"qkv_proj": {"total": 10, "used": 3}}
     layer = Obj(paged_geometry=object())
     manager = Obj(stats=stats, modules={"a.qkv_proj": layer, "lm_head": Obj()})
     worker = Obj(model_runner=Obj(lora_manager=Obj(_adapter_manager=manager)))
@@ -158,4 +159,6 @@ def test_stats_rpc_reads_the_workers_adapter_manager():
     assert snapshot is not None and snapshot["pages_free"] == 7 and snapshot["pages_used"] == 3
     assert paged_layers(worker) == {"a.qkv_proj": "Obj"}
     assert paged_pool_stats(Obj(model_runner=None)) is None
+    groups = snapshot.pop("group_pages")
+    assert groups == {"qkv_proj": {"total": 10, "used": 3}}
     assert all(type(v) is int for v in snapshot.values())  # plain, picklable values
