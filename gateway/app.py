@@ -128,7 +128,10 @@ def create_app(
                 [catalog.invalidate, authenticator.invalidate],
                 poll_interval_s=settings.rollout_poll_interval_s,
             )
-            await watch.check()
+            try:
+                await watch.check()  # records the generation; the caches start empty anyway
+            except Exception:  # the registry was just used: a blip, which run() retries
+                logger.warning("first registry change poll failed", exc_info=True)
             watching = asyncio.create_task(watch.run(), name="registry-watch")
             tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry

@@ -52,6 +52,9 @@ class KeyAuthenticator:
         self._runtime = runtime
         self._ttl = cache_ttl_s
         self._cache: dict[bytes, _Cached] = {}
+        # Bumped by invalidate(): a key verified before a revocation arrived is not cached
+        # after it (the lookup awaits the registry in between).
+        self._epoch = 0
 
     async def authenticate(self, presented: str, *, client: str | None) -> Principal:
         # Cache under a digest, so plaintext keys do not sit in a long-lived dict.
@@ -60,18 +63,21 @@ class KeyAuthenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit.until > now and not _expired(hit.principal):
             return hit.principal
+        epoch = self._epoch
         try:
             async with self._runtime.sessions() as session:
                 principal = await service.authenticate_api_key(session, presented=presented)
         except InvalidApiKey as exc:
             self._cache.pop(digest, None)
             fail(exc.reason, client=client, key_id=exc.key_id)
-        if len(self._cache) >= MAX_CACHED_KEYS:
-            self._cache.clear()
-        self._cache[digest] = _Cached(principal, now + self._ttl)
+        if epoch == self._epoch:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.clear()
+            self._cache[digest] = _Cached(principal, now + self._ttl)
         return principal
 
     def invalidate(self) -> None:
+        self._epoch += 1
         self._cache.clear()
 
 

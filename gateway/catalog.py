@@ -86,6 +86,9 @@ class RegistryCatalog:
         # queued one two-query resolution each on the registry connection.
         self._scopes: dict[str, tuple[float, dict[str, ResolvedAdapter]]] = {}
         self._scope_loads: dict[str, asyncio.Future[dict[str, ResolvedAdapter]]] = {}
+        # Bumped by invalidate(): a resolution read before a change (it awaits the registry and
+        # the gate) must not be cached after it, or it would outlive the change by a TTL.
+        self._epoch = 0
 
     async def list_models(self, caller: Principal) -> list[ServedModel]:
         runtime = self._runtime
@@ -141,13 +144,16 @@ class RegistryCatalog:
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
+        epoch = self._epoch
         served = await self._resolve_uncached(name, caller.tenant)
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[key] = (now + self._ttl, served)
+        if epoch == self._epoch:  # else a change arrived meanwhile: serve it once, keep nothing
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[key] = (now + self._ttl, served)
         return served
 
     def invalidate(self) -> None:
+        self._epoch += 1
         self._cache.clear()
         self._scopes.clear()
         self._scope_loads.clear()  # loads in flight finish for their callers, uncached

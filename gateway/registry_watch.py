@@ -3,7 +3,7 @@
 Name resolutions and verified keys are cached in each replica (RegistryCatalog,
 KeyAuthenticator) so that the request path makes no database round trip. Every admin write in
 the registry adds an audit row in its own transaction, so the newest audit id
-(`service.change_generation`, one indexed max()) moves with any change: each replica polls it
+(`service.change_generation`, two index reads) moves with any change: each replica polls it
 every `poll_interval_s` and drops its caches when it moved. A retirement, revocation, share or
 new version made through any replica therefore applies on all of them within one poll, and
 between changes the caches hold for their whole TTL (a safety bound, not the freshness
@@ -38,7 +38,7 @@ class RegistryWatch:
         self._runtime = runtime
         self._on_change = tuple(on_change)
         self._interval = poll_interval_s
-        self._generation: int | None = None
+        self._generation: tuple[int, int] | None = None
         self._missed = False  # a poll failed: whatever changed meanwhile was not seen
 
     async def check(self) -> bool:

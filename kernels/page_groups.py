@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 Pages = tuple[int, ...]
@@ -123,14 +125,56 @@ class PoolGroups:
         names = {module_group(str(t)) for t in target_modules}
         return [g.name in names or not names.isdisjoint(g.members) for g in self.groups]
 
-    def adapter_pages(self, adapter_config: Mapping[str, Any]) -> Pages:
-        """Pages an adapter may take per group, from its adapter_config.json: its widest
-        declared rank (`r`, `rank_pattern`) in every group it targets. An upper bound of what
-        the worker charges (which reads the weights: absent or zero slices cost nothing)."""
-        rank = declared_rank(adapter_config)
-        pages = pages_for_rank(rank, self.page_size)
-        targeted = self.groups_targeted(adapter_config.get("target_modules"))
-        return tuple(pages if t else 0 for t in targeted)
+    def adapter_pages(self, weight_ranks: Mapping[str, int] | None, fallback_rank: int) -> Pages:
+        """Pages an adapter may take per group: in each, ⌈r / P⌉ for the widest rank among the
+        modules of its weights that land there (`lora_weight_ranks`). That is what the worker
+        charges, or more (it counts all-zero slices as nothing), and it follows the tensors
+        vLLM loads, not what adapter_config.json declares: a config naming q_proj over weights
+        for every projection must not be charged for q/k/v alone. Without the weights' header
+        (None) every group is charged `fallback_rank` (the engine's max_lora_rank)."""
+        if weight_ranks is None:
+            return (pages_for_rank(fallback_rank, self.page_size),) * len(self.groups)
+        return tuple(
+            pages_for_rank(
+                max((weight_ranks.get(m, 0) for m in (g.name, *g.members)), default=0),
+                self.page_size,
+            )
+            for g in self.groups
+        )
+
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+# A safetensors header larger than this is not an adapter's (PEFT's are a few kB per layer).
+MAX_HEADER_BYTES = 64 << 20
+
+
+def lora_weight_ranks(adapter_dir: str | Path) -> dict[str, int] | None:
+    """Module name → widest rank of its LoRA weights, read from adapter_model.safetensors'
+    header alone (`…q_proj.lora_A.weight` of shape [r, in]); None when there is no such file
+    or its header cannot be read. No tensor data is read."""
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    try:
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, struct.error, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    ranks: dict[str, int] = {}
+    for key, entry in header.items():
+        parts = key.split(".")
+        if "lora_A" not in parts or not isinstance(entry, dict):
+            continue
+        index = parts.index("lora_A")
+        shape = entry.get("shape")
+        if index == 0 or not isinstance(shape, list) or not shape:
+            return None  # not PEFT's layout: the caller charges the worst case
+        module = parts[index - 1]
+        ranks[module] = max(ranks.get(module, 0), int(shape[0]))
+    return ranks
 
 
 def declared_rank(adapter_config: Mapping[str, Any]) -> int:
@@ -234,6 +278,10 @@ def split_pages(
     for g in groups:
         pages[g] += int(share[g] // bytes_per_page[g])
     left = budget - sum(pages[g] * bytes_per_page[g] for g in groups)
+    while left < 0:  # float rounding gave a page too many: take it from the largest share
+        g = max((g for g in groups if pages[g] > min_pages), key=lambda g: pages[g])
+        pages[g] -= 1
+        left += bytes_per_page[g]
     while True:
         # the group whose pages fall furthest below its share, among those a page still fits
         fitting = [g for g in groups if bytes_per_page[g] <= left and weights[g] > 0]

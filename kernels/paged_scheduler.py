@@ -16,8 +16,9 @@ How it gets in (`install`, called by the plugin in every vLLM process):
   the PEFT module names whose weights land in each) and leaves it for the scheduler, which
   lives in the engine-core process while the workers may not.
 The page counts therefore are the workers' real ones, never a second computation of them.
-A request's adapter is charged per group from its adapter_config.json (`r`, `rank_pattern`,
-`target_modules`: `PoolGroups.adapter_pages`), an upper bound of what the worker charges.
+A request's adapter is charged per group from its weights' safetensors header (module names
+and ranks of the tensors vLLM loads: `PoolGroups.adapter_pages`), an upper bound of what the
+worker charges; without a readable header, max_lora_rank in every group.
 - `EngineCore.loraplex_residency_waits` is added: a utility method (vLLM's
   `engine_core.call_utility_async`) that hands the gateway the residency waits measured since
   its last call, since the scheduler's figures live in this process and nowhere else.
@@ -35,8 +36,8 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
 from vllm.v1.request import RequestStatus
 
-from kernels.page_groups import Pages, PoolGroups, pages_for_rank
-from kernels.paged_admission import AdmissionPlanner, Waiting, adapter_config
+from kernels.page_groups import Pages, PoolGroups, lora_weight_ranks, pages_for_rank
+from kernels.paged_admission import AdmissionPlanner, Waiting
 from kernels.paged_rotation import RotationPlanner, Running
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,10 @@ class ResidencyAwareScheduler(VllmScheduler):
             return 0, self._no_pages
         pages = self._pages.get(lora.lora_int_id)
         if pages is None:
-            assert _pool is not None
-            config = adapter_config(lora.lora_path)
-            pages = self._pages[lora.lora_int_id] = _pool.adapter_pages(config)
+            assert _pool is not None and self.lora_config is not None
+            ranks = lora_weight_ranks(lora.lora_path)
+            pages = _pool.adapter_pages(ranks, self.lora_config.max_lora_rank)
+            self._pages[lora.lora_int_id] = pages
         return lora.lora_int_id, pages
 
     def schedule(self, throttle_prefills: bool = False) -> Any:

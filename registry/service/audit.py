@@ -35,7 +35,16 @@ async def list_audit(
     return list((await session.scalars(query)).all())
 
 
-async def change_generation(session: AsyncSession) -> int:
-    """A number that grows with every admin write anywhere (the newest audit row's id: each
-    write adds one in its own transaction); 0 before the first. One indexed max()."""
-    return int(await session.scalar(select(func.max(AuditEntry.id))) or 0)
+# Audit ids are handed out when a transaction flushes, not when it commits: on PostgreSQL a
+# write that flushed first may commit after a later one was already seen. Rows this far behind
+# the newest id are counted too, so such a late commit still changes the generation.
+LATE_COMMIT_WINDOW = 10_000
+
+
+async def change_generation(session: AsyncSession) -> tuple[int, int]:
+    """Changes whenever an admin write commits anywhere (each adds an audit row in its own
+    transaction): the newest audit id and how many rows lie within LATE_COMMIT_WINDOW of it.
+    Both index range reads; (0, 0) before the first write."""
+    newest = int(await session.scalar(select(func.max(AuditEntry.id))) or 0)
+    recent = select(func.count()).where(AuditEntry.id > newest - LATE_COMMIT_WINDOW)
+    return newest, int(await session.scalar(recent) or 0)

@@ -5,6 +5,7 @@ caches with no database round trip."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -79,5 +80,43 @@ async def test_after_a_failed_poll_the_caches_are_dropped_once_the_registry_answ
         fail[0] = False
         assert await watch.check() is True and dropped == [1]  # a change may have been missed
         assert await watch.check() is False and dropped == [1]
+    finally:
+        await runtime.close()
+
+
+async def test_a_key_verified_across_an_invalidation_is_not_cached(demo_root, monkeypatch):
+    """The lookup awaits the registry: a revocation seen meanwhile must not be outlived by a
+    cache entry written after it."""
+    from gateway.auth import KeyAuthenticator
+    from gateway.registry_runtime import open_registry
+    from gateway.settings import Settings
+    from registry import service
+
+    settings = Settings(base_model=demo_root / "base", data_dir=demo_root / "data-keys")
+    runtime = await open_registry(settings, demo_root / "base", "keys-base")
+    try:
+        async with runtime.sessions() as session:
+            await service.create_tenant(session, name="keyed", actor="root")
+            issued = await service.create_api_key(session, tenant="keyed", actor="root")
+        authenticator = KeyAuthenticator(runtime, cache_ttl_s=30)
+        original, started, release = service.authenticate_api_key, asyncio.Event(), asyncio.Event()
+        lookups = []
+
+        async def slow(*args, **kwargs):
+            lookups.append(1)
+            started.set()
+            await release.wait()
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(service, "authenticate_api_key", slow)
+        first = asyncio.create_task(authenticator.authenticate(issued.plaintext, client=None))
+        await started.wait()
+        authenticator.invalidate()
+        release.set()
+        assert (await first).tenant == "keyed"
+        await authenticator.authenticate(issued.plaintext, client=None)
+        assert len(lookups) == 2  # asked again: the first answer was not kept
+        await authenticator.authenticate(issued.plaintext, client=None)
+        assert len(lookups) == 2  # and then cached as usual
     finally:
         await runtime.close()

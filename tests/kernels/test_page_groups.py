@@ -3,6 +3,10 @@ between groups, and the demand profile's wire format."""
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import pytest
 
 from kernels.page_groups import (
@@ -11,6 +15,7 @@ from kernels.page_groups import (
     PoolGroups,
     demand_by_group,
     format_demand,
+    lora_weight_ranks,
     pages_fit,
     parse_demand,
     split_pages,
@@ -31,26 +36,57 @@ def groups(pages: int = 32) -> PoolGroups:
 
 
 @pytest.mark.parametrize(
-    ("config", "pages"),
+    ("ranks", "pages"),
     [
-        ({"r": 32, "target_modules": ["q_proj", "v_proj"]}, (8, 0, 0, 0)),
-        ({"r": 4, "target_modules": ["gate_proj", "up_proj", "down_proj"]}, (0, 0, 1, 1)),
-        ({"r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, (2, 2, 0, 0)),
-        # dotted paths end in the module name; rank_pattern's widest rank counts everywhere
-        (
-            {"r": 4, "rank_pattern": {"o_proj": 12}, "target_modules": ["model.o_proj"]},
-            (0, 3, 0, 0),
-        ),
-        # already-fused names (some models register qkv_proj itself)
-        ({"r": 5, "target_modules": ["qkv_proj"]}, (2, 0, 0, 0)),
-        # a regex string or "all-linear" may reach any layer: charged everywhere
-        ({"r": 8, "target_modules": ".*(q|v)_proj"}, (2, 2, 2, 2)),
-        ({"r": 8, "target_modules": "all-linear"}, (2, 2, 2, 2)),
-        ({"r": 8}, (2, 2, 2, 2)),
+        ({"q_proj": 32, "v_proj": 32}, (8, 0, 0, 0)),
+        ({"gate_proj": 4, "up_proj": 4, "down_proj": 4}, (0, 0, 1, 1)),
+        ({"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}, (2, 2, 0, 0)),
+        ({"q_proj": 4, "o_proj": 12}, (1, 3, 0, 0)),  # per-module ranks (rank_pattern)
+        ({"qkv_proj": 5}, (2, 0, 0, 0)),  # already-fused names (some models register them)
+        ({"lm_head": 16}, (0, 0, 0, 0)),  # not a paged layer (the worker refuses it anyway)
+        (None, (8, 8, 8, 8)),  # no readable safetensors header: max_lora_rank everywhere
     ],
 )
-def test_an_adapter_is_charged_only_in_the_groups_it_targets(config, pages):
-    assert groups().adapter_pages(config) == pages
+def test_an_adapter_is_charged_where_its_weights_land(ranks, pages):
+    assert groups().adapter_pages(ranks, fallback_rank=32) == pages
+
+
+def write_safetensors(path: Path, header: dict) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_weight_ranks_come_from_the_header_not_the_config(tmp_path):
+    """A config that names q_proj alone over weights for q and down: vLLM loads the tensors, so
+    the charge must follow them (the scheduler would otherwise book q/k/v only and the worker
+    run out of MLP pages mid-step)."""
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "target_modules": ["q_proj"]})
+    )
+    prefix = "base_model.model.model.layers"
+    header = {
+        "__metadata__": {"format": "pt"},
+        f"{prefix}.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [8, 64]},
+        f"{prefix}.0.self_attn.q_proj.lora_B.weight": {"dtype": "F32", "shape": [64, 8]},
+        f"{prefix}.1.mlp.down_proj.lora_A.weight": {"dtype": "F32", "shape": [16, 128]},
+        f"{prefix}.1.mlp.down_proj.lora_B.weight": {"dtype": "F32", "shape": [64, 16]},
+    }
+    write_safetensors(tmp_path / "adapter_model.safetensors", header)
+    ranks = lora_weight_ranks(tmp_path)
+    assert ranks == {"q_proj": 8, "down_proj": 16}
+    assert groups().adapter_pages(ranks, fallback_rank=32) == (2, 0, 0, 4)
+
+
+def test_a_real_peft_adapter_and_unreadable_weights(tmp_path, demo):
+    assert lora_weight_ranks(demo.adapters["demo-qv-rs32"]) == {"q_proj": 32, "v_proj": 32}
+    assert lora_weight_ranks(demo.adapters["demo-mlp-r4"]) == dict.fromkeys(
+        ("gate_proj", "up_proj", "down_proj"), 4
+    )
+    assert lora_weight_ranks(tmp_path) is None  # no weights file (e.g. adapter_model.bin)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    assert lora_weight_ranks(tmp_path) is None  # a header length beyond any adapter's
+    write_safetensors(tmp_path / "adapter_model.safetensors", {"lora_A.weight": {"shape": [4]}})
+    assert lora_weight_ranks(tmp_path) is None  # not PEFT's layout: the worst case is charged
 
 
 def test_fitting_holds_in_every_group():
@@ -126,3 +162,17 @@ def test_groups_cross_the_rpc_as_plain_data():
     pool = groups(12)
     assert PoolGroups.from_dict(pool.to_dict()) == pool
     assert pool.totals == (12, 12, 12, 12) and pool.bytes_of((1, 0, 0, 2)) == 40_960 + 2 * 24_576
+
+
+def test_the_split_never_spends_more_than_the_budget():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2_000):
+        page_bytes = {f"g{i}": rng.randint(1, 5_000) for i in range(rng.randint(1, 6))}
+        min_pages = rng.randint(1, 8)
+        budget = rng.randint(min_pages * sum(page_bytes.values()), 10**7)
+        demand = {g: rng.choice([0.0, rng.random(), rng.random() * 1e12]) for g in page_bytes}
+        pages = split_pages(budget, page_bytes, min_pages, demand)
+        assert sum(pages[g] * page_bytes[g] for g in page_bytes) <= budget
+        assert all(p >= min_pages for p in pages.values())

@@ -325,3 +325,42 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     assert stats["page_ins_total"] >= len(churn)  # each adapter was paged in
     assert stats["evictions_for_space_total"] > 0  # and pushed others out: the pool churned
     assert out["residency_waits"]  # admission held requests back until their pages were free
+
+
+def test_an_adapter_whose_config_understates_its_modules_is_charged_for_its_weights(
+    tmp_path, tmp_path_factory, demo, prompt_ids
+):
+    """vLLM loads whatever tensors an adapter has; its adapter_config.json may name fewer
+    modules. One that claims o_proj over rank-16 weights for all seven projections, beside a
+    q/v adapter of rank 16, on 7 pages per group: charged by its config the two would fit the
+    q/k/v group (4 + 4 > 7 only with its real q/k/v weights), and the worker would refuse the
+    step for every request in it. Charged by its weights' header they take turns."""
+    folder = tmp_path_factory.mktemp("mislabelled")
+    specs = (
+        DemoAdapterSpec("understated", 16, 32, ALL_PROJECTIONS, seed=51),
+        DemoAdapterSpec("qv-r16", 16, 32, ["q_proj", "v_proj"], seed=52),
+    )
+    paths = {}
+    for spec in specs:
+        build_adapter(demo.base, folder / spec.name, spec)
+        paths[spec.name] = folder / spec.name
+    config_path = paths["understated"] / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = ["o_proj"]
+    config_path.write_text(json.dumps(config))
+    jobs = [("understated", prompt_ids[0]), ("qv-r16", prompt_ids[1])] * 2
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        paths,
+        jobs,
+        max_loras=2,
+        pool_bytes=7 * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=16,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    assert all(len(tokens) == MAX_TOKENS for tokens in out["outputs"])
+    assert out["stats"]["refusals_total"] == 0
+    # the q/v adapter's answers are exactly its own (the other's config no longer describes
+    # its weights, so peft's reference would not either)
+    check_outputs(demo, paths, jobs[1::2], out["outputs"][1::2])
