@@ -10,8 +10,8 @@ wrapper and change only what touches the weights:
   layer exists (`allocate_pool`), because the byte budget is shared by all of them.
   `lora_*_stacked` become zero-stride views with the old shapes: vLLM still reads their shape
   and dtype (dummy warm-up adapters) but any write to them raises instead of going nowhere.
-- `set_lora` copies the adapter's rank rows into pages (`PagedLoraPool.load`), `reset_lora`
-  frees them.
+- `set_lora` copies the adapter's rank rows into pages (`PagedLoraPool.load`; on CUDA on the
+  worker's side stream, kernels.page_copier), `reset_lora` frees them.
 - `_apply_lora_to_output` adds the delta, driven by the punica wrapper's per-token slot ids
   (-1 = no adapter, exactly zero delta), with the layer's kernel (`resolve_kernel`): the SGMV
   Triton kernels (`kernels.paged_lora_triton`, the CUDA path; on CPU only under
@@ -39,6 +39,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
+from kernels.page_copier import PageCopier
 from kernels.paged_lora_cpu import StepRows, paged_lora_pool_cpu, split_rows
 from kernels.paged_lora_triton import PagedSgmvRunner
 from kernels.paged_pool import PagedLoraPool
@@ -192,8 +193,15 @@ class PagedLinearMixin:
         self.lora_b_stacked = tuple(zero.expand(max_loras, 1, w, max_rank) for w in widths)
 
     def allocate_pool(
-        self, num_pages: int, page_size: int, stats: PagedPoolStats, kernel: str = "auto"
+        self,
+        num_pages: int,
+        page_size: int,
+        stats: PagedPoolStats,
+        kernel: str = "auto",
+        copier: PageCopier | None = None,
     ) -> None:
+        """Allocate the layer's pages; `copier` is shared by the worker's layers (one side
+        stream on CUDA, which the worker waits for once per step)."""
         g = self.paged_geometry
         self.paged_kernel = resolve_kernel(kernel, g.device)
         self.paged_pool = PagedLoraPool(
@@ -205,6 +213,7 @@ class PagedLinearMixin:
             slice_widths=g.slice_widths,
             dtype=g.dtype,
             device=g.device,
+            copier=copier,
         )
         self.paged_stats = stats
 

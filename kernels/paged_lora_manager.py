@@ -22,6 +22,8 @@ What changes here (`install` rebinds two names, nothing else of vLLM is edited):
   out least-recently-used adapters that are neither in the running batch nor pinned. When only
   the running batch could make room it raises `PoolExhausted`, failing the step loudly rather
   than serving a request with another adapter's weights or none.
+- On CUDA the page-in copies run on a side stream (kernels.page_copier), overlapping the GPU
+  work of the step before; `_apply_adapters` makes the compute stream wait for them.
 - Deactivation frees the adapter's pages at once (vLLM left the weights in the slot), so the
   pool holds exactly the active adapters; `remove_all_adapters` frees every page.
 - vLLM's embedding and lm_head LoRA wrappers are unwrapped back to the base layers
@@ -48,6 +50,7 @@ from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.utils import replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
+from kernels.page_copier import PageCopier
 from kernels.page_groups import (
     DemandEntry,
     Pages,
@@ -117,6 +120,8 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self._group_of: dict[str, int] = {}  # paged module name -> index of its group
         self.unwrapped_vocab_layers: tuple[str, ...] = ()
         super().__init__(*args, **kwargs)
+        # page-in copies of every layer: on CUDA one side stream, waited for once per step
+        self.copier = PageCopier(self.device)
         self._unwrap_vocab_layers()
         self._allocate_pools()
 
@@ -188,7 +193,9 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         pages, by_demand = self._group_pages(group_bytes, members, widest)
         for g, modules in layers.items():
             for module in modules:
-                module.allocate_pool(pages[g], page_size, self.stats, self.paged_config.kernel)
+                module.allocate_pool(
+                    pages[g], page_size, self.stats, self.paged_config.kernel, self.copier
+                )
         self.pool_groups = PoolGroups(
             page_size,
             tuple(PoolGroup(g, pages[g], members[g], group_bytes[g]) for g in layers),
@@ -354,6 +361,9 @@ class PagedLRUCacheWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         finally:
             manager.protected = frozenset()
             manager.in_step = False
+            # The step's forward (or graph replay) follows on the compute stream: it must
+            # see every page copied so far, this step's and prefetches' alike.
+            manager.copier.wait_ready()
 
 
 def install(config: PagedLoraConfig) -> list[str]:

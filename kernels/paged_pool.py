@@ -15,8 +15,10 @@ and for B: one page id serves the whole fused layer. An adapter of rank r takes 
 pages. The contiguous-slot layout (vLLM's `[max_loras, max_rank, H]` buffers) is the
 degenerate case P = max_rank with page_table[a, 0] = a: see `PagedLoraPool.contiguous`.
 
-The pool itself is a plain allocator over page ids; `load`/`evict` copy weights on the
-caller's stream and are not part of the captured step.
+The pool itself is a plain allocator over page ids. `load` stages the rank rows on the host
+and copies them through a `PageCopier` (kernels.page_copier): inline on CPU; on CUDA on the
+current stream, or on the worker's side stream after the kernels still reading the pages it
+reuses. Neither is part of a captured step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from kernels.page_copier import PageCopier
 
 
 def lora_scale(alpha: float, rank: int, *, use_rslora: bool = False) -> float:
@@ -51,6 +55,7 @@ class PagedLoraPool:
         slice_widths: Sequence[int],
         dtype: torch.dtype,
         device: torch.device | str,
+        copier: PageCopier | None = None,
     ) -> None:
         assert num_pages > 0 and page_size > 0 and num_slots > 0, "sizes must be positive"
         assert max_rank >= 1, f"max_rank must be >= 1, got {max_rank}"
@@ -65,6 +70,10 @@ class PagedLoraPool:
         max_pages = -(-max_rank // page_size)
         n_slices = len(self.slice_widths)
         dev = torch.device(device)
+        self.copier = copier if copier is not None else PageCopier(dev, side_stream=False)
+        assert self.copier.device == dev or dev.type == "cpu" == self.copier.device.type, (
+            f"copier for {self.copier.device}, pool on {dev}"
+        )
         self.a_pages = torch.zeros(
             num_pages, n_slices, page_size, hidden_in, dtype=dtype, device=dev
         )
@@ -75,6 +84,11 @@ class PagedLoraPool:
         self.page_owner = torch.full((num_pages,), -1, dtype=torch.int64, device=dev)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._slot_pages: dict[int, list[int]] = {}
+        # page -> copier event after the last kernels that may touch it (set when freed); at
+        # first the zero fill above, which a side-stream copy must not race either
+        self._freed_at: dict[int, torch.cuda.Event | None] = dict.fromkeys(
+            range(num_pages), self.copier.mark_freed(fresh=True)
+        )
         self._page_is_slot = False
 
     @classmethod
@@ -87,6 +101,7 @@ class PagedLoraPool:
         slice_widths: Sequence[int],
         dtype: torch.dtype,
         device: torch.device | str,
+        copier: PageCopier | None = None,
     ) -> PagedLoraPool:
         """vLLM's per-slot layout: one max-rank page per slot, page id == slot."""
         pool = cls(
@@ -98,6 +113,7 @@ class PagedLoraPool:
             slice_widths=slice_widths,
             dtype=dtype,
             device=device,
+            copier=copier,
         )
         pool._page_is_slot = True
         return pool
@@ -191,33 +207,45 @@ class PagedLoraPool:
             pages = [self._free.pop() for _ in range(n_pages)]
         self._slot_pages[slot] = pages
 
-        p = self.page_size
-        padded = n_pages * p
-        dev, dt = self.a_pages.device, self.a_pages.dtype
-        # [n_slices, padded, H_in] -> pages; rows past the rank are zero so a reader that
-        # over-reads (the pad-to-max baseline) adds nothing.
-        a_rows = torch.zeros(n_slices, padded, self.hidden_in, dtype=dt, device=dev)
-        a_rows[:, :rank] = torch.stack([a.to(device=dev, dtype=dt) for a in lora_a])
-        b_rows = torch.zeros(padded, self.hidden_out, dtype=dt, device=dev)
-        b_rows[:rank] = torch.cat([b.to(device=dev, dtype=dt).t() for b in lora_b], dim=1)
-        index = torch.tensor(pages, dtype=torch.long, device=dev)
-        self.a_pages.index_copy_(0, index, a_rows.view(n_slices, n_pages, p, -1).transpose(0, 1))
-        self.b_pages.index_copy_(0, index, b_rows.view(n_pages, p, -1))
-
-        row = torch.full((self.page_table.shape[1],), -1, dtype=torch.int32)
-        row[:n_pages] = torch.tensor(pages, dtype=torch.int32)
-        self.page_table[slot].copy_(row)
-        self.page_owner[index] = slot
-        self.slot_rank[slot] = rank
-        self.slot_scale[slot] = scale
+        # Staged page-major on the host, [n_pages, n_slices, P, H_in] and [n_pages, P, H_out],
+        # so each goes to the device in one copy; rows past the rank stay zero so a reader
+        # that over-reads (the pad-to-max baseline) adds nothing.
+        p, dt = self.page_size, self.a_pages.dtype
+        a_host = self.copier.host_zeros(n_pages, n_slices, p, self.hidden_in, dtype=dt)
+        b_host = self.copier.host_zeros(n_pages, p, self.hidden_out, dtype=dt)
+        b_rows = b_host.flatten(0, 1)  # [n_pages * P, H_out], a view
+        full, rest = divmod(rank, p)
+        for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            a_pages_i = a_host[:, i]  # [n_pages, P, H_in], a strided view
+            a_pages_i[:full] = a[: full * p].reshape(full, p, self.hidden_in)
+            if rest:
+                a_pages_i[full, :rest] = a[full * p :]
+            lo, hi = self.slice_bounds[i : i + 2]
+            b_rows[:rank, lo:hi] = b.t()
+        self.copier.copy_pages(
+            (self.a_pages, self.b_pages),
+            pages,
+            (a_host, b_host),
+            after=[self._freed_at.pop(page, None) for page in pages],
+        )
+        row = pages + [-1] * (self.page_table.shape[1] - n_pages)
+        self.page_table[slot].copy_(self.copier.device_tensor(row, torch.int32))
+        # index_fill_ / fill_ take the value as a kernel argument: `t[i] = number` would
+        # copy a host scalar with a blocking copy, waiting for the previous step
+        self.page_owner.index_fill_(0, self.copier.device_tensor(pages, torch.long), slot)
+        self.slot_rank[slot].fill_(rank)
+        self.slot_scale[slot].fill_(scale)
         return list(pages)
 
     def evict(self, slot: int) -> None:
         """Free `slot`'s pages and unmap it (its tokens then get no delta: rank 0)."""
         pages = self._slot_pages.pop(slot, [])
+        if pages:
+            freed = self.copier.mark_freed()
+            self._freed_at.update(dict.fromkeys(pages, freed))
         self._free.extend(reversed(pages))
         self.page_table[slot].fill_(-1)
         if pages:
-            self.page_owner[torch.tensor(pages, dtype=torch.long)] = -1
-        self.slot_rank[slot] = 0
-        self.slot_scale[slot] = 0.0
+            self.page_owner.index_fill_(0, self.copier.device_tensor(pages, torch.long), -1)
+        self.slot_rank[slot].fill_(0)
+        self.slot_scale[slot].fill_(0.0)

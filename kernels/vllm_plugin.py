@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM_SERIES = "0.32."
 PAGED_ENV = "LORAPLEX_PAGED_LORA"
+DUAL_STREAM_ENV = "VLLM_LORA_ENABLE_DUAL_STREAM"  # vLLM's own
 POOL_BYTES_ENV = "LORAPLEX_PAGED_POOL_BYTES"
 PAGE_SIZE_ENV = "LORAPLEX_PAGED_PAGE_SIZE"
 MAX_WAIT_ENV = "LORAPLEX_PAGED_MAX_WAIT_MS"
@@ -117,6 +118,10 @@ def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
 
     if not _flag(environ, PAGED_ENV, default=False):
         return None
+    if _flag(environ, DUAL_STREAM_ENV, default=False):
+        # vLLM's dual-stream LoRA path calls its punica ops on the layers' stacked buffers
+        # directly, never the paged layers' delta: every adapter would silently be the base.
+        raise BadPluginSetting(f"{PAGED_ENV} does not run with {DUAL_STREAM_ENV}=1; unset it")
     return PagedLoraConfig(
         pool_bytes=_positive_int(environ, POOL_BYTES_ENV, None),
         page_size=_positive_int(environ, PAGE_SIZE_ENV, DEFAULT_PAGE_SIZE),

@@ -110,6 +110,14 @@ def test_oversubscription_setting():
             },
             "positive",
         ),
+        (
+            {
+                "LORAPLEX_PAGED_LORA": "1",
+                "LORAPLEX_PAGED_POOL_BYTES": "8",
+                "VLLM_LORA_ENABLE_DUAL_STREAM": "1",
+            },
+            "does not run with VLLM_LORA_ENABLE_DUAL_STREAM=1",
+        ),
     ],
 )
 def test_bad_settings_are_refused_by_name(environ, message):
