@@ -41,22 +41,39 @@ def _mismatches(row: BaseModel, fingerprint: BaseModelFingerprint) -> list[Probl
     return problems
 
 
-async def register_base_model(
-    session: AsyncSession, *, name: str, fingerprint: BaseModelFingerprint, actor: str
-) -> BaseModel:
-    """Record the base, or return it unchanged if already registered with the same digests."""
-    validate_base_name(name)
+async def _registered(
+    session: AsyncSession, *, name: str, fingerprint: BaseModelFingerprint
+) -> BaseModel | None:
+    """The row already recorded for this base, checked against the fingerprint; None if the
+    name and the weights are both unrecorded. Raises BaseModelMismatch (same name, other
+    bytes) or DuplicateBaseModel (these weights under another name)."""
     existing = await session.scalar(select(BaseModel).where(BaseModel.name == name))
+    if existing is None:
+        # Looked up by digest too: a replica that started at the same moment may have
+        # committed the same base between the two reads, under this very name.
+        existing = await session.scalar(
+            select(BaseModel).where(BaseModel.weights_sha256 == fingerprint.weights_sha256)
+        )
+        if existing is not None and existing.name != name:
+            raise DuplicateBaseModel(f"these weights are already registered as {existing.name!r}")
     if existing is not None:
         problems = _mismatches(existing, fingerprint)
         if problems:
             raise BaseModelMismatch(problems)
+    return existing
+
+
+async def register_base_model(
+    session: AsyncSession, *, name: str, fingerprint: BaseModelFingerprint, actor: str
+) -> BaseModel:
+    """Record the base, or return it unchanged if already registered with the same digests.
+
+    Idempotent under concurrency: replicas starting together against one database all get
+    the one row, whichever of them inserted it."""
+    validate_base_name(name)
+    existing = await _registered(session, name=name, fingerprint=fingerprint)
+    if existing is not None:
         return existing
-    other = await session.scalar(
-        select(BaseModel).where(BaseModel.weights_sha256 == fingerprint.weights_sha256)
-    )
-    if other is not None:
-        raise DuplicateBaseModel(f"these weights are already registered as {other.name!r}")
     row = BaseModel(
         name=name,
         weights_sha256=fingerprint.weights_sha256,
@@ -84,8 +101,13 @@ async def register_base_model(
     try:
         await session.commit()
     except IntegrityError:
+        # Another replica inserted first: its row decides, exactly as if it had been there
+        # before this call (the same base is returned, another one refused).
         await session.rollback()
-        raise DuplicateBaseModel(f"base {name!r} was registered concurrently") from None
+        existing = await _registered(session, name=name, fingerprint=fingerprint)
+        if existing is None:
+            raise DuplicateBaseModel(f"base {name!r} was registered concurrently") from None
+        return existing
     return row
 
 
