@@ -9,6 +9,7 @@ another, even one bit apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,14 @@ from kernels.page_groups import DemandEntry
 from registry import service
 from registry.compat import BaseModelFingerprint, fingerprint_base_model
 from registry.db import make_engine, make_session_factory, migrate
-from registry.errors import AdapterNotFound, AdapterRejected, InvalidApiKey, TenantNotFound
+from registry.errors import (
+    AdapterNotFound,
+    AdapterRejected,
+    DuplicateTenant,
+    InvalidApiKey,
+    RegistryConflict,
+    TenantNotFound,
+)
 from registry.states import Visibility
 from registry.store.base import ArtifactStore
 from registry.store.s3 import open_artifact_store
@@ -74,11 +82,14 @@ async def open_registry(settings: Settings, base_path: Path, base_name: str) -> 
 
 
 async def ensure_tenant(runtime: RegistryRuntime, name: str) -> None:
+    """The tenant exists afterwards, whether this start or a replica starting with it made it."""
     async with runtime.sessions() as session:
         try:
             await service.get_tenant(session, name=name)
         except TenantNotFound:
-            await service.create_tenant(session, name=name, actor=SYSTEM_ACTOR)
+            # DuplicateTenant: a replica starting at the same moment created it first
+            with contextlib.suppress(DuplicateTenant):
+                await service.create_tenant(session, name=name, actor=SYSTEM_ACTOR)
 
 
 async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str) -> list[str]:
@@ -111,6 +122,10 @@ async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str
                     actor=SYSTEM_ACTOR,
                     visibility=Visibility.PRIVATE,
                 )
+            except RegistryConflict:
+                # A replica starting with the same folder registered it between the lookup
+                # and the insert: the name is registered, which is what importing means.
+                continue
             except AdapterRejected as exc:
                 logger.warning("not importing %s: %s", sub.name, exc.message)
                 continue
@@ -146,15 +161,22 @@ async def ensure_start_key(runtime: RegistryRuntime, tenant: str, chosen: Secret
                 if principal.tenant != tenant:
                     raise ValueError("LORAPLEX_DEMO_API_KEY belongs to another tenant")
                 return plaintext
-            issued = await service.create_api_key(
-                session,
-                tenant=tenant,
-                actor=SYSTEM_ACTOR,
-                label=DEMO_KEY_LABEL,
-                plaintext=plaintext,
-            )
-        else:
-            issued = await service.create_api_key(
-                session, tenant=tenant, actor=SYSTEM_ACTOR, label=DEMO_KEY_LABEL
-            )
+            try:
+                await service.create_api_key(
+                    session,
+                    tenant=tenant,
+                    actor=SYSTEM_ACTOR,
+                    label=DEMO_KEY_LABEL,
+                    plaintext=plaintext,
+                )
+            except RegistryConflict:
+                # The same chosen key, registered by a replica starting at the same moment
+                # (its key id is taken): it must now authenticate as this tenant's.
+                principal = await service.authenticate_api_key(session, presented=plaintext)
+                if principal.tenant != tenant:
+                    raise ValueError("LORAPLEX_DEMO_API_KEY belongs to another tenant") from None
+            return plaintext
+        issued = await service.create_api_key(
+            session, tenant=tenant, actor=SYSTEM_ACTOR, label=DEMO_KEY_LABEL
+        )
     return issued.plaintext

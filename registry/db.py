@@ -18,8 +18,10 @@ needed. A schema change is a new revision, generated against a database at head:
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from alembic import command
 from alembic.config import Config
@@ -73,15 +75,35 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 async def migrate(url: str | AsyncEngine, *, revision: str = "head") -> None:
-    """Bring the schema to `revision` (default: the newest). Idempotent; on PostgreSQL an
-    advisory lock serialises gateway replicas that start together."""
+    """Bring the schema to `revision` (default: the newest). Idempotent. Gateway replicas that
+    start together are serialised: on PostgreSQL by an advisory lock, on a SQLite file by an
+    exclusive lock on a file beside it (Python's sqlite3 runs DDL outside a transaction, so
+    two upgrades would otherwise both create the first table)."""
     engine = make_engine(url) if isinstance(url, str) else url
+    lock_path = _sqlite_lock_path(engine)
+    lock = await asyncio.to_thread(_lock_file, lock_path) if lock_path is not None else None
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_upgrade, revision)
     finally:
+        if lock is not None:
+            lock.close()  # closing the descriptor releases the lock
         if isinstance(url, str):
             await engine.dispose()
+
+
+def _sqlite_lock_path(engine: AsyncEngine) -> Path | None:
+    database = engine.url.database
+    if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(f"{database}.migrate-lock")
+
+
+def _lock_file(path: Path) -> IO[bytes]:
+    """Open `path` and hold an exclusive lock on it (blocks until other holders close it)."""
+    handle = open(path, "ab")  # noqa: SIM115 - held open past this function: it is the lock
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
 
 
 def _upgrade(connection: Connection, revision: str) -> None:
