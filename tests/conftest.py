@@ -89,7 +89,11 @@ def start_gateway(
         env=env,
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # Own process group (stop_gateway reaches the engine children) but the tests' session:
+        # Linux's autogroup scheduler shares CPU between sessions, and a gateway in a session
+        # of its own left the test process unscheduled for seconds on 2 cores (the same
+        # stalls benchmarks/serve/servers.py measured and removed this way).
+        process_group=0,
     )
     gateway = RunningGateway(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + READY_TIMEOUT_S

@@ -78,9 +78,14 @@ async def test_non_stream_disconnect_aborts_engine_request(gateway):
         task = asyncio.create_task(
             client.post(f"{gateway.v1}/completions", json=LONG, headers=bearer(gateway.api_key))
         )
-        # Long enough for prefill and the first steps (~4000 tokens/s here), far too short for
-        # the 8000 tokens of the whole request.
-        await asyncio.sleep(0.2)
+        # Hang up once the engine runs it: a fixed wait raced the test's own process, which a
+        # busy 2-core machine can leave unscheduled for as long as the whole generation takes
+        # (CI saw the full 8000 tokens generated, the cancel landing after the answer).
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(unfinished_requests, gateway):
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert await asyncio.to_thread(wait_for_idle, gateway, 60) == 0
