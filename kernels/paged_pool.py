@@ -240,12 +240,10 @@ class PagedLoraPool:
     def evict(self, slot: int) -> None:
         """Free `slot`'s pages and unmap it (its tokens then get no delta: rank 0)."""
         pages = self._slot_pages.pop(slot, [])
-        if pages:
-            freed = self.copier.mark_freed()
-            self._freed_at.update(dict.fromkeys(pages, freed))
-        self._free.extend(reversed(pages))
         self.page_table[slot].fill_(-1)
         if pages:
+            self._freed_at.update(dict.fromkeys(pages, self.copier.mark_freed()))
+            self._free.extend(reversed(pages))
             self.page_owner.index_fill_(0, self.copier.device_tensor(pages, torch.long), -1)
         self.slot_rank[slot].fill_(0)
         self.slot_scale[slot].fill_(0.0)
