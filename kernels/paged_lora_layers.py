@@ -248,6 +248,15 @@ class PagedLinearMixin:
         g = self.paged_geometry
         a_full, b_full = [], []
         for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+            if (
+                a is not None
+                and b is not None
+                and a.shape == (rank, g.hidden_in)
+                and b.shape == (g.slice_widths[i], rank)
+            ):  # the common case: nothing to pad; the pool stages it (and casts) as it is
+                a_full.append(a)
+                b_full.append(b)
+                continue
             a_i = torch.zeros(rank, g.hidden_in, dtype=g.dtype)
             b_i = torch.zeros(g.slice_widths[i], rank, dtype=g.dtype)
             if a is not None and b is not None:
