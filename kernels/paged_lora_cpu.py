@@ -108,6 +108,28 @@ def split_rows(
     return StepRows(own, rows, slots[order], present, present_slots, all_rows)
 
 
+def _set_apart(rows: StepRows, slots: frozenset[int]) -> StepRows:
+    """`rows` with the batched rows of `slots` moved to GEMMs of their own."""
+    moved = [s for s in rows.batched_present_slots if s in slots]
+    if not moved:
+        return rows
+    own = list(rows.own)
+    keep = torch.ones_like(rows.batched_rows, dtype=torch.bool)
+    for slot in moved:
+        mine = rows.batched_slots == slot
+        own.append((slot, rows.batched_rows[mine]))
+        keep &= ~mine
+    present = tuple(s for s in rows.batched_present_slots if s not in slots)
+    return StepRows(
+        own,
+        rows.batched_rows[keep],
+        rows.batched_slots[keep],
+        torch.tensor(present, dtype=torch.int64, device=rows.batched_rows.device),
+        present,
+        False,
+    )
+
+
 def _check(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -157,6 +179,7 @@ def paged_lora_linear_cpu(
     *,
     rows: StepRows | None = None,
     page_owner: torch.Tensor | None = None,
+    nonfinite_slots: frozenset[int] = frozenset(),
 ) -> torch.Tensor:
     """Add every row's own adapter delta to y (see module docstring); returns y.
 
@@ -165,10 +188,17 @@ def paged_lora_linear_cpu(
     page_owner: the pool's [num_pages] slot per page (-1 = free). With it, a batched pass
     whose adapters hold at least half the pool runs over the whole pool in place, masked by
     owner, instead of first gathering the pages it needs.
+    nonfinite_slots: slots whose pages hold inf or NaN (`PagedLoraPool.nonfinite_slots`).
+    The batched pass multiplies every row by the zeros its mask leaves on other adapters'
+    rank rows, and 0 x inf = NaN: those adapters' rows get GEMMs of their own instead, and
+    the pass never reads the whole pool while one is resident.
     """
     _check(y, x, a_pages, b_pages, page_table, token_slot, slice_widths)
     if rows is None:
         rows = split_rows(token_slot, page_table.shape[0])
+    if nonfinite_slots:
+        rows = _set_apart(rows, nonfinite_slots)
+        page_owner = None
     if rows.empty:
         return y
     bounds = [0]
@@ -231,6 +261,7 @@ def paged_lora_pool_cpu(
         pool.slice_widths,
         rows=rows,
         page_owner=pool.page_owner if whole_pool else None,
+        nonfinite_slots=pool.nonfinite_slots,
     )
 
 

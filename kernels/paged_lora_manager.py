@@ -293,6 +293,7 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             self.stats.evictions_for_space_total += 1
             self.deactivate_adapter(victim)
         activated = super().activate_adapter(lora_id)
+        self._warn_if_nonfinite(lora_id)
         self.residency.admit(lora_id, pages)
         if not self.in_step:
             self.stats.prefetches_total += 1
@@ -300,6 +301,27 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self.stats.pages_in_total += sum(pages)
         self._sync_gauges()
         return activated
+
+    def _warn_if_nonfinite(self, lora_id: int) -> None:
+        """Say so when an adapter's weights hold inf or NaN in some layer: its own requests
+        get what those weights give; other tenants' rows are kept apart from it
+        (kernels.paged_pool, kernels.paged_lora_cpu)."""
+        if lora_id not in self.lora_index_to_id:
+            return
+        index = self.lora_index_to_id.index(lora_id)
+        layers = [
+            name
+            for name, module in self.paged_modules.items()
+            if module.paged_pool is not None and index in module.paged_pool.nonfinite_slots
+        ]
+        if layers:
+            logger.warning(
+                "paged LoRA: adapter %d has inf or NaN weights in %d layers (%s): its requests "
+                "will not get finite outputs",
+                lora_id,
+                len(layers),
+                layers[0],
+            )
 
     def _room_to_prefetch(self, pages: Pages) -> bool:
         """Free pages and a free slot: paging in now displaces nothing."""

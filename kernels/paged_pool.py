@@ -15,6 +15,13 @@ and for B: one page id serves the whole fused layer. An adapter of rank r takes 
 pages. The contiguous-slot layout (vLLM's `[max_loras, max_rank, H]` buffers) is the
 degenerate case P = max_rank with page_table[a, 0] = a: see `PagedLoraPool.contiguous`.
 
+Every page that is free or held by an adapter with finite weights is finite. An adapter whose
+rank rows are not all finite in the pool's dtype (a diverged fine-tune, an fp16 cast that
+overflowed) is still loaded, so its own requests get what its weights give, but its slot is
+listed in `nonfinite_slots` and its pages are zeroed when it leaves. Readers that multiply
+many adapters' rows at once (kernels.paged_lora_cpu's batched pass, where 0 x inf = NaN
+would reach every other row) keep such an adapter out of the shared pass.
+
 The pool itself is a plain allocator over page ids. `load` stages the rank rows on the host
 and copies them through a `PageCopier` (kernels.page_copier): inline on CPU; on CUDA on the
 current stream, or on the worker's side stream after the kernels still reading the pages it
@@ -90,6 +97,7 @@ class PagedLoraPool:
             range(num_pages), self.copier.mark_freed(fresh=True)
         )
         self._page_is_slot = False
+        self._nonfinite: set[int] = set()  # slots whose rank rows hold inf or NaN
 
     @classmethod
     def contiguous(
@@ -165,6 +173,11 @@ class PagedLoraPool:
     def pages_needed(self, rank: int) -> int:
         return -(-rank // self.page_size)
 
+    @property
+    def nonfinite_slots(self) -> frozenset[int]:
+        """Slots holding an adapter with inf or NaN among its rank rows (in the pool's dtype)."""
+        return frozenset(self._nonfinite)
+
     def slot_pages(self, slot: int) -> list[int]:
         """Page ids held by `slot`, in rank-row order (empty if the slot is free)."""
         return list(self._slot_pages.get(slot, []))
@@ -222,6 +235,9 @@ class PagedLoraPool:
                 a_pages_i[full, :rest] = a[full * p :]
             lo, hi = self.slice_bounds[i : i + 2]
             b_rows[:rank, lo:hi] = b.t()
+        # Checked on the staged host rows, after the cast to the pool's dtype: no device sync.
+        if not (bool(torch.isfinite(a_host).all()) and bool(torch.isfinite(b_host).all())):
+            self._nonfinite.add(slot)
         self.copier.copy_pages(
             (self.a_pages, self.b_pages),
             pages,
@@ -242,8 +258,17 @@ class PagedLoraPool:
         pages = self._slot_pages.pop(slot, [])
         self.page_table[slot].fill_(-1)
         if pages:
-            self._freed_at.update(dict.fromkeys(pages, self.copier.mark_freed()))
+            zeroed = slot in self._nonfinite
+            if zeroed:  # free pages stay finite (module docstring)
+                index = self.copier.device_tensor(pages, torch.long)
+                self.a_pages.index_fill_(0, index, 0.0)
+                self.b_pages.index_fill_(0, index, 0.0)
+            # A fresh event after the zero fill, not the interval's shared one (recorded
+            # before it): a side-stream copy into these pages must not land before the fill.
+            freed = self.copier.mark_freed(fresh=zeroed)
+            self._freed_at.update(dict.fromkeys(pages, freed))
             self._free.extend(reversed(pages))
             self.page_owner.index_fill_(0, self.copier.device_tensor(pages, torch.long), -1)
+        self._nonfinite.discard(slot)
         self.slot_rank[slot].fill_(0)
         self.slot_scale[slot].fill_(0.0)

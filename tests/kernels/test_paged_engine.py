@@ -327,6 +327,45 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     assert out["residency_waits"]  # admission held requests back until their pages were free
 
 
+def test_an_adapter_with_inf_weights_leaves_the_others_in_its_batch_exact(
+    tmp_path, tmp_path_factory, demo, adapters, prompt_ids
+):
+    """An adapter whose weights hold inf (the registry refuses those; an fp32 adapter cast to
+    an fp16 pool can still overflow) shares steps with two others: their answers are still
+    exactly their merged references, though the CPU path's batched pass multiplies every row
+    by every present adapter's rank rows, and the worker says which adapter it is."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("diverged")
+    spec = DemoAdapterSpec("diverged", 8, 16, ALL_PROJECTIONS, seed=61)
+    build_adapter(demo.base, folder / spec.name, spec)
+    weights_path = folder / spec.name / "adapter_model.safetensors"
+    weights = load_file(weights_path)
+    poisoned = [k for k in weights if "layers.0.self_attn.k_proj.lora_B" in k]
+    assert len(poisoned) == 1, list(weights)
+    weights[poisoned[0]][3, 1] = float("inf")
+    save_file(weights, weights_path)
+    served = {
+        "diverged": folder / spec.name,
+        "demo-all-r16": adapters["demo-all-r16"],
+        "demo-qkvo-r8": adapters["demo-qkvo-r8"],
+    }
+    jobs = [(name, ids) for ids in prompt_ids for name in (*served, None)]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        served,
+        jobs,
+        max_loras=3,
+        pool_bytes=(pages(16) + 2 * pages(8)) * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=16,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    kept = [i for i, (name, _) in enumerate(jobs) if name != "diverged"]
+    check_outputs(demo, served, [jobs[i] for i in kept], [out["outputs"][i] for i in kept])
+    assert "has inf or NaN weights in 1 layers" in log, log[-4000:]
+
+
 def test_an_adapter_whose_config_understates_its_modules_is_charged_for_its_weights(
     tmp_path, tmp_path_factory, demo, prompt_ids
 ):

@@ -147,6 +147,47 @@ def test_another_adapters_overflow_or_a_freed_page_never_reaches_a_row(batched_p
     torch.testing.assert_close(got[1:], want[1:], **TOL[torch.float32])  # row 0: slot 0's own
 
 
+@pytest.mark.parametrize("poison", ["inf_b", "nan_a", "fp16_overflow"])
+def test_an_adapter_with_non_finite_weights_reaches_only_its_own_rows(
+    poison: str, batched_pass: str
+) -> None:
+    """A diverged adapter (inf or NaN in its weights, or fp32 weights that overflow the
+    pool's fp16) is served to its own rows only: the batched pass multiplies every row by the
+    zeros its mask leaves on other adapters' rank rows, and 0 x inf = NaN would reach all of
+    them. After it leaves, its pages hold zeros and the whole pool is read again."""
+    hidden, widths = SHAPES["qkv_gqa"]
+    dtype = torch.float16 if poison == "fp16_overflow" else torch.float32
+    adapters = make_adapters([8, 4, 16], hidden, widths, seed=23)
+    kw = {"hidden": hidden, "widths": widths, "page_size": 4, "dtype": dtype}
+    pool = make_pool(adapters, **kw, device=CPU)
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(7, hidden, generator=gen).to(dtype)
+    y0 = torch.randn(7, sum(widths), generator=gen).to(dtype)
+    slots = [1, 0, 2, -1, 0, 1, 2]
+    want = reference(pool, x, y0, slots)
+    bad = adapters[0]
+    a, b = [t.clone() for t in bad.a], [t.clone() for t in bad.b]
+    if poison == "inf_b":
+        b[1][3, 2] = float("inf")
+    elif poison == "nan_a":
+        a[2][5, 0] = float("nan")
+    else:
+        b[0][0, 0] = 1e6  # finite in fp32, inf once the pool casts it to fp16
+    pool.load(0, a, b, bad.scale)
+    assert pool.nonfinite_slots == {0}
+    got = run(pool, x, y0, torch.tensor(slots), 10**9, batched_pass)
+    others = torch.tensor([s != 0 for s in slots])
+    torch.testing.assert_close(got[others], want[others], **TOL[dtype])
+    assert torch.isfinite(got[others]).all()
+    assert not torch.isfinite(got[~others]).all()  # its own rows get what its weights give
+    pages = pool.slot_pages(0)
+    pool.evict(0)
+    assert pool.nonfinite_slots == frozenset()
+    assert not pool.a_pages[pages].any() and not pool.b_pages[pages].any()
+    got = run(pool, x, y0, torch.tensor([-1 if s == 0 else s for s in slots]), 10**9, "whole_pool")
+    torch.testing.assert_close(got[others], want[others], **TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_a_decode_step_with_an_adapter_on_every_row(dtype: torch.dtype, batched_pass: str) -> None:
     """Every row has an adapter and none has many rows: the batched pass covers all of x and
