@@ -46,6 +46,8 @@ class DemoAdapterSpec:
     target_modules: list[str]
     seed: int
     use_rslora: bool = False
+    # peft's per-module ranks (module name -> rank), e.g. a k_proj of lower rank than q/v
+    rank_pattern: tuple[tuple[str, int], ...] = ()
 
 
 # Different ranks, alphas (never alpha == r, so a forgotten alpha/r shows), module sets and one
@@ -208,6 +210,7 @@ def build_adapter(base_dir: Path, out_dir: Path, spec: DemoAdapterSpec) -> None:
         lora_dropout=0.0,
         bias="none",
         use_rslora=spec.use_rslora,
+        rank_pattern=dict(spec.rank_pattern),
         # False keeps nn.Linear's random init for lora_B instead of zeros: the adapter then
         # really changes the outputs, which is what fidelity tests need to see.
         init_lora_weights=False,

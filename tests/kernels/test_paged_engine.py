@@ -327,6 +327,35 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     assert out["residency_waits"]  # admission held requests back until their pages were free
 
 
+def test_fused_slices_of_unequal_rank_match_merged_references(
+    tmp_path, tmp_path_factory, demo, adapters, prompt_ids
+):
+    """peft's rank_pattern gives k_proj and up_proj lower ranks than their fused neighbours:
+    the paged layer pads those slices with zero rank rows to the group's rank (set_lora's
+    padding path) and every answer is still the merged reference, beside an adapter whose
+    slices all share one rank (the path that hands slices to the pool as they are)."""
+    folder = tmp_path_factory.mktemp("rank-pattern")
+    spec = DemoAdapterSpec(
+        "patterned", 8, 16, ALL_PROJECTIONS, seed=71, rank_pattern=(("k_proj", 4), ("up_proj", 2))
+    )
+    build_adapter(demo.base, folder / spec.name, spec)
+    config = json.loads((folder / spec.name / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"k_proj": 4, "up_proj": 2}
+    served = {"patterned": folder / spec.name, "demo-all-r16": adapters["demo-all-r16"]}
+    jobs = [(name, ids) for ids in prompt_ids for name in (*served, None)]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        served,
+        jobs,
+        max_loras=2,
+        pool_bytes=(pages(16) + pages(8)) * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=16,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    check_outputs(demo, served, jobs, out["outputs"])
+
+
 def test_an_adapter_with_inf_weights_leaves_the_others_in_its_batch_exact(
     tmp_path, tmp_path_factory, demo, adapters, prompt_ids
 ):
