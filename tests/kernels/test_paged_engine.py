@@ -327,6 +327,23 @@ def test_churn_of_36_mixed_rank_adapters_through_a_small_pool(
     assert out["residency_waits"]  # admission held requests back until their pages were free
 
 
+def serve_together(tmp_path, demo, served, prompt_ids, ranks: list[int]):
+    """Every adapter of `served` and the base on each prompt, in one batch: one slot per
+    adapter and a pool that holds adapters of `ranks` at once (max_lora_rank 16)."""
+    jobs = [(name, ids) for ids in prompt_ids for name in (*served, None)]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        served,
+        jobs,
+        max_loras=len(served),
+        pool_bytes=sum(pages(r) for r in ranks) * PAGE_SIZE * ROW_BYTES,
+        max_lora_rank=16,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    return jobs, out, log
+
+
 def test_fused_slices_of_unequal_rank_match_merged_references(
     tmp_path, tmp_path_factory, demo, adapters, prompt_ids
 ):
@@ -342,17 +359,7 @@ def test_fused_slices_of_unequal_rank_match_merged_references(
     config = json.loads((folder / spec.name / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"k_proj": 4, "up_proj": 2}
     served = {"patterned": folder / spec.name, "demo-all-r16": adapters["demo-all-r16"]}
-    jobs = [(name, ids) for ids in prompt_ids for name in (*served, None)]
-    out, log = run_engine(
-        tmp_path,
-        demo,
-        served,
-        jobs,
-        max_loras=2,
-        pool_bytes=(pages(16) + pages(8)) * PAGE_SIZE * ROW_BYTES,
-        max_lora_rank=16,
-    )
-    assert out["error"] is None, (out["error"], log[-4000:])
+    jobs, out, _ = serve_together(tmp_path, demo, served, prompt_ids, [16, 8])
     check_outputs(demo, served, jobs, out["outputs"])
 
 
@@ -379,17 +386,7 @@ def test_an_adapter_with_inf_weights_leaves_the_others_in_its_batch_exact(
         "demo-all-r16": adapters["demo-all-r16"],
         "demo-qkvo-r8": adapters["demo-qkvo-r8"],
     }
-    jobs = [(name, ids) for ids in prompt_ids for name in (*served, None)]
-    out, log = run_engine(
-        tmp_path,
-        demo,
-        served,
-        jobs,
-        max_loras=3,
-        pool_bytes=(pages(16) + 2 * pages(8)) * PAGE_SIZE * ROW_BYTES,
-        max_lora_rank=16,
-    )
-    assert out["error"] is None, (out["error"], log[-4000:])
+    jobs, out, log = serve_together(tmp_path, demo, served, prompt_ids, [16, 8, 8])
     kept = [i for i, (name, _) in enumerate(jobs) if name != "diverged"]
     check_outputs(demo, served, [jobs[i] for i in kept], [out["outputs"][i] for i in kept])
     assert "has inf or NaN weights in 1 layers" in log, log[-4000:]
