@@ -222,6 +222,11 @@ def paged_lora_linear_cpu(
                 bounds,
             )
     if rows.batched_rows.numel():
+        # One number when the step's adapters share a scale (vLLM folds the scale into B, so
+        # in the engine it is always 1.0); slots without rows in this layer (rank 0: an MLP
+        # adapter in an attention layer) own no page and do not count.
+        held_scales = {scales[s] for s in rows.batched_present_slots if ranks[s] > 0}
+        step_scale = held_scales.pop() if len(held_scales) == 1 else None
         page_size, num_pages = a_pages.shape[2], a_pages.shape[0]
         held = sum(-(-ranks[s] // page_size) for s in rows.batched_present_slots)
         per_row = page_size * (a_pages.shape[1] * a_pages.shape[3] + b_pages.shape[2])
@@ -231,10 +236,12 @@ def paged_lora_linear_cpu(
         ):
             every_row = rows.batched_all_rows and token_slot.shape[0] == x.shape[0]
             _batched_whole_pool(
-                y, x, a_pages, b_pages, page_owner, slot_scale, scales, rows, bounds, every_row
+                y, x, a_pages, b_pages, page_owner, slot_scale, step_scale, rows, bounds, every_row
             )
         else:
-            _batched(y, x, a_pages, b_pages, page_table, slot_scale, scales, ranks, rows, bounds)
+            _batched(
+                y, x, a_pages, b_pages, page_table, slot_scale, step_scale, ranks, rows, bounds
+            )
     return y
 
 
@@ -296,7 +303,7 @@ def _batched(
     b_pages: torch.Tensor,
     page_table: torch.Tensor,
     slot_scale: torch.Tensor,
-    scales: list[float],
+    step_scale: float | None,
     ranks: list[int],
     rows: StepRows,
     bounds: list[int],
@@ -320,7 +327,7 @@ def _batched(
     b = b_pages[pages].reshape(n_used * page_size, -1).float()
     xs = x[rows.batched_rows].float()
     not_own = owner[None, :] != rows.batched_slots[:, None]  # rank-0 slots own no page
-    per_slice = _own_pages_per_slice(xs @ a.t(), not_own, slot_scale, scales, rows, page_size)
+    per_slice = _own_pages_per_slice(xs @ a.t(), not_own, slot_scale, step_scale, rows, page_size)
     delta = torch.cat(
         [per_slice[i] @ b[:, bounds[i] : bounds[i + 1]] for i in range(n_slices)], dim=1
     )
@@ -331,14 +338,14 @@ def _own_pages_per_slice(
     h: torch.Tensor,
     not_own: torch.Tensor,
     slot_scale: torch.Tensor,
-    scales: list[float],
+    step_scale: float | None,
     rows: StepRows,
     page_size: int,
 ) -> torch.Tensor:
     """The shrink's output h [T, U·S·P] (row t against rank row p of page u, slice s), kept
     only where row t's slot owns page u (not_own [T, U] is False) and scaled by that slot's
     scale, as [S, T, U·P]: each slice's rows are a plain 2-D view for its expand GEMM.
-    `scales` is slot_scale on the host.
+    step_scale: the one scale every row's adapter shares, or None to gather it per row.
 
     One multiply writes the slice-major layout and applies the scale; one fill clears the
     pages the row does not own. Filled, not multiplied by a 0/1 mask: inf x 0 would carry
@@ -350,9 +357,8 @@ def _own_pages_per_slice(
     n_slices = h.shape[1] // (u * page_size)
     out = torch.empty(n_slices, t, u, page_size, dtype=torch.float32, device=h.device)
     page_major = h.view(t, u, n_slices, page_size).permute(2, 0, 1, 3)
-    step_scales = {scales[s] for s in rows.batched_present_slots}
-    if len(step_scales) == 1:  # vLLM folds the scale into B, so in the engine it is 1.0
-        torch.mul(page_major, step_scales.pop(), out=out)
+    if step_scale is not None:
+        torch.mul(page_major, step_scale, out=out)
     else:
         row_scale = slot_scale.to(torch.float32)[rows.batched_slots]
         torch.mul(page_major, row_scale[None, :, None, None], out=out)
@@ -381,7 +387,7 @@ def _batched_whole_pool(
     b_pages: torch.Tensor,
     page_owner: torch.Tensor,
     slot_scale: torch.Tensor,
-    scales: list[float],
+    step_scale: float | None,
     rows: StepRows,
     bounds: list[int],
     every_row: bool,
@@ -400,7 +406,7 @@ def _batched_whole_pool(
     xs = x if every_row else x[rows.batched_rows]
     not_own = page_owner[None, :] != rows.batched_slots[:, None]
     h = xs.float() @ a.float().t()
-    per_slice = _own_pages_per_slice(h, not_own, slot_scale, scales, rows, page_size)
+    per_slice = _own_pages_per_slice(h, not_own, slot_scale, step_scale, rows, page_size)
     if every_row and y.dtype == torch.float32:
         for i in range(n_slices):
             lo, hi = bounds[i], bounds[i + 1]

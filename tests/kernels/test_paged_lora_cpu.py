@@ -205,15 +205,18 @@ def test_a_decode_step_with_an_adapter_on_every_row(dtype: torch.dtype, batched_
     torch.testing.assert_close(got, reference(pool, x, y0, slots), **TOL[dtype])
 
 
-@pytest.mark.parametrize("slots", [[1, 1, 1], [2, 0, 2, 1, 0]], ids=["one_adapter", "three"])
+@pytest.mark.parametrize(
+    "slots", [[1, 1, 1], [2, 0, 2, 1, 0], [2, 3, 0, 3, 1]], ids=["one", "three", "with_empty"]
+)
 def test_adapters_sharing_one_scale_get_it(slots: list[int], batched_pass: str) -> None:
     """The batched pass scales by one number when the step's adapters share it (vLLM folds
-    the scale into B, so there it is 1.0); a shared scale other than 1 still applies."""
+    the scale into B, so there it is 1.0); a shared scale other than 1 still applies. Slot 3
+    holds nothing in this layer (rank 0, scale 0): its rows get no delta, whatever scale."""
     hidden, widths = SHAPES["qkv_gqa"]
     adapters = make_adapters([4, 8, 16], hidden, widths, seed=21)
     adapters = [dataclasses.replace(a, scale=2.5) for a in adapters]
     kw = {"hidden": hidden, "widths": widths, "page_size": 4, "dtype": torch.float32}
-    pool = make_pool(adapters, **kw, device=CPU)
+    pool = make_pool(adapters, **kw, device=CPU, extra_slots=1)
     x = torch.randn(len(slots), hidden)
     y0 = torch.randn(len(slots), sum(widths))
     got = run(pool, x, y0, torch.tensor(slots), OWN_GEMM_ROWS, batched_pass)
