@@ -260,6 +260,9 @@ class PagedLoraPool:
         if pages:
             zeroed = slot in self._nonfinite
             if zeroed:  # free pages stay finite (module docstring)
+                # after its page-in, which may still be in flight on the side stream (a
+                # prefetch evicted before any step waited for it)
+                self.copier.wait_ready()
                 index = self.copier.device_tensor(pages, torch.long)
                 self.a_pages.index_fill_(0, index, 0.0)
                 self.b_pages.index_fill_(0, index, 0.0)

@@ -182,3 +182,26 @@ def test_page_in_and_out_never_sync_the_host(side_stream: bool) -> None:
     assert_holds(pool, 2, *first)
     assert pool.slot_scale.tolist()[:3] == [0.0, 0.25, 0.5]
     assert pool.slot_rank.tolist()[:3] == [0, 20, 24]
+
+
+@pytest.mark.gpu
+def test_an_evicted_non_finite_adapter_is_zeroed_after_its_copy_landed() -> None:
+    """A prefetched adapter with inf weights, evicted before any step waited for its copy:
+    the zero fill on the compute stream must land after the side-stream copy, or the freed
+    pages keep the inf the CPU path's batched pass must never read."""
+    dev = torch.device("cuda")
+    copier = PageCopier(dev)
+    pool = make(4, dev, copier)
+    a, b = adapter(16, seed=7)
+    b[1][2, 3] = float("inf")
+    copier.wait_ready()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(copier.side_stream):
+        torch.cuda._sleep(_sleep_cycles(0.5))  # the copy queues behind this
+    pool.load(0, a, b, scale=1.0)
+    assert pool.nonfinite_slots == {0}
+    pages = pool.slot_pages(0)
+    pool.evict(0)
+    torch.cuda.synchronize()
+    assert pool.nonfinite_slots == frozenset()
+    assert not pool.a_pages[pages].any() and not pool.b_pages[pages].any()
