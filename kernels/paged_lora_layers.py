@@ -40,10 +40,11 @@ from vllm.lora.layers import (
 )
 
 from kernels.page_copier import PageCopier
-from kernels.paged_lora_cpu import StepRows, paged_lora_pool_cpu, split_rows
+from kernels.paged_lora_cpu import paged_lora_pool_cpu
 from kernels.paged_lora_triton import PagedSgmvRunner
 from kernels.paged_pool import PagedLoraPool
 from kernels.paged_stats import PagedPoolStats
+from kernels.paged_step_rows import StepRows, split_rows
 
 Weights = torch.Tensor | Sequence[torch.Tensor | None] | None
 KERNELS = ("auto", "torch", "triton")

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from kernels import paged_lora_cpu
-from kernels.paged_lora_cpu import OWN_GEMM_ROWS, StepRows, paged_lora_pool_cpu, split_rows
+from kernels.paged_lora_cpu import paged_lora_pool_cpu
 from kernels.paged_pool import PagedLoraPool
+from kernels.paged_step_rows import OWN_GEMM_ROWS, StepRows, split_rows
 
 LAYERS = {  # name: (hidden_in, slice widths)
     "qkv": (256, (256, 128, 128)),

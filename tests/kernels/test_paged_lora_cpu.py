@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from kernels import paged_lora_cpu
-from kernels.paged_lora_cpu import (
-    OWN_GEMM_ROWS,
-    group_rows_by_slot,
-    paged_lora_pool_cpu,
-    split_rows,
-)
+from kernels.paged_lora_cpu import paged_lora_pool_cpu
 from kernels.paged_pool import PagedLoraPool
+from kernels.paged_step_rows import OWN_GEMM_ROWS, split_rows
 from kernels.sgmv_expand import sgmv_expand_ref
 from kernels.sgmv_metadata import SgmvMetadataBuilder
 from kernels.sgmv_shrink import sgmv_shrink_ref
@@ -263,23 +259,6 @@ def test_the_whole_pool_is_read_unless_the_unowned_pages_cost_more(monkeypatch) 
         big.load(slot, adapter.a, adapter.b, adapter.scale)
     torch.testing.assert_close(run(big, x, y0, slots, batched_pass="whole_pool"), want, **fp32)
     assert calls == ["_batched_whole_pool", "_batched"]
-
-
-def test_groups_cover_each_valid_row_once_in_order() -> None:
-    slots = torch.tensor([3, -1, 0, 3, 7, 0, 0, -1, 3])
-    groups = group_rows_by_slot(slots, num_slots=4)  # 7 is out of range: no adapter
-    assert [(s, r.tolist()) for s, r in groups] == [(0, [2, 5, 6]), (3, [0, 3, 8])]
-    assert group_rows_by_slot(torch.full((3,), -1), num_slots=4) == []
-
-
-def test_split_keeps_every_valid_row_once() -> None:
-    slots = torch.tensor([3, -1, 0, 3, 7, 0, 0, -1, 3, 3])
-    rows = split_rows(slots, num_slots=4, own_gemm_rows=4)  # slot 3 has 4 rows: own GEMMs
-    assert [(s, r.tolist()) for s, r in rows.own] == [(3, [0, 3, 8, 9])]
-    assert rows.batched_rows.tolist() == [2, 5, 6]
-    assert rows.batched_slots.tolist() == [0, 0, 0]
-    assert rows.batched_present.tolist() == [0]
-    assert split_rows(torch.full((3,), -1), num_slots=4).empty
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
