@@ -48,6 +48,7 @@ from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
+from registry.compat import safetensors_dtype
 from registry.rollout import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ def create_app(
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             await served_engine.start()
             ENGINE_UP.set(1)
+            # From here on the gate judges adapters' values against the dtype vLLM resolved.
+            registry.engine_dtype = safetensors_dtype(served_engine.lora_dtype) or (
+                registry.engine_dtype
+            )
             router = RolloutRouter(registry, poll_interval_s=settings.rollout_poll_interval_s)
             catalog = RegistryCatalog(registry, settings.catalog_cache_ttl_s, router)
             router.on_change = catalog.invalidate

@@ -19,7 +19,7 @@ from gateway.errors import ModelNotFound
 from gateway.registry_runtime import RegistryRuntime
 from gateway.rollout_router import RolloutRouter
 from registry import service
-from registry.compat import EngineLimits, inspect_adapter, run_gate
+from registry.compat import inspect_adapter, run_gate
 from registry.errors import InvalidName, NotFound
 from registry.service import Principal, ResolvedAdapter
 
@@ -240,7 +240,7 @@ class RegistryCatalog:
             return
         runtime = self._runtime
         artifact = await asyncio.to_thread(inspect_adapter, path)
-        problems = run_gate(artifact, runtime.base, EngineLimits(runtime.max_lora_rank))
+        problems = run_gate(artifact, runtime.base, runtime.limits())
         if problems:
             logger.error("refusing to load %s: %s", address, "; ".join(p.message for p in problems))
             raise ModelNotFound(address.split("@")[0])

@@ -20,7 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.settings import Settings
 from kernels.page_groups import DemandEntry
 from registry import service
-from registry.compat import BaseModelFingerprint, fingerprint_base_model
+from registry.compat import (
+    BaseModelFingerprint,
+    EngineLimits,
+    fingerprint_base_model,
+    safetensors_dtype,
+)
 from registry.db import make_engine, make_session_factory, migrate
 from registry.errors import (
     AdapterNotFound,
@@ -46,6 +51,12 @@ class RegistryRuntime:
     base_name: str
     base: BaseModelFingerprint
     max_lora_rank: int
+    # The dtype the engine holds LoRA weights in (a safetensors name): the settings' explicit
+    # dtype until the engine has started and resolved it (None for "auto" until then).
+    engine_dtype: str | None = None
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits(max_lora_rank=self.max_lora_rank, dtype=self.engine_dtype)
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -78,7 +89,15 @@ async def open_registry(settings: Settings, base_path: Path, base_name: str) -> 
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
     )
-    return RegistryRuntime(db, sessions, store, base_name, fingerprint, settings.max_lora_rank)
+    return RegistryRuntime(
+        db,
+        sessions,
+        store,
+        base_name,
+        fingerprint,
+        settings.max_lora_rank,
+        safetensors_dtype(settings.dtype),
+    )
 
 
 async def ensure_tenant(runtime: RegistryRuntime, name: str) -> None:
@@ -119,6 +138,7 @@ async def import_adapter_dir(runtime: RegistryRuntime, folder: Path, tenant: str
                     tenant=tenant,
                     served_base=runtime.base,
                     max_lora_rank=runtime.max_lora_rank,
+                    engine_dtype=runtime.engine_dtype,
                     actor=SYSTEM_ACTOR,
                     visibility=Visibility.PRIVATE,
                 )

@@ -88,6 +88,9 @@ class EngineHealth:
 
 class EngineClient(Protocol):
     max_model_len: int
+    # The dtype the engine holds LoRA weights in, as torch names it ("float16"); known once
+    # started, None before (the registry judges adapters' values against it).
+    lora_dtype: str | None
 
     async def start(self) -> None: ...
 

@@ -65,6 +65,7 @@ class EmbeddedVLLM:
         self._served_model_name = served_model_name
         self._engine: AsyncLLM | None = None
         self.max_model_len = settings.max_model_len
+        self.lora_dtype: str | None = None
         # The registered adapters (rank, modules, count), set before start(): paged mode
         # splits its pool between layer groups by them (kernels.page_groups).
         self.paged_demand: tuple[DemandEntry, ...] = ()
@@ -105,6 +106,9 @@ class EmbeddedVLLM:
             timeout=self._settings.engine_start_timeout_s,
         )
         self.max_model_len = self._engine.model_config.max_model_len
+        lora_config = self._engine.vllm_config.lora_config
+        if lora_config is not None:  # vLLM resolved "auto" to the model's dtype at start
+            self.lora_dtype = str(lora_config.lora_dtype).removeprefix("torch.")
 
     async def stop(self) -> None:
         if self._engine is not None:

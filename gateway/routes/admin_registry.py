@@ -48,4 +48,5 @@ async def registry_health(actor: AdminDep, registry: RegistryDep) -> RegistryHea
         served_base=registry.base_name,
         served_base_sha256=registry.base.weights_sha256,
         adapters=len(adapters),
+        engine_lora_dtype=registry.engine_dtype,
     )

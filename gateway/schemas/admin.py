@@ -257,6 +257,9 @@ class RegistryHealthOut(Strict):
     served_base: str
     served_base_sha256: str
     adapters: int
+    # The dtype the engine holds LoRA weights in (safetensors name): registrations whose values
+    # it cannot hold are refused. None until known (dtype "auto" before the engine started).
+    engine_lora_dtype: str | None
 
     model_config = example(
         {
@@ -265,6 +268,7 @@ class RegistryHealthOut(Strict):
             "served_base": "llama-3-8b",
             "served_base_sha256": "4b1e" + "0" * 60,
             "adapters": 1204,
+            "engine_lora_dtype": "BF16",
         }
     )
 

@@ -134,6 +134,7 @@ class AdapterAdmin:
                 tenant=tenant,
                 served_base=runtime.base,
                 max_lora_rank=runtime.max_lora_rank,
+                engine_dtype=runtime.engine_dtype,
                 actor=actor,
                 visibility=Visibility(visibility),
                 card=card,

@@ -1,7 +1,7 @@
 """The compatibility gate: inspection (I/O) into plain data, then pure checks over it."""
 
 from registry.compat.artifact import AdapterArtifact, inspect_adapter
-from registry.compat.checks import CHECKS, EngineLimits, run_gate
+from registry.compat.checks import CHECKS, EngineLimits, run_gate, safetensors_dtype
 from registry.compat.fingerprint import BaseModelFingerprint, ModuleDims, fingerprint_base_model
 from registry.compat.problems import Problem, ProblemCode
 
@@ -16,4 +16,5 @@ __all__ = [
     "fingerprint_base_model",
     "inspect_adapter",
     "run_gate",
+    "safetensors_dtype",
 ]

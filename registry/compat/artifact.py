@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,13 +30,32 @@ ARTIFACT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1024 * 1024
 SCAN_CHUNK = 4 * 1024 * 1024  # a multiple of every itemsize
-# A value is NaN or ±Inf exactly when all its exponent bits are set: test bits, not floats, so
-# bf16 needs no float support and no value is ever converted.
-_EXPONENT_MASKS: dict[str, tuple[type[np.unsignedinteger[Any]], int]] = {
-    "F16": (np.uint16, 0x7C00),
-    "BF16": (np.uint16, 0x7F80),
-    "F32": (np.uint32, 0x7F800000),
-    "F64": (np.uint64, 0x7FF0000000000000),
+
+
+@dataclass(frozen=True)
+class _FloatBits:
+    """A float format seen as unsigned integers. With the sign bit cleared, IEEE bit patterns
+    sort like the magnitudes they encode, and a value is NaN or ±Inf exactly when all its
+    exponent bits are set; so one integer max per chunk finds both the largest magnitude and
+    any non-finite value, bf16 needs no float support, and no value is ever converted."""
+
+    kind: type[np.unsignedinteger[Any]]
+    magnitude_mask: int
+    exponent_mask: int
+    as_float: Callable[[int], float]
+
+
+def _bits_as(kind: type[np.unsignedinteger[Any]], float_kind: Any, shift: int = 0) -> Any:
+    return lambda bits: float(np.array(bits << shift, dtype=kind).view(float_kind)[()])
+
+
+_FLOAT_BITS: dict[str, _FloatBits] = {
+    "F16": _FloatBits(np.uint16, 0x7FFF, 0x7C00, _bits_as(np.uint16, np.float16)),
+    "BF16": _FloatBits(np.uint16, 0x7FFF, 0x7F80, _bits_as(np.uint32, np.float32, shift=16)),
+    "F32": _FloatBits(np.uint32, 0x7FFFFFFF, 0x7F800000, _bits_as(np.uint32, np.float32)),
+    "F64": _FloatBits(
+        np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000, _bits_as(np.uint64, np.float64)
+    ),
 }
 
 
@@ -64,6 +83,9 @@ class AdapterArtifact:
     tensors: tuple[TensorInfo, ...] = ()
     header_error: str | None = None
     nonfinite_tensors: tuple[str, ...] = ()
+    # The largest magnitude in each finite float tensor that was scanned: the gate judges it
+    # against the engine's dtype, which a cast to fp16 can overflow.
+    tensor_max_abs: Mapping[str, float] = field(default_factory=dict)
     file_digests: Mapping[str, FileDigest] = field(default_factory=dict)
     tokenizer: TokenizerInfo | None = None
     tokenizer_error: str | None = None
@@ -163,20 +185,26 @@ def _read_weights(
     tensors = tuple(TensorInfo(t.name, t.dtype, t.shape) for t in header.tensors)
     digest = hashlib.sha256()
     nonfinite: list[str] = []
+    max_abs: dict[str, float] = {}
     # One sequential pass: the header reader proved the tensors tile the data region, so reading
     # them in offset order reads every byte of the file exactly once, for the digest as well.
     try:
         with path.open("rb") as handle:
             digest.update(_read_exact(handle, header.data_start))
             for tensor in header.tensors:
-                if not _stream_tensor(handle, tensor, digest, scan=scan_values):
+                largest = _stream_tensor(handle, tensor, digest, scan=scan_values)
+                if largest is None:
+                    continue
+                if math.isfinite(largest):
+                    max_abs[tensor.name] = largest
+                else:
                     nonfinite.append(tensor.name)
             if handle.read(1):
                 raise HeaderError(["file grew while it was being read"])
     except HeaderError as exc:
         return {"header_error": str(exc), "tensors": tensors}
     digests[ADAPTER_WEIGHTS] = FileDigest(header.file_size, digest.hexdigest())
-    return {"tensors": tensors, "nonfinite_tensors": tuple(nonfinite)}
+    return {"tensors": tensors, "nonfinite_tensors": tuple(nonfinite), "tensor_max_abs": max_abs}
 
 
 def _read_exact(handle: BinaryIO, size: int) -> bytes:
@@ -189,18 +217,24 @@ def _read_exact(handle: BinaryIO, size: int) -> bytes:
     return data
 
 
-def _stream_tensor(handle: BinaryIO, tensor: TensorEntry, digest: Any, *, scan: bool) -> bool:
-    """Hash the tensor's bytes; True when every value is finite (or the dtype is not float)."""
-    mask_spec = _EXPONENT_MASKS.get(tensor.dtype) if scan else None
-    finite = True
+def _stream_tensor(
+    handle: BinaryIO, tensor: TensorEntry, digest: Any, *, scan: bool
+) -> float | None:
+    """Hash the tensor's bytes; return its largest magnitude (inf when any value is NaN or
+    ±Inf), or None when it was not scanned or is not a float tensor."""
+    bits_spec = _FLOAT_BITS.get(tensor.dtype) if scan else None
+    largest = 0
     remaining = tensor.nbytes
     while remaining:
         # Chunks are whole multiples of the item size because SCAN_CHUNK is and reads are exact.
         chunk = _read_exact(handle, min(SCAN_CHUNK, remaining))
         remaining -= len(chunk)
         digest.update(chunk)
-        if mask_spec is not None and finite:
-            kind, mask = mask_spec
-            bits = np.frombuffer(chunk, dtype=kind)
-            finite = not bool(np.any((bits & kind(mask)) == kind(mask)))
-    return finite
+        if bits_spec is not None and largest < bits_spec.exponent_mask:
+            bits = np.frombuffer(chunk, dtype=bits_spec.kind)
+            largest = max(largest, int(np.max(bits & bits_spec.kind(bits_spec.magnitude_mask))))
+    if bits_spec is None:
+        return None
+    if largest >= bits_spec.exponent_mask:
+        return math.inf
+    return bits_spec.as_float(largest)

@@ -24,6 +24,9 @@ from registry.compat.fingerprint import LLAMA_STYLE_TYPES, BaseModelFingerprint,
 from registry.compat.problems import Problem, ProblemCode, capped
 
 SUPPORTED_DTYPES = frozenset({"F16", "BF16", "F32"})
+# The largest finite value of each dtype an engine can hold LoRA weights in.
+FINITE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}
+_TORCH_DTYPE_NAMES = {"float16": "F16", "half": "F16", "bfloat16": "BF16", "float32": "F32"}
 # Inits that only choose starting values; PiSSA, OLoRA, CorDA, LoftQ also rewrite the base
 # weights, so their adapters are wrong on an unmodified base (vLLM refuses them too).
 HARMLESS_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
@@ -38,10 +41,14 @@ _EMBEDDING_PART = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|embed_out)(?:
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What the serving engine was started with (vLLM's --max-lora-rank and its LoRA dtypes)."""
+    """What the serving engine was started with (vLLM's --max-lora-rank and its LoRA dtypes).
+
+    `dtype` is the dtype the engine holds LoRA weights in (vLLM's resolved lora_dtype, as a
+    safetensors name); None while it is not known, and then values are not judged against it."""
 
     max_lora_rank: int
     supported_dtypes: frozenset[str] = SUPPORTED_DTYPES
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,13 @@ class LoraKey:
 
 
 Check = Callable[[AdapterArtifact, BaseModelFingerprint, EngineLimits], list[Problem]]
+
+
+def safetensors_dtype(torch_name: str | None) -> str | None:
+    """ "float16" or "torch.float16" → "F16"; None for "auto", None or a dtype not served."""
+    if torch_name is None:
+        return None
+    return _TORCH_DTYPE_NAMES.get(torch_name.removeprefix("torch."))
 
 
 def parse_lora_key(name: str) -> LoraKey | None:
@@ -367,6 +381,40 @@ def check_finite(
     ]
 
 
+def check_value_range(
+    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
+) -> list[Problem]:
+    """vLLM casts A and B to the engine's dtype and then multiplies B by the scale in that
+    dtype: a value past the dtype's range becomes inf there, and every output of the adapter
+    with it. An fp32 adapter served in fp16 is the usual case, but an fp16 B with a scale above
+    1 can overflow too. Values within half an ulp of the maximum would round down to it rather
+    than overflow; refusing those as well costs nothing real."""
+    limit = FINITE_MAX.get(limits.dtype or "")
+    if limit is None or not a.tensor_max_abs:
+        return []
+    scale = max(1.0, a.scale or 1.0)
+    beyond: dict[str, float] = {}
+    for name, largest in a.tensor_max_abs.items():
+        key = parse_lora_key(name)
+        if key is None:
+            continue  # reported by check_tensors
+        served = largest * scale if key.ab == "B" else largest
+        if served > limit:
+            beyond[name] = served
+    if not beyond:
+        return []
+    worst = max(beyond, key=beyond.__getitem__)
+    scaled = f" (lora_B after its scale of {scale:g})" if scale > 1 else ""
+    return [
+        Problem(
+            ProblemCode.VALUE_OUT_OF_RANGE,
+            f"{len(beyond)} tensor(s) exceed the engine's {limits.dtype} range (±{limit:g}) "
+            f"once cast{scaled}, so they would serve as inf: {_listed(beyond)}; largest "
+            f"{beyond[worst]:.6g} in {worst}",
+        )
+    ]
+
+
 CHECKS: tuple[Check, ...] = (
     check_files,
     check_safetensors,
@@ -377,6 +425,7 @@ CHECKS: tuple[Check, ...] = (
     check_tensors,
     check_dtypes,
     check_finite,
+    check_value_range,
 )
 
 

@@ -13,6 +13,7 @@ class ProblemCode(StrEnum):
     UNSAFE_FILE = "unsafe_file"
     HEADER_INVALID = "safetensors_header_invalid"
     NON_FINITE = "non_finite_weights"
+    VALUE_OUT_OF_RANGE = "value_out_of_engine_range"
     DTYPE_UNSUPPORTED = "dtype_unsupported"
     # adapter_config.json
     CONFIG_INVALID = "adapter_config_invalid"

@@ -46,6 +46,7 @@ async def register_adapter_version(
     tenant: str,
     served_base: BaseModelFingerprint,
     max_lora_rank: int,
+    engine_dtype: str | None = None,
     actor: str,
     visibility: Visibility | None = None,
     card: Mapping[str, Any] | str | bytes | None = None,
@@ -56,7 +57,9 @@ async def register_adapter_version(
     `artifact_dir` is a local PEFT folder from `registry.ingest`; only adapter_config.json and
     adapter_model.safetensors are stored. `base_sha256` is the uploader's claim of the base it
     trained on (a card's `base_sha256` claims the same); an existing adapter stays bound to the
-    base of its first version. New adapters default to private.
+    base of its first version. New adapters default to private. `max_lora_rank` and
+    `engine_dtype` describe the serving engine (EngineLimits); a dtype of None skips the value
+    range check, which the gateway repeats before the first load once the engine runs.
 
     Raises AdapterRejected with every problem, TenantNotFound, BaseModelNotFound,
     DuplicateAdapter (name owned by another tenant) or RegistryConflict (lost a race)."""
@@ -82,7 +85,8 @@ async def register_adapter_version(
     artifact = await asyncio.to_thread(inspect_adapter, Path(artifact_dir))
     artifact = _with_claims(artifact, card=parsed_card, base_sha256=base_sha256)
     problems += _binding_problems(adapter, base)
-    problems += run_gate(artifact, served_base, EngineLimits(max_lora_rank=max_lora_rank))
+    limits = EngineLimits(max_lora_rank=max_lora_rank, dtype=engine_dtype)
+    problems += run_gate(artifact, served_base, limits)
     if parsed_card is not None and not invalid:
         problems += await rollback_path_problems(
             session, target=parsed_card.rollback_path, name=name, tenant=owner, base=base

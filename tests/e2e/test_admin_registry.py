@@ -158,6 +158,8 @@ def test_admin_routes_need_the_admin_token(gateway):
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_admin_token"
     health = admin(gateway, "GET", "/health").json()
     assert health["status"] == "ok" and health["adapters"] >= len(DEMO_ADAPTERS)
+    # dtype "auto": what vLLM resolved at start, which the gate now judges values against
+    assert health["engine_lora_dtype"] in {"F16", "BF16", "F32"}
     bases = admin(gateway, "GET", "/base-models").json()
     assert [b["served"] for b in bases] == [True]
 

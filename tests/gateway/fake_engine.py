@@ -26,6 +26,7 @@ ADMIN_TOKEN = "fake-engine-admin"
 
 class ScriptedEngine:
     max_model_len = 256
+    lora_dtype: str | None = None  # a test sets it to play an engine of that dtype
 
     def __init__(
         self, words: list[str], fail_after: int | None = None, error: Exception | None = None
@@ -112,12 +113,12 @@ class KeyedClient(TestClient):
 
 
 def client_for(demo_root: Path, engine: Any, **overrides: Any) -> KeyedClient:
-    settings = Settings(
-        base_model=demo_root / "base",
-        served_model_name=BASE,
-        adapter_dir=None,
-        data_dir=demo_root / "data",
-        admin_token=ADMIN_TOKEN,
-        **overrides,
-    )
+    defaults: dict[str, Any] = {
+        "base_model": demo_root / "base",
+        "served_model_name": BASE,
+        "adapter_dir": None,
+        "data_dir": demo_root / "data",
+        "admin_token": ADMIN_TOKEN,
+    }
+    settings = Settings(**{**defaults, **overrides})
     return KeyedClient(create_app(settings, engine=engine), raise_server_exceptions=False)

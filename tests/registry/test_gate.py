@@ -20,6 +20,7 @@ from registry.compat import (
     fingerprint_base_model,
     inspect_adapter,
     run_gate,
+    safetensors_dtype,
 )
 from registry.compat.checks import check_peft_config, check_tensors
 from registry.compat.problems import Problem
@@ -145,6 +146,108 @@ def test_nan_in_bf16_is_found_by_bit_pattern(good_adapter, copy_adapter, base_fp
 
     edit_tensors(folder, poison)
     assert codes(gate(folder, base_fp)) == {C.NON_FINITE}
+
+
+def test_largest_magnitude_per_tensor_is_read_from_the_bits_in_every_float_dtype(
+    good_adapter, copy_adapter
+):
+    import torch
+
+    target = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    for dtype, value in (
+        (torch.float32, -123456.75),
+        (torch.float16, -60000.0),
+        (torch.bfloat16, -1.5e30),
+    ):
+        folder = copy_adapter(good_adapter)
+
+        def plant(tensors: dict[str, Any], d: Any = dtype, v: float = value) -> dict[str, Any]:
+            tensors = {k: t.to(d) for k, t in tensors.items()}
+            tensors[target][5, 1] = v
+            return tensors
+
+        edit_tensors(folder, plant)
+        artifact = inspect_adapter(folder)
+        planted = torch.tensor(value, dtype=dtype).item()  # the value as stored
+        assert artifact.tensor_max_abs[target] == abs(planted), dtype
+        expected = {k: t.abs().max().item() for k, t in _loaded(folder).items() if k != target}
+        assert {k: v for k, v in artifact.tensor_max_abs.items() if k != target} == expected
+        assert inspect_adapter(folder, scan_values=False).tensor_max_abs == {}
+
+
+def _loaded(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(folder / WEIGHTS))
+
+
+def _with_b_value(folder: Path, value: float, dtype: Any = None) -> str:
+    target = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+
+    def plant(tensors: dict[str, Any]) -> dict[str, Any]:
+        if dtype is not None:
+            tensors = {k: t.to(dtype) for k, t in tensors.items()}
+        tensors[target][0, 3] = value
+        return tensors
+
+    edit_tensors(folder, plant)
+    return target
+
+
+def test_values_beyond_an_fp16_engine_are_refused_and_fit_wider_engines(
+    good_adapter, copy_adapter, base_fp
+):
+    folder = copy_adapter(good_adapter)
+    target = _with_b_value(folder, 70000.0)  # fine in the fp32 file, inf once cast to fp16
+    fp16 = EngineLimits(max_lora_rank=16, dtype="F16")
+    problems = gate(folder, base_fp, fp16)
+    assert codes(problems) == {C.VALUE_OUT_OF_RANGE}
+    text = problems[0].message
+    assert target in text and "F16" in text and "65504" in text
+    assert "140000" in text  # the good adapter's scale is 2: B is served at twice the value
+    for wider in ("BF16", "F32", None):  # None: the engine's dtype is not known yet
+        assert gate(folder, base_fp, EngineLimits(max_lora_rank=16, dtype=wider)) == [], wider
+
+
+def test_the_scale_folded_into_lora_b_can_overflow_an_fp16_adapter_on_an_fp16_engine(
+    good_adapter, copy_adapter, base_fp
+):
+    import torch
+
+    fp16 = EngineLimits(max_lora_rank=16, dtype="F16")
+    folder = copy_adapter(good_adapter)
+    _with_b_value(folder, 40000.0, dtype=torch.float16)  # scale 2: served as 80000
+    assert codes(gate(folder, base_fp, fp16)) == {C.VALUE_OUT_OF_RANGE}
+    folder = copy_adapter(good_adapter)
+    _with_b_value(folder, 30000.0, dtype=torch.float16)  # served as 60000: fits
+    assert gate(folder, base_fp, fp16) == []
+
+
+def test_lora_a_is_cast_unscaled(good_adapter, copy_adapter, base_fp):
+    folder = copy_adapter(good_adapter)
+    target = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+
+    def plant(value: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def change(tensors: dict[str, Any]) -> dict[str, Any]:
+            tensors[target][1, 1] = value
+            return tensors
+
+        return change
+
+    fp16 = EngineLimits(max_lora_rank=16, dtype="F16")
+    edit_tensors(folder, plant(40000.0))  # twice this would overflow; A is not scaled
+    assert gate(folder, base_fp, fp16) == []
+    edit_tensors(folder, plant(-65600.0))
+    problems = gate(folder, base_fp, fp16)
+    assert codes(problems) == {C.VALUE_OUT_OF_RANGE} and target in problems[0].message
+
+
+def test_engine_dtype_names_map_to_safetensors_names():
+    assert safetensors_dtype("float16") == safetensors_dtype("torch.float16") == "F16"
+    assert safetensors_dtype("half") == "F16"
+    assert safetensors_dtype("bfloat16") == "BF16" and safetensors_dtype("float32") == "F32"
+    assert safetensors_dtype("auto") is None and safetensors_dtype(None) is None
+    assert safetensors_dtype("float8_e4m3fn") is None
 
 
 def test_rank_above_the_engine_limit_names_the_limit(
