@@ -8,10 +8,13 @@ already reported (e.g. shapes are not judged when the header could not be read).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 from registry.compat.artifact import (
     ADAPTER_CONFIG,
@@ -381,34 +384,60 @@ def check_finite(
     ]
 
 
+def _rounded(value: float, dtype: str) -> float:
+    """`value` as the engine holds it in `dtype` (round to nearest even, inf past the range),
+    the way torch casts; without torch, so the registry need not import it."""
+    with np.errstate(over="ignore"):
+        if dtype == "F16":
+            return float(np.float16(value))
+        single = np.float32(value)
+    if dtype == "BF16":  # keep the upper 16 bits of the fp32 pattern, rounded to nearest even
+        bits = int(np.array(single).view(np.uint32))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return float(np.array(bits, dtype=np.uint32).view(np.float32))
+    return float(single)
+
+
+def _as_served(largest: float, dtype: str, scale: float) -> float:
+    """What vLLM makes of a tensor's largest magnitude: cast to the engine's dtype, then, for
+    lora_B, `lora_b *= scale` (fp32 math, rounded to the dtype again). Both steps are monotonic,
+    so the largest input gives the largest output and the tensor's max is all the gate needs."""
+    value = _rounded(largest, dtype)
+    if scale != 1.0:
+        with np.errstate(over="ignore"):
+            value = _rounded(float(np.float32(value) * np.float32(scale)), dtype)
+    return value
+
+
 def check_value_range(
     a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
 ) -> list[Problem]:
     """vLLM casts A and B to the engine's dtype and then multiplies B by the scale in that
     dtype: a value past the dtype's range becomes inf there, and every output of the adapter
     with it. An fp32 adapter served in fp16 is the usual case, but an fp16 B with a scale above
-    1 can overflow too. Values within half an ulp of the maximum would round down to it rather
-    than overflow; refusing those as well costs nothing real."""
-    limit = FINITE_MAX.get(limits.dtype or "")
-    if limit is None or not a.tensor_max_abs:
+    1 can overflow too, and a B that fits can round up past the range before it is scaled.
+    The check replays both roundings on each tensor's largest value, so it refuses exactly what
+    would overflow (values within half an ulp of the maximum round down to it and pass)."""
+    dtype = limits.dtype
+    if dtype not in FINITE_MAX or not a.tensor_max_abs:
         return []
-    scale = max(1.0, a.scale or 1.0)
+    scale = a.scale or 1.0  # an invalid rank or alpha is refused by check_peft_config
     beyond: dict[str, float] = {}
     for name, largest in a.tensor_max_abs.items():
         key = parse_lora_key(name)
         if key is None:
             continue  # reported by check_tensors
-        served = largest * scale if key.ab == "B" else largest
-        if served > limit:
-            beyond[name] = served
+        tensor_scale = scale if key.ab == "B" else 1.0
+        if not math.isfinite(_as_served(largest, dtype, tensor_scale)):
+            beyond[name] = largest * tensor_scale
     if not beyond:
         return []
     worst = max(beyond, key=beyond.__getitem__)
-    scaled = f" (lora_B after its scale of {scale:g})" if scale > 1 else ""
+    scaled = f" (lora_B times its scale of {scale:g})" if scale != 1.0 else ""
     return [
         Problem(
             ProblemCode.VALUE_OUT_OF_RANGE,
-            f"{len(beyond)} tensor(s) exceed the engine's {limits.dtype} range (±{limit:g}) "
+            f"{len(beyond)} tensor(s) exceed the engine's {dtype} range (±{FINITE_MAX[dtype]:g}) "
             f"once cast{scaled}, so they would serve as inf: {_listed(beyond)}; largest "
             f"{beyond[worst]:.6g} in {worst}",
         )

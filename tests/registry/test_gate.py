@@ -223,6 +223,59 @@ def test_the_scale_folded_into_lora_b_can_overflow_an_fp16_adapter_on_an_fp16_en
     assert gate(folder, base_fp, fp16) == []
 
 
+def test_the_max_and_non_finite_values_are_found_in_any_chunk_of_a_long_tensor(
+    good_adapter, copy_adapter, monkeypatch
+):
+    """A 64-byte scan chunk splits every tensor into many: the max and a NaN are planted in
+    the first and in a middle chunk, where keeping only the last chunk's answer would miss."""
+    import torch
+
+    from registry.compat import artifact as artifact_module
+
+    monkeypatch.setattr(artifact_module, "SCAN_CHUNK", 64)
+    target = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"  # 8 x 128 fp32
+    for row, col in ((0, 0), (4, 70)):  # the first chunk; a middle one
+        for planted in (-9000.5, float("nan")):
+            folder = copy_adapter(good_adapter)
+
+            def plant(tensors, r=row, c=col, v=planted):
+                tensors[target][r, c] = v
+                return tensors
+
+            edit_tensors(folder, plant)
+            artifact = inspect_adapter(folder)
+            stored = _loaded(folder)[target]
+            if math.isnan(planted):
+                assert target in artifact.nonfinite_tensors, (row, col)
+                assert target not in artifact.tensor_max_abs
+            else:
+                assert artifact.tensor_max_abs[target] == 9000.5 == stored.abs().max().item()
+            assert torch.isfinite(stored).all() == (not math.isnan(planted))
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "value", "refused"),
+    [
+        # vLLM rounds B to fp16 first (43669 -> 43680), then scales by 1.5 -> 65520: inf;
+        # the exact product, 65503.5, would have passed
+        (16, 24, 43669.0, True),
+        (16, 24, 43660.0, False),  # rounds to 43648, x 1.5 = 65472
+        (16, 48, 21834.0, True),  # scale 3: 21840 x 3 = 65520
+        # scale 1/2: the cast comes first, so 70000 overflows although 35000 would fit
+        (16, 8, 70000.0, True),
+        (16, 16, 65519.0, False),  # scale 1: rounds down to 65504, served finite
+        (16, 16, 65520.0, True),  # the first value that rounds to inf
+    ],
+)
+def test_the_range_check_replays_vllms_cast_and_scale(
+    make_adapter, copy_adapter, base_fp, rank, alpha, value, refused
+):
+    folder = copy_adapter(make_adapter(f"r{rank}a{alpha}", r=rank, lora_alpha=alpha))
+    _with_b_value(folder, value)
+    problems = gate(folder, base_fp, EngineLimits(max_lora_rank=16, dtype="F16"))
+    assert codes(problems) == ({C.VALUE_OUT_OF_RANGE} if refused else set())
+
+
 def test_lora_a_is_cast_unscaled(good_adapter, copy_adapter, base_fp):
     folder = copy_adapter(good_adapter)
     target = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
