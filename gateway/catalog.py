@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.engine.client import AdapterHandle
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, ModelUnavailable
 from gateway.registry_runtime import RegistryRuntime
 from gateway.rollout_router import RolloutRouter
 from registry import service
@@ -57,6 +57,10 @@ class ModelCatalog(Protocol):
         """Raises ModelNotFound for anything `caller` may not use: unknown, another tenant's,
         retired or not servable all give the same answer. `caller_key` picks the caller's
         side of a canary (sticky)."""
+        ...
+
+    async def describe(self, name: str, caller: Principal) -> ServedModel:
+        """`name` itself (no rollout routing), for its model card; the same refusals."""
         ...
 
 
@@ -121,6 +125,8 @@ class RegistryCatalog:
             # fallback target. Scope still applies: the target resolves for this tenant.
             await self._resolve_named(name, caller)  # the name itself must be in scope
             if routed == "base":
+                if not caller.policy.allow_base_model:
+                    raise ModelUnavailable(name)
                 return replace(self._base, name=name)
             try:
                 return replace(await self._resolve_named(routed, caller), name=name)
@@ -131,6 +137,11 @@ class RegistryCatalog:
                 # poll brings the new view.
                 logger.info("stale rollout view: %s is gone, %s serves its stable", routed, name)
                 return await self._resolve_named(name, caller)
+        return await self._resolve_named(name, caller)
+
+    async def describe(self, name: str, caller: Principal) -> ServedModel:
+        """`name` itself in the caller's scope, for its model card: where a rollout sends this
+        caller's requests is per request, and not the card's business."""
         return await self._resolve_named(name, caller)
 
     async def _resolve_named(self, name: str, caller: Principal) -> ServedModel:

@@ -58,6 +58,23 @@ class ModelNotFound(LoraplexError):
         )
 
 
+class ModelUnavailable(LoraplexError):
+    """A model the caller may use whose traffic is routed, for now, to one it may not: its
+    stable fell back to the base model and the caller's policy forbids the base. Neither the
+    base nor the version that was rolled back is served in its place."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "model_unavailable"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model `{model}` is unavailable to this key for now: its traffic is rolled "
+            "back to the base model, which this key may not use.",
+            param="model",
+        )
+
+
 class EngineUnavailable(LoraplexError):
     status_code = 503
     error_type = "service_unavailable"

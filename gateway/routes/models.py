@@ -34,4 +34,4 @@ async def list_models(catalog: CatalogDep, caller: TenantDep) -> dict[str, Any]:
 @router.get("/{model:path}")
 async def retrieve_model(model: str, catalog: CatalogDep, caller: TenantDep) -> dict[str, Any]:
     """Describe one model or adapter the caller may use."""
-    return model_card(await catalog.resolve(model, caller))
+    return model_card(await catalog.describe(model, caller))

@@ -121,3 +121,48 @@ def test_unarmed_stable_never_falls_back_on_its_own(demo_root):
             counter("loraplex_rollbacks_total", adapter="plain", version="1", reason="error_rate")
             == 0
         )
+
+
+def test_a_fallback_to_the_base_never_serves_a_caller_whose_policy_forbids_the_base(demo_root):
+    """Tenant B may not call the base model and uses A's shared adapter. Rolled back to `base`,
+    the adapter answers B 503 model_unavailable: neither the base nor the rolled-back stable.
+    A, whose policy allows the base, gets the base; restoring serves B again."""
+    engine = ScriptedEngine(["a"])
+    with client_for(demo_root, engine) as client:
+        register(client, demo_root, "fb-guarded", "v1")
+        tenant = "no-base-tenant"
+        body = {"name": tenant, "limits": {"allow_base_model": False}}
+        assert client.post("/admin/v1/tenants", json=body, headers=ADMIN).status_code == 201
+        key = client.post(f"/admin/v1/tenants/{tenant}/keys", headers=ADMIN).json()["key"]
+        guarded = {"Authorization": f"Bearer {key}"}
+        share = {"tenant": tenant}
+        shared = client.post("/admin/v1/adapters/fb-guarded/shares", json=share, headers=ADMIN)
+        assert shared.status_code == 200, shared.text
+
+        def ask(route: str, headers: dict | None = None):
+            body: dict = {"model": "fb-guarded", "max_tokens": 1}
+            if route == "chat":
+                body["messages"] = [{"role": "user", "content": "x"}]
+                return client.post("/v1/chat/completions", json=body, headers=headers or {})
+            body["prompt"] = "x"
+            return client.post("/v1/completions", json=body, headers=headers or {})
+
+        card_before = client.get("/v1/models/fb-guarded", headers=guarded).json()
+        assert ask("chat", guarded).status_code == 200
+        rolled = client.post("/admin/v1/rollouts/fb-guarded/rollback", json={}, headers=ADMIN)
+        assert rolled.status_code == 200 and rolled.json()["active_target"] == "base"
+
+        calls = len(engine.calls)
+        for route in ("chat", "completions"):
+            refused = ask(route, guarded)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "model_unavailable"
+        assert len(engine.calls) == calls  # nothing reached the engine for B
+        assert client.get("/v1/models/fb-guarded", headers=guarded).json() == card_before
+        assert ask("chat").status_code == 200  # the owner may use the base: served by it
+        assert engine.calls[-1][1] is None
+
+        restored = client.post("/admin/v1/rollouts/fb-guarded/restore", headers=ADMIN)
+        assert restored.status_code == 200
+        assert ask("chat", guarded).status_code == 200
+        assert engine.calls[-1][1] is not None
