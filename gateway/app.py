@@ -84,6 +84,11 @@ def create_app(
             from gateway.demo import init_demo
 
             await asyncio.to_thread(init_demo, settings.demo_root)
+        if settings.metrics_token is None and settings.admin_token is None:
+            logger.warning(
+                "neither LORAPLEX_METRICS_TOKEN nor LORAPLEX_ADMIN_TOKEN is set: /metrics, "
+                "which names every tenant's adapters, is open to anyone who reaches this port"
+            )
         base_path = str(settings.resolved_base_model())
         model_name = settings.resolved_model_name()
         # Registry first: a base that differs from the one registered under its name stops

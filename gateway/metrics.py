@@ -70,7 +70,7 @@ RATE_LIMITED = Counter(
 )
 AUTH_FAILURES = Counter(
     "loraplex_auth_failures",
-    "Refused credentials (reason: missing, malformed, unknown, revoked, expired, admin).",
+    "Refused credentials (reason: missing, malformed, unknown, revoked, expired, admin, metrics).",
     ["reason"],
 )
 

@@ -177,6 +177,11 @@ class Settings(BaseSettings):
     )
 
     admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token Prometheus sends for /metrics (the admin token works too); "
+        "with neither set, /metrics is open.",
+    )
 
     @field_validator("max_lora_rank")
     @classmethod

@@ -23,6 +23,7 @@ from gateway.demo import DemoPaths, init_demo
 
 BASE_NAME = "loraplex-demo-base"
 ADMIN_TOKEN = "test-admin-token"
+METRICS_TOKEN = "test-metrics-token"
 DEMO_TENANT = "demo"
 # Four adapters in the demo and max_loras 4: a burst with all of them plus the base fills every
 # slot, the exact condition in which vLLM 0.32's CPU ops gave base requests the last adapter.
@@ -53,6 +54,16 @@ class RunningGateway:
     def v1(self) -> str:
         return f"{self.base_url}/v1"
 
+    def metrics_text(self) -> str:
+        """One /metrics scrape, as Prometheus makes it (with the metrics token)."""
+        response = httpx.get(
+            f"{self.base_url}/metrics",
+            headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.text
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -75,6 +86,7 @@ def start_gateway(
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_DATA_DIR": str(workdir / "data"),
         "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LORAPLEX_METRICS_TOKEN": METRICS_TOKEN,
         **model_env,
         "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
         "LORAPLEX_MAX_LORA_RANK": "32",

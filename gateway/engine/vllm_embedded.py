@@ -177,16 +177,12 @@ class EmbeddedVLLM:
             # about a second later but never fails the pending call): bound the whole probe.
             async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S):
                 await engine.check_health()
-                loaded = sorted(await engine.list_loras())
         except Exception as exc:  # any failure of the probe means not ready
             reason = "engine did not answer" if isinstance(exc, TimeoutError) else str(exc)
             return EngineHealth(alive=False, detail={"reason": f"health check failed: {reason}"})
+        # Served on the unauthenticated /readyz: nothing about which adapters are loaded.
         return EngineHealth(
-            alive=True,
-            detail={
-                "unfinished_requests": engine.get_num_unfinished_requests(),
-                "loaded_adapters": loaded,
-            },
+            alive=True, detail={"unfinished_requests": engine.get_num_unfinished_requests()}
         )
 
     async def adapter_pool(self) -> dict[str, Any] | None:

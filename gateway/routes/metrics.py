@@ -5,6 +5,7 @@ import os
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from gateway.admin_auth import MetricsReaderDep
 from gateway.metrics import ENGINE_UP
 from gateway.pool_metrics import PoolMetrics
 
@@ -24,9 +25,10 @@ def _registry() -> CollectorRegistry:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, reader: MetricsReaderDep) -> Response:
     """Prometheus exposition: loraplex_* per tenant/adapter/version, and the embedded vLLM
-    engine's own vllm:* metrics (same process)."""
+    engine's own vllm:* metrics (same process). Needs the metrics (or admin) token: the
+    series name every tenant's adapters."""
     engine = getattr(request.app.state, "engine", None)
     # Probed at scrape time, so "engine down" alerts fire even when no traffic arrives.
     alive = engine is not None and (await engine.health()).alive

@@ -127,6 +127,22 @@ def test_prometheus_scrapes_the_gateway_service(services):
     assert port in published
 
 
+def test_prometheus_sends_the_metrics_token_the_gateway_expects(services):
+    job = next(
+        j
+        for j in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+        if j["job_name"] == "loraplex-gateway"
+    )
+    assert job["authorization"].get("type", "Bearer") == "Bearer"
+    token_file = PROMETHEUS_CONFIG.parent / job["authorization"]["credentials_file"]
+    expected = interpolate(str(services["gateway"]["environment"]["LORAPLEX_METRICS_TOKEN"]))
+    assert token_file.read_text().strip() == expected
+    # compose mounts the folder, so the file is where the config looks for it
+    assert any(
+        v.startswith("../prometheus:/etc/prometheus") for v in services["prometheus"]["volumes"]
+    )
+
+
 def test_bind_mounts_and_build_files_exist():
     for path in [COMPOSE, *OVERRIDES]:
         for name, service in load(path)["services"].items():

@@ -78,6 +78,25 @@ SERVICE_MONITOR_SCHEMA = {
                             "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                             "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                             "honorLabels": {"type": "boolean"},
+                            # SafeAuthorization: a bearer credential from a Secret in the
+                            # ServiceMonitor's namespace
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "required": ["key"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "key": {"type": "string"},
+                                            "optional": {"type": "boolean"},
+                                        },
+                                    },
+                                },
+                            },
                             "relabelings": {"type": "array"},
                             "metricRelabelings": {"type": "array"},
                         },
@@ -236,6 +255,16 @@ def test_service_and_servicemonitor_select_the_gateway(deployment):
     assert monitor["namespaceSelector"]["matchNames"] == [NAMESPACE]
     (endpoint,) = monitor["endpoints"]
     assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+    credentials = endpoint["authorization"]["credentials"]
+    secret = find("Secret", credentials["name"])
+    assert secret["metadata"]["namespace"] == NAMESPACE  # the Operator reads it from there
+    assert (
+        credentials["key"] == "LORAPLEX_METRICS_TOKEN" and secret["stringData"][credentials["key"]]
+    )
+    env_from = [
+        s["secretRef"]["name"] for s in gateway_container(deployment)["envFrom"] if "secretRef" in s
+    ]
+    assert credentials["name"] in env_from  # the gateway reads the same token
     # The job label of a ServiceMonitor target is the Service's name: alerts.yml matches it.
     assert (
         f'job="{service["metadata"]["name"]}"' in (DEPLOY / "prometheus" / "alerts.yml").read_text()

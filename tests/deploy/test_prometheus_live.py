@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import bearer, free_port
+from tests.conftest import METRICS_TOKEN, bearer, free_port
 from tests.deploy.conftest import find_tool
 from tests.deploy.promql import ALERTS, dashboard_queries
 
@@ -55,6 +55,8 @@ def prometheus(gateway, tmp_path_factory) -> Iterator[str]:
     config["rule_files"] = [str(ALERTS)]
     gateway_job = next(j for j in config["scrape_configs"] if j["job_name"] == "loraplex-gateway")
     gateway_job["static_configs"] = [{"targets": [gateway.base_url.removeprefix("http://")]}]
+    (workdir / "metrics-token").write_text(METRICS_TOKEN)  # the test gateway's, not compose's
+    gateway_job["authorization"]["credentials_file"] = str(workdir / "metrics-token")
     config["scrape_configs"] = [gateway_job]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
 

@@ -6,7 +6,6 @@ scrapes the real gateway (its embedded vLLM engine included) and compares everyt
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.deploy.conftest import run
@@ -97,9 +96,7 @@ def test_grafana_variables_are_substituted():
 
 @pytest.fixture(scope="module")
 def scrape(gateway) -> str:
-    response = httpx.get(f"{gateway.base_url}/metrics", timeout=30)
-    assert response.status_code == 200
-    return response.text
+    return str(gateway.metrics_text())
 
 
 @pytest.mark.engine

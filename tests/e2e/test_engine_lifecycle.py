@@ -41,7 +41,7 @@ def wait_for_idle(gateway, timeout_s: float = 10) -> int:
 
 def generated_tokens(gateway) -> float:
     """vLLM's own count of tokens it generated (its metrics are served on /metrics)."""
-    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    text = gateway.metrics_text()
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

@@ -172,10 +172,9 @@ def test_device_pool_metrics(served, request):
     """After the tests above, the paged engine's pool shows in /metrics (pages used + free =
     the pool, split between layer groups by the imported adapters, adapters paged in,
     device-tier residency); vLLM's slots report no pool."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{served.base_url}/metrics", timeout=30).text
+    text = served.metrics_text()
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

@@ -26,7 +26,7 @@ def admin(gateway, method: str, path: str, **kwargs) -> httpx.Response:
 
 
 def rollbacks(gateway, adapter: str) -> float:
-    text = httpx.get(f"{gateway.base_url}/metrics", timeout=30).text
+    text = gateway.metrics_text()
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -151,7 +151,7 @@ async def test_breaching_stable_moves_its_traffic_to_the_fallback_adapter(gatewa
 
 
 def shadow_sample(gateway, sample: str, adapter: str, **labels: str) -> float:
-    text = httpx.get(f"{gateway.base_url}/metrics", timeout=30).text
+    text = gateway.metrics_text()
     return sum(
         s.value
         for family in text_string_to_metric_families(text)

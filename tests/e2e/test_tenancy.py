@@ -119,7 +119,7 @@ def call(gateway, key: str, endpoint: str, model: str) -> httpx.Response:
 
 def metric_value(gateway, sample: str, **labels: str) -> float:
     """One sample of the live /metrics scrape (0 when the series does not exist yet)."""
-    text = httpx.get(f"{gateway.base_url}/metrics", timeout=30).text
+    text = gateway.metrics_text()
     for family in text_string_to_metric_families(text):
         for found in family.samples:
             if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
