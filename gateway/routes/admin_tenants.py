@@ -63,7 +63,7 @@ async def update_limits(
     name: str, body: TenantLimits, actor: AdminDep, admin: TenantAdminDep
 ) -> TenantOut:
     """Change limits: fields sent replace the current ones, `null` removes one (unlimited).
-    Applies from the next request on this replica, within the cache TTL on others."""
+    Applies from the next request on this replica, within one registry poll on others."""
     changes = {field: getattr(body, field) for field in body.model_fields_set}
     return tenant_out(await admin.update_limits(name, changes, actor))
 

@@ -2,7 +2,9 @@
 
 Each write commits in the registry (with its audit row), then clears this process's caches so
 the change holds from the very next request: a revoked key stops authenticating, new limits
-apply, an unshared adapter stops resolving. Other replicas follow within the cache TTL.
+apply, an unshared adapter stops resolving. Other replicas follow within one registry poll
+(LORAPLEX_ROLLOUT_POLL_INTERVAL_S, gateway.registry_watch); the cache TTL only bounds an entry's
+life should the registry stop answering. A stream already admitted runs to its end.
 """
 
 from __future__ import annotations
