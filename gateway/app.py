@@ -193,6 +193,7 @@ def create_app(
                 controller,
                 faults,
                 mirror,
+                prefix_cache_per_tenant=settings.prefix_cache_scope == "tenant",
             )
             app.state.engine = served_engine
             freeze_startup_heap()

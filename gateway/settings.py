@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         "needs TRITON_INTERPRET=1 (tests only).",
     )
 
+    prefix_cache_scope: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="tenant: a prompt reuses cached prefixes only of its own tenant's requests "
+        "(a cache hit's speed would tell a tenant what another sent); shared: across tenants "
+        "(more hits on common system prompts, for tenants that trust each other).",
+    )
     admin_token: SecretStr | None = None
     metrics_token: SecretStr | None = Field(
         None,

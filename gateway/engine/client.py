@@ -53,6 +53,10 @@ class SamplingOptions:
     # False: the engine reports each choice once, when finished (no per-token work in the
     # gateway process for non-streaming requests).
     stream: bool = True
+    # Not sampling, but per request like it: prompts reuse cached KV blocks only of requests
+    # with the same salt (vLLM's cache_salt). The gateway sets the tenant, so how fast a prompt
+    # starts cannot tell one tenant what another has sent.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,11 @@ class EmbeddedVLLM:
             raise EngineDead("the inference engine is not running")
         try:
             params = _sampling_params(options)
+            prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+            if options.cache_salt is not None:
+                prompt["cache_salt"] = options.cache_salt
             stream = engine.generate(
-                {"prompt_token_ids": prompt_token_ids},
+                prompt,  # type: ignore[arg-type]  # a TokensPrompt
                 params,
                 request_id,
                 lora_request=_lora_request(adapter),

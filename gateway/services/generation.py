@@ -56,6 +56,7 @@ class GenerationService:
         controller: RolloutController | None = None,
         faults: FaultInjector | None = None,
         shadow: ShadowMirror | None = None,
+        prefix_cache_per_tenant: bool = True,
     ):
         self._engine = engine
         self._catalog = catalog
@@ -65,6 +66,7 @@ class GenerationService:
         self._controller = controller
         self._faults = faults
         self._shadow = shadow
+        self._prefix_cache_per_tenant = prefix_cache_per_tenant
         self._defaults = engine.default_sampling()
 
     # ---- preparing -------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class GenerationService:
             frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
             ignore_eos=body.ignore_eos,
             stream=body.stream,
+            cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
         )
 
     # ---- running ---------------------------------------------------------------------------

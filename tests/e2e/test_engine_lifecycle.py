@@ -78,12 +78,14 @@ async def test_non_stream_disconnect_aborts_engine_request(gateway):
         task = asyncio.create_task(
             client.post(f"{gateway.v1}/completions", json=LONG, headers=bearer(gateway.api_key))
         )
-        # Hang up once the engine runs it: a fixed wait raced the test's own process, which a
-        # busy 2-core machine can leave unscheduled for as long as the whole generation takes
-        # (CI saw the full 8000 tokens generated, the cancel landing after the answer).
+        # Hang up once the engine has generated for it: a fixed wait raced the test's own
+        # process, which a busy 2-core machine can leave unscheduled for as long as the whole
+        # generation takes (CI saw the full 8000 tokens generated, the cancel landing after the
+        # answer); and hanging up as soon as the engine held it could land before its first
+        # step, leaving nothing spent to show that it ran.
         deadline = time.monotonic() + 30
-        while not await asyncio.to_thread(unfinished_requests, gateway):
-            assert time.monotonic() < deadline, "the request never reached the engine"
+        while await asyncio.to_thread(generated_tokens, gateway) <= before:
+            assert time.monotonic() < deadline, "the engine never generated for the request"
             assert not task.done(), task
             await asyncio.sleep(0.01)
         task.cancel()

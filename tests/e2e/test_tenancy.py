@@ -224,6 +224,38 @@ def test_missing_bad_revoked_and_expired_keys_get_the_same_401(gateway, world):
     assert secret_part not in log and "sk-not-a-loraplex-key" not in log
 
 
+def prefix_cache_hits(gateway) -> float:
+    return metric_value(gateway, "vllm:prefix_cache_hits_total")
+
+
+def hits_after(gateway, key: str, prompt: str, before: float, expect_more: bool) -> float:
+    """Send `prompt` to the base model; the engine's prefix-cache hit count once it shows (its
+    metrics are recorded as its step's outputs are handled, a moment after the response)."""
+    body = {"model": BASE_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    assert post(gateway, key, "/completions", body).status_code == 200
+    deadline = time.monotonic() + (5.0 if expect_more else 1.0)
+    while (hits := prefix_cache_hits(gateway)) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return hits
+
+
+def test_a_tenant_never_hits_the_prefix_cache_of_another_tenants_prompt(gateway, demo, world):
+    """How fast a prompt starts would tell a tenant that another sent the same prefix: the
+    gateway salts vLLM's prefix cache with the tenant (LORAPLEX_PREFIX_CACHE_SCOPE=tenant)."""
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    prompt = f"{uuid.uuid4().hex} " + " ".join(f"the gateway serves tenant {i}" for i in range(80))
+    assert len(tokenizer(prompt)["input_ids"]) > 400  # several full KV blocks to reuse
+    alpha, beta = world.keys[ALPHA], world.keys[BETA]
+    start = prefix_cache_hits(gateway)
+    first = hits_after(gateway, alpha, prompt, start, expect_more=False)
+    assert first == start  # a prompt nobody sent before
+    again = hits_after(gateway, alpha, prompt, first, expect_more=True)
+    assert again > first  # the cache is on: alpha reuses its own prefix
+    other = hits_after(gateway, beta, prompt, again, expect_more=False)
+    assert other == again  # beta's identical prompt found nothing of alpha's
+    assert hits_after(gateway, beta, prompt, other, expect_more=True) > other  # but its own
+
+
 def test_tenant_keys_are_refused_on_admin_routes(gateway, world):
     for path in ("/adapters", "/tenants", "/keys", "/health"):
         response = httpx.get(
