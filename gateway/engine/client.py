@@ -82,6 +82,9 @@ class GenerationUpdate:
     prompt_tokens: int
     choices: list[ChoiceDelta] = field(default_factory=list)
     finished: bool = False
+    # Prompt tokens the engine took from its prefix cache instead of computing them (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens); None when the engine does not say.
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -275,4 +275,9 @@ def _update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpd
         )
         for completion in output.outputs
     ]
-    return GenerationUpdate(prompt_tokens=prompt_tokens, choices=choices, finished=output.finished)
+    return GenerationUpdate(
+        prompt_tokens=prompt_tokens,
+        choices=choices,
+        finished=output.finished,
+        cached_prompt_tokens=output.num_cached_tokens,
+    )

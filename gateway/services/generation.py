@@ -226,6 +226,8 @@ class GenerationService:
             if self._faults is not None:
                 await self._faults.apply(job.served.adapter_name, job.served.version)
             async for index, update in self._interleaved(job):
+                if update.cached_prompt_tokens is not None:
+                    job.cached_by_prompt[index] = update.cached_prompt_tokens
                 if recorder is not None:
                     recorder.tokens(sum(len(d.token_ids) for d in update.choices))
                 if job.shadow is not None:

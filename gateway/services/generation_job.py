@@ -33,6 +33,8 @@ class GenerationJob:
     cache: HostAdapterCache | None = None
     controller: RolloutController | None = None
     shadow: ShadowPlan | None = None  # a copy for the adapter's shadow, sent once complete
+    # Prompt index → prompt tokens the engine served from its prefix cache, as reported.
+    cached_by_prompt: dict[int, int] = field(default_factory=dict)
 
     def finish(self) -> None:
         """Release the tenant's lease (refunding unused tokens), close the metrics and feed the
@@ -61,6 +63,18 @@ class GenerationJob:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts) // self.copies
+
+    @property
+    def cached_prompt_tokens(self) -> int | None:
+        """Of `prompt_tokens`, those served from the prefix cache; None if the engine never
+        said. A fanned-out prompt counts once, with what every copy of it found cached."""
+        if not self.cached_by_prompt:
+            return None
+        per_prompt = [
+            min(self.cached_by_prompt.get(p * self.copies + c, 0) for c in range(self.copies))
+            for p in range(len(self.prompts) // self.copies)
+        ]
+        return sum(per_prompt)
 
 
 @dataclass

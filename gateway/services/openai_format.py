@@ -19,12 +19,16 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
+def usage(job: GenerationJob, completion_tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": job.prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "total_tokens": job.prompt_tokens + completion_tokens,
     }
+    cached = job.cached_prompt_tokens
+    if cached is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
 
 
 def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -79,7 +83,7 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
             }
             for c in choices
         ],
-        "usage": usage(job.prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
     }
 
 
@@ -98,7 +102,7 @@ def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str
     return {
         **_envelope(job, "text_completion"),
         "choices": body_choices,
-        "usage": usage(job.prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
     }
 
 
@@ -131,7 +135,7 @@ async def chat_stream(job: GenerationJob, updates: Updates, include_usage: bool)
                 choice = _chat_choice(index, {}, finish_reason=delta.finish_reason)
                 yield sse({**envelope, **extra, "choices": [choice]})
     if include_usage:
-        yield sse({**envelope, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})
+        yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})
     yield DONE
 
 
@@ -164,7 +168,7 @@ async def completion_stream(job: GenerationJob, updates: Updates, include_usage:
                 offsets[index] += len(delta.text)
                 yield sse({**envelope, **extra, "choices": [choice]})
     if include_usage:
-        yield sse({**envelope, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})
+        yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})
     yield DONE
 
 

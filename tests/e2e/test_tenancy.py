@@ -232,7 +232,10 @@ def hits_after(gateway, key: str, prompt: str, before: float, expect_more: bool)
     """Send `prompt` to the base model; the engine's prefix-cache hit count once it shows (its
     metrics are recorded as its step's outputs are handled, a moment after the response)."""
     body = {"model": BASE_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}
-    assert post(gateway, key, "/completions", body).status_code == 200
+    response = post(gateway, key, "/completions", body)
+    assert response.status_code == 200, response.text
+    cached = response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert (cached > 0) == expect_more, cached  # what the caller is told matches the engine
     deadline = time.monotonic() + (5.0 if expect_more else 1.0)
     while (hits := prefix_cache_hits(gateway)) == before and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -27,6 +27,7 @@ ADMIN_TOKEN = "fake-engine-admin"
 class ScriptedEngine:
     max_model_len = 256
     lora_dtype: str | None = None  # a test sets it to play an engine of that dtype
+    cached_prompt_tokens: int | None = None  # reported on every update when set
 
     def __init__(
         self, words: list[str], fail_after: int | None = None, error: Exception | None = None
@@ -78,6 +79,7 @@ class ScriptedEngine:
                     for c in range(options.n)
                 ],
                 finished=last,
+                cached_prompt_tokens=self.cached_prompt_tokens,
             )
 
     async def abort(self, request_id: str) -> None:
