@@ -280,11 +280,11 @@ def revoke_key(
 
 
 def key_id_of(value: str) -> str:
-    """Accept a whole key as well as its id, so an operator can paste a leaked key."""
-    from registry.tenancy import parse_api_key
+    """Accept a whole key (generated or chosen) as well as its id, so an operator can paste a
+    leaked key; only the id travels, in the URL path the server may log."""
+    from registry.tenancy import key_id_for
 
-    parsed = parse_api_key(value)
-    return parsed[0] if parsed is not None else value
+    return key_id_for(value) or value
 
 
 @adapters_app.command("share")

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
+from urllib.parse import unquote
+
+from registry.tenancy import key_id_for
+
+# /admin/v1/keys/{key_id}/...: where an operator may paste a whole key instead of its id.
+_KEY_IN_PATH = re.compile(r"(/admin/v1/keys/)([^/?#]+)")
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +31,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+def redact_key_paths(path: str) -> str:
+    """`path` with any whole API key in a key-id position replaced by its id (or by
+    `<redacted>` when it is neither an id nor a key)."""
+    return _KEY_IN_PATH.sub(lambda m: m[1] + (key_id_for(unquote(m[2])) or "<redacted>"), path)
+
+
+class RedactKeyPaths(logging.Filter):
+    """uvicorn's access log writes every request path: a key pasted where its id goes
+    (`POST /admin/v1/keys/<key>/revoke`) would land in the logs in clear."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access: (client, method, path, http version, status)
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_key_paths(args[2]), *args[3:])
+        return True
+
+
 def configure_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(
@@ -34,3 +59,5 @@ def configure_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn configures this logger's handlers later but keeps its filters.
+    logging.getLogger("uvicorn.access").addFilter(RedactKeyPaths())

@@ -179,3 +179,13 @@ def chosen_key_parts(plaintext: object) -> tuple[str, str] | None:
 def parse_presented_key(presented: object) -> tuple[str, str] | None:
     """What authentication looks up: a generated key, else an operator-chosen one."""
     return parse_api_key(presented) or chosen_key_parts(presented)
+
+
+def key_id_for(value: str) -> str | None:
+    """A key id as given, or the id of a whole key (generated or chosen: an operator pasting
+    a leaked key); None when `value` is neither, so callers never echo or log what may be a
+    secret. Ids are KEY_ID_CHARS long and chosen keys at least CHOSEN_KEY_MIN_CHARS."""
+    if len(value) == KEY_ID_CHARS and value.isascii() and value.isalnum():
+        return value
+    parsed = parse_presented_key(value)
+    return parsed[0] if parsed is not None else None

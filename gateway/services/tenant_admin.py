@@ -19,6 +19,7 @@ from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.models import ApiKey, Tenant
 from registry.service import IssuedKey
+from registry.tenancy import key_id_for
 
 
 def key_status(key: ApiKey, now: datetime | None = None) -> str:
@@ -100,8 +101,10 @@ class TenantAdmin:
             return await service.list_api_keys(session, tenant=tenant)
 
     async def revoke_key(self, key_id: str, reason: str | None, actor: str) -> ApiKey:
+        # The operation's log line names the id only, also when a whole key was given.
+        logged = key_id_for(key_id) or "(not a key id)"
         async with (
-            registry_operation("key_revoke", actor, key_id=key_id),
+            registry_operation("key_revoke", actor, key_id=logged),
             self._runtime.sessions() as session,
         ):
             row = await service.revoke_api_key(session, key_id=key_id, actor=actor, reason=reason)

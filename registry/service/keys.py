@@ -25,6 +25,7 @@ from registry.tenancy import (
     TenantPolicy,
     generate_api_key,
     hash_secret,
+    key_id_for,
     parse_presented_key,
 )
 
@@ -141,10 +142,14 @@ async def revoke_api_key(
 ) -> ApiKey:
     """Revoke a key for good. Idempotent: a second call changes nothing (the first revoked_at
     and reason stay) and writes no audit row. Raises ApiKeyNotFound."""
-    query = select(ApiKey).where(ApiKey.key_id == key_id).with_for_update(of=ApiKey)
+    resolved = key_id_for(key_id)  # a whole key names its id; never echo the secret part
+    if resolved is None:
+        raise ApiKeyNotFound("no API key has that id")
+    query = select(ApiKey).where(ApiKey.key_id == resolved).with_for_update(of=ApiKey)
     row = await session.scalar(query)
     if row is None:
-        raise ApiKeyNotFound(f"API key {key_id[:40]!r} does not exist")
+        shown = f"{resolved!r}" if resolved == key_id else "for the key given"
+        raise ApiKeyNotFound(f"API key {shown} does not exist")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         row.revoked_reason = reason[:MAX_REASON_CHARS] if reason else None
@@ -153,7 +158,7 @@ async def revoke_api_key(
             actor=actor,
             action="key.revoke",
             target=f"tenant:{row.tenant.name}",
-            details={"key_id": key_id, "reason": row.revoked_reason},
+            details={"key_id": resolved, "reason": row.revoked_reason},
         )
     await session.commit()  # also ends the row lock on the idempotent path
     return row

@@ -267,3 +267,24 @@ async def test_an_operator_chosen_key_works_like_a_generated_one(tenants: AsyncS
     assert other.value.reason == "unknown"  # well-formed, just not registered
     with pytest.raises(InvalidInput):
         await service.create_api_key(tenants, tenant="acme", actor="root", plaintext="short")
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+async def test_revoking_by_the_whole_key_revokes_it_and_never_repeats_the_secret(
+    tenants: AsyncSession, chosen: bool
+):
+    """An operator pastes a leaked key instead of its id: it is revoked, and neither the
+    error for an unknown one nor the audit row holds the secret."""
+    plaintext = "leaked-chosen-key-0123456789" if chosen else None
+    issued = await service.create_api_key(tenants, tenant="acme", actor="root", plaintext=plaintext)
+    row = await service.revoke_api_key(tenants, key_id=issued.plaintext, actor="root")
+    assert row.key_id == issued.key.key_id and row.revoked_at is not None
+    assert await reason_for(tenants, issued.plaintext) == "revoked"
+    (audit,) = await service.list_audit(tenants, action="key.revoke")
+    assert audit.details["key_id"] == issued.key.key_id
+    assert issued.plaintext not in str(audit.details)
+    unknown = "another-leaked-key-not-issued" if chosen else "lpx_" + "b" * 12 + "_" + "C" * 43
+    for given in (unknown, "x" * 300):
+        with pytest.raises(ApiKeyNotFound) as missing:
+            await service.revoke_api_key(tenants, key_id=given, actor="root")
+        assert given[:12] not in str(missing.value)
