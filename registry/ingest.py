@@ -43,6 +43,12 @@ class ArchiveLimits:
     max_members: int = 64
     max_depth: int = 4
 
+    @classmethod
+    def for_upload(cls, max_bytes: int) -> ArchiveLimits:
+        """An archive unpacks to at most what an upload may weigh: adapter weights hardly
+        compress, so a legitimate archive stays within it and a zip bomb does not."""
+        return cls(max_total_bytes=max_bytes, max_member_bytes=max_bytes)
+
 
 @dataclass(frozen=True)
 class ReceivedFile:
@@ -79,10 +85,12 @@ async def ingest_upload(
     *,
     workdir: Path,
     max_bytes: int,
-    limits: ArchiveLimits = ArchiveLimits(),
+    limits: ArchiveLimits | None = None,
 ) -> Path:
-    """Receive an archive upload and unpack it under workdir; returns the PEFT folder."""
+    """Receive an archive upload and unpack it under workdir; returns the PEFT folder. Unpacked,
+    it may not exceed `max_bytes` either (`ArchiveLimits.for_upload`) unless `limits` say."""
     received = await receive_stream(chunks, directory=workdir, max_bytes=max_bytes)
+    limits = limits or ArchiveLimits.for_upload(max_bytes)
     try:
         return await asyncio.to_thread(
             extract_archive, received.path, workdir / "extracted", limits=limits

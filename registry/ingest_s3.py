@@ -62,7 +62,7 @@ async def stage_s3_uri(
     max_bytes: int,
     client: Any,
     allowed_buckets: Sequence[str] | None = None,
-    limits: ArchiveLimits = ArchiveLimits(),
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     """Fetch the adapter at `uri` under workdir; returns the local PEFT folder for the gate.
 
@@ -70,6 +70,7 @@ async def stage_s3_uri(
     The caller owns workdir and removes it afterwards."""
     location = check_s3_uri(uri, allowed_buckets=allowed_buckets)
     if location.key.lower().endswith(ARCHIVE_SUFFIXES):
+        limits = limits or ArchiveLimits.for_upload(max_bytes)  # unpacked, too
         return await _stage_archive(location, workdir, max_bytes, client, limits)
     return await _stage_folder(location, workdir, max_bytes, client)
 

@@ -113,6 +113,22 @@ def test_zip_bomb_is_stopped_by_real_bytes(tmp_path: Path):
         extract_archive(archive, tmp_path / "out", limits=ArchiveLimits(max_total_bytes=1_000_000))
 
 
+async def test_an_upload_unpacks_to_no_more_than_the_upload_limit(tmp_path: Path):
+    """The default 2 GiB archive limits used to apply whatever LORAPLEX_UPLOAD_MAX_BYTES said:
+    a 5 KB zip under a 1 MB limit wrote 5 MB (and one of 300 KB, 300 MB)."""
+    from registry.ingest import ingest_upload
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_model.safetensors", b"\0" * 5_000_000)
+    blob = archive.read_bytes()
+    with pytest.raises(UnsafeArchive, match="1000000"):
+        await ingest_upload(chunked(blob), workdir=tmp_path / "small", max_bytes=1_000_000)
+    (tmp_path / "large").mkdir()
+    folder = await ingest_upload(chunked(blob), workdir=tmp_path / "large", max_bytes=6_000_000)
+    assert (folder / "adapter_model.safetensors").stat().st_size == 5_000_000
+
+
 def test_zip_with_traversal_and_symlink(tmp_path: Path):
     traversal = tmp_path / "t.zip"
     with zipfile.ZipFile(traversal, "w") as zf:
