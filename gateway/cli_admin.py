@@ -79,12 +79,9 @@ def register(
 ) -> None:
     """Upload and register a new adapter version (the gate checks it; refusals list reasons)."""
     if path.startswith("s3://"):
-        body: dict[str, Any] = {
-            "path": path,
-            "name": name,
-            "tenant": tenant,
-            "visibility": "shared" if shared else "private",
-        }
+        body: dict[str, Any] = {"path": path, "name": name, "tenant": tenant}
+        if shared:  # omitted: a new adapter is private, a new version keeps its adapter's
+            body["visibility"] = "shared"
         if card is not None:
             body["card"] = _card_json(card)
         _print(_call("POST", "/adapters/import", json=body))
@@ -104,7 +101,9 @@ def _register_upload(path: Path, name: str, tenant: str, shared: bool, card: Pat
     if not path.exists():
         typer.echo(f"error: {path} does not exist", err=True)
         raise typer.Exit(2)
-    form = {"name": name, "tenant": tenant, "visibility": "shared" if shared else "private"}
+    form = {"name": name, "tenant": tenant}
+    if shared:  # omitted: a new adapter is private, a new version keeps its adapter's
+        form["visibility"] = "shared"
     if card is not None:
         form["card"] = card.read_text()
     with tempfile.TemporaryDirectory() as tmp:

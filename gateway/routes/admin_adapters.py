@@ -23,7 +23,10 @@ async def register_adapter_upload(
         File(description="adapter_config.json + adapter_model.safetensors, or one .tar/.zip"),
     ],
     tenant: Annotated[str, Form()] = "default",
-    visibility: Annotated[Literal["private", "shared"], Form()] = "private",
+    visibility: Annotated[
+        Literal["private", "shared"] | None,
+        Form(description="A new adapter's (default private); omitted, a new version keeps it."),
+    ] = None,
     card: Annotated[str | None, Form(description="Adaptation Card JSON")] = None,
     base_sha256: Annotated[str | None, Form()] = None,
 ) -> VersionOut:

@@ -43,7 +43,8 @@ class ImportAdapter(Strict):
     )
     name: str
     tenant: str = "default"
-    visibility: Literal["private", "shared"] = "private"
+    # A new adapter's visibility (default private); omitted, a new version keeps the adapter's.
+    visibility: Literal["private", "shared"] | None = None
     card: dict[str, Any] | None = None
     base_sha256: str | None = None
 

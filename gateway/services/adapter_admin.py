@@ -116,7 +116,7 @@ class AdapterAdmin:
         *,
         name: str,
         tenant: str,
-        visibility: str,
+        visibility: str | None,
         card: dict[str, Any] | str | None,
         base_sha256: str | None,
         actor: str,
@@ -136,7 +136,7 @@ class AdapterAdmin:
                 max_lora_rank=runtime.max_lora_rank,
                 engine_dtype=runtime.engine_dtype,
                 actor=actor,
-                visibility=Visibility(visibility),
+                visibility=Visibility(visibility) if visibility is not None else None,
                 card=card,
                 base_sha256=base_sha256,
             )

@@ -64,11 +64,8 @@ class TenantAdmin:
             registry_operation("limits_update", actor, tenant=name),
             self._runtime.sessions() as session,
         ):
-            tenant = await service.get_tenant(session, name=name)
-            merged = {**(tenant.limits or {}), **changes}
-            policy = {k: v for k, v in merged.items() if v is not None}
-            row = await service.update_tenant_policy(
-                session, tenant=name, policy=policy, actor=actor
+            row = await service.change_tenant_policy(
+                session, tenant=name, changes=changes, actor=actor
             )
         self._caches_changed()
         return row

@@ -51,7 +51,13 @@ from registry.service.rollout_views import (
     rollout_status,
 )
 from registry.service.shares import list_adapter_shares, share_adapter, unshare_adapter
-from registry.service.tenants import create_tenant, get_tenant, list_tenants, update_tenant_policy
+from registry.service.tenants import (
+    change_tenant_policy,
+    create_tenant,
+    get_tenant,
+    list_tenants,
+    update_tenant_policy,
+)
 
 __all__ = [
     "IssuedKey",
@@ -59,6 +65,7 @@ __all__ = [
     "ResolvedAdapter",
     "authenticate_api_key",
     "change_generation",
+    "change_tenant_policy",
     "create_api_key",
     "create_tenant",
     "delete_version",

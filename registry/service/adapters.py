@@ -27,7 +27,7 @@ from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import name_problem
 from registry.service.audit import record
 from registry.service.base_models import get_served_base
-from registry.service.queries import find_adapter, next_version_number
+from registry.service.queries import find_adapter, lock_artifact, next_version_number
 from registry.service.rollback_paths import rollback_path_problems
 from registry.service.rollout_log import touch, touch_if_tracked
 from registry.service.rollout_views import arms_fallback
@@ -67,6 +67,11 @@ async def register_adapter_version(
     problems: list[Problem] = []
     if invalid := name_problem(name):
         problems.append(Problem(ProblemCode.INVALID_NAME, invalid))
+    parsed_card, card_problems = parse_card(card)
+    # The slow part (reading and hashing every byte) before any lock: on SQLite the adapter's
+    # lock is the whole database's write lock.
+    artifact = await asyncio.to_thread(inspect_adapter, Path(artifact_dir))
+    artifact = _with_claims(artifact, card=parsed_card, base_sha256=base_sha256)
     owner = await get_tenant(session, name=tenant)
     base = await get_served_base(session, fingerprint=served_base)
     adapter = None if invalid else await find_adapter(session, name, for_update=True)
@@ -79,11 +84,7 @@ async def register_adapter_version(
                 f"adapter {name!r} is {adapter.visibility.value}; a new version cannot change that",
             )
         )
-    parsed_card, card_problems = parse_card(card)
     problems += card_problems
-
-    artifact = await asyncio.to_thread(inspect_adapter, Path(artifact_dir))
-    artifact = _with_claims(artifact, card=parsed_card, base_sha256=base_sha256)
     problems += _binding_problems(adapter, base)
     limits = EngineLimits(max_lora_rank=max_lora_rank, dtype=engine_dtype)
     problems += run_gate(artifact, served_base, limits)
@@ -98,6 +99,9 @@ async def register_adapter_version(
         await _reject(session, actor=actor, name=name, tenant=tenant, problems=problems)
 
     assert expected is not None  # the gate refuses artifacts without both files
+    # Until this version's row commits, a delete of another version with the same files
+    # must not remove the object put_dir found already stored.
+    await lock_artifact(session, expected)
     digest = await store.put_dir(Path(artifact_dir), files=ARTIFACT_FILES)
     if digest != expected:
         # What was stored is not what was inspected. Left in the store rather than deleted: it

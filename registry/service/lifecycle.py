@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from registry.errors import InvalidStateTransition
 from registry.models import Adapter, AdapterVersion, utcnow
 from registry.service.audit import record
-from registry.service.queries import artifact_references, get_version
+from registry.service.queries import artifact_references, get_version, lock_artifact
 from registry.service.rollout_log import touch_if_tracked
-from registry.states import VersionState, check_transition
+from registry.states import SERVABLE, VersionState, check_transition
 from registry.store.base import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,20 @@ async def delete_version(
     end). Live versions (shadow/canary/production, or the rollout's pointers) are refused."""
     row = await get_version(session, name=name, version=version, for_update=True)
     adapter = row.adapter
-    if version in (adapter.stable_version, adapter.canary_version):
+    # A retired stable serves nothing (names resolve to the newest servable version), so it
+    # may go: README's retire-then-delete works after a rollout too.
+    serving_stable = version == adapter.stable_version and row.state in SERVABLE
+    if serving_stable or version == adapter.canary_version:
         raise InvalidStateTransition(
             f"{name}@{version} is the adapter's stable or canary version; roll out another first"
         )
     await _refuse_routed(session, row)
     previous = row.state
     move_state(row, VersionState.DELETED)
+    if version == adapter.stable_version:
+        adapter.stable_version = None  # no pointer at a deleted version
     touch_if_tracked(adapter)
+    await lock_artifact(session, row.artifact_sha256)  # no registration of these files now
     others = await artifact_references(session, row.artifact_sha256, excluding_id=row.id)
     remove_artifact = others == 0
     record(
@@ -97,12 +103,14 @@ async def delete_version(
             "reason": reason,
         },
     )
-    await session.commit()
+    await session.flush()
     if remove_artifact:
-        # After the commit: a crash in between leaves an orphaned object, never a version row
-        # pointing at a missing artifact.
+        # Still under the artifact's lock, so a registration of the same files waits and then
+        # stores them again. A failed commit after this leaves a retired version without its
+        # artifact (never servable again), no live version without one.
         await store.delete(row.artifact_sha256)
         logger.info("deleted artifact %s of %s@%s", row.artifact_sha256, name, version)
+    await session.commit()
     return row
 
 

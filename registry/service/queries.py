@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound, VersionNotFound
@@ -37,6 +37,38 @@ async def is_shared_with(session: AsyncSession, *, adapter_id: int, tenant_id: i
     return found is not None
 
 
+async def lock_adapter(session: AsyncSession, name: str) -> None:
+    """Hold adapter `name`'s write lock until the transaction ends. Registrations, retire,
+    delete and every rollout operation take it before they read, so racing replicas apply
+    one after the other and each decides on what the previous one committed.
+
+    PostgreSQL: the adapter's row lock (none yet for a first registration, where the unique
+    name settles the race). SQLite ignores FOR UPDATE and pysqlite opens a transaction only at
+    the first write, so reads would not wait for a concurrent writer: a no-op UPDATE (even of
+    no row) takes the database's write lock first; other writers wait (busy_timeout)."""
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(
+            update(Adapter)
+            .where(Adapter.name == name)
+            .values(rollout_paused=Adapter.rollout_paused)
+            .execution_options(synchronize_session=False)
+        )
+    else:
+        await session.execute(select(Adapter.id).where(Adapter.name == name).with_for_update())
+
+
+async def lock_artifact(session: AsyncSession, digest: str) -> None:
+    """Hold the artifact `digest`'s lock until the transaction ends: registering a version
+    with those files and deleting the last version that uses them take it, so the delete never
+    removes an object a registration found stored and is about to reference. PostgreSQL: a
+    transaction-scoped advisory lock on the digest. SQLite: the write lock, which a writing
+    transaction holds already."""
+    if session.get_bind().dialect.name == "sqlite":
+        return
+    key = int(digest[:15], 16)  # 60 bits of the sha256: fits a bigint, collisions harmless
+    await session.execute(select(func.pg_advisory_xact_lock(key)))
+
+
 async def find_adapter(
     session: AsyncSession,
     name: str,
@@ -50,9 +82,10 @@ async def find_adapter(
     if usable_by_tenant is not None:
         query = query.where(usable_by(usable_by_tenant))
     if for_update:
-        # Serialises concurrent registrations of the same adapter on PostgreSQL (SQLite already
-        # has a single writer); `of=` keeps the joined tenant/base rows unlocked.
-        query = query.with_for_update(of=Adapter)
+        await lock_adapter(session, name)
+        # `of=` keeps the joined tenant/base rows unlocked; populate_existing: what was
+        # committed before the lock was ours, not a copy read earlier in the session.
+        query = query.with_for_update(of=Adapter).execution_options(populate_existing=True)
     return await session.scalar(query)
 
 
@@ -99,7 +132,10 @@ async def get_version(
         .where(Adapter.name == name, AdapterVersion.version == version)
     )
     if for_update:
-        query = query.with_for_update(of=AdapterVersion)
+        # The adapter's lock first, as rollout operations take it: a retire or delete then
+        # sees a canary, shadow or fallback started a moment before, and the other way round.
+        await lock_adapter(session, name)
+        query = query.with_for_update(of=AdapterVersion).execution_options(populate_existing=True)
     row = await session.scalar(query)
     if row is None:
         raise VersionNotFound(f"adapter {name!r} has no version {version}")

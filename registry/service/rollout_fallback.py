@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.compat.problems import Problem, ProblemCode
@@ -23,6 +24,7 @@ from registry.service.audit import record
 from registry.service.rollback_paths import resolve_target, rollback_path_problems
 from registry.service.rollout_log import log_event, touch
 from registry.service.rollout_views import build_view, load_adapter, rollback_target
+from registry.states import SERVABLE
 
 
 async def fall_back(
@@ -79,7 +81,17 @@ async def _fallback_target(
         reached = await resolve_target(session, parse_address(path))
         assert reached is not None  # rollback_path_problems checked it is servable
         concrete = f"{reached.adapter.name}@{reached.version}"
-        problems = _failing_problems(path, reached, stable=stable, adapter=adapter, failing=failing)
+        if not await _still_servable(session, reached):
+            problems = [
+                Problem(
+                    ProblemCode.ROLLBACK_PATH_INVALID,
+                    f"rollback target {concrete} was retired or deleted meanwhile",
+                )
+            ]
+        else:
+            problems = _failing_problems(
+                path, reached, stable=stable, adapter=adapter, failing=failing
+            )
     if not problems:
         return concrete
     refused = [p.as_dict() for p in problems]
@@ -92,6 +104,20 @@ async def _fallback_target(
     )
     await session.commit()
     raise RollbackRefused(problems)
+
+
+async def _still_servable(session: AsyncSession, target: AdapterVersion) -> bool:
+    """Hold the target version's row (shared) until the fallback commits: a retire or delete
+    of it, which locks that row for update, then waits and sees the fallback (and refuses);
+    one that committed first is seen here (PostgreSQL; SQLite's write lock, taken with the
+    adapter's, already orders the two)."""
+    query = (
+        select(AdapterVersion.state)
+        .where(AdapterVersion.id == target.id)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    )
+    return await session.scalar(query) in SERVABLE
 
 
 def _failing_problems(

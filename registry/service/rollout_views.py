@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound
 from registry.models import Adapter, AdapterVersion, RolloutEvent
 from registry.rollout import RolloutView, card_limits
+from registry.service.queries import lock_adapter
 from registry.states import SERVABLE
 
 
@@ -30,16 +31,8 @@ def adapter_query(name: str, *, for_update: bool = False) -> Select[Adapter]:
 async def load_adapter(session: AsyncSession, name: str, *, for_update: bool = False) -> Adapter:
     """`for_update`: hold the adapter's write lock until the transaction ends, so racing
     replicas apply one after the other and each decides on what the previous one wrote."""
-    if for_update and session.get_bind().dialect.name == "sqlite":
-        # SQLite ignores FOR UPDATE and pysqlite opens a transaction only at the first write,
-        # so reads would not wait for a concurrent writer. A no-op UPDATE first takes the
-        # database's write lock (other writers wait for it, busy_timeout), then we read.
-        await session.execute(
-            update(Adapter)
-            .where(Adapter.name == name)
-            .values(rollout_paused=Adapter.rollout_paused)
-            .execution_options(synchronize_session=False)
-        )
+    if for_update:
+        await lock_adapter(session, name)
     adapter = await session.scalar(adapter_query(name, for_update=for_update))
     if adapter is None:
         raise AdapterNotFound(f"adapter {name!r} does not exist")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,10 +56,30 @@ async def update_tenant_policy(
     return row
 
 
+async def change_tenant_policy(
+    session: AsyncSession, *, tenant: str, changes: Mapping[str, Any], actor: str
+) -> Tenant:
+    """Merge `changes` into the tenant's policy under its lock (a None value clears that
+    field: unlimited), so two admins changing different fields at once both take effect."""
+    row = await get_tenant(session, name=tenant, for_update=True)
+    merged = {**(row.limits or {}), **changes}
+    policy = {k: v for k, v in merged.items() if v is not None}
+    return await update_tenant_policy(session, tenant=tenant, policy=policy, actor=actor)
+
+
 async def get_tenant(session: AsyncSession, *, name: str, for_update: bool = False) -> Tenant:
     query = select(Tenant).where(Tenant.name == name)
     if for_update:
-        query = query.with_for_update()
+        if session.get_bind().dialect.name == "sqlite":
+            # SQLite ignores FOR UPDATE: a no-op UPDATE takes the database's write lock before
+            # the read (see queries.lock_adapter).
+            await session.execute(
+                update(Tenant)
+                .where(Tenant.name == name)
+                .values(name=Tenant.name)
+                .execution_options(synchronize_session=False)
+            )
+        query = query.with_for_update().execution_options(populate_existing=True)
     tenant = await session.scalar(query)
     if tenant is None:
         raise TenantNotFound(f"tenant {name!r} does not exist")

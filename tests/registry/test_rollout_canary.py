@@ -308,3 +308,30 @@ async def test_polling_returns_only_what_changed(world: World):
     assert newest is not None and newest > seen
     assert [v.name for v in await service.list_rollouts(session, since=newest)] == ["acme-c"]
     assert len(await service.list_rollouts(session)) == 3
+
+
+async def test_after_a_rollout_the_retired_stable_can_be_deleted(canary: World):
+    """README's retire-then-delete after a completed rollout: the stable pointer still named
+    the retired version, and delete refused it as "the adapter's stable"."""
+    world = canary
+    for _ in range(3):
+        await service.promote(world.session, name="acme-support", actor="ops")  # 10, 50, 100 %
+    await service.retire_version(world.session, name="acme-support", version=2, actor="ops")
+    assert (await world.routes("acme-support")) == {"acme-support@1": len(CALLERS)}
+    deleted = await service.delete_version(
+        world.session, store=world.store, name="acme-support", version=2, actor="ops"
+    )
+    assert deleted.state == S.DELETED
+    assert (await world.routes("acme-support")) == {"acme-support@1": len(CALLERS)}
+    view = await service.rollout_status(world.session, name="acme-support")
+    assert view.stable_version == 1  # what serves now; no pointer at the deleted version
+
+
+async def test_the_serving_stable_cannot_be_deleted(canary: World):
+    world = canary
+    for _ in range(3):
+        await service.promote(world.session, name="acme-support", actor="ops")
+    with pytest.raises(InvalidStateTransition):
+        await service.delete_version(
+            world.session, store=world.store, name="acme-support", version=2, actor="ops"
+        )

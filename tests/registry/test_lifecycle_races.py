@@ -1,0 +1,185 @@
+"""Admin writes racing each other as several replicas would send them, on SQLite and on
+PostgreSQL. Each race holds one side's transaction open (a slow commit, or a pause inside
+put_dir) while the other runs: with the adapter's lock taken first by every writer, and the
+artifact's lock by registration and deletion, the second side waits and then decides on what
+the first committed. Found by review; each case failed before the locks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from registry import service
+from registry.errors import AdapterRejected, RegistryError
+from tests.registry.rollout_world import World
+
+HOLD_S = 0.5
+
+
+def slow_commit(session: AsyncSession) -> None:
+    """The session's next commits wait HOLD_S first: its locks are held that long."""
+    commit = session.commit
+
+    async def held() -> None:
+        await asyncio.sleep(HOLD_S)
+        await commit()
+
+    session.commit = held  # type: ignore[method-assign]
+
+
+async def outcome(call: Awaitable[Any]) -> str:
+    try:
+        await call
+        return "ok"
+    except RegistryError as exc:
+        return type(exc).__name__
+
+
+async def race(
+    sessions: async_sessionmaker[AsyncSession],
+    first: Callable[[AsyncSession], Awaitable[Any]],
+    second: Callable[[AsyncSession], Awaitable[Any]],
+) -> list[str]:
+    """`first` starts and holds its transaction; `second` starts while it does."""
+    async with sessions() as a, sessions() as b:
+        slow_commit(a)
+        one = asyncio.create_task(outcome(first(a)))
+        await asyncio.sleep(HOLD_S / 5)
+        two = asyncio.create_task(outcome(second(b)))
+        return list(await asyncio.gather(one, two))
+
+
+async def test_retiring_the_stable_waits_for_a_canary_starting_on_it(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+):
+    await world.register("bot", 1)
+    await world.evaluated("bot", 2)
+    results = await race(
+        sessions,
+        lambda s: service.start_rollout(s, name="bot", version=2, actor="ops"),
+        lambda s: service.retire_version(s, name="bot", version=1, actor="ops"),
+    )
+    assert results == ["ok", "InvalidStateTransition"]
+    assert await world.state("bot", 1) != "retired"
+
+
+async def test_retiring_a_version_waits_for_a_shadow_starting_on_it(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+):
+    await world.register("bot", 1)
+    await world.evaluated("bot", 2)
+    results = await race(
+        sessions,
+        lambda s: service.start_shadow(s, name="bot", version=2, percent=10, actor="ops"),
+        lambda s: service.retire_version(s, name="bot", version=2, actor="ops"),
+    )
+    assert results == ["ok", "InvalidStateTransition"]
+
+
+async def test_a_fallback_target_cannot_be_retired_while_the_fallback_commits(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+):
+    await world.register("bot", 1)
+    await world.register("guard", 2)
+    await service.set_rollback_path(world.session, name="bot", target="guard@1", actor="ops")
+    results = await race(
+        sessions,
+        lambda s: service.rollback(s, name="bot", actor="ops", reason="manual", automatic=False),
+        lambda s: service.retire_version(s, name="guard", version=1, actor="ops"),
+    )
+    assert results == ["ok", "InvalidStateTransition"]
+    async with sessions() as check:
+        resolved = await service.resolve_adapter(check, store=world.store, model="guard@1")
+    assert resolved.version == 1
+
+
+async def test_the_same_files_registered_twice_at_once_become_one_version(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+):
+    await world.register("bot", 1)
+
+    async def register(session: AsyncSession) -> Any:
+        return await service.register_adapter_version(
+            session,
+            store=world.store,
+            artifact_dir=world.artifact(2),
+            name="bot",
+            tenant="acme",
+            served_base=world.base_fp,
+            max_lora_rank=16,
+            actor="ops",
+        )
+
+    results = await race(sessions, register, register)
+    assert results == ["ok", AdapterRejected.__name__]  # duplicate_artifact
+    assert [v.version for v in await service.list_versions(world.session, name="bot")] == [1, 2]
+
+
+async def test_deleting_the_last_user_of_files_waits_for_their_registration_elsewhere(
+    world: World, sessions: async_sessionmaker[AsyncSession], monkeypatch
+):
+    """`other` registers bot@1's files while bot@1 is deleted: put_dir found the object
+    stored, and the delete must not remove it before (or after) `other@1` commits."""
+    await world.register("bot", 1)
+    await world.register("bot", 2)
+    stored, release = asyncio.Event(), asyncio.Event()
+    put_dir = world.store.put_dir
+
+    async def paused_put_dir(*args: Any, **kwargs: Any) -> str:
+        digest = await put_dir(*args, **kwargs)
+        stored.set()
+        await release.wait()
+        return digest
+
+    monkeypatch.setattr(world.store, "put_dir", paused_put_dir)
+    async with sessions() as a, sessions() as b:
+        registering = asyncio.create_task(
+            service.register_adapter_version(
+                a,
+                store=world.store,
+                artifact_dir=world.artifact(1),
+                name="other",
+                tenant="globex",
+                served_base=world.base_fp,
+                max_lora_rank=16,
+                actor="ops",
+            )
+        )
+        await stored.wait()
+        deleting = asyncio.create_task(
+            service.delete_version(b, store=world.store, name="bot", version=1, actor="ops")
+        )
+        await asyncio.sleep(HOLD_S)
+        assert not deleting.done()  # waits for the registration's lock
+        release.set()
+        other = await registering
+        await deleting
+    assert await world.store.exists(other.artifact_sha256)
+    async with sessions() as check:
+        resolved = await service.resolve_adapter(
+            check, store=world.store, model="other", tenant="globex"
+        )
+    assert resolved.path is not None and resolved.path.exists()
+
+
+async def test_concurrent_limit_changes_both_apply(
+    world: World, sessions: async_sessionmaker[AsyncSession]
+):
+    results = await race(
+        sessions,
+        lambda s: service.change_tenant_policy(
+            s, tenant="acme", changes={"requests_per_second": 5}, actor="a"
+        ),
+        lambda s: service.change_tenant_policy(
+            s, tenant="acme", changes={"tokens_per_minute": 900}, actor="b"
+        ),
+    )
+    assert results == ["ok", "ok"]
+    tenant = await service.get_tenant(world.session, name="acme")
+    await world.session.refresh(tenant)
+    assert tenant.limits is not None
+    assert tenant.limits.get("requests_per_second") == 5
+    assert tenant.limits.get("tokens_per_minute") == 900
