@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, Update, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound, VersionNotFound
@@ -37,23 +37,28 @@ async def is_shared_with(session: AsyncSession, *, adapter_id: int, tenant_id: i
     return found is not None
 
 
+async def sqlite_write_lock(session: AsyncSession, no_op: Update) -> bool:
+    """On SQLite, take the database's write lock now by running `no_op` (an UPDATE that
+    changes nothing, even of no row): SQLite ignores FOR UPDATE and pysqlite opens a
+    transaction only at the first write, so reads would not wait for a concurrent writer.
+    Other writers then wait (busy_timeout). False, doing nothing, on other databases."""
+    if session.get_bind().dialect.name != "sqlite":
+        return False
+    await session.execute(no_op.execution_options(synchronize_session=False))
+    return True
+
+
 async def lock_adapter(session: AsyncSession, name: str) -> None:
     """Hold adapter `name`'s write lock until the transaction ends. Registrations, retire,
     delete and every rollout operation take it before they read, so racing replicas apply
     one after the other and each decides on what the previous one committed.
 
     PostgreSQL: the adapter's row lock (none yet for a first registration, where the unique
-    name settles the race). SQLite ignores FOR UPDATE and pysqlite opens a transaction only at
-    the first write, so reads would not wait for a concurrent writer: a no-op UPDATE (even of
-    no row) takes the database's write lock first; other writers wait (busy_timeout)."""
-    if session.get_bind().dialect.name == "sqlite":
-        await session.execute(
-            update(Adapter)
-            .where(Adapter.name == name)
-            .values(rollout_paused=Adapter.rollout_paused)
-            .execution_options(synchronize_session=False)
-        )
-    else:
+    name settles the race). SQLite: the database's write lock."""
+    no_op = (
+        update(Adapter).where(Adapter.name == name).values(rollout_paused=Adapter.rollout_paused)
+    )
+    if not await sqlite_write_lock(session, no_op):
         await session.execute(select(Adapter.id).where(Adapter.name == name).with_for_update())
 
 

@@ -14,6 +14,7 @@ from registry.errors import DuplicateTenant, TenantNotFound
 from registry.models import Tenant
 from registry.naming import validate_name
 from registry.service.audit import record
+from registry.service.queries import sqlite_write_lock
 from registry.tenancy import validate_policy
 
 
@@ -70,15 +71,8 @@ async def change_tenant_policy(
 async def get_tenant(session: AsyncSession, *, name: str, for_update: bool = False) -> Tenant:
     query = select(Tenant).where(Tenant.name == name)
     if for_update:
-        if session.get_bind().dialect.name == "sqlite":
-            # SQLite ignores FOR UPDATE: a no-op UPDATE takes the database's write lock before
-            # the read (see queries.lock_adapter).
-            await session.execute(
-                update(Tenant)
-                .where(Tenant.name == name)
-                .values(name=Tenant.name)
-                .execution_options(synchronize_session=False)
-            )
+        no_op = update(Tenant).where(Tenant.name == name).values(name=Tenant.name)
+        await sqlite_write_lock(session, no_op)
         query = query.with_for_update().execution_options(populate_existing=True)
     tenant = await session.scalar(query)
     if tenant is None:

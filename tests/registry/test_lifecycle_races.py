@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from registry import service
@@ -52,31 +53,31 @@ async def race(
         return list(await asyncio.gather(one, two))
 
 
-async def test_retiring_the_stable_waits_for_a_canary_starting_on_it(
-    world: World, sessions: async_sessionmaker[AsyncSession]
+@pytest.mark.parametrize(
+    ("starting", "retired"),
+    [
+        ("canary", 1),  # the stable a canary starts against
+        ("shadow", 2),  # the version a shadow starts on
+    ],
+)
+async def test_retiring_waits_for_a_rollout_starting_on_that_version(
+    world: World, sessions: async_sessionmaker[AsyncSession], starting: str, retired: int
 ):
     await world.register("bot", 1)
     await world.evaluated("bot", 2)
+
+    async def start(session: AsyncSession) -> Any:
+        if starting == "canary":
+            return await service.start_rollout(session, name="bot", version=2, actor="ops")
+        return await service.start_shadow(session, name="bot", version=2, percent=10, actor="ops")
+
     results = await race(
         sessions,
-        lambda s: service.start_rollout(s, name="bot", version=2, actor="ops"),
-        lambda s: service.retire_version(s, name="bot", version=1, actor="ops"),
+        start,
+        lambda s: service.retire_version(s, name="bot", version=retired, actor="ops"),
     )
     assert results == ["ok", "InvalidStateTransition"]
-    assert await world.state("bot", 1) != "retired"
-
-
-async def test_retiring_a_version_waits_for_a_shadow_starting_on_it(
-    world: World, sessions: async_sessionmaker[AsyncSession]
-):
-    await world.register("bot", 1)
-    await world.evaluated("bot", 2)
-    results = await race(
-        sessions,
-        lambda s: service.start_shadow(s, name="bot", version=2, percent=10, actor="ops"),
-        lambda s: service.retire_version(s, name="bot", version=2, actor="ops"),
-    )
-    assert results == ["ok", "InvalidStateTransition"]
+    assert await world.state("bot", retired) != "retired"
 
 
 async def test_a_fallback_target_cannot_be_retired_while_the_fallback_commits(
