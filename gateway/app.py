@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from gateway.adapter_cache import HostAdapterCache
 from gateway.auth import KeyAuthenticator
+from gateway.body_limit import BodySizeLimit, limits_by_route
 from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import install_error_handlers
@@ -235,9 +236,14 @@ def create_app(
     app.state.engine = None
     app.state.authenticator = None
     app.state.demo_api_key = None
-    # Last added runs first: request ids exist before metrics label anything.
+    # Last added runs first: request ids exist before metrics label anything, and a body
+    # over its limit is refused before either (or any route) reads it.
     app.add_middleware(RequestMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=limits_by_route(settings.upload_max_bytes, settings.max_request_bytes),
+    )
     install_error_handlers(app)
     routers = (
         chat.router,

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         description="Buckets adapters may be registered from by s3:// URI (empty: none).",
     )
     upload_max_bytes: int = Field(2 * 1024**3, gt=0)
+    max_request_bytes: int = Field(
+        16 * 1024**2,
+        gt=0,
+        description="Largest request body of any route but the adapter upload (refused 413 "
+        "before it is read whole).",
+    )
     # Rollback monitor defaults; an adapter's card and its admin override take precedence.
     rollout_window: int = Field(100, ge=1, description="Requests per sliding window.")
     rollout_max_error_rate: float = Field(0.001, ge=0, lt=1)
