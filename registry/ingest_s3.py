@@ -9,8 +9,8 @@ actually written. Objects are streamed to disk, never held in memory, and read w
 the ETag seen by HEAD, so a file replaced mid-download is refused instead of mixed.
 
 Refusals: malformed URI, bucket outside `allowed_buckets`, S3 access denied → PathNotAllowed;
-no such object or bucket → NotFound; a folder with pickle weights or a missing file →
-AdapterRejected (the gate's own problem codes); too large → UploadTooLarge; bad archive →
+no such object or bucket → NotFound; a folder with pickle weights or a missing file is staged
+as it is, for the gate to refuse with every reason and audit; too large → UploadTooLarge; bad archive →
 UnsafeArchive; an object that changed while read → IngestError. Other S3 or network failures
 propagate: they are the server's problem, not the caller's.
 
@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from registry.compat.artifact import ADAPTER_WEIGHTS, ARTIFACT_FILES
-from registry.compat.problems import Problem, ProblemCode
 from registry.errors import (
-    AdapterRejected,
     IngestError,
     NotFound,
     PathNotAllowed,
@@ -122,23 +120,9 @@ async def _stage_folder(location: S3Uri, workdir: Path, max_bytes: int, client: 
             f"no adapter at s3://{location.bucket}/{prefix}: it holds neither "
             f"{' nor '.join(ARTIFACT_FILES)}"
         )
-    problems = []
-    if pickle is not None:
-        # The gate's own wording, so a .bin refusal reads the same from S3 as from an upload.
-        problems.append(
-            Problem(
-                ProblemCode.PICKLE_WEIGHTS,
-                f"{PICKLE_WEIGHTS}: pickle-based weights are never loaded; save the adapter with "
-                f"safe_serialization=True ({ADAPTER_WEIGHTS})",
-            )
-        )
-    problems += [
-        Problem(ProblemCode.MISSING_FILE, f"{name} is missing")
-        for name, head in heads.items()
-        if head is None
-    ]
-    if problems:
-        raise AdapterRejected(problems)
+    # A partial folder is staged as it is: the gate then refuses it with every reason (a bad
+    # name too) and audits the refusal, as for an upload. The pickle is never downloaded; an
+    # empty file of its name stands for it, which is all the gate looks at.
     present = {name: head for name, head in heads.items() if head is not None}
     if sum(head.size for head in present.values()) > max_bytes:
         raise UploadTooLarge(max_bytes)
@@ -156,6 +140,8 @@ async def _stage_folder(location: S3Uri, workdir: Path, max_bytes: int, client: 
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    if pickle is not None:
+        (folder / PICKLE_WEIGHTS).write_bytes(b"")
     logger.info("staged folder s3://%s/%s (%d bytes)", location.bucket, prefix, max_bytes - budget)
     return folder
 

@@ -23,7 +23,6 @@ from registry.compat import (
 )
 from registry.compat.artifact import ARTIFACT_FILES
 from registry.errors import (
-    AdapterRejected,
     IngestError,
     NotFound,
     PathNotAllowed,
@@ -132,31 +131,33 @@ async def test_folder_limit_is_the_total_not_per_file(
     assert sorted(p.name for p in folder.iterdir()) == sorted(ARTIFACT_FILES)
 
 
-async def test_bin_only_folder_is_refused_with_the_gates_reason(
-    s3: Any, bucket: str, make_adapter: Callable[..., Path], tmp_path: Path
+async def test_bin_only_folder_is_refused_by_the_gate(
+    s3: Any,
+    bucket: str,
+    make_adapter: Callable[..., Path],
+    tmp_path: Path,
+    base_fp: BaseModelFingerprint,
 ):
     pickled = make_adapter("pickled", safe=False)
     assert (pickled / "adapter_model.bin").exists()
     put_folder(s3, bucket, "old/", pickled)
     client = Recording(s3)
-    with pytest.raises(AdapterRejected) as error:
-        await stage(f"s3://{bucket}/old", client, tmp_path)
-    assert "get_object" not in client.calls
-    codes = {p.code for p in error.value.problems}
-    assert codes == {ProblemCode.PICKLE_WEIGHTS, ProblemCode.MISSING_FILE}
-    assert "safe_serialization=True" in error.value.message
-    assert leftovers(tmp_path) == []
+    folder = await stage(f"s3://{bucket}/old", client, tmp_path)
+    assert "get_object" in client.calls  # adapter_config.json only
+    assert (folder / "adapter_model.bin").stat().st_size == 0  # never downloaded
+    problems = run_gate(inspect_adapter(folder), base_fp, LIMITS)
+    assert {p.code for p in problems} == {ProblemCode.PICKLE_WEIGHTS, ProblemCode.MISSING_FILE}
+    assert any("safe_serialization=True" in p.message for p in problems)
 
 
-async def test_folder_without_config_is_refused(
-    s3: Any, bucket: str, good_adapter: Path, tmp_path: Path
+async def test_folder_without_config_is_refused_by_the_gate(
+    s3: Any, bucket: str, good_adapter: Path, tmp_path: Path, base_fp: BaseModelFingerprint
 ):
     s3.upload_file(
         str(good_adapter / "adapter_model.safetensors"), bucket, "x/adapter_model.safetensors"
     )
-    with pytest.raises(AdapterRejected) as error:
-        await stage(f"s3://{bucket}/x/", s3, tmp_path)
-    assert [(p.code, p.message) for p in error.value.problems] == [
+    folder = await stage(f"s3://{bucket}/x/", s3, tmp_path)
+    assert [(p.code, p.message) for p in run_gate(inspect_adapter(folder), base_fp, LIMITS)] == [
         (ProblemCode.MISSING_FILE, "adapter_config.json is missing")
     ]
 
