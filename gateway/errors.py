@@ -93,6 +93,7 @@ REGISTRY_STATUS: tuple[tuple[type[registry_errors.RegistryError], int], ...] = (
     (registry_errors.Duplicate, 409),
     (registry_errors.RegistryConflict, 409),
     (registry_errors.InvalidStateTransition, 409),
+    (registry_errors.RollbackRefused, 409),  # the stable keeps serving: choose another target
     (registry_errors.BaseModelMismatch, 409),
     (registry_errors.ArtifactError, 409),
     (registry_errors.RegistryError, 400),

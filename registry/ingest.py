@@ -116,7 +116,9 @@ def extract_archive(archive: Path, dest: Path, *, limits: ArchiveLimits = Archiv
         raise
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, RuntimeError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise UnsafeArchive(f"the archive is corrupt or unreadable: {exc}") from None
+        # An OSError's text names server paths (the staging folder): its reason only.
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnsafeArchive(f"the archive is corrupt or unreadable: {detail}") from None
     return find_adapter_root(dest)
 
 

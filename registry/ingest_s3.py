@@ -10,9 +10,9 @@ the ETag seen by HEAD, so a file replaced mid-download is refused instead of mix
 
 Refusals: malformed URI, bucket outside `allowed_buckets`, S3 access denied → PathNotAllowed;
 no such object or bucket → NotFound; a folder with pickle weights or a missing file is staged
-as it is, for the gate to refuse with every reason and audit; too large → UploadTooLarge; bad archive →
-UnsafeArchive; an object that changed while read → IngestError. Other S3 or network failures
-propagate: they are the server's problem, not the caller's.
+as it is, for the gate to refuse with every reason and audit; too large → UploadTooLarge; bad
+archive → UnsafeArchive; an object that changed while read → IngestError. Other S3 or network
+failures propagate: they are the server's problem, not the caller's.
 
 The client is a synchronous boto3 S3 client (`make_s3_client`); every call runs in a thread.
 """

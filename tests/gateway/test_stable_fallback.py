@@ -166,3 +166,15 @@ def test_a_fallback_to_the_base_never_serves_a_caller_whose_policy_forbids_the_b
         assert restored.status_code == 200
         assert ask("chat", guarded).status_code == 200
         assert engine.calls[-1][1] is not None
+
+
+def test_a_refused_manual_fallback_is_a_409_listing_why(demo_root):
+    with client_for(demo_root, ScriptedEngine(["a"])) as client:
+        register(client, demo_root, "rf-self", "v1")
+        arm(client, "rf-self", "rf-self@1")  # caught when used: the failing version itself
+        manual = client.post("/admin/v1/rollouts/rf-self/rollback", json={}, headers=ADMIN)
+        assert manual.status_code == 409, manual.text
+        error = manual.json()["error"]
+        assert error["code"] == "rollback_refused"
+        assert "itself" in error["problems"][0]["message"]
+        assert status(client, "rf-self")["active_target"] is None

@@ -173,3 +173,10 @@ def test_local_paths_must_resolve_under_an_allowed_root(tmp_path: Path):
             stage_local_path(bad, allowed_roots=[root])
     with pytest.raises(PathNotAllowed, match="does not exist"):
         stage_local_path(root / "missing", allowed_roots=[root])
+
+
+def test_a_failing_member_is_refused_without_naming_server_paths(tmp_path: Path):
+    archive = make_tar(tmp_path / "twice.tar", [regular("a", b"1"), regular("a", b"2")])
+    with pytest.raises(UnsafeArchive) as refused:
+        extract_archive(archive, tmp_path / "out")
+    assert str(tmp_path) not in str(refused.value) and "File exists" in str(refused.value)
