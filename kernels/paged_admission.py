@@ -8,7 +8,9 @@ beside the adapters already running: the worker would have to refuse the step (P
 The plan (pure: ids, page counts and times in, an order out; `paged_scheduler` applies it):
 1. Requests that have waited longer than `max_wait_s` go first, oldest first: bounded waiting,
    so a rare adapter is never starved by popular ones. While the oldest of them does not fit,
-   no other adapter is admitted ahead of it: pages freed by finishing requests go to it.
+   only requests without an adapter are admitted: no new adapter, and no further request for
+   a running one either, so the running adapters drain and their pages go to it. (Admitting
+   requests for running adapters let steady traffic to them hold the pages forever.)
 2. Then requests whose adapter is already in the step (running, or admitted above): they cost
    no page and do not evict anything (LoRAX's adapter exchange keeps the active set busy).
 3. Then the rest in arrival order, each newly admitted adapter followed at once by every other
@@ -73,10 +75,14 @@ class AdmissionPlanner:
 
         def admit_adapter(w: Waiting) -> bool:
             nonlocal used
-            if w.adapter == 0 or w.adapter in in_step:
+            if w.adapter == 0:
+                return True
+            if blocked:  # draining for an aged request: nothing that keeps pages in use
+                return False
+            if w.adapter in in_step:
                 return True
             pages = as_pages(w.pages)
-            if blocked or not pages_fit(used, pages, self.total_pages):
+            if not pages_fit(used, pages, self.total_pages):
                 return False
             in_step[w.adapter] = pages
             used = pages_add(used, pages)
@@ -97,7 +103,7 @@ class AdmissionPlanner:
             elif not blocked:
                 blocked = True  # the oldest unfit one reserves the pages that free up next
         for w in waiting:
-            if id(w) not in placed and (w.adapter == 0 or w.adapter in in_step):
+            if id(w) not in placed and (w.adapter == 0 or (w.adapter in in_step and not blocked)):
                 take([w])
         for w in waiting:
             if id(w) in placed:

@@ -20,7 +20,14 @@ The plan (pure: ids, page counts and times in, a selection out; `paged_scheduler
    benchmarks/results/residency/run-2026-12-01-5.)
 Oversubscription is bounded: a waiting request whose adapter is not running yet may start
 only while the running adapters' pages, with its own, stay within `max_oversubscription` x
-the pool; otherwise it waits (as under `hold`) until running requests finish. Without the
+the pool, and their number within `max_oversubscription` x `max_adapters` (slots bind before
+pages for low-rank adapters); otherwise it waits (as under `hold`) until running requests
+finish. An aged request that the bound keeps out blocks everything after it but requests
+without an adapter, requests for running adapters included, so the running set drains to it
+(as under `hold`, oldest first): younger or steadier traffic cannot keep it out forever.
+New requests are offered only while vLLM has room to start them (`room`, its max_num_seqs
+less the running requests): a waiting request chosen over running ones that vLLM then cannot
+start left the step empty. Without the
 bound, an open-loop burst let every new adapter in, each running request got an ever smaller
 share of the steps, requests lived longer, more piled up: TTFT p95 3.96x vLLM's where the
 closed loop measured 0.21x (benchmarks/results/residency/run-2026-12-01-7). With it, every
@@ -83,18 +90,32 @@ class RotationPlanner:
         self.max_skip_s = max_skip_s
         self.max_oversubscription = max_oversubscription
 
-    def _startable(self, running: Sequence[Running], waiting: list[Waiting]) -> list[Waiting]:
+    def _startable(
+        self, running: Sequence[Running], waiting: list[Waiting], now: float
+    ) -> list[Waiting]:
         """The waiting requests, in order, whose start keeps the running adapters' pages within
-        max_oversubscription x the pool (requests of running adapters and base always may)."""
+        max_oversubscription x the pool and their count within max_oversubscription x
+        max_adapters. Requests of running adapters and base may start, unless an aged request
+        the bound keeps out came before them: then only base requests may."""
         demand = {r.adapter: as_pages(r.pages) for r in running if r.adapter != 0}
         used = self._zero
         for pages in demand.values():
             used = pages_add(used, pages)
+        adapter_cap = self.max_oversubscription * self.max_adapters
         startable = []
+        blocked = False
         for w in waiting:
-            if w.adapter != 0 and w.adapter not in demand:
+            if w.adapter == 0:
+                startable.append(w)
+                continue
+            if blocked:
+                continue
+            if w.adapter not in demand:
                 pages = as_pages(w.pages)
-                if not pages_fit(used, pages, self.total_pages, self.max_oversubscription):
+                if len(demand) >= adapter_cap or not pages_fit(
+                    used, pages, self.total_pages, self.max_oversubscription
+                ):
+                    blocked = now - w.arrival > self.max_wait_s  # aged: the set drains to it
                     continue
                 demand[w.adapter] = pages
                 used = pages_add(used, pages)
@@ -102,8 +123,13 @@ class RotationPlanner:
         return startable
 
     def plan(
-        self, running: Sequence[Running], waiting: Sequence[Waiting], now: float
+        self,
+        running: Sequence[Running],
+        waiting: Sequence[Waiting],
+        now: float,
+        room: int | None = None,
     ) -> RotationPlan:
+        """`room`: how many waiting requests vLLM can start this step (None: no limit)."""
         chosen: dict[int, Pages] = {}  # adapter -> pages, the step's adapters
         used = self._zero
 
@@ -125,7 +151,10 @@ class RotationPlanner:
             (w for w in waiting if now - w.arrival > self.max_wait_s), key=lambda w: w.arrival
         )
         fresh = [w for w in waiting if now - w.arrival <= self.max_wait_s]
-        startable = {id(w) for w in self._startable(running, [*aged, *fresh])}
+        offered = self._startable(running, [*aged, *fresh], now)
+        if room is not None:
+            offered = offered[: max(0, room)]  # what vLLM could not start must not skip anyone
+        startable = {id(w) for w in offered}
         aged = [w for w in aged if id(w) in startable]
         fresh = [w for w in fresh if id(w) in startable]
         by_recency = sorted(running, key=lambda r: -r.last_run)

@@ -74,6 +74,9 @@ class ResidencyAwareScheduler(VllmScheduler):
         self._planner: AdmissionPlanner | None = None
         self._rotation: RotationPlanner | None = None
         self._last_run: dict[str, float] = {}  # rotate: request_id -> last step it was in
+        # rotate: the last step skipped running requests and scheduled nothing (vLLM could not
+        # start the waiting ones it made room for, e.g. no KV blocks): the next one starts none.
+        self._start_none_next = False
         self._no_pages: Pages = ()
         if self.lora_config is None:
             return
@@ -184,10 +187,13 @@ class ResidencyAwareScheduler(VllmScheduler):
         now = time.time()
         running = list(self.running)
         last_run = self._last_run
+        room = 0 if self._start_none_next else self.max_num_active_reqs - len(running)
+        self._start_none_next = False
         plan = planner.plan(
             [Running(r, *self._adapter_pages(r), last_run.get(r.request_id, now)) for r in running],
             [Waiting(r, *self._adapter_pages(r), r.arrival_time) for r in self.waiting],
             now,
+            room=room,
         )
         self.admission_stats.steps_planned += 1
         skipped = {id(s.key) for s in plan.skip}
@@ -215,6 +221,7 @@ class ResidencyAwareScheduler(VllmScheduler):
             self._requeue(sorted(rest, key=lambda r: r.arrival_time))
         for request_id in output.num_scheduled_tokens:
             last_run[request_id] = now
+        self._start_none_next = bool(plan.skip) and not output.num_scheduled_tokens
         if len(last_run) > 2 * len(self.requests) + 64:  # forget finished requests
             self._last_run = {k: v for k, v in last_run.items() if k in self.requests}
         return output

@@ -78,3 +78,15 @@ def test_with_pool_groups_an_adapter_fits_when_it_fits_every_group():
     result = AdmissionPlanner(total_pages=(8, 4), max_wait_s=2.0).plan(running, queue, NOW)
     # attention is full: only the MLP-only adapter joins, in any total of pages it would
     assert names(result.order) == ["mlp"] and names(result.held) == ["attn", "both"]
+
+
+def test_while_an_aged_request_waits_for_pages_the_running_adapters_take_no_new_requests():
+    """Requests for a running adapter cost no page, but admitting them kept it running: under
+    a steady stream to it, an aged request that needs its pages waited forever (review)."""
+    queue = [w("big", 9, 5, age=5), w("stream", 1, 5), w("base", 0, 0)]
+    draining = plan(8, {1: 5}, queue)
+    assert names(draining.order) == ["base"]  # adapter 1 drains; its pages go to big next
+    assert names(draining.held) == ["big", "stream"]
+    young = [w("big", 9, 5, age=1), w("stream", 1, 5), w("base", 0, 0)]
+    assert names(plan(8, {1: 5}, young).order) == ["stream", "base"]  # not aged: no drain
+    assert names(plan(8, {}, queue).order) == ["big", "base"]  # drained: big first

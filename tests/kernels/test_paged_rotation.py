@@ -31,6 +31,7 @@ def plan(
     max_wait_s: float = 10.0,
     max_skip_s: float = 0.2,
     max_oversubscription: float = 2.0,
+    room: int | None = None,
 ) -> RotationPlan:
     planner = RotationPlanner(
         total_pages=total,
@@ -39,7 +40,7 @@ def plan(
         max_skip_s=max_skip_s,
         max_oversubscription=max_oversubscription,
     )
-    return planner.plan(running, waiting, NOW)
+    return planner.plan(running, waiting, NOW, room=room)
 
 
 def step_pages(result: RotationPlan, running: list[Running], waiting: list[Waiting]) -> int:
@@ -150,3 +151,41 @@ def test_with_pool_groups_adapters_of_other_layers_share_the_step():
     waiting = [wait("qv3", 4, (4, 0)), wait("mlp", 3, (0, 4))]
     result = plan((8, 8), running, waiting)
     assert names(result.held) == ["qv3"] and names(result.order) == ["mlp"]
+
+
+def test_an_aged_request_the_bound_keeps_out_drains_the_running_set_to_it():
+    """Kept out by the oversubscription bound, an aged request used to be passed by younger
+    small adapters and by every request for a running adapter, and waited forever (review)."""
+    running = [run("r1", 1, 4), run("r2", 2, 4)]
+    waiting = [wait("big", 9, 8, age=11), wait("more-1", 1, 4), wait("small", 5, 1)]
+    waiting.append(wait("base", 0, 0))
+    result = plan(8, running, waiting, max_oversubscription=1.0)
+    assert names(result.order) == ["base"]  # neither more-1 nor small goes ahead of big
+    assert names(result.held) == ["big", "more-1", "small"]
+    young = [wait("big", 9, 8, age=1), wait("more-1", 1, 4), wait("small", 5, 1)]
+    assert names(plan(8, running, young, max_oversubscription=1.0).order) == ["more-1"]
+    assert names(plan(8, [], waiting, max_oversubscription=1.0).order) == ["big", "base"]
+
+
+def test_new_adapters_start_only_while_the_running_ones_stay_within_the_slots_bound():
+    """Low-rank adapters bind slots before pages: the running set is capped at
+    max_oversubscription x max_adapters adapters, so each keeps a share of the steps."""
+    running = [run(f"r{i}", i, 1, idle=0.01 * i) for i in range(1, 9)]  # 8 adapters, 8 pages
+    waiting = [wait("new", 20, 1)]
+    full = plan(64, running, waiting, max_adapters=4, max_oversubscription=2.0)
+    assert names(full.held) == ["new"] and len(full.run) == 4
+    room_left = plan(64, running[:7], waiting, max_adapters=4, max_oversubscription=2.0)
+    assert names(room_left.order) == ["new"]
+
+
+def test_no_running_request_sits_out_for_a_request_vllm_cannot_start():
+    """With max_num_seqs reached (room 0), a waiting adapter chosen over running ones could
+    not start, and the step ran nothing (review: 1948 of 2058 steps empty)."""
+    running = [run("r1", 1, 4, idle=0.01), run("r2", 2, 4, idle=0.02)]
+    waiting = [wait("new", 3, 4)]
+    assert names(plan(8, running, waiting).skip) == ["r2"]  # room enough: new starts
+    full = plan(8, running, waiting, room=0)
+    assert names(full.run) == ["r1", "r2"] and not full.skip
+    assert not full.order and names(full.held) == ["new"]
+    one = plan(8, running, [*waiting, wait("newer", 4, 4)], room=1)
+    assert names(one.order) == ["new"] and names(one.held) == ["newer"]
