@@ -101,9 +101,20 @@ class TenantLimiter:
         self._clock = clock
         self._tenants: dict[str, _TenantState] = {}
 
-    def effective_max_tokens(self, policy: TenantPolicy, requested: int | None, room: int) -> int:
+    def effective_max_tokens(
+        self,
+        policy: TenantPolicy,
+        requested: int | None,
+        room: int,
+        *,
+        prompt_tokens: int = 0,
+        sequences: int = 1,
+    ) -> int:
         """The completion budget: what the client asked for, else all the room left, never
-        above the tenant's cap (a missing max_tokens means "up to the cap", not an error)."""
+        above the tenant's cap (a missing max_tokens means "up to the cap", not an error).
+        Left out, it also fits the tokens-per-minute limit beside the prompt: the default
+        was the whole context, which that limit then refused with "lower max_tokens" to a
+        client that had sent none."""
         cap = policy.max_tokens
         if requested is not None:
             if cap is not None and requested > cap:
@@ -112,7 +123,12 @@ class TenantLimiter:
                     param="max_tokens",
                 )
             return requested
-        return room if cap is None else min(room, cap)
+        default = room if cap is None else min(room, cap)
+        if policy.tokens_per_minute is not None:
+            per_sequence = (int(policy.tokens_per_minute) - prompt_tokens) // max(1, sequences)
+            if per_sequence >= 1:  # else the prompt alone is over it: admit() says so
+                default = min(default, per_sequence)
+        return default
 
     def admit(
         self, tenant: str, policy: TenantPolicy, *, prompt_tokens: int, max_tokens: int

@@ -71,6 +71,9 @@ class RolloutController:
         self._acting: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # adapter -> the canary whose window is being judged (its version, and the previous
+        # rollback's time, which tells a restarted canary of the same version apart)
+        self._canary_judged: dict[str, tuple[int, object]] = {}
 
     def observe(self, adapter: str, version: int | None, recorder: GenerationRecorder) -> None:
         """One finished request. Client disconnects say nothing about the version: skipped."""
@@ -87,6 +90,13 @@ class RolloutController:
             return
         limits = self._limits(view, version)
         if version == view.canary_version:
+            canary = (version, view.rolled_back_at)
+            if self._canary_judged.get(adapter) != canary:
+                # A canary is judged on its own traffic only: the window may hold mirrored
+                # shadow copies of the same version (background, one choice, a capped number
+                # in flight) or an earlier canary's samples, which would make the verdict.
+                self._monitor.reset(key)
+                self._canary_judged[adapter] = canary
             verdict = self._monitor.observe(key, limits, **sample.fields())
             if verdict is not None:
                 self._spawn(self._take_back(view, version, verdict, stable=False))

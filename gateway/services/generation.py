@@ -134,18 +134,22 @@ class GenerationService:
             max_tokens=job.options.max_tokens * sequences,
         )
         served = job.served
+        # Recorder and controller first: a version whose adapter fails to load is a failed
+        # request of that version, which its rollout window must see (a canary that could not
+        # load answered every caller 500 and was never rolled back).
+        scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
+        job.recorder = GenerationRecorder(scope, job.prompt_tokens)
+        job.controller = self._controller
         if served.adapter is not None:
             try:
                 await self._cache.acquire(
                     served.adapter, (served.adapter_name, served.version_label)
                 )
-            except BaseException:
+            except BaseException as exc:
+                job.recorder.failed = _the_versions_fault(exc)
                 job.finish()
                 raise
             job.cache = self._cache
-        scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
-        job.recorder = GenerationRecorder(scope, job.prompt_tokens)
-        job.controller = self._controller
         if self._shadow is not None:
             job.shadow = self._shadow.plan(job, caller, caller_key)
         return job
@@ -203,7 +207,13 @@ class GenerationService:
             )
         defaults = self._defaults
         return SamplingOptions(
-            max_tokens=self._limiter.effective_max_tokens(caller.policy, max_tokens, room),
+            max_tokens=self._limiter.effective_max_tokens(
+                caller.policy,
+                max_tokens,
+                room,
+                prompt_tokens=sum(len(p) for p in prompts),
+                sequences=len(prompts) * body.n,
+            ),
             temperature=_first(body.temperature, defaults.get("temperature")),
             top_p=_first(body.top_p, defaults.get("top_p")),
             n=body.n,
@@ -239,9 +249,9 @@ class GenerationService:
                 # The client's answer is complete (only bytes left to send); the mirror runs
                 # in its own task, so it can neither delay nor fail this request.
                 self._shadow.submit(job.shadow)
-        except Exception:
+        except Exception as exc:
             if recorder is not None:
-                recorder.failed = True
+                recorder.failed = _the_versions_fault(exc)
             raise
         finally:
             job.finish()
@@ -363,3 +373,12 @@ def new_request_id(prefix: str) -> str:
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def _the_versions_fault(exc: BaseException) -> bool:
+    """Whether a request that ended in `exc` counts as a failure of the version that served
+    it: server-side errors do; a request the engine refused as invalid (400), or a
+    cancellation, says nothing about the version."""
+    if isinstance(exc, LoraplexError):
+        return exc.status_code >= 500
+    return isinstance(exc, Exception)

@@ -139,6 +139,23 @@ def test_max_tokens_cap(clock):
     assert limiter.effective_max_tokens(TenantPolicy(), None, room=1000) == 1000
 
 
+def test_a_left_out_max_tokens_fits_the_tokens_per_minute_limit(clock):
+    """The default was the whole context: 8 prompt + 2040 refused as over a 1000-token limit,
+    "lower max_tokens", to a client that sent none (review)."""
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(tokens_per_minute=1000)
+    default = limiter.effective_max_tokens(policy, None, room=2040, prompt_tokens=8)
+    assert default == 992
+    assert admit(limiter, policy, prompt=8, out=default)  # admitted, not a 400
+    two = limiter.effective_max_tokens(policy, None, room=2040, prompt_tokens=16, sequences=2)
+    assert two == (1000 - 16) // 2
+    capped = TenantPolicy(tokens_per_minute=1000, max_tokens=64)
+    assert limiter.effective_max_tokens(capped, None, room=2040, prompt_tokens=8) == 64
+    assert limiter.effective_max_tokens(policy, 1500, room=2040, prompt_tokens=8) == 1500
+    # A prompt over the whole limit keeps the plain default: admission explains the refusal.
+    assert limiter.effective_max_tokens(policy, None, room=2040, prompt_tokens=1200) == 2040
+
+
 def test_refusals_are_counted_per_tenant_and_limit(clock):
     limiter = TenantLimiter(clock)
     counter = RATE_LIMITED.labels("metered", "max_concurrent")

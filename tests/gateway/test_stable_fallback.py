@@ -178,3 +178,45 @@ def test_a_refused_manual_fallback_is_a_409_listing_why(demo_root):
         assert error["code"] == "rollback_refused"
         assert "itself" in error["problems"][0]["message"]
         assert status(client, "rf-self")["active_target"] is None
+
+
+class FailingLoads(ScriptedEngine):
+    """Loads fail once `fail` is set (a corrupt or incompatible artifact)."""
+
+    fail = False
+
+    async def add_adapter(self, adapter):
+        if self.fail:
+            raise RuntimeError("corrupt weights")
+        return await super().add_adapter(adapter)
+
+
+def test_a_canary_that_cannot_load_is_rolled_back_by_its_errors(demo_root):
+    """Every canary caller got 500 and the canary stayed: the failed load ended the request
+    before its metrics existed, so its window never saw it (review)."""
+    engine = FailingLoads(["a"])
+    with client_for(demo_root, engine) as client:
+        register(client, demo_root, "lf", "v1")
+        register(client, demo_root, "lf", "v2")
+        assert complete(client, "lf@1") == 200  # v1 loaded
+        engine.fail = True
+        evaluated = client.post("/admin/v1/adapters/lf/versions/2/evaluate", headers=ADMIN)
+        assert evaluated.status_code == 200, evaluated.text
+        arm(client, "lf", None)  # window 10
+        started = client.post(
+            "/admin/v1/rollouts/lf/start", json={"version": 2, "percent": 50}, headers=ADMIN
+        )
+        assert started.status_code == 200, started.text
+        body = {"model": "lf", "prompt": "x", "max_tokens": 1}
+        codes = [
+            client.post("/v1/completions", json={**body, "user": f"u{i}"}).status_code
+            for i in range(60)
+        ]
+        assert 500 in codes
+        assert wait_for(lambda: status(client, "lf")["canary_version"] is None)
+        assert status(client, "lf")["stage"] == "rolled_back"
+        after = [
+            client.post("/v1/completions", json={**body, "user": f"u{i}"}).status_code
+            for i in range(20)
+        ]
+        assert after == [200] * 20  # everyone on the stable again
