@@ -3,18 +3,15 @@
 No I/O: each check reads an AdapterArtifact (from `inspect_adapter`), the served base's
 BaseModelFingerprint and the engine's limits, and returns every problem it sees. `run_gate` runs
 them all, so a refusal lists all reasons at once. Checks stay quiet about things an earlier check
-already reported (e.g. shapes are not judged when the header could not be read).
+already reported (e.g. shapes are not judged when the header could not be read). The checks on
+dtypes and values live in value_checks.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-
-import numpy as np
+from collections import defaultdict
+from collections.abc import Callable
 
 from registry.compat.artifact import (
     ADAPTER_CONFIG,
@@ -23,65 +20,20 @@ from registry.compat.artifact import (
     AdapterArtifact,
     TensorInfo,
 )
+from registry.compat.engine_limits import EngineLimits
 from registry.compat.fingerprint import LLAMA_STYLE_TYPES, BaseModelFingerprint, ModuleDims
-from registry.compat.problems import Problem, ProblemCode, capped
+from registry.compat.lora_keys import LoraKey, parse_lora_key
+from registry.compat.problems import Problem, ProblemCode, capped, listed
+from registry.compat.value_checks import check_dtypes, check_finite, check_value_range
 
-SUPPORTED_DTYPES = frozenset({"F16", "BF16", "F32"})
-# The largest finite value of each dtype an engine can hold LoRA weights in.
-FINITE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F32": 3.4028234663852886e38}
-_TORCH_DTYPE_NAMES = {"float16": "F16", "half": "F16", "bfloat16": "BF16", "float32": "F32"}
 # Inits that only choose starting values; PiSSA, OLoRA, CorDA, LoftQ also rewrite the base
 # weights, so their adapters are wrong on an unmodified base (vLLM refuses them too).
 HARMLESS_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
-MAX_LISTED = 8
 MAX_SHAPE_PROBLEMS = 12
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.(?:model\.|language_model\.)*layers\.(?P<layer>\d+)\."
-    r"(?:self_attn|mlp)\.(?P<module>[A-Za-z0-9_]+)\.lora_(?P<ab>[AB])\.weight$"
-)
 _EMBEDDING_PART = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|embed_out)(?:\.|$)")
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """What the serving engine was started with (vLLM's --max-lora-rank and its LoRA dtypes).
-
-    `dtype` is the dtype the engine holds LoRA weights in (vLLM's resolved lora_dtype, as a
-    safetensors name); None while it is not known, and then values are not judged against it."""
-
-    max_lora_rank: int
-    supported_dtypes: frozenset[str] = SUPPORTED_DTYPES
-    dtype: str | None = None
-
-
-@dataclass(frozen=True)
-class LoraKey:
-    layer: int
-    module: str
-    ab: str  # "A" (r x in, down-projection) or "B" (out x r, up-projection), PEFT's convention
-
-
 Check = Callable[[AdapterArtifact, BaseModelFingerprint, EngineLimits], list[Problem]]
-
-
-def safetensors_dtype(torch_name: str | None) -> str | None:
-    """ "float16" or "torch.float16" → "F16"; None for "auto", None or a dtype not served."""
-    if torch_name is None:
-        return None
-    return _TORCH_DTYPE_NAMES.get(torch_name.removeprefix("torch."))
-
-
-def parse_lora_key(name: str) -> LoraKey | None:
-    match = _LORA_KEY.fullmatch(name)
-    if match is None:
-        return None
-    return LoraKey(int(match["layer"]), match["module"], match["ab"])
-
-
-def _listed(items: Iterable[str]) -> str:
-    values = sorted(set(items))
-    shown = ", ".join(values[:MAX_LISTED])
-    return shown + (f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else "")
 
 
 def check_files(
@@ -93,7 +45,7 @@ def check_files(
         problems.append(
             Problem(
                 ProblemCode.PICKLE_WEIGHTS,
-                f"{_listed(pickles)}: pickle-based weights are never loaded; save the adapter with "
+                f"{listed(pickles)}: pickle-based weights are never loaded; save the adapter with "
                 "safe_serialization=True (adapter_model.safetensors)",
             )
         )
@@ -104,7 +56,7 @@ def check_files(
         problems.append(
             Problem(
                 ProblemCode.UNSAFE_FILE,
-                f"{_listed(a.unsafe_files)}: symlinks and special files are not accepted",
+                f"{listed(a.unsafe_files)}: symlinks and special files are not accepted",
             )
         )
     return problems
@@ -232,7 +184,7 @@ def check_tokenizer(
             Problem(
                 ProblemCode.TOKENS_MISSING,
                 f"the adapter's tokenizer needs {len({*missing, *missing_special})} token(s) the "
-                f"base lacks: {_listed([*missing, *missing_special])}",
+                f"base lacks: {listed([*missing, *missing_special])}",
             )
         )
     moved = [t for t, i in vocab.items() if t in base.vocab and base.vocab[t] != i]
@@ -240,7 +192,7 @@ def check_tokenizer(
         problems.append(
             Problem(
                 ProblemCode.TOKENIZER_MISMATCH,
-                f"{len(moved)} token(s) have different ids than in the base: {_listed(moved)}",
+                f"{len(moved)} token(s) have different ids than in the base: {listed(moved)}",
             )
         )
     return problems
@@ -257,7 +209,7 @@ def check_tensors(
             Problem(
                 ProblemCode.MODULE_NOT_IN_BASE,
                 f"base architecture {base.model_type!r} has no LoRA-adaptable modules known to the "
-                f"registry (supported: {_listed(LLAMA_STYLE_TYPES)})",
+                f"registry (supported: {listed(LLAMA_STYLE_TYPES)})",
             )
         ]
     targets = (a.config or {}).get("target_modules")
@@ -289,8 +241,8 @@ def check_tensors(
         problems.append(
             Problem(
                 ProblemCode.MODULE_NOT_IN_BASE,
-                f"target module(s) {_listed(absent)} are not LoRA-adaptable modules of the "
-                f"base; it has {_listed(base.modules)}",
+                f"target module(s) {listed(absent)} are not LoRA-adaptable modules of the "
+                f"base; it has {listed(base.modules)}",
             )
         )
     if embedding:
@@ -298,21 +250,21 @@ def check_tensors(
             Problem(
                 ProblemCode.EMBEDDING_DELTA,
                 f"embedding / lm_head weights or deltas are not servable on a shared base: "
-                f"{_listed(embedding)}",
+                f"{listed(embedding)}",
             )
         )
     if dora:
-        problems.append(Problem(ProblemCode.DORA, f"DoRA magnitude vectors: {_listed(dora)}"))
+        problems.append(Problem(ProblemCode.DORA, f"DoRA magnitude vectors: {listed(dora)}"))
     if unknown:
         problems.append(
-            Problem(ProblemCode.UNKNOWN_TENSOR, f"unexpected tensors: {_listed(unknown)}")
+            Problem(ProblemCode.UNKNOWN_TENSOR, f"unexpected tensors: {listed(unknown)}")
         )
     if out_of_range:
         problems.append(
             Problem(
                 ProblemCode.LAYER_OUT_OF_RANGE,
                 f"the base has {base.num_layers} layers; tensors beyond them: "
-                f"{_listed(out_of_range)}",
+                f"{listed(out_of_range)}",
             )
         )
     problems += capped(
@@ -323,7 +275,7 @@ def check_tensors(
         problems.append(
             Problem(
                 ProblemCode.UNPAIRED_TENSOR,
-                f"lora_A without lora_B or vice versa: {_listed(unpaired)}",
+                f"lora_A without lora_B or vice versa: {listed(unpaired)}",
             )
         )
     if not pairs:
@@ -349,99 +301,6 @@ def _shape_problem(
         f"{tensor.name}: shape {list(tensor.shape)}, expected {list(expected)} (r={r}; in the "
         f"base {key.module} maps {dims.in_features} to {dims.out_features})",
     )
-
-
-def check_dtypes(
-    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
-) -> list[Problem]:
-    counts = Counter(t.dtype for t in a.tensors)
-    bad = {dtype: n for dtype, n in counts.items() if dtype not in limits.supported_dtypes}
-    supported = ", ".join(sorted(limits.supported_dtypes))
-    problems = [
-        Problem(ProblemCode.DTYPE_UNSUPPORTED, f"{n} tensor(s) are {dtype}; supported: {supported}")
-        for dtype, n in sorted(bad.items())
-    ]
-    if not bad and len(counts) > 1:
-        problems.append(
-            Problem(
-                ProblemCode.DTYPE_UNSUPPORTED, f"mixed dtypes {_listed(counts)}: save one dtype"
-            )
-        )
-    return problems
-
-
-def check_finite(
-    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
-) -> list[Problem]:
-    if not a.nonfinite_tensors:
-        return []
-    return [
-        Problem(
-            ProblemCode.NON_FINITE,
-            f"{len(a.nonfinite_tensors)} tensor(s) contain NaN or Inf: "
-            f"{_listed(a.nonfinite_tensors)}",
-        )
-    ]
-
-
-def _rounded(value: float, dtype: str) -> float:
-    """`value` as the engine holds it in `dtype` (round to nearest even, inf past the range),
-    the way torch casts; without torch, so the registry need not import it."""
-    with np.errstate(over="ignore"):
-        if dtype == "F16":
-            return float(np.float16(value))
-        single = np.float32(value)
-    if dtype == "BF16":  # keep the upper 16 bits of the fp32 pattern, rounded to nearest even
-        bits = int(np.array(single).view(np.uint32))
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return float(np.array(bits, dtype=np.uint32).view(np.float32))
-    return float(single)
-
-
-def _as_served(largest: float, dtype: str, scale: float) -> float:
-    """What vLLM makes of a tensor's largest magnitude: cast to the engine's dtype, then, for
-    lora_B, `lora_b *= scale` (fp32 math, rounded to the dtype again). Both steps are monotonic,
-    so the largest input gives the largest output and the tensor's max is all the gate needs."""
-    value = _rounded(largest, dtype)
-    if scale != 1.0:
-        with np.errstate(over="ignore"):
-            value = _rounded(float(np.float32(value) * np.float32(scale)), dtype)
-    return value
-
-
-def check_value_range(
-    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
-) -> list[Problem]:
-    """vLLM casts A and B to the engine's dtype and then multiplies B by the scale in that
-    dtype: a value past the dtype's range becomes inf there, and every output of the adapter
-    with it. An fp32 adapter served in fp16 is the usual case, but an fp16 B with a scale above
-    1 can overflow too, and a B that fits can round up past the range before it is scaled.
-    The check replays both roundings on each tensor's largest value, so it refuses exactly what
-    would overflow (values within half an ulp of the maximum round down to it and pass)."""
-    dtype = limits.dtype
-    if dtype not in FINITE_MAX or not a.tensor_max_abs:
-        return []
-    scale = a.scale or 1.0  # an invalid rank or alpha is refused by check_peft_config
-    beyond: dict[str, float] = {}
-    for name, largest in a.tensor_max_abs.items():
-        key = parse_lora_key(name)
-        if key is None:
-            continue  # reported by check_tensors
-        tensor_scale = scale if key.ab == "B" else 1.0
-        if not math.isfinite(_as_served(largest, dtype, tensor_scale)):
-            beyond[name] = largest * tensor_scale
-    if not beyond:
-        return []
-    worst = max(beyond, key=beyond.__getitem__)
-    scaled = f" (lora_B times its scale of {scale:g})" if scale != 1.0 else ""
-    return [
-        Problem(
-            ProblemCode.VALUE_OUT_OF_RANGE,
-            f"{len(beyond)} tensor(s) exceed the engine's {dtype} range (±{FINITE_MAX[dtype]:g}) "
-            f"once cast{scaled}, so they would serve as inf: {_listed(beyond)}; largest "
-            f"{beyond[worst]:.6g} in {worst}",
-        )
-    ]
 
 
 CHECKS: tuple[Check, ...] = (

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+
+MAX_LISTED = 8
 
 
 class ProblemCode(StrEnum):
@@ -60,3 +63,10 @@ def capped(problems: list[Problem], *, limit: int, code: ProblemCode, what: str)
         return problems
     rest = len(problems) - limit
     return [*problems[:limit], Problem(code, f"… and {rest} more {what}")]
+
+
+def listed(items: Iterable[str]) -> str:
+    """Up to MAX_LISTED of `items`, sorted, with a count of the rest."""
+    values = sorted(set(items))
+    shown = ", ".join(values[:MAX_LISTED])
+    return shown + (f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else "")

@@ -19,8 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.card import AdaptationCard, card_json, parse_card
 from registry.compat.artifact import ARTIFACT_FILES, AdapterArtifact, inspect_adapter
-from registry.compat.checks import EngineLimits, parse_lora_key, run_gate
+from registry.compat.checks import run_gate
+from registry.compat.engine_limits import EngineLimits
 from registry.compat.fingerprint import BaseModelFingerprint
+from registry.compat.lora_keys import parse_lora_key
 from registry.compat.problems import Problem, ProblemCode
 from registry.errors import AdapterRejected, ArtifactError, DuplicateAdapter, RegistryConflict
 from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
