@@ -38,9 +38,19 @@ class World:
             f"rollout-{n}", r=2 + n, lora_alpha=4, target_modules=["q_proj", "v_proj"]
         )
 
-    async def register(self, name: str, n: int, *, tenant: str = "acme", **kw: Any) -> int:
+    async def register(
+        self,
+        name: str,
+        n: int,
+        *,
+        tenant: str = "acme",
+        session: AsyncSession | None = None,
+        **kw: Any,
+    ) -> int:
+        """Register artifact(n) as a new version of `name`, in `session` (default: the
+        world's own) so that race tests can register from a session of their own."""
         row = await service.register_adapter_version(
-            self.session,
+            session or self.session,
             store=self.store,
             artifact_dir=self.artifact(n),
             name=name,

@@ -103,16 +103,7 @@ async def test_the_same_files_registered_twice_at_once_become_one_version(
     await world.register("bot", 1)
 
     async def register(session: AsyncSession) -> Any:
-        return await service.register_adapter_version(
-            session,
-            store=world.store,
-            artifact_dir=world.artifact(2),
-            name="bot",
-            tenant="acme",
-            served_base=world.base_fp,
-            max_lora_rank=16,
-            actor="ops",
-        )
+        return await world.register("bot", 2, session=session)
 
     results = await race(sessions, register, register)
     assert results == ["ok", AdapterRejected.__name__]  # duplicate_artifact
