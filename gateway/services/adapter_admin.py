@@ -176,6 +176,6 @@ class AdapterAdmin:
 
     async def _unload(self, row: AdapterVersion) -> None:
         """New requests stop resolving at once (the catalog reads the registry); the engine's
-        loaded copy is dropped too."""
+        loaded copy is dropped once no running request holds it."""
         self._catalog.forget(row.id)
         await self._cache.forget(row.id)

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.adapter_cache import AdapterLoadFailed, HostAdapterCache
 from gateway.engine.client import AdapterHandle, EngineError
+from gateway.errors import ModelNotFound
 from gateway.metrics import ADAPTER_EVICTIONS, ADAPTER_RESIDENT_BYTES
 
 
@@ -105,12 +106,89 @@ async def test_a_failed_load_is_an_error_and_leaves_nothing_behind():
     assert cache.resident() == [5]
 
 
-async def test_forget_unloads_a_retired_version_even_if_pinned():
+async def test_a_forgotten_version_is_unloaded_at_once_when_nothing_holds_it():
     engine = RecordingEngine()
     cache = HostAdapterCache(engine, budget_bytes=1000)  # type: ignore[arg-type]
     await cache.acquire(handle(4), LABELS)
+    cache.release(handle(4))
     before = ADAPTER_EVICTIONS.labels("host", "retired")._value.get()
     await cache.forget(4)
-    assert engine.removed == [4] and cache.resident() == []
+    assert engine.removed == [4] and cache.resident() == [] and cache.resident_bytes == 0
     assert ADAPTER_EVICTIONS.labels("host", "retired")._value.get() == before + 1
-    cache.release(handle(4))  # the request that held it finishing later is harmless
+
+
+async def test_a_forgotten_version_stays_loaded_until_its_last_request_ends():
+    """vLLM reloads a removed adapter from its path at the next step of a request still using
+    it, and a deleted version's files are gone: that killed the engine for every tenant."""
+    engine = RecordingEngine()
+    cache = HostAdapterCache(engine, budget_bytes=1000)  # type: ignore[arg-type]
+    await cache.acquire(handle(4), LABELS)  # two requests running on it
+    await cache.acquire(handle(4), LABELS)
+    await cache.forget(4)
+    assert engine.removed == [] and cache.resident() == [4]
+    with pytest.raises(ModelNotFound):  # but no new request pins it
+        await cache.acquire(handle(4), ("bot", "1"))
+    cache.release(handle(4))
+    await asyncio.sleep(0)
+    assert engine.removed == []  # one still running
+    cache.release(handle(4))
+    await asyncio.sleep(0)
+    assert engine.removed == [4] and cache.resident() == [] and cache.resident_bytes == 0
+
+
+async def test_a_version_forgotten_while_it_loads_is_not_left_resident():
+    """A request resolved the version just before it was retired and was still loading it."""
+    engine = RecordingEngine(load_delay_s=0.05)
+    cache = HostAdapterCache(engine, budget_bytes=1000)  # type: ignore[arg-type]
+    loading = asyncio.create_task(cache.acquire(handle(6), ("bot", "1")))
+    await asyncio.sleep(0.01)
+    await cache.forget(6)
+    with pytest.raises(ModelNotFound):
+        await loading
+    assert cache.resident() == [] and cache.resident_bytes == 0
+    assert engine.loaded == [6] and engine.removed[-1] == 6
+
+
+class VllmLru(RecordingEngine):
+    """vLLM's own CPU adapter cache: at its capacity (max_cpu_loras) `add_lora` first removes
+    vLLM's least recently used adapter, whatever the gateway holds pinned."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.held: list[int] = []
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        await super().add_adapter(adapter)
+        if len(self.held) + 1 > self.capacity:
+            self.held.pop(0)
+        self.held.append(adapter.engine_id)
+
+    async def remove_adapter(self, engine_id: int) -> None:
+        await super().remove_adapter(engine_id)
+        if engine_id in self.held:
+            self.held.remove(engine_id)
+
+
+async def test_room_is_made_before_a_load_so_vllm_never_evicts_a_pinned_adapter():
+    engine = VllmLru(capacity=2)
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=2)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)  # its request still queued in the engine: pinned
+    await cache.acquire(handle(2), LABELS)
+    cache.release(handle(2))
+    await cache.acquire(handle(3), LABELS)
+    assert engine.removed == [2]  # the unpinned one, before 3 was loaded
+    assert cache.resident() == engine.held == [1, 3]
+
+
+async def test_concurrent_loads_make_room_for_each_other():
+    engine = VllmLru(capacity=3)
+    engine.delay = 0.01
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=3)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)  # pinned throughout
+    for vid in (2, 3):
+        await cache.acquire(handle(vid), LABELS)
+        cache.release(handle(vid))
+    await asyncio.gather(*(cache.acquire(handle(vid), LABELS) for vid in (4, 5)))
+    assert engine.removed == [2, 3]
+    assert sorted(cache.resident()) == sorted(engine.held) == [1, 4, 5]
