@@ -134,9 +134,27 @@ def create_app(
             await router.refresh()
             polling = asyncio.create_task(router.run(), name="rollout-poll")
             authenticator = KeyAuthenticator(registry, settings.catalog_cache_ttl_s)
+            cache = HostAdapterCache(
+                served_engine,
+                settings.adapter_cache_bytes,
+                max(settings.max_cpu_loras, settings.max_loras),  # vLLM's own ceiling
+            )
+            adapter_admin = AdapterAdmin(
+                registry,
+                cache,
+                catalog,
+                settings.upload_max_bytes,
+                settings.import_roots,
+                S3Import(settings.s3_import_buckets, settings.s3_endpoint_url, settings.s3_region),
+            )
             watch = RegistryWatch(
                 registry,
-                [catalog.invalidate, authenticator.invalidate],
+                [
+                    catalog.invalidate,
+                    authenticator.invalidate,
+                    router.mark_stale,  # a write whose stamp the newest one hides
+                    adapter_admin.forget_removed,  # retired or deleted through another replica
+                ],
                 poll_interval_s=settings.rollout_poll_interval_s,
             )
             try:
@@ -148,19 +166,7 @@ def create_app(
             app.state.registry = registry
             app.state.catalog = catalog
             app.state.rollout_router = router  # tests replay a lagging replica's view
-            cache = HostAdapterCache(
-                served_engine,
-                settings.adapter_cache_bytes,
-                max(settings.max_cpu_loras, settings.max_loras),  # vLLM's own ceiling
-            )
-            app.state.adapter_admin = AdapterAdmin(
-                registry,
-                cache,
-                catalog,
-                settings.upload_max_bytes,
-                settings.import_roots,
-                S3Import(settings.s3_import_buckets, settings.s3_endpoint_url, settings.s3_region),
-            )
+            app.state.adapter_admin = adapter_admin
             app.state.authenticator = authenticator
             app.state.tenant_admin = TenantAdmin(registry, authenticator, catalog)
             defaults = Thresholds(

@@ -7,7 +7,8 @@ the registry adds an audit row in its own transaction, so the newest audit id
 every `poll_interval_s` and drops its caches when it moved. A retirement, revocation, share or
 new version made through any replica therefore applies on all of them within one poll, and
 between changes the caches hold for their whole TTL (a safety bound, not the freshness
-mechanism).
+mechanism). Callbacks may be coroutines (e.g. unloading versions another replica retired); one
+that fails makes the next poll run them all again.
 
 The cost this removes: with only a 1 s TTL every active adapter name was resolved again each
 second (two ORM queries, ~5 ms of the gateway's CPU each), which on a 2-core host ran beside
@@ -18,8 +19,9 @@ benchmark's load.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
@@ -31,7 +33,7 @@ class RegistryWatch:
     def __init__(
         self,
         runtime: RegistryRuntime,
-        on_change: Sequence[Callable[[], None]],
+        on_change: Sequence[Callable[[], Awaitable[None] | None]],
         *,
         poll_interval_s: float = 0.5,
     ):
@@ -53,8 +55,14 @@ class RegistryWatch:
         moved = self._missed or (self._generation is not None and generation != self._generation)
         self._generation, self._missed = generation, False
         if moved:
-            for callback in self._on_change:
-                callback()
+            try:
+                for callback in self._on_change:
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception:
+                self._missed = True
+                raise
         return moved
 
     async def run(self) -> None:

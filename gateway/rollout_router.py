@@ -1,9 +1,13 @@
 """Which version a request for an adapter name serves: this replica's copy of every rollout.
 
 The registry is the truth (registry.service.rollout); each gateway replica polls its rollout
-generation (a timestamp that only grows) every `poll_interval_s` and reloads the adapters that
-changed, so a rollback decided by any replica is honoured by all within one poll interval plus
-a request. Routing itself is in memory: `RolloutView.route(caller_key)` hashes the caller into
+generation (the newest stamp) every `poll_interval_s`, and is told by RegistryWatch when
+anything else changed (`mark_stale`); either way it compares every adapter's stamp with the one
+it holds and reloads the adapters whose stamp differs. Stamps are writers' clocks, so "newer than
+the last poll" would miss a write from a replica whose clock lags, or one that committed late;
+"differs" misses nothing (each write changes its adapter's stamp). A rollback decided by any
+replica is thus honoured by all within one poll interval plus a request. Routing itself is in
+memory: `RolloutView.route(caller_key)` hashes the caller into
 a stable bucket, so a caller keeps its version as a canary grows (1 → 10 → 50 %).
 """
 
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from gateway.metrics import ROLLOUT_CANARY_PERCENT, SHADOW_PERCENT
 from gateway.registry_runtime import RegistryRuntime
@@ -20,8 +24,6 @@ from registry import service
 from registry.rollout import RolloutView
 
 logger = logging.getLogger(__name__)
-# Writes can commit out of timestamp order across replicas; re-read a little behind the mark.
-POLL_OVERLAP = timedelta(seconds=5)
 
 
 def sticky_key(user: str | None, session_id: str | None, key_id: str) -> str:
@@ -47,6 +49,9 @@ class RolloutRouter:
         self.on_change = on_change  # e.g. the catalog's cache invalidation
         self._views: dict[str, RolloutView] = {}
         self._generation: datetime | None = None
+        self._stamps: dict[str, datetime] = {}  # per adapter, as its view was last read
+        self._stale_marks = 0  # mark_stale() calls; the stamps are compared when it moved
+        self._checked_marks = 0
         self._lock = asyncio.Lock()
 
     def view(self, name: str) -> RolloutView | None:
@@ -61,20 +66,29 @@ class RolloutRouter:
         route = view.route(caller_key)
         return None if route is None else route.address
 
+    def mark_stale(self) -> None:
+        """Something changed in the registry (RegistryWatch): compare the stamps at the next
+        refresh even if the newest one did not move."""
+        self._stale_marks += 1
+
     async def refresh(self) -> bool:
-        """Reload changed rollouts; True when something changed."""
+        """Reload the rollouts whose stamp changed; True when some did."""
         async with self._lock:
-            runtime = self._runtime
-            async with runtime.sessions() as session:
+            marks = self._stale_marks
+            async with self._runtime.sessions() as session:
                 generation = await service.rollout_generation(session)
-                if generation is None or generation == self._generation:
+                if generation is None or (
+                    generation == self._generation and marks == self._checked_marks
+                ):
+                    self._checked_marks = marks
                     return False
-                since = None if self._generation is None else self._generation - POLL_OVERLAP
-                views = await service.list_rollouts(session, since=since)
+                stamps = await service.rollout_stamps(session)
+                changed = [name for name, at in stamps.items() if self._stamps.get(name) != at]
+                views = await service.list_rollouts(session, names=changed) if changed else []
             for view in views:
                 self.accept(view)
-            self._generation = generation
-        return True
+            self._stamps, self._generation, self._checked_marks = stamps, generation, marks
+        return bool(views)
 
     def accept(self, view: RolloutView) -> None:
         """Take a fresh view (from a poll, or from this replica's own admin write)."""

@@ -174,6 +174,25 @@ class AdapterAdmin:
         await self._unload(row)
         return row
 
+    async def forget_removed(self) -> None:
+        """After any registry change (RegistryWatch): versions retired or deleted through any
+        replica leave this one's engine too (else they stay loaded and counted until LRU), and
+        local copies of deleted artifacts leave its disk (a remote store's download cache,
+        which only the deleting replica cleaned)."""
+        store = self._runtime.store
+        copies = await store.local_copies()
+        async with self._runtime.sessions() as session:
+            removed = await service.removed_versions(session, self._cache.resident())
+            garbage = await service.deleted_artifacts(session, copies)
+        for version_id in removed:
+            if not self._cache.forgotten(version_id):
+                logger.info("version id %s was retired or deleted elsewhere: unloading", version_id)
+            self._catalog.forget(version_id)
+            await self._cache.forget(version_id)
+        for digest in garbage:
+            logger.info("dropping the local copy of deleted artifact %s", digest)
+            await store.drop_local_copy(digest)
+
     async def _unload(self, row: AdapterVersion) -> None:
         """New requests stop resolving at once (the catalog reads the registry); the engine's
         loaded copy is dropped once no running request holds it."""

@@ -21,7 +21,13 @@ from registry.service.keys import (
     list_api_keys,
     revoke_api_key,
 )
-from registry.service.lifecycle import delete_version, mark_evaluated, retire_version
+from registry.service.lifecycle import (
+    delete_version,
+    deleted_artifacts,
+    mark_evaluated,
+    removed_versions,
+    retire_version,
+)
 from registry.service.queries import (
     get_adapter,
     get_version,
@@ -48,6 +54,7 @@ from registry.service.rollout_views import (
     list_rollout_events,
     list_rollouts,
     rollout_generation,
+    rollout_stamps,
     rollout_status,
 )
 from registry.service.shares import list_adapter_shares, share_adapter, unshare_adapter
@@ -69,6 +76,7 @@ __all__ = [
     "create_api_key",
     "create_tenant",
     "delete_version",
+    "deleted_artifacts",
     "get_adapter",
     "get_base_model",
     "get_served_base",
@@ -90,6 +98,7 @@ __all__ = [
     "rank_profile",
     "register_adapter_version",
     "register_base_model",
+    "removed_versions",
     "resolve_adapter",
     "resolve_rollout_version",
     "restore_stable",
@@ -98,6 +107,7 @@ __all__ = [
     "revoke_api_key",
     "rollback",
     "rollout_generation",
+    "rollout_stamps",
     "rollout_status",
     "set_rollback_path",
     "set_thresholds",

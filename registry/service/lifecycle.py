@@ -6,6 +6,7 @@ runs, a fallback target) is refused until the rollout moves on."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +20,7 @@ from registry.states import SERVABLE, VersionState, check_transition
 from registry.store.base import ArtifactStore
 
 logger = logging.getLogger(__name__)
+DIGESTS_PER_QUERY = 500  # well under SQLite's and PostgreSQL's bound parameter limits
 
 
 async def mark_evaluated(
@@ -142,3 +144,31 @@ async def _refuse_routed(session: AsyncSession, row: AdapterVersion) -> None:
         raise InvalidStateTransition(
             f"{address} serves {routed_here}'s traffic in fallback; restore that stable first"
         )
+
+
+async def removed_versions(session: AsyncSession, version_ids: Collection[int]) -> set[int]:
+    """Those of `version_ids` that are retired or deleted: a replica holding them loaded (its
+    engine, its caches) drops them, whichever replica made the change."""
+    if not version_ids:
+        return set()
+    query = select(AdapterVersion.id).where(
+        AdapterVersion.id.in_(list(version_ids)),
+        AdapterVersion.state.in_([VersionState.RETIRED, VersionState.DELETED]),
+    )
+    return set((await session.scalars(query)).all())
+
+
+async def deleted_artifacts(session: AsyncSession, digests: Collection[str]) -> set[str]:
+    """Those of `digests` that only deleted versions reference: their stored object is gone
+    (or going), so a replica's local copy of it is garbage. A digest no version names at all
+    is left alone (a registration may be storing it right now)."""
+    wanted = sorted(digests)
+    deleted: set[str] = set()
+    live: set[str] = set()
+    for start in range(0, len(wanted), DIGESTS_PER_QUERY):
+        query = select(AdapterVersion.artifact_sha256, AdapterVersion.state).where(
+            AdapterVersion.artifact_sha256.in_(wanted[start : start + DIGESTS_PER_QUERY])
+        )
+        for digest, state in await session.execute(query):
+            (deleted if state == VersionState.DELETED else live).add(digest)
+    return deleted - live

@@ -1,18 +1,21 @@
-"""Reading rollout state: one adapter's `RolloutView`, the views changed since a replica last
-looked, the rollout generation, and the rollout history.
+"""Reading rollout state: one adapter's `RolloutView`, the views of some or all adapters, the
+rollout generation and stamps, and the rollout history.
 
-Polling (gateway replicas): keep `g = await rollout_generation(session)`; every few seconds,
-if the generation moved, fetch `list_rollouts(since=g - lag)` and replace those views. `lag`
-(a few seconds) covers a transaction that stamped its time before a faster one committed and
-clock skew between writers; replacing a view twice is harmless. Reads here never commit and
-always re-read rows (populate_existing), so a long-lived session sees other writers' changes.
+Polling (gateway replicas): when `rollout_generation` (the newest stamp) moved, or anything in
+the registry changed, read `rollout_stamps` and rebuild the views of the adapters whose stamp
+differs from the one last seen (`list_rollouts(names=...)`). A stamp is the writer's clock,
+but each write makes its adapter's stamp differ from before (strictly increasing per adapter),
+so comparing stamps per adapter misses nothing: neither a writer whose clock lags nor a
+transaction that stamped before a faster one committed. Reads here never commit and always
+re-read rows (populate_existing), so a long-lived session sees other writers' changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import AdapterNotFound
@@ -20,6 +23,8 @@ from registry.models import Adapter, AdapterVersion, RolloutEvent
 from registry.rollout import RolloutView, card_limits
 from registry.service.queries import lock_adapter
 from registry.states import SERVABLE
+
+NAMES_PER_QUERY = 500  # well under SQLite's and PostgreSQL's bound parameter limits
 
 
 def adapter_query(name: str, *, for_update: bool = False) -> Select[Adapter]:
@@ -153,10 +158,27 @@ async def rollout_status(session: AsyncSession, *, name: str) -> RolloutView:
 
 
 async def list_rollouts(
-    session: AsyncSession, *, since: datetime | None = None
+    session: AsyncSession,
+    *,
+    since: datetime | None = None,
+    names: Collection[str] | None = None,
 ) -> list[RolloutView]:
-    """Views of the adapters a rollout write has touched (ever, or at or after `since`), by
-    name. Adapters never touched route as `resolve_adapter(name)` says, so they are left out."""
+    """Views of the adapters a rollout write has touched (ever, at or after `since`, or only
+    those `names`), by name. Adapters never touched route as `resolve_adapter(name)` says, so
+    they are left out."""
+    if names is not None:
+        wanted = sorted(names)
+        views: list[RolloutView] = []
+        for start in range(0, len(wanted), NAMES_PER_QUERY):
+            chunk = wanted[start : start + NAMES_PER_QUERY]
+            views += await _views(session, since, Adapter.name.in_(chunk))
+        return views
+    return await _views(session, since, None)
+
+
+async def _views(
+    session: AsyncSession, since: datetime | None, where: ColumnElement[bool] | None
+) -> list[RolloutView]:
     query = (
         select(Adapter)
         .where(Adapter.rollout_updated_at.is_not(None))
@@ -165,7 +187,19 @@ async def list_rollouts(
     )
     if since is not None:
         query = query.where(Adapter.rollout_updated_at >= since)
+    if where is not None:
+        query = query.where(where)
     return [await build_view(session, adapter) for adapter in await session.scalars(query)]
+
+
+async def rollout_stamps(session: AsyncSession) -> dict[str, datetime]:
+    """Every touched adapter's stamp, by name (one read of two columns)."""
+    rows = await session.execute(
+        select(Adapter.name, Adapter.rollout_updated_at).where(
+            Adapter.rollout_updated_at.is_not(None)
+        )
+    )
+    return {name: stamp for name, stamp in rows if stamp is not None}
 
 
 async def rollout_generation(session: AsyncSession) -> datetime | None:

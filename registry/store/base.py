@@ -31,3 +31,12 @@ class ArtifactStore(Protocol):
     async def delete(self, digest: str) -> bool:
         """Remove the object; False when it was not there."""
         ...
+
+    async def local_copies(self) -> set[str]:
+        """Digests this process holds a local copy of beside the store itself (a remote store's
+        download cache); empty for a store that is local already."""
+        ...
+
+    async def drop_local_copy(self, digest: str) -> None:
+        """Remove this process's local copy of `digest`, if any; the stored object stays."""
+        ...

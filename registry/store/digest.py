@@ -28,6 +28,10 @@ class Entry:
     sha256: str
 
 
+def is_digest(name: str) -> bool:
+    return bool(_DIGEST.fullmatch(name))
+
+
 def check_digest(digest: str) -> str:
     """Refuse anything but 64 lower-case hex digits: digests become path segments and keys."""
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):

@@ -61,6 +61,12 @@ class LocalArtifactStore:
         check_digest(digest)
         return await asyncio.to_thread(self._delete, digest)
 
+    async def local_copies(self) -> set[str]:
+        return set()  # the store is this folder: nothing is copied beside it
+
+    async def drop_local_copy(self, digest: str) -> None:
+        check_digest(digest)
+
     def _put_file(self, src: Path) -> str:
         staging = self._staging()
         try:

@@ -34,6 +34,7 @@ from registry.store.digest import (
     check_digest,
     check_file_name,
     hash_file,
+    is_digest,
     list_tree_files,
     tree_digest,
 )
@@ -230,6 +231,25 @@ class S3ArtifactStore:
         check_digest(digest)
         return await asyncio.to_thread(self._delete, digest)
 
+    async def local_copies(self) -> set[str]:
+        return await asyncio.to_thread(self._local_copies)
+
+    async def drop_local_copy(self, digest: str) -> None:
+        check_digest(digest)
+        await asyncio.to_thread(self._drop_local_copy, digest)
+
+    def _local_copies(self) -> set[str]:
+        found: set[str] = set()
+        for kind in ("trees", "blobs"):
+            folder = self.cache_dir / kind
+            if folder.is_dir():
+                found.update(p.name for p in folder.iterdir() if is_digest(p.name))
+        return found
+
+    def _drop_local_copy(self, digest: str) -> None:
+        shutil.rmtree(self.cache_dir / "trees" / digest, ignore_errors=True)
+        (self.cache_dir / "blobs" / digest).unlink(missing_ok=True)
+
     def _head(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
@@ -327,8 +347,7 @@ class S3ArtifactStore:
         return final
 
     def _delete(self, digest: str) -> bool:
-        shutil.rmtree(self.cache_dir / "trees" / digest, ignore_errors=True)
-        (self.cache_dir / "blobs" / digest).unlink(missing_ok=True)
+        self._drop_local_copy(digest)
         entries = self._manifest(digest)
         if entries is not None:
             # Manifest first: from here on the tree no longer exists for readers.

@@ -175,3 +175,21 @@ async def test_concurrent_limit_changes_both_apply(
     assert tenant.limits is not None
     assert tenant.limits.get("requests_per_second") == 5
     assert tenant.limits.get("tokens_per_minute") == 900
+
+
+async def test_removed_versions_and_deleted_artifacts_name_what_replicas_drop(world: World):
+    """What another replica asks after any change: which versions it holds are retired or
+    deleted now, and which of its local artifact copies only deleted versions name."""
+    await world.register("bot", 1)
+    await world.register("bot", 2)
+    await world.register("bot", 3)
+    rows = {v.version: v for v in await service.list_versions(world.session, name="bot")}
+    await service.retire_version(world.session, name="bot", version=1, actor="ops")
+    await service.delete_version(world.session, store=world.store, name="bot", version=2, actor="o")
+    ids = [rows[n].id for n in (1, 2, 3)]
+    assert await service.removed_versions(world.session, ids) == {ids[0], ids[1]}
+    assert await service.removed_versions(world.session, []) == set()
+
+    unknown = "0" * 64  # a registration may be storing it right now: not garbage
+    digests = {rows[n].artifact_sha256 for n in (1, 2, 3)} | {unknown}
+    assert await service.deleted_artifacts(world.session, digests) == {rows[2].artifact_sha256}

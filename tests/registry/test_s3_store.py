@@ -188,3 +188,18 @@ def test_missing_boto3_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pat
     lazy = S3ArtifactStore("bucket", cache_dir=tmp_path)
     with pytest.raises(ImportError, match=r"loraplex\[s3\]"):
         _ = lazy.client
+
+
+async def test_a_local_copy_can_be_listed_and_dropped_while_the_object_stays(
+    s3: Any, bucket: str, tmp_path: Path, good_adapter: Path
+):
+    writer = S3ArtifactStore(bucket, cache_dir=tmp_path / "writer", client=s3)
+    reader = S3ArtifactStore(bucket, cache_dir=tmp_path / "reader", client=s3)
+    digest = await writer.put_dir(staged(tmp_path, good_adapter), files=NAMES)
+    assert await reader.local_copies() == set()
+    local = await reader.get_path(digest)
+    assert await reader.local_copies() == {digest}
+    await reader.drop_local_copy(digest)
+    assert not local.exists() and await reader.local_copies() == set()
+    assert await reader.exists(digest)  # only the copy went
+    assert (await reader.get_path(digest)).is_dir()  # downloaded again on the next use
