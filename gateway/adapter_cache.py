@@ -105,7 +105,11 @@ class HostAdapterCache:
         finally:
             del self._loading[version_id]
             loading.done.set()
-        await self._evict(reason="capacity", incoming=False)
+        try:  # pins released meanwhile may let it get back within the budget now
+            await self._evict(reason="capacity", incoming=False)
+        except BaseException:  # cancelled: the caller never learns it holds a pin
+            self.release(adapter)
+            raise
 
     def release(self, adapter: AdapterHandle) -> None:
         version_id = adapter.engine_id

@@ -192,3 +192,25 @@ async def test_concurrent_loads_make_room_for_each_other():
     await asyncio.gather(*(cache.acquire(handle(vid), LABELS) for vid in (4, 5)))
     assert engine.removed == [2, 3]
     assert sorted(cache.resident()) == sorted(engine.held) == [1, 4, 5]
+
+
+class SlowRemoval(RecordingEngine):
+    async def remove_adapter(self, engine_id: int) -> None:
+        await asyncio.sleep(10)
+
+
+async def test_a_request_cancelled_while_the_cache_evicts_leaves_no_pin_behind():
+    """The pin is taken before the eviction that follows a load; a caller cancelled there
+    never learns it holds one, and the version could never be evicted again."""
+    engine = SlowRemoval(load_delay_s=0.05)
+    cache = HostAdapterCache(engine, budget_bytes=150)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    second = asyncio.create_task(cache.acquire(handle(2), LABELS))  # 200 > 150, 1 is pinned
+    await asyncio.sleep(0.01)
+    cache.release(handle(1))  # now 1 may go: the eviction after 2's load removes it, slowly
+    await asyncio.sleep(0.1)
+    assert 1 not in cache.resident()  # being removed
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert cache._entries[2].pins == 0
