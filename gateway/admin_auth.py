@@ -43,6 +43,8 @@ def _bearer_matches(request: Request, *accepted: SecretStr) -> bool:
     if scheme.lower() != "bearer":
         return False
     given = supplied.strip().encode()
+    if not given:  # a bare "Bearer" matches no token, whatever the settings let through
+        return False
     # Every token is compared, so the time taken does not say which one came close.
     matches = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in accepted]
     return any(matches)

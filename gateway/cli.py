@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gateway.cli_admin import adapters_app, keys_app, tenants_app
 from gateway.cli_rollout import faults_app, rollout_app
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
@@ -18,6 +26,35 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(faults_app, name="faults")
+
+
+def load_settings(overrides: dict[str, object]) -> Settings:
+    """Settings from the environment and options, or exit 2 naming each mistake (a mistyped
+    value is the operator's to fix, not a traceback to read)."""
+    from pydantic import ValidationError
+
+    from gateway.settings import ENV_PREFIX, Settings
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.error_count()} invalid setting(s):", err=True)
+        # include_input=False: a refused value may be a token.
+        for error in exc.errors(include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            where = f"{field} ({ENV_PREFIX}{field.upper()}): " if field else ""
+            typer.echo(f"  {where}{error['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def warn_unknown_environment() -> None:
+    from gateway.settings import ENV_PREFIX, OTHER_ENV_NAMES, Settings, unknown_environment
+
+    known = [f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields]
+    for name in unknown_environment(os.environ):
+        close = difflib.get_close_matches(name.upper(), [*known, *OTHER_ENV_NAMES], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        logger.warning("%s is not a loraplex setting and is ignored%s", name, hint)
 
 
 @app.command()
@@ -33,7 +70,6 @@ def serve(
 
     from gateway.app import create_app
     from gateway.logging_config import configure_logging
-    from gateway.settings import Settings
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -42,8 +78,9 @@ def serve(
         overrides["port"] = port
     if demo:
         overrides["demo"] = True
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = load_settings(overrides)
     configure_logging(settings.log_level, settings.log_json)
+    warn_unknown_environment()
 
     def announce(fastapi_app: object) -> None:
         base = f"http://{settings.host}:{settings.port}"
@@ -66,7 +103,7 @@ def serve(
         create_app(settings, on_ready=announce),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level.lower(),
+        log_level=settings.log_level.lower(),  # one of settings.LOG_LEVELS: uvicorn knows each
         timeout_graceful_shutdown=10,
         timeout_keep_alive=settings.http_keep_alive_s,
     )
@@ -80,7 +117,11 @@ def demo_init(
     """Write the tiny demo base model, its tokenizer and the demo peft adapters."""
     from gateway.demo import DEMO_ADAPTERS, init_demo
 
-    paths = init_demo(directory, force=force)
+    try:
+        paths = init_demo(directory, force=force)
+    except OSError as exc:
+        typer.echo(f"error: cannot write the demo under {directory}: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"base model: {paths.base}")
     for spec in DEMO_ADAPTERS:
         typer.echo(

@@ -7,6 +7,7 @@ Reads LORAPLEX_URL (default http://127.0.0.1:8000) and LORAPLEX_ADMIN_TOKEN. Exi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 import tempfile
@@ -55,6 +56,14 @@ def _print(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def finite(value: float | None) -> float | None:
+    """Option callback: inf and nan parse as floats but mean nothing as a limit, a delay or a
+    rate (and JSON cannot carry them)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _split(address: str) -> tuple[str, int]:
     name, sep, version = address.partition("@")
     if not sep or not version.isdigit():
@@ -89,10 +98,18 @@ def register(
     _register_upload(Path(path), name, tenant, shared, card)
 
 
+def _card_text(card: Path) -> str:
+    try:
+        return card.read_text()
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        typer.echo(f"error: cannot read the card {card}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _card_json(card: Path) -> Any:
     try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError) as exc:
+        return json.loads(_card_text(card))
+    except ValueError as exc:
         typer.echo(f"error: cannot read the card {card}: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -105,7 +122,7 @@ def _register_upload(path: Path, name: str, tenant: str, shared: bool, card: Pat
     if shared:  # omitted: a new adapter is private, a new version keeps its adapter's
         form["visibility"] = "shared"
     if card is not None:
-        form["card"] = card.read_text()
+        form["card"] = _card_text(card)  # the server parses it and names what is wrong
     with tempfile.TemporaryDirectory() as tmp:
         uploads = _upload_files(path, Path(tmp))
         handles = [(("files", (p.name, p.open("rb")))) for p in uploads]
@@ -160,7 +177,9 @@ def delete(address: str, reason: Annotated[str | None, typer.Option()] = None) -
 @tenants_app.command("create")
 def create_tenant(
     name: str,
-    rps: Annotated[float | None, typer.Option("--rps", help="Requests per second.")] = None,
+    rps: Annotated[
+        float | None, typer.Option("--rps", help="Requests per second.", callback=finite)
+    ] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Concurrent requests.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens.")] = None,
@@ -212,7 +231,9 @@ LIMIT_FIELDS = (
 @tenants_app.command("limits")
 def set_limits(
     name: str,
-    rps: Annotated[float | None, typer.Option("--rps", help="Requests per second.")] = None,
+    rps: Annotated[
+        float | None, typer.Option("--rps", help="Requests per second.", callback=finite)
+    ] = None,
     burst: Annotated[int | None, typer.Option(help="Burst size for --rps.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Concurrent requests.")] = None,
@@ -251,7 +272,9 @@ def set_limits(
 def create_key(
     tenant: Annotated[str, typer.Option(help="The key's tenant.")],
     label: Annotated[str | None, typer.Option(help="What the key is for.")] = None,
-    expires_in_days: Annotated[float | None, typer.Option(help="Expire after N days.")] = None,
+    expires_in_days: Annotated[
+        float | None, typer.Option(help="Expire after N days.", callback=finite)
+    ] = None,
 ) -> None:
     """Issue a key. Its details go first; the key itself is the LAST line of stdout (shown once)."""
     body: dict[str, Any] = {"label": label}

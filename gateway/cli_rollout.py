@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli_admin import _call, _print, _split
+from gateway.cli_admin import _call, _print, _split, finite
 
 rollout_app = typer.Typer(
     help="Canary rollouts of adapter versions (admin API).", no_args_is_help=True
@@ -101,12 +101,20 @@ def rollout_path(
 def rollout_thresholds(
     name: str,
     window: Annotated[int | None, typer.Option(help="Requests per sliding window.")] = None,
-    max_error_rate: Annotated[float | None, typer.Option(help="E.g. 0.001 (0.1 %).")] = None,
-    sla_p95_ttft_ms: Annotated[float | None, typer.Option()] = None,
-    sla_p95_e2e_ms: Annotated[float | None, typer.Option()] = None,
-    margin_ms: Annotated[float | None, typer.Option(help="Allowed p95 above the SLA.")] = None,
-    max_p95_ttft_ms: Annotated[float | None, typer.Option(help="Absolute bound.")] = None,
-    max_p95_e2e_ms: Annotated[float | None, typer.Option(help="Absolute bound.")] = None,
+    max_error_rate: Annotated[
+        float | None, typer.Option(help="E.g. 0.001 (0.1 %).", callback=finite)
+    ] = None,
+    sla_p95_ttft_ms: Annotated[float | None, typer.Option(callback=finite)] = None,
+    sla_p95_e2e_ms: Annotated[float | None, typer.Option(callback=finite)] = None,
+    margin_ms: Annotated[
+        float | None, typer.Option(help="Allowed p95 above the SLA.", callback=finite)
+    ] = None,
+    max_p95_ttft_ms: Annotated[
+        float | None, typer.Option(help="Absolute bound.", callback=finite)
+    ] = None,
+    max_p95_e2e_ms: Annotated[
+        float | None, typer.Option(help="Absolute bound.", callback=finite)
+    ] = None,
     clear: Annotated[bool, typer.Option(help="Remove the override.")] = False,
 ) -> None:
     """Override the rollback thresholds judging NAME's versions (only the options given)."""
@@ -134,8 +142,12 @@ faults_app = typer.Typer(
 @faults_app.command("set")
 def faults_set(
     address: str,
-    latency_ms: Annotated[float, typer.Option(help="Added before the first token.")] = 0,
-    error_rate: Annotated[float, typer.Option(help="Share of requests failed (0-1).")] = 0,
+    latency_ms: Annotated[
+        float, typer.Option(help="Added before the first token.", callback=finite)
+    ] = 0,
+    error_rate: Annotated[
+        float, typer.Option(help="Share of requests failed (0-1).", callback=finite)
+    ] = 0,
 ) -> None:
     """Delay or fail requests served by NAME@VERSION."""
     name, version = _split(address)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.settings import Settings
@@ -35,9 +36,11 @@ from registry.errors import (
     RegistryConflict,
     TenantNotFound,
 )
+from registry.models import ApiKey
 from registry.states import Visibility
 from registry.store.base import ArtifactStore
 from registry.store.s3 import open_artifact_store
+from registry.tenancy import key_id_for
 
 logger = logging.getLogger(__name__)
 SYSTEM_ACTOR = "system"
@@ -54,6 +57,8 @@ class RegistryRuntime:
     # The dtype the engine holds LoRA weights in (a safetensors name): the settings' explicit
     # dtype until the engine has started and resolved it (None for "auto" until then).
     engine_dtype: str | None = None
+    # Started in demo mode: the start-up key is the demo key (labelled so, see ensure_start_key).
+    demo: bool = False
 
     def limits(self) -> EngineLimits:
         return EngineLimits(max_lora_rank=self.max_lora_rank, dtype=self.engine_dtype)
@@ -63,7 +68,8 @@ class RegistryRuntime:
 
 
 async def open_registry(settings: Settings, base_path: Path, base_name: str) -> RegistryRuntime:
-    """Migrate, connect, fingerprint and pin the served base. Raises BaseModelMismatch."""
+    """Migrate, connect, fingerprint and pin the served base; outside demo mode, revoke the
+    keys demo mode issued. Raises BaseModelMismatch."""
     url = settings.resolved_database_url()
     await migrate(url)
     db = make_engine(url)
@@ -89,7 +95,7 @@ async def open_registry(settings: Settings, base_path: Path, base_name: str) -> 
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
     )
-    return RegistryRuntime(
+    runtime = RegistryRuntime(
         db,
         sessions,
         store,
@@ -97,7 +103,15 @@ async def open_registry(settings: Settings, base_path: Path, base_name: str) -> 
         fingerprint,
         settings.max_lora_rank,
         safetensors_dtype(settings.dtype),
+        demo=settings.demo,
     )
+    if not settings.demo:
+        try:
+            await revoke_demo_keys(runtime, keep=settings.import_api_key)
+        except BaseException:
+            await db.dispose()
+            raise
+    return runtime
 
 
 async def ensure_tenant(runtime: RegistryRuntime, name: str) -> None:
@@ -163,30 +177,67 @@ async def adapter_demand(runtime: RegistryRuntime) -> tuple[DemandEntry, ...]:
     return tuple(DemandEntry(rank, modules, count) for rank, modules, count in profile)
 
 
+# Labels of the keys start-up issues. A demo key is a well-known or printed secret: outside
+# demo mode it must not keep reaching the registry (revoke_demo_keys).
 DEMO_KEY_LABEL = "demo"
+IMPORT_KEY_LABEL = "import"
+DEMO_OFF_REASON = "demo mode is off"
+
+
+async def revoke_demo_keys(runtime: RegistryRuntime, *, keep: SecretStr | None) -> list[str]:
+    """Revoke every active key start-up issued as a demo key; returns their ids.
+
+    Versions before IMPORT_KEY_LABEL labelled LORAPLEX_IMPORT_API_KEY's key "demo" as well:
+    the configured import key (`keep`) stays. Keys an admin labelled "demo" are not start-up's
+    (created_by is the admin) and stay too."""
+    kept = key_id_for(keep.get_secret_value()) if keep is not None else None
+    async with runtime.sessions() as session:
+        query = select(ApiKey.key_id).where(
+            ApiKey.label == DEMO_KEY_LABEL,
+            ApiKey.created_by == SYSTEM_ACTOR,
+            ApiKey.revoked_at.is_(None),
+        )
+        found = [key_id for key_id in (await session.scalars(query)).all() if key_id != kept]
+        for key_id in found:
+            row = await service.revoke_api_key(
+                session, key_id=key_id, actor=SYSTEM_ACTOR, reason=DEMO_OFF_REASON
+            )
+            logger.warning(
+                "demo mode is off: revoked demo key %s of tenant %s", key_id, row.tenant.name
+            )
+    return found
 
 
 async def ensure_start_key(runtime: RegistryRuntime, tenant: str, chosen: SecretStr | None) -> str:
     """A key for `tenant` at start-up: the operator's chosen one (registered once, reused on
-    later starts), else a fresh random key each start (demo mode)."""
+    later starts), else a fresh random key each start (demo mode). Labelled as the demo key in
+    demo mode, as the import key otherwise."""
+    label, variable = (
+        (DEMO_KEY_LABEL, "LORAPLEX_DEMO_API_KEY")
+        if runtime.demo
+        else (IMPORT_KEY_LABEL, "LORAPLEX_IMPORT_API_KEY")
+    )
+    foreign = f"{variable} belongs to another tenant than {tenant!r}: revoke it or choose another"
     await ensure_tenant(runtime, tenant)
     async with runtime.sessions() as session:
         if chosen is not None:
             plaintext = chosen.get_secret_value()
             try:
                 principal = await service.authenticate_api_key(session, presented=plaintext)
-            except InvalidApiKey:
+            except InvalidApiKey as exc:
+                if exc.reason in ("revoked", "expired"):
+                    raise ValueError(f"{variable} was {exc.reason}: choose another") from None
                 principal = None
             if principal is not None:
                 if principal.tenant != tenant:
-                    raise ValueError("LORAPLEX_DEMO_API_KEY belongs to another tenant")
+                    raise ValueError(foreign)
                 return plaintext
             try:
                 await service.create_api_key(
                     session,
                     tenant=tenant,
                     actor=SYSTEM_ACTOR,
-                    label=DEMO_KEY_LABEL,
+                    label=label,
                     plaintext=plaintext,
                 )
             except RegistryConflict:
@@ -194,9 +245,9 @@ async def ensure_start_key(runtime: RegistryRuntime, tenant: str, chosen: Secret
                 # (its key id is taken): it must now authenticate as this tenant's.
                 principal = await service.authenticate_api_key(session, presented=plaintext)
                 if principal.tenant != tenant:
-                    raise ValueError("LORAPLEX_DEMO_API_KEY belongs to another tenant") from None
+                    raise ValueError(foreign) from None
             return plaintext
         issued = await service.create_api_key(
-            session, tenant=tenant, actor=SYSTEM_ACTOR, label=DEMO_KEY_LABEL
+            session, tenant=tenant, actor=SYSTEM_ACTOR, label=label
         )
     return issued.plaintext

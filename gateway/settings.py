@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -9,23 +10,47 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kernels.vllm_plugin import (
+    ADMISSION_ENV,
     DEFAULT_KERNEL,
     DEFAULT_MAX_OVERSUBSCRIPTION,
     DEFAULT_MAX_SKIP_MS,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_PAGE_SIZE,
     DEFAULT_POLICY,
+    DEMAND_ENV,
 )
 
+ENV_PREFIX = "LORAPLEX_"
 DEMO_DIR_NAME = "demo"
+DEMO_TENANT = "demo"
 # vLLM 0.32 preallocates LoRA buffers for these ranks only.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Levels both the logging module and uvicorn know (uvicorn's "trace" is not a logging level).
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# A bearer token short enough to guess, or a placeholder like "x", is refused at start.
+MIN_TOKEN_CHARS = 16
+# LORAPLEX_* names read by something other than Settings: the admin CLI and clients (URL, KEY),
+# the vLLM plugin in the engine's processes, compose interpolation, the PostgreSQL tests.
+OTHER_ENV_NAMES = frozenset(
+    {
+        f"{ENV_PREFIX}URL",
+        f"{ENV_PREFIX}KEY",
+        ADMISSION_ENV,
+        DEMAND_ENV,
+        f"{ENV_PREFIX}MODELS_DIR",
+        f"{ENV_PREFIX}HTTP_PORT",
+        f"{ENV_PREFIX}TEST_POSTGRES_URL",
+    }
+)
 
 
 class Settings(BaseSettings):
     """Built once by the app factory or the CLI, never at import time."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+    # Errors never echo a value: a refused one may be a token or a database URL's password.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -34,7 +59,7 @@ class Settings(BaseSettings):
     # close racing a request on a reused connection is a client-side "server disconnected".
     http_keep_alive_s: int = Field(75, gt=0)
     data_dir: Path = Path(".loraplex")
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description=f"One of {LOG_LEVELS} (any case; WARN = WARNING).")
     log_json: bool = False
 
     # Base model: any HF checkpoint directory. Unset → the demo base under data_dir/demo.
@@ -51,7 +76,11 @@ class Settings(BaseSettings):
         description="An operator-chosen key for import_tenant, registered at start-up if new "
         "(scripted set-ups: benchmarks, CI).",
     )
-    demo: bool = Field(False, description="Create and register the demo model and adapters.")
+    demo: bool = Field(
+        False,
+        description="Create and register the demo model and adapters, both for tenant `demo` "
+        "(not combinable with adapter_dir). Off, start-up revokes the keys demo mode issued.",
+    )
     demo_api_key: SecretStr | None = Field(
         None,
         description="Demo mode's API key for tenant `demo`; unset → a random key each start.",
@@ -188,12 +217,50 @@ class Settings(BaseSettings):
         "(a cache hit's speed would tell a tenant what another sent); shared: across tenants "
         "(more hits on common system prompts, for tenants that trust each other).",
     )
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = Field(
+        None,
+        description=f"Bearer token of the admin API ({MIN_TOKEN_CHARS}+ characters); unset or "
+        "blank, the admin API is disabled.",
+    )
     metrics_token: SecretStr | None = Field(
         None,
         description="Bearer token Prometheus sends for /metrics (the admin token works too); "
         "with neither set, /metrics is open.",
     )
+
+    @field_validator(
+        "admin_token", "metrics_token", "demo_api_key", "import_api_key", mode="before"
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `LORAPLEX_ADMIN_TOKEN=` (or an empty Secret value) must not become a token of no
+        # characters: that one would match a bare `Authorization: Bearer`.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and not text.strip():
+            return None
+        return value
+
+    @field_validator("admin_token", "metrics_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        # Clients' headers are compared stripped, so a token read with a newline still matches.
+        token = value.get_secret_value().strip()
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"a token needs at least {MIN_TOKEN_CHARS} characters (or unset it)")
+        return SecretStr(token)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        level = value.strip().upper()
+        level = "WARNING" if level == "WARN" else level
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -206,6 +273,17 @@ class Settings(BaseSettings):
     def _paged_pool_sized(self) -> Settings:
         if self.paged_lora and self.paged_pool_bytes is None:
             raise ValueError("paged_lora needs paged_pool_bytes (LORAPLEX_PAGED_POOL_BYTES)")
+        return self
+
+    @model_validator(mode="after")
+    def _demo_owns_its_import(self) -> Settings:
+        # Demo mode's key reaches whatever is imported with it: production adapters imported
+        # beside the demo would be readable with the demo key.
+        if self.demo and self.adapter_dir is not None:
+            raise ValueError(
+                "demo mode serves the demo adapters to tenant `demo` and cannot import "
+                "LORAPLEX_ADAPTER_DIR: unset one of LORAPLEX_DEMO and LORAPLEX_ADAPTER_DIR"
+            )
         return self
 
     @property
@@ -221,7 +299,7 @@ class Settings(BaseSettings):
         return self.artifact_dir or self.data_dir / "artifacts"
 
     def resolved_import_tenant(self) -> str:
-        return "demo" if self.demo and self.adapter_dir is None else self.import_tenant
+        return DEMO_TENANT if self.demo else self.import_tenant
 
     def resolved_base_model(self) -> Path:
         from gateway.demo import demo_paths
@@ -243,3 +321,14 @@ class Settings(BaseSettings):
         if self.base_model is None:
             return "loraplex-demo-base"
         return self.base_model.resolve().name
+
+
+def unknown_environment(environ: Iterable[str]) -> list[str]:
+    """LORAPLEX_* names in `environ` that nothing reads: Settings ignore them, so a misspelt
+    one (LORAPLEX_MAX_LORA) would silently leave its setting at the default."""
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | OTHER_ENV_NAMES
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )

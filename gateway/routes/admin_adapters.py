@@ -66,6 +66,8 @@ async def list_adapters(
 ) -> list[AdapterOut]:
     """List adapters, optionally those a tenant owns or may use (shared)."""
     async with registry.sessions() as session:
+        if tenant is not None:
+            await service.get_tenant(session, name=tenant)  # unknown tenant → 404, as for keys
         rows = await service.list_adapters(session, tenant=tenant)
     return [AdapterOut.of(row) for row in rows]
 

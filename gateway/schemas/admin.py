@@ -168,10 +168,16 @@ class TenantOut(Strict):
     )
 
 
+# A century: beyond it an expiry means "never" (omit it), and far beyond datetime overflows.
+MAX_KEY_DAYS = 36500
+
+
 class CreateKey(Strict):
     label: str | None = Field(None, max_length=200, examples=["ci pipeline"])
     expires_at: datetime | None = Field(None, description="Aware UTC time; past → refused.")
-    expires_in_days: float | None = Field(None, gt=0, examples=[90])
+    expires_in_days: float | None = Field(
+        None, gt=0, le=MAX_KEY_DAYS, allow_inf_nan=False, examples=[90]
+    )
 
     model_config = example({"label": "ci pipeline", "expires_in_days": 90})
 

@@ -15,6 +15,7 @@ from typing import Any
 from gateway.audit_log import audit_event, registry_operation
 from gateway.auth import KeyAuthenticator
 from gateway.catalog import RegistryCatalog
+from gateway.errors import InvalidRequest
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.models import ApiKey, Tenant
@@ -80,7 +81,13 @@ class TenantAdmin:
         actor: str,
     ) -> IssuedKey:
         if expires_at is None and expires_in_days is not None:
-            expires_at = datetime.now(UTC) + timedelta(days=expires_in_days)
+            try:
+                expires_at = datetime.now(UTC) + timedelta(days=expires_in_days)
+            except OverflowError:  # the schema bounds it; a caller without the schema may not
+                raise InvalidRequest(
+                    f"expires_in_days {expires_in_days} is too far in the future",
+                    param="expires_in_days",
+                ) from None
         async with (
             registry_operation("key_create", actor, tenant=tenant),
             self._runtime.sessions() as session,

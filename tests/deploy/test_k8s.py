@@ -302,3 +302,39 @@ def test_settings_are_ones_the_gateway_reads(monkeypatch):
     settings = Settings()
     assert settings.host == "0.0.0.0" and settings.port == 8000
     assert settings.admin_token is not None
+
+
+def test_gateway_down_also_watches_the_annotation_scraped_pod(deployment):
+    """Without the Operator, the pod is found by its prometheus.io/* annotations under the scrape
+    config's own job (kubernetes-pods): the alert knows it by its labels, as labelmap writes
+    them (`app.kubernetes.io/name` → `app_kubernetes_io_name`)."""
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["annotations"]["prometheus.io/scrape"] == "true"
+    labels = template["labels"]
+    matchers = ", ".join(
+        f'{name.replace(".", "_").replace("/", "_")}="{labels[name]}"'
+        for name in ("app.kubernetes.io/name", "app.kubernetes.io/component")
+    )
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+    (gateway_down,) = [
+        r for g in rules for r in g["rules"] if r.get("alert") == "LoraplexGatewayDown"
+    ]
+    assert f"up{{{matchers}}}" in gateway_down["expr"]
+    assert f"absent(up{{{matchers}}})" in gateway_down["expr"]
+
+
+def test_demo_mode_imports_no_adapter_folder(monkeypatch):
+    """Demo mode's key is a well-known secret (secret.yaml): the ConfigMap must not import the
+    models volume's adapters beside the demo's, where that key would reach them."""
+    from gateway.settings import Settings
+
+    config = find("ConfigMap", "loraplex-config")["data"]
+    for name in settings_env_names():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in config.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    if settings.demo:
+        assert "LORAPLEX_ADAPTER_DIR" not in config
+        assert settings.resolved_import_tenant() == "demo"
+        assert settings.resolved_adapter_dir() == settings.demo_root / "adapters"

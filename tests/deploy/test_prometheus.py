@@ -16,6 +16,8 @@ PROMETHEUS = DEPLOY / "prometheus"
 CONFIG = PROMETHEUS / "prometheus.yml"
 RULE_TESTS = PROMETHEUS / "alerts_test.yml"
 GATEWAY_JOB = "loraplex-gateway"
+# A gateway pod found by its prometheus.io/* annotations: its labels, through the usual labelmap.
+ANNOTATED_GATEWAY = 'up{app_kubernetes_io_name="loraplex", app_kubernetes_io_component="gateway"}'
 
 
 def rules() -> list[dict]:
@@ -62,7 +64,22 @@ MUTATIONS = {
         "(loraplex_rollbacks_total unless",
     ),
     "engine down never": ("loraplex_engine_up == 0", "loraplex_engine_up == 2"),
-    "gateway missing from config not noticed": (' or absent(up{job="loraplex-gateway"})', ""),
+    "gateway missing from config not noticed": (
+        'absent(up{job="loraplex-gateway"})',
+        "(vector(0) == 1)",
+    ),
+    "annotation-scraped gateway down not noticed": (
+        "or\n" + " " * 14 + ANNOTATED_GATEWAY + "\n",
+        "\n",
+    ),
+    "annotation-scraped gateway taken for missing": (
+        "and on ()\n" + " " * 14 + f"absent({ANNOTATED_GATEWAY})",
+        "",
+    ),
+    "any loraplex pod taken for the gateway": (
+        ANNOTATED_GATEWAY + "\n" + " " * 10 + ") == 0",
+        'up{app_kubernetes_io_name="loraplex"}\n' + " " * 10 + ") == 0",
+    ),
     "rate-limit surge 1/s → 2/s": ("rate_limited_total[5m])) > 1", "rate_limited_total[5m])) > 2"),
     "auth surge 1/s → 0.8/s": ("auth_failures_total[5m])) > 1", "auth_failures_total[5m])) > 0.8"),
 }

@@ -40,6 +40,8 @@ CASES = [
     ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 5, "x": 1}, 400),
     ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": "two", "percent": 5}, 400),
     ("DELETE", "/admin/v1/rollouts/nothing/shadow", None, 404),
+    ("GET", "/admin/v1/adapters?tenant=nobody", None, 404),  # as /admin/v1/keys?tenant=nobody
+    ("GET", "/admin/v1/keys?tenant=nobody", None, 404),
 ]
 
 
@@ -60,5 +62,29 @@ def test_garbage_is_a_4xx_and_stores_nothing(demo_root):
         refused = client.post(f"/admin/v1/tenants/{client.tenant}/keys", json=past, headers=ADMIN)
         assert refused.status_code == 422, refused.text
         assert client.get("/admin/v1/keys", headers=ADMIN).json() == keys_before
+        # An expiry past a century, or past what a date can hold, is a 400, not a 500.
+        keys_path = f"/admin/v1/tenants/{client.tenant}/keys"
+        for days in (36501, 5_000_000, 1e300):
+            body = {"expires_in_days": days}
+            refused = client.post(keys_path, json=body, headers=ADMIN)
+            assert refused.status_code == 400, (days, refused.text)
+            assert refused.json()["error"]["param"] == "expires_in_days"
+        assert client.get("/admin/v1/keys", headers=ADMIN).json() == keys_before
         # No admin token at all.
         assert client.post("/admin/v1/tenants", json={"name": "x"}).status_code == 401
+
+
+def test_an_expiry_beyond_the_calendar_is_a_400_from_the_service_too(demo_root):
+    """The schema bounds expires_in_days; the service still answers 400 to a caller past it."""
+    from functools import partial
+
+    from gateway.errors import InvalidRequest
+
+    with client_for(demo_root, ScriptedEngine(["a"])) as client:
+        admin = client.app.state.tenant_admin
+        create = partial(admin.create_key, client.tenant, label=None, expires_at=None)
+        with pytest.raises(InvalidRequest, match="too far in the future") as refused:
+            client.portal.call(partial(create, expires_in_days=5_000_000, actor="admin"))
+        assert refused.value.status_code == 400 and refused.value.param == "expires_in_days"
+        issued = client.portal.call(partial(create, expires_in_days=36500, actor="admin"))
+        assert issued.key.expires_at is not None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -126,3 +127,55 @@ def test_serve_hands_the_keep_alive_to_uvicorn(monkeypatch):
     monkeypatch.setenv("LORAPLEX_HTTP_KEEP_ALIVE_S", "30")
     assert CliRunner().invoke(app, ["serve"]).exit_code == 0
     assert captured["timeout_keep_alive"] == 30
+
+
+def test_demo_mode_owns_its_import_and_refuses_an_adapter_folder(monkeypatch):
+    """Demo mode's key reaches what is imported with it: the demo adapters only, tenant `demo`
+    (an adapter folder beside it once made the demo key tenant `default`'s)."""
+    for name in ("LORAPLEX_BASE_MODEL", "LORAPLEX_ADAPTER_DIR", "LORAPLEX_IMPORT_TENANT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValidationError, match="LORAPLEX_ADAPTER_DIR"):
+        Settings(demo=True, adapter_dir=Path("/models/adapters"))
+    demo = Settings(data_dir=Path("/srv/lp"), demo=True, import_tenant="default")
+    assert demo.resolved_import_tenant() == "demo"
+    assert demo.resolved_adapter_dir() == Path("/srv/lp/demo/adapters")
+    real = Settings(adapter_dir=Path("/models/adapters"), import_tenant="acme")
+    assert real.resolved_import_tenant() == "acme"
+
+
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("info", "INFO"), ("Debug", "DEBUG"), ("warn", "WARNING"), (" ERROR ", "ERROR")],
+)
+def test_log_levels_are_normalised_to_what_logging_and_uvicorn_know(given, level):
+    from uvicorn.config import LOG_LEVELS
+
+    settings = Settings(log_level=given)
+    assert settings.log_level == level
+    assert settings.log_level.lower() in LOG_LEVELS
+    assert isinstance(logging.getLevelName(settings.log_level), int)
+
+
+@pytest.mark.parametrize("bad", ["verbose", "trace", "5", ""])
+def test_unknown_log_levels_are_refused(bad):
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings(log_level=bad)
+
+
+def test_unknown_loraplex_variables_are_found_and_the_projects_own_are_not():
+    from gateway.settings import unknown_environment
+
+    environ = {
+        "LORAPLEX_MAX_LORA": "8",  # misspelt LORAPLEX_MAX_LORAS
+        "loraplex_max_loras": "8",  # pydantic-settings matches names in any case
+        "LORAPLEX_PORT": "8000",
+        "LORAPLEX_URL": "http://gw:8000",
+        "LORAPLEX_KEY": "lpx_x",
+        "LORAPLEX_PAGED_ADMISSION": "1",
+        "LORAPLEX_PAGED_DEMAND": "[]",
+        "LORAPLEX_MODELS_DIR": "/srv/models",
+        "LORAPLEX_HTTP_PORT": "8080",
+        "LORAPLEX_TEST_POSTGRES_URL": "postgresql://x",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_environment(environ) == ["LORAPLEX_MAX_LORA"]
