@@ -106,8 +106,25 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def _request_id(request: Request) -> str:
+def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
+def typed_error_body(exc: LoraplexError, request_id: str) -> dict[str, Any]:
+    """A typed error's body, as a response or a mid-stream SSE event alike: a 5xx names the
+    request id so that the operator can find the log lines the client's report is about."""
+    message = exc.message
+    if exc.status_code >= 500:
+        message = f"{message} (request id {request_id})"
+    return error_body(message, exc.error_type, param=exc.param, code=exc.code)
+
+
+def unexpected_error_body(request_id: str) -> dict[str, Any]:
+    """For an exception nobody typed: no detail of it leaves the server."""
+    return error_body(
+        f"The server had an error while processing your request (request id {request_id}).",
+        "server_error",
+    )
 
 
 def _validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -127,11 +144,8 @@ def _validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
     async def _loraplex(request: Request, exc: LoraplexError) -> JSONResponse:
-        message = exc.message
-        if exc.status_code >= 500:
-            message = f"{message} (request id {_request_id(request)})"
         return JSONResponse(
-            error_body(message, exc.error_type, param=exc.param, code=exc.code),
+            typed_error_body(exc, request_id_of(request)),
             status_code=exc.status_code,
             headers=exc.headers(),
         )
@@ -169,12 +183,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         logger.exception("unhandled error in request %s", request_id)
-        return JSONResponse(
-            error_body(
-                f"The server had an error while processing your request (request id {request_id}).",
-                "server_error",
-            ),
-            status_code=500,
-        )
+        return JSONResponse(unexpected_error_body(request_id), status_code=500)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -14,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 T = TypeVar("T")
 REQUEST_ID_HEADER = "x-request-id"
 MAX_CLIENT_REQUEST_ID = 128
+
+logger = logging.getLogger(__name__)
 
 
 class RequestIdMiddleware:
@@ -70,6 +73,54 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
-    headers: dict[str, Any] = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+class SupportsAclose(Protocol):
+    async def aclose(self) -> None: ...
+
+
+# Closes still running after their response was cancelled (asyncio keeps only weak references
+# to tasks: an unreferenced one could be collected half-way).
+_closing: set[asyncio.Task[None]] = set()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends.
+
+    Starlette's leaves it to the garbage collector when the client hangs up while `send()` is
+    blocked (a slow reader): the generator sits at a `yield`, and only its close reaches the
+    engine request (abort) and the job (lease, adapter pin, metrics). `sources` are closed
+    after the body: what the body would have closed had it ever started iterating."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[str],
+        *sources: SupportsAclose,
+        headers: dict[str, str] | None = None,
+        media_type: str | None = None,
+    ):
+        super().__init__(content, headers=headers, media_type=media_type)
+        self._to_close: tuple[SupportsAclose, ...] = (content, *sources)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            task = asyncio.ensure_future(self._close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+            # Shielded: this runs while the response is being cancelled, and a second
+            # cancellation must not interrupt the abort half-way.
+            await asyncio.shield(task)
+
+    async def _close(self) -> None:
+        for source in self._to_close:
+            try:
+                await source.aclose()
+            except Exception:
+                logger.exception("closing a response stream failed")
+
+
+def event_stream(chunks: AsyncGenerator[str], *sources: SupportsAclose) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return ClosingStreamingResponse(
+        chunks, *sources, media_type="text/event-stream", headers=headers
+    )

@@ -4,7 +4,10 @@ Two halves, because no single place sees everything:
 - `RequestMetricsMiddleware` (pure ASGI) sees every /v1 request end to end, whatever ends it
   (401, 404, 429, a 5xx, a finished stream): it counts requests by status and times them.
 - `GenerationRecorder` lives on a generation job and sees tokens: TTFT, time per output token,
-  token counts, queued and in-flight gauges.
+  token counts, queued and in-flight gauges. A non-streamed request gets its tokens all at
+  once at the end: its TTFT is the engine's own first-token time (vLLM reports it), and an
+  engine that does not report one leaves it out of TTFT, time per output token and the
+  rollout monitor's TTFT window rather than record its whole latency as TTFT.
 Routes leave the caller's scope in `request.state.metric_scope`; before auth it is unknown ("").
 """
 
@@ -48,7 +51,8 @@ class GenerationRecorder:
     scope: MetricScope
     prompt_tokens: int
     started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
+    first_token_at: float | None = None  # None: no token yet, or its time is unknown
+    output_started: bool = False
     completion_tokens: int = 0
     finished: bool = False
     completed: bool = False  # the engine finished every sequence (not aborted, not failed)
@@ -59,13 +63,22 @@ class GenerationRecorder:
         REQUESTS_IN_FLIGHT.labels(self.scope.tenant, self.scope.adapter).inc()
         REQUESTS_QUEUED.labels(self.scope.tenant, self.scope.adapter).inc()
 
-    def tokens(self, count: int) -> None:
+    def tokens(self, count: int, *, produced_at: float | None = None, timed: bool = True) -> None:
+        """`count` new tokens, which arrived now. The first ones time TTFT: at `produced_at`
+        (perf_counter) when the engine says when it made them, else now when they arrive as
+        they are made (`timed`), else not at all."""
         if count <= 0:
             return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+        if not self.output_started:
+            self.output_started = True
             REQUESTS_QUEUED.labels(self.scope.tenant, self.scope.adapter).dec()
-            TIME_TO_FIRST_TOKEN.labels(*self._labels()).observe(self.first_token_at - self.started)
+            if produced_at is not None or timed:
+                made = time.perf_counter() if produced_at is None else produced_at
+                # An engine time converted between clocks may land a hair before admission.
+                self.first_token_at = max(made, self.started)
+                TIME_TO_FIRST_TOKEN.labels(*self._labels()).observe(
+                    self.first_token_at - self.started
+                )
         self.completion_tokens += count
 
     def finish(self) -> None:
@@ -75,7 +88,7 @@ class GenerationRecorder:
         self.finished_at = time.perf_counter()
         tenant, adapter = self.scope.tenant, self.scope.adapter
         REQUESTS_IN_FLIGHT.labels(tenant, adapter).dec()
-        if self.first_token_at is None:
+        if not self.output_started:
             REQUESTS_QUEUED.labels(tenant, adapter).dec()
         PROMPT_TOKENS.labels(*self._labels()).inc(self.prompt_tokens)
         COMPLETION_TOKENS.labels(*self._labels()).inc(self.completion_tokens)

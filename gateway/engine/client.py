@@ -8,7 +8,7 @@ path resolved by the gateway — never a client-supplied name.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +49,7 @@ class SamplingOptions:
     logprobs: int | None = None  # number of top alternatives; 0 = chosen token only
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False
     # False: the engine reports each choice once, when finished (no per-token work in the
     # gateway process for non-streaming requests).
@@ -85,6 +86,10 @@ class GenerationUpdate:
     # Prompt tokens the engine took from its prefix cache instead of computing them (OpenAI's
     # usage.prompt_tokens_details.cached_tokens); None when the engine does not say.
     cached_prompt_tokens: int | None = None
+    # When the engine made the request's first token, on time.perf_counter's clock; None when
+    # it does not say. A non-streamed request's only update comes at its end: without this,
+    # its time to first token would be its whole latency.
+    first_token_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,9 @@ class EngineClient(Protocol):
         prompt_token_ids: list[int],
         options: SamplingOptions,
         adapter: AdapterHandle | None,
-    ) -> AsyncIterator[GenerationUpdate]:
-        """Stream deltas; raises EngineRejected, EngineDead or EngineError."""
+    ) -> AsyncGenerator[GenerationUpdate]:
+        """Stream deltas; raises EngineRejected, EngineDead or EngineError. Closing the
+        generator before its last update aborts the request in the engine."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from gateway.engine.client import (
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 CPU_MEMORY_UTILIZATION = 0.2
 CUDA_MEMORY_UTILIZATION = 0.9
 HEALTH_PROBE_TIMEOUT_S = 3.0
+# What building or encoding a request raises for values vLLM cannot take (an int beyond
+# int64 fails msgpack with OverflowError): the client's request, refused, not an engine fault.
+REJECTED_ERRORS = (ValueError, OverflowError, TypeError)
 
 
 def paged_environment_for(
@@ -130,13 +135,14 @@ class EmbeddedVLLM:
         prompt_token_ids: list[int],
         options: SamplingOptions,
         adapter: AdapterHandle | None,
-    ) -> AsyncIterator[GenerationUpdate]:
+    ) -> AsyncGenerator[GenerationUpdate]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         engine = self.engine
         if engine.errored:
             raise EngineDead("the inference engine is not running")
+        produced = False
         try:
             params = _sampling_params(options)
             prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
@@ -148,14 +154,25 @@ class EmbeddedVLLM:
                 request_id,
                 lora_request=_lora_request(adapter),
             )
-            async for output in stream:
-                yield _update(output, len(prompt_token_ids), options.logprobs)
+            async with aclosing(stream):
+                async for output in stream:
+                    produced = True
+                    yield _update(output, len(prompt_token_ids), options.logprobs)
         except EngineDeadError as exc:
             raise EngineDead("the inference engine stopped") from exc
-        except (VLLMValidationError, ValueError) as exc:
+        except VLLMValidationError as exc:
+            raise EngineRejected(str(exc)) from exc
+        except REJECTED_ERRORS as exc:
+            if produced:  # not the request: reading the engine's output failed
+                raise EngineError(f"generation failed: {exc}") from exc
             raise EngineRejected(str(exc)) from exc
         except EngineGenerateError as exc:
-            raise EngineError(f"generation failed: {exc.__cause__ or exc}") from exc
+            cause = exc.__cause__
+            # AsyncLLM wraps what adding the request raised (encoding it for the engine core
+            # included); before any output, that is the request being refused.
+            if not produced and isinstance(cause, REJECTED_ERRORS):
+                raise EngineRejected(f"the engine refused the request: {cause}") from exc
+            raise EngineError(f"generation failed: {cause or exc}") from exc
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None and not self._engine.errored:
@@ -235,6 +252,7 @@ def _sampling_params(options: SamplingOptions) -> Any:
         "seed": options.seed,
         "stop": list(options.stop) or None,
         "logprobs": options.logprobs,
+        "logit_bias": dict(options.logit_bias) or None,
         "ignore_eos": options.ignore_eos,
         "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
     }
@@ -280,4 +298,18 @@ def _update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpd
         choices=choices,
         finished=output.finished,
         cached_prompt_tokens=output.num_cached_tokens,
+        first_token_at=_first_token_at(getattr(output, "metrics", None)),
     )
+
+
+def _first_token_at(stats: Any) -> float | None:
+    """When vLLM made the request's first token, as a time.perf_counter() reading.
+
+    vLLM's RequestStateStats (RequestOutput.metrics, kept while it logs stats, its default)
+    times the first token from the request's arrival, both wall clock; it is set even for
+    FINAL_ONLY requests, whose one output comes at their end."""
+    arrival = getattr(stats, "arrival_time", 0.0)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    if not arrival or not latency:
+        return None
+    return time.perf_counter() - max(0.0, time.time() - (arrival + latency))

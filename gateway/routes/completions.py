@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.auth import TenantDep
 from gateway.deps import ServiceDep
+from gateway.errors import request_id_of
 from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
 from gateway.request_metrics import note_generation
 from gateway.rollout_router import sticky_key
@@ -25,8 +26,17 @@ async def create_completion(
     job = await service.prepare_completion(body, new_request_id("cmpl"), caller, key)
     note_generation(request.state, job.recorder)
     if body.stream:
-        updates = await service.open_stream(job)
-        return event_stream(completion_stream(job, updates, body.include_usage_in_stream()))
+        try:
+            # Watched like the non-stream wait: a client that leaves before the first token
+            # (engine busy, long prefill) frees its engine request and its slot at once.
+            updates = await until_disconnected(request, service.open_stream(job))
+        except ClientDisconnected:
+            job.finish()
+            return Response(status_code=499)
+        chunks = completion_stream(
+            job, updates, body.include_usage_in_stream(), request_id_of(request)
+        )
+        return event_stream(chunks, updates)
     try:
         choices = await until_disconnected(request, service.collect(job))
     except ClientDisconnected:

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+# The seed crosses into vLLM's engine core msgpack-encoded: a larger one failed there as a 500
+# counted against the adapter version. int64, as vLLM's own server bounds it.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGIT_BIAS = 100
+
+
+def _null_means(default: Any) -> Any:
+    """OpenAI types these fields "X or null" and its clients send null for an explicit None:
+    null means the default, and the field keeps its plain type for the code that reads it."""
+    return lambda value: default if value is None else value
+
+
+FalseIfNull = Annotated[
+    bool, BeforeValidator(_null_means(False), json_schema_input_type=bool | None)
+]
+Choices = Annotated[int, Field(ge=1, le=MAX_N)]
+ChoicesOrNull = Annotated[
+    Choices, BeforeValidator(_null_means(1), json_schema_input_type=Choices | None)
+]
+# Token id (a string, as OpenAI has it) → bias added to its logit. Whether the ids are in the
+# vocabulary is the service's check: only it knows the tokenizer.
+LogitBias = dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]]
 
 
 class OpenAIModel(BaseModel):
@@ -16,7 +38,7 @@ class OpenAIModel(BaseModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: FalseIfNull = False
 
 
 class TextPart(OpenAIModel):
@@ -44,16 +66,17 @@ class SamplingFields(OpenAIModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    n: ChoicesOrNull = 1
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Stop = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool = False
+    logit_bias: LogitBias | None = None
+    stream: FalseIfNull = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM server extension, used by load generators to get fixed-length outputs.
-    ignore_eos: bool = False
+    ignore_eos: FalseIfNull = False
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -68,7 +91,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: FalseIfNull = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_max_tokens(self) -> int | None:
@@ -77,8 +100,10 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
-    echo: bool = False
+    # None: left out, and the service applies OpenAI's default of 16 under the key's limits
+    # (a default here looked client-sent: a key capped below 16 was refused for it).
+    max_tokens: int | None = Field(None, ge=1)
+    echo: FalseIfNull = False
     logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = Field(None, ge=1, le=1)
     suffix: str | None = None

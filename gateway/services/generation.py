@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
@@ -34,9 +34,21 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
-from gateway.services.generation_job import ChoiceResult, GenerationJob
+from gateway.services.generation_job import (
+    ChoiceResult,
+    GenerationJob,
+    Primed,
+    fan_out_greedy,
+)
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
+
+# Far more characters than any tokenizer packs into one token (English averages ~4). Text
+# longer than this many per token of the context cannot fit, and is refused before it is
+# tokenized: a 2.7 MB prompt took seconds to encode, only to be refused as too long.
+MAX_CHARS_PER_TOKEN = 64
+# OpenAI's default for /v1/completions when the client leaves max_tokens out.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 class GenerationFailed(LoraplexError):
@@ -79,17 +91,19 @@ class GenerationService:
         caller: Principal,
         caller_key: str = "",
     ) -> GenerationJob:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        prompt = self._tokenizer.encode(text, add_special_tokens=False)
+        self._refuse_far_too_long([sum(len(m["content"]) for m in messages)], "messages")
+        # Off the event loop: a long prompt's template and encode take seconds, during which
+        # every other stream would stall.
+        prompt = await asyncio.to_thread(self._chat_prompt, messages)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._options(body, [prompt], body.requested_max_tokens(), top_k, caller)
-        prompts, options, copies = _fan_out_greedy([prompt], options)
+        prompts, options, copies = fan_out_greedy([prompt], options)
         job = GenerationJob(
             request_id, "chat.completion", body.model, served, prompts, options, copies=copies
         )
@@ -107,10 +121,19 @@ class GenerationService:
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported", param="echo")
         served = await self._catalog.resolve(body.model, caller, caller_key)
-        prompts = self._completion_prompts(body.prompt)
-        options = self._options(body, prompts, body.max_tokens, body.logprobs, caller)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        self._refuse_far_too_long([len(t) for t in texts if isinstance(t, str)], "prompt")
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
+        options = self._options(
+            body,
+            prompts,
+            body.max_tokens,
+            body.logprobs,
+            caller,
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
         echo = self._echo_texts(body.prompt, prompts) if body.echo else None
-        prompts, options, copies = _fan_out_greedy(prompts, options)
+        prompts, options, copies = fan_out_greedy(prompts, options)
         if echo is not None:
             echo = [text for text in echo for _ in range(copies)]
         job = GenerationJob(
@@ -154,7 +177,38 @@ class GenerationService:
             job.shadow = self._shadow.plan(job, caller, caller_key)
         return job
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]):
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        # transformers renders chat templates with jinja2, which it imports only to do so.
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateSyntaxError:
+            raise  # the model's template is broken: the server's fault, a 500
+        except TemplateError as exc:
+            # The template refuses this conversation (no system role, roles must alternate):
+            # its message is the reason, and the client can change the conversation.
+            raise InvalidRequest(
+                f"The model's chat template refused these messages: {exc}", param="messages"
+            ) from exc
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _refuse_far_too_long(self, lengths: Sequence[int], param: str) -> None:
+        limit = self._engine.max_model_len
+        longest = max(lengths, default=0)
+        if longest > MAX_CHARS_PER_TOKEN * limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens; the prompt has "
+                f"{longest} characters, far more than that many tokens can hold.",
+                param=param,
+            )
+
+    def _completion_prompts(
+        self, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> list[list[int]]:
         if isinstance(prompt, str):
             return [self._encode(prompt)]
         if all(isinstance(item, int) for item in prompt):
@@ -189,7 +243,10 @@ class GenerationService:
         max_tokens: int | None,
         logprobs: int | None,
         caller: Principal,
+        default_max_tokens: int | None = None,
     ) -> SamplingOptions:
+        """`default_max_tokens`: the budget when the client sent none (None: all the room);
+        the key's limits bound it as they bound the room."""
         limit = self._engine.max_model_len
         longest = max(len(p) for p in prompts)
         if longest >= limit:
@@ -198,7 +255,9 @@ class GenerationService:
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
         room = limit - longest
-        if max_tokens is not None and max_tokens > room:
+        if max_tokens is None and default_max_tokens is not None:
+            room = min(room, default_max_tokens)
+        elif max_tokens is not None and max_tokens > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
@@ -222,10 +281,24 @@ class GenerationService:
             logprobs=logprobs,
             presence_penalty=_first(body.presence_penalty, defaults.get("presence_penalty")),
             frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
+            logit_bias=self._logit_bias(body.logit_bias),
             ignore_eos=body.ignore_eos,
             stream=body.stream,
             cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
         )
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        vocab = len(self._tokenizer)
+        pairs = []
+        for key, value in (bias or {}).items():
+            token = int(key) if key.isdigit() else -1  # isdigit: no sign, no spaces
+            if not 0 <= token < vocab:
+                raise InvalidRequest(
+                    f"logit_bias keys must be token ids in [0, {vocab}); got {key!r}.",
+                    param="logit_bias",
+                )
+            pairs.append((token, value))
+        return tuple(pairs)
 
     # ---- running ---------------------------------------------------------------------------
     async def stream(self, job: GenerationJob) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
@@ -235,14 +308,21 @@ class GenerationService:
         try:
             if self._faults is not None:
                 await self._faults.apply(job.served.adapter_name, job.served.version)
-            async for index, update in self._interleaved(job):
-                if update.cached_prompt_tokens is not None:
-                    job.cached_by_prompt[index] = update.cached_prompt_tokens
-                if recorder is not None:
-                    recorder.tokens(sum(len(d.token_ids) for d in update.choices))
-                if job.shadow is not None:
-                    job.shadow.observe(index, update)
-                yield index, update
+            async with aclosing(self._interleaved(job)) as updates:
+                async for index, update in updates:
+                    if update.cached_prompt_tokens is not None:
+                        job.cached_by_prompt[index] = update.cached_prompt_tokens
+                    if recorder is not None:
+                        recorder.tokens(
+                            sum(len(d.token_ids) for d in update.choices),
+                            produced_at=update.first_token_at,
+                            # A non-streamed request's one update comes at its end, not
+                            # when its first token was made: only the engine can say that.
+                            timed=job.options.stream or not update.finished,
+                        )
+                    if job.shadow is not None:
+                        job.shadow.observe(index, update)
+                    yield index, update
             if recorder is not None:
                 recorder.completed = True
             if job.shadow is not None and self._shadow is not None:
@@ -260,15 +340,17 @@ class GenerationService:
         self, job: GenerationJob
     ) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
         if len(job.prompts) == 1:
-            async for update in self._engine_stream(job, 0):
-                yield 0, update
+            async with aclosing(self._engine_stream(job, 0)) as updates:
+                async for update in updates:
+                    yield 0, update
             return
         queue: asyncio.Queue[tuple[int, GenerationUpdate | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int) -> None:
             try:
-                async for update in self._engine_stream(job, index):
-                    await queue.put((index, update))
+                async with aclosing(self._engine_stream(job, index)) as updates:
+                    async for update in updates:
+                        await queue.put((index, update))
                 await queue.put((index, None))
             except Exception as exc:
                 await queue.put((index, exc))
@@ -289,7 +371,7 @@ class GenerationService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def open_stream(self, job: GenerationJob) -> AsyncIterator[tuple[int, GenerationUpdate]]:
+    async def open_stream(self, job: GenerationJob) -> Primed:
         """Start the job and wait for its first update before the response starts.
 
         Failures before any output (rejected options, dead engine) then raise here and get a
@@ -299,33 +381,25 @@ class GenerationService:
         try:
             first = await anext(updates)
         except StopAsyncIteration:
-            first = None
+            return Primed(None, updates)
         except BaseException:
             await updates.aclose()
             raise
-
-        async def chained() -> AsyncIterator[tuple[int, GenerationUpdate]]:
-            try:
-                if first is not None:
-                    yield first
-                async for item in updates:
-                    yield item
-            finally:
-                await updates.aclose()
-
-        return chained()
+        return Primed(first, updates)
 
     async def _engine_stream(
         self, job: GenerationJob, prompt_index: int
-    ) -> AsyncIterator[GenerationUpdate]:
+    ) -> AsyncGenerator[GenerationUpdate]:
         request_id = job.sub_request_id(prompt_index)
         finished = False
+        generation = self._engine.generate(
+            request_id, job.prompts[prompt_index], job.options, job.served.adapter
+        )
         try:
-            async for update in self._engine.generate(
-                request_id, job.prompts[prompt_index], job.options, job.served.adapter
-            ):
-                finished = update.finished
-                yield update
+            async with aclosing(generation):
+                async for update in generation:
+                    finished = update.finished
+                    yield update
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
         except EngineRejected as exc:
@@ -343,28 +417,17 @@ class GenerationService:
             for p in range(len(job.prompts))
             for c in range(job.options.n)
         }
-        async for prompt_index, update in self.stream(job):
-            for delta in update.choices:
-                choice = choices[job.choice_index(prompt_index, delta.index)]
-                choice.text += delta.text
-                choice.token_ids.extend(delta.token_ids)
-                if delta.logprobs is not None:
-                    choice.logprobs = (choice.logprobs or []) + delta.logprobs
-                if delta.finish_reason:
-                    choice.finish_reason = delta.finish_reason
+        async with aclosing(self.stream(job)) as updates:
+            async for prompt_index, update in updates:
+                for delta in update.choices:
+                    choice = choices[job.choice_index(prompt_index, delta.index)]
+                    choice.text += delta.text
+                    choice.token_ids.extend(delta.token_ids)
+                    if delta.logprobs is not None:
+                        choice.logprobs = (choice.logprobs or []) + delta.logprobs
+                    if delta.finish_reason:
+                        choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
-
-
-def _fan_out_greedy(
-    prompts: list[list[int]], options: SamplingOptions
-) -> tuple[list[list[int]], SamplingOptions, int]:
-    """OpenAI accepts n > 1 with temperature 0 (n identical choices); vLLM refuses it. Submit
-    one greedy request per choice instead; prefix caching makes the copies cheap."""
-    if options.n == 1 or options.temperature != 0:
-        return prompts, options, 1
-    copies = options.n
-    expanded = [prompt for prompt in prompts for _ in range(copies)]
-    return expanded, replace(options, n=1), copies
 
 
 def new_request_id(prefix: str) -> str:

@@ -4,11 +4,13 @@ while running (the tenant's limits lease, the adapter pin, its metrics and monit
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
 from gateway.catalog import ServedModel
-from gateway.engine.client import SamplingOptions, TokenLogprob
+from gateway.engine.client import GenerationUpdate, SamplingOptions, TokenLogprob
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
@@ -84,3 +86,44 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+
+
+class Primed(AsyncGenerator[tuple[int, GenerationUpdate], None]):
+    """A job's updates whose first was already taken (to fail before the response started).
+
+    Not a generator wrapping the rest: an async generator never started runs no `finally`
+    when closed, so a response cancelled before its first chunk would leave the engine
+    request and the job open. Closing this always reaches the started stream."""
+
+    def __init__(
+        self,
+        first: tuple[int, GenerationUpdate] | None,
+        rest: AsyncGenerator[tuple[int, GenerationUpdate]],
+    ):
+        self._first = first
+        self._rest = rest
+
+    async def asend(self, value: None) -> tuple[int, GenerationUpdate]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def athrow(self, *args: Any) -> tuple[int, GenerationUpdate]:
+        return await self._rest.athrow(*args)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
+
+
+def fan_out_greedy(
+    prompts: list[list[int]], options: SamplingOptions
+) -> tuple[list[list[int]], SamplingOptions, int]:
+    """OpenAI accepts n > 1 with temperature 0 (n identical choices); vLLM refuses it. Submit
+    one greedy request per choice instead; prefix caching makes the copies cheap."""
+    if options.n == 1 or options.temperature != 0:
+        return prompts, options, 1
+    copies = options.n
+    expanded = [prompt for prompt in prompts for _ in range(copies)]
+    return expanded, replace(options, n=1), copies

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
-from gateway.engine.client import GenerationUpdate, TokenLogprob
-from gateway.errors import LoraplexError, error_body
+from gateway.engine.client import ChoiceDelta, GenerationUpdate, TokenLogprob
+from gateway.errors import LoraplexError, typed_error_body, unexpected_error_body
 from gateway.services.generation_job import ChoiceResult, GenerationJob
 
-Updates = AsyncIterator[tuple[int, GenerationUpdate]]
+logger = logging.getLogger(__name__)
+
+# Async generators all the way down: closing the outermost (the response does, however it
+# ends) closes each one inside it in turn, down to the engine request, which is aborted.
+Updates = AsyncGenerator[tuple[int, GenerationUpdate]]
 
 DONE = "data: [DONE]\n\n"
 
@@ -106,7 +112,9 @@ def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str
     }
 
 
-async def chat_stream(job: GenerationJob, updates: Updates, include_usage: bool):
+async def chat_stream(
+    job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
+) -> AsyncGenerator[str]:
     """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
     envelope = _envelope(job, "chat.completion.chunk")
     extra = {"usage": None} if include_usage else {}
@@ -119,14 +127,13 @@ async def chat_stream(job: GenerationJob, updates: Updates, include_usage: bool)
             }
         )
     completion_tokens = 0
-    async for chunk in _guarded(updates):
-        if isinstance(chunk, str):
-            yield chunk
-            return
-        prompt_index, update = chunk
-        for delta in update.choices:
+    async with aclosing(_choice_deltas(job, updates, request_id)) as deltas:
+        async for item in deltas:
+            if isinstance(item, str):  # the error event that ends the stream
+                yield item
+                return
+            index, delta = item
             completion_tokens += len(delta.token_ids)
-            index = job.choice_index(prompt_index, delta.index)
             if delta.text or delta.logprobs:
                 choice = _chat_choice(index, {"content": delta.text})
                 choice["logprobs"] = _chat_logprobs(delta.logprobs)
@@ -143,7 +150,9 @@ def _chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None = 
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def completion_stream(job: GenerationJob, updates: Updates, include_usage: bool):
+async def completion_stream(
+    job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
+) -> AsyncGenerator[str]:
     """text_completion events: text deltas (prompt first when echo), finish, usage, [DONE]."""
     envelope = _envelope(job, "text_completion")
     extra = {"usage": None} if include_usage else {}
@@ -154,14 +163,13 @@ async def completion_stream(job: GenerationJob, updates: Updates, include_usage:
         if prefix:
             yield sse({**envelope, **extra, "choices": [_text_choice(index, prefix)]})
     completion_tokens = 0
-    async for chunk in _guarded(updates):
-        if isinstance(chunk, str):
-            yield chunk
-            return
-        prompt_index, update = chunk
-        for delta in update.choices:
+    async with aclosing(_choice_deltas(job, updates, request_id)) as deltas:
+        async for item in deltas:
+            if isinstance(item, str):  # the error event that ends the stream
+                yield item
+                return
+            index, delta = item
             completion_tokens += len(delta.token_ids)
-            index = job.choice_index(prompt_index, delta.index)
             if delta.text or delta.finish_reason or delta.logprobs:
                 choice = _text_choice(index, delta.text, delta.finish_reason)
                 choice["logprobs"] = _completion_logprobs(delta.logprobs, offsets[index])
@@ -176,14 +184,36 @@ def _text_choice(index: int, text: str, finish_reason: str | None = None) -> dic
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def _guarded(updates: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _choice_deltas(
+    job: GenerationJob, updates: Updates, request_id: str
+) -> AsyncGenerator[tuple[int, ChoiceDelta] | str]:
+    """Every choice delta with its OpenAI choice index, in engine order; or, once the engine
+    fails, the error event that ends the stream (and nothing after it)."""
+    async with aclosing(_guarded(updates, request_id)) as guarded:
+        async for chunk in guarded:
+            if isinstance(chunk, str):
+                yield chunk
+                return
+            prompt_index, update = chunk
+            for delta in update.choices:
+                yield job.choice_index(prompt_index, delta.index), delta
+
+
+async def _guarded(
+    updates: Updates, request_id: str
+) -> AsyncGenerator[tuple[int, GenerationUpdate] | str]:
     """Pass updates through; an error after the response started becomes an SSE error event.
 
     The HTTP status is already 200 by then, so (like OpenAI) the stream carries the error
-    object and ends with [DONE] instead of hanging up mid-stream.
+    object and ends with [DONE] instead of hanging up mid-stream. An untyped exception gets
+    the generic 500 body; its traceback goes to the log under the request id the event names.
     """
     try:
-        async for item in updates:
-            yield item
+        async with aclosing(updates):
+            async for item in updates:
+                yield item
     except LoraplexError as exc:
-        yield sse(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code)) + DONE
+        yield sse(typed_error_body(exc, request_id)) + DONE
+    except Exception:
+        logger.exception("unhandled error in request %s after its stream started", request_id)
+        yield sse(unexpected_error_body(request_id)) + DONE

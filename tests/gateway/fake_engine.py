@@ -3,8 +3,11 @@ user-visible behaviour: tests/e2e drives the same paths through the real vLLM en
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,21 @@ class ScriptedEngine:
     cached_prompt_tokens: int | None = None  # reported on every update when set
 
     def __init__(
-        self, words: list[str], fail_after: int | None = None, error: Exception | None = None
+        self,
+        words: list[str],
+        fail_after: int | None = None,
+        error: Exception | None = None,
+        *,
+        delay: float = 0.0,
+        first_delay: float | None = None,
     ):
         self.words = words
         self.fail_after = fail_after
         self.error = error
+        # Seconds each token takes (the first `first_delay`: a queued request, a long prefill).
+        self.delay = delay
+        self.first_delay = delay if first_delay is None else first_delay
+        self.tokens_produced = 0
         self.aborted: list[str] = []
         self.calls: list[tuple[str, AdapterHandle | None, SamplingOptions]] = []
         # Other words for some adapter versions (by engine id): token i is i where the word
@@ -65,6 +78,10 @@ class ScriptedEngine:
                 assert self.error is not None
                 raise self.error
             last = i == count - 1
+            pause = self.first_delay if i == 0 else self.delay
+            if pause:
+                await asyncio.sleep(pause)
+            self.tokens_produced += 1
             yield GenerationUpdate(
                 prompt_tokens=len(prompt_token_ids),
                 choices=[
@@ -124,3 +141,85 @@ def client_for(demo_root: Path, engine: Any, **overrides: Any) -> KeyedClient:
     }
     settings = Settings(**{**defaults, **overrides})
     return KeyedClient(create_app(settings, engine=engine), raise_server_exceptions=False)
+
+
+@dataclass
+class AsgiResult:
+    status: int | None
+    body: bytes
+
+
+async def asgi_post(
+    app: Any,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    *,
+    hang_up_after_s: float | None = None,
+    hang_up_after_chunks: int | None = None,
+    stall_send_s: float = 0.0,
+) -> AsgiResult:
+    """POST to the app as uvicorn drives it (ASGI spec 2.3), with a client that can hang up,
+    which TestClient cannot: after `hang_up_after_s` seconds, or on receiving its
+    `hang_up_after_chunks`-th body chunk (0: the response's start). With `stall_send_s`, the
+    send that delivers it then blocks that long, as uvicorn's does while a gone peer's socket
+    buffer is full."""
+    raw = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    gone = asyncio.Event()
+    request_sent = False
+    chunks = 0
+    result = AsgiResult(None, b"")
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal chunks
+        if message["type"] == "http.response.start":
+            result.status = message["status"]
+            if hang_up_after_chunks == 0:
+                gone.set()
+                await asyncio.sleep(stall_send_s)
+        elif message["type"] == "http.response.body" and message.get("body"):
+            if gone.is_set():
+                return
+            result.body += message["body"]
+            chunks += 1
+            if chunks == hang_up_after_chunks:
+                gone.set()
+                await asyncio.sleep(stall_send_s)
+
+    async def hang_up_later() -> None:
+        if hang_up_after_s is not None:
+            await asyncio.sleep(hang_up_after_s)
+            gone.set()
+
+    timer = asyncio.ensure_future(hang_up_later())
+    try:
+        await app(scope, receive, send)
+    finally:
+        timer.cancel()
+    return result
