@@ -49,6 +49,7 @@ from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
+from gateway.shutdown import watch_engine
 from registry.compat import safetensors_dtype
 from registry.rollout import Thresholds
 
@@ -76,8 +77,11 @@ def create_app(
     *,
     engine: EngineClient | None = None,
     on_ready: Callable[[FastAPI], None] | None = None,
+    on_engine_death: Callable[[FastAPI], None] | None = None,
 ) -> FastAPI:
-    """Build the gateway. `engine` replaces the embedded vLLM (tests of pure HTTP logic)."""
+    """Build the gateway. `engine` replaces the embedded vLLM (tests of pure HTTP logic).
+    `on_engine_death`: called once if the engine dies for good after start-up (the CLI stops
+    the server then, see gateway.shutdown); without it the gateway only answers 503."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,6 +100,7 @@ def create_app(
         # start-up here, before any engine resources are spent.
         polling: asyncio.Task[None] | None = None
         watching: asyncio.Task[None] | None = None
+        engine_watch: asyncio.Task[None] | None = None
         controller: RolloutController | None = None
         mirror: ShadowMirror | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
@@ -207,9 +212,14 @@ def create_app(
             logger.info("loraplex ready: serving %s", model_name)
             if on_ready is not None:
                 on_ready(app)
+            if on_engine_death is not None:
+                engine_watch = asyncio.create_task(
+                    watch_engine(served_engine, lambda: on_engine_death(app)),
+                    name="engine-watch",
+                )
             yield
         finally:
-            for task in (polling, watching):
+            for task in (polling, watching, engine_watch):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

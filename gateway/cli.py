@@ -67,9 +67,11 @@ def serve(
 ) -> None:
     """Start the OpenAI-compatible gateway with its embedded vLLM engine."""
     import uvicorn
+    from fastapi import FastAPI
 
     from gateway.app import create_app
     from gateway.logging_config import configure_logging
+    from gateway.shutdown import ENGINE_DIED_EXIT_CODE, STARTUP_FAILED_EXIT_CODE, DrainingServer
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -99,14 +101,33 @@ def serve(
                 '"messages": [{"role": "user", "content": "Hello!"}]}\'\n'
             )
 
-    uvicorn.run(
-        create_app(settings, on_ready=announce),
+    server: DrainingServer | None = None
+
+    def engine_died(fastapi_app: FastAPI) -> None:
+        fastapi_app.state.exit_code = ENGINE_DIED_EXIT_CODE
+        if server is not None:
+            server.drain_then_stop()  # then exit non-zero: the orchestrator starts a fresh one
+
+    fastapi_app = create_app(settings, on_ready=announce, on_engine_death=engine_died)
+    config = uvicorn.Config(
+        fastapi_app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),  # one of settings.LOG_LEVELS: uvicorn knows each
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         timeout_keep_alive=settings.http_keep_alive_s,
     )
+    server = DrainingServer(
+        config,
+        drain=lambda: setattr(fastapi_app.state, "draining", True),
+        drain_s=settings.shutdown_drain_s,
+    )
+    server.run()
+    if not server.started:
+        raise typer.Exit(STARTUP_FAILED_EXIT_CODE)  # as uvicorn.run does
+    code = getattr(fastapi_app.state, "exit_code", 0)
+    if code:
+        raise typer.Exit(code)
 
 
 @demo_app.command("init")

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # idle timeout (60 s on common ones), so the balancer, not the gateway, closes them: a
     # close racing a request on a reused connection is a client-side "server disconnected".
     http_keep_alive_s: int = Field(75, gt=0)
+    # SIGTERM: /readyz answers 503 for shutdown_drain_s while requests are still served (load
+    # balancers take a few seconds to stop sending), then in-flight requests get
+    # shutdown_grace_s to finish. Kubernetes' terminationGracePeriodSeconds must exceed both.
+    shutdown_drain_s: float = Field(5.0, ge=0, le=600)
+    shutdown_grace_s: int = Field(50, gt=0, le=3600)
     data_dir: Path = Path(".loraplex")
     log_level: str = Field("INFO", description=f"One of {LOG_LEVELS} (any case; WARN = WARNING).")
     log_json: bool = False

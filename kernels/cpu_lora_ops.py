@@ -108,3 +108,15 @@ def install() -> list[str]:
             setattr(module, name, replacement)
         patched.append(module_name)
     return patched
+
+
+def installed() -> bool:
+    """Whether every vLLM namespace that binds the ops binds loraplex's: the engine reports it
+    to the gateway, which refuses to serve on CPU without it (tenant bleed otherwise)."""
+    import importlib
+
+    for module_name in NAMESPACES:
+        module = importlib.import_module(module_name)
+        if any(getattr(module, n, None) is not f for n, f in REPLACEMENTS.items()):
+            return False
+    return True

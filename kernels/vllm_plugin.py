@@ -5,7 +5,8 @@ whatever loraplex changes inside the engine is installed here. It reaches into v
 whose layout changes between minor releases, hence the hard version check: on any vLLM other
 than 0.32.x it refuses to start rather than patch the wrong thing.
 
-Always installed: kernels.cpu_lora_ops (rows without an adapter get zero LoRA delta).
+Always installed: kernels.cpu_lora_ops (rows without an adapter get zero LoRA delta), and
+kernels.engine_process (a status RPC the gateway checks; children exit with their parent).
 
 Opt-in, read from the environment when `register()` runs (vLLM's child processes inherit it):
     LORAPLEX_PAGED_LORA=1             adapter weights in a paged pool bounded by bytes, not by
@@ -219,9 +220,10 @@ def install_worker_methods() -> None:
     insecure (pickled callable) serialization. Pure additions: nothing vLLM calls changes."""
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
+    from kernels.engine_process import plugin_status
     from kernels.paged_stats import WORKER_METHODS
 
-    for name, method in WORKER_METHODS.items():
+    for name, method in {**WORKER_METHODS, "loraplex_plugin_status": plugin_status}.items():
         setattr(WorkerWrapperBase, name, method)
 
 
@@ -230,8 +232,10 @@ def register() -> None:
     import vllm
 
     from kernels import cpu_lora_ops
+    from kernels.engine_process import exit_with_parent
 
     check_vllm_version(vllm.__version__)
+    exit_with_parent()
     patched = cpu_lora_ops.install()
     logger.debug("loraplex plugin: masked no-adapter rows in %s", ", ".join(patched))
     install_worker_methods()

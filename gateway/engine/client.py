@@ -96,6 +96,9 @@ class GenerationUpdate:
 class EngineHealth:
     alive: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    # Dead for good (the engine core exited or failed): it will not come back, unlike an
+    # engine merely slow to answer a probe (alive False, dead False).
+    dead: bool = False
 
 
 class EngineClient(Protocol):

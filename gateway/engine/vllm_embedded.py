@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.engine.client import (
     AdapterHandle,
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 CPU_MEMORY_UTILIZATION = 0.2
 CUDA_MEMORY_UTILIZATION = 0.9
 HEALTH_PROBE_TIMEOUT_S = 3.0
+# Loading an adapter reads it from disk into the engine's host memory: seconds for large ones.
+ADAPTER_CALL_TIMEOUT_S = 120.0
+DEATH_POLL_S = 0.5  # how soon a utility call pending on a dead engine fails
+T = TypeVar("T")
 # What building or encoding a request raises for values vLLM cannot take (an int beyond
 # int64 fails msgpack with OverflowError): the client's request, refused, not an engine fault.
 REJECTED_ERRORS = (ValueError, OverflowError, TypeError)
@@ -104,16 +109,61 @@ class EmbeddedVLLM:
         # The plugin (kernels.vllm_plugin) reads paged mode from the environment in every
         # process vLLM starts; they inherit ours, so these settings decide, not stray variables.
         os.environ.update(paged_environment_for(self._settings, self.paged_demand))
+        # Engine construction blocks for seconds (process spawn, weight load, warm-up), in a
+        # thread that a timeout cannot stop: an engine it finishes after the timeout is shut
+        # down there instead of left running with nobody holding it.
+        lock, built, abandoned = threading.Lock(), [], threading.Event()
+
+        def build() -> AsyncLLM:
+            engine = AsyncLLM.from_engine_args(args)
+            with lock:
+                if abandoned.is_set():
+                    logger.warning("the engine started after the start-up timeout: stopping it")
+                    engine.shutdown()
+                built.append(engine)
+            return engine
+
         loop = asyncio.get_running_loop()
-        # Engine construction blocks for seconds (process spawn, weight load, warm-up).
-        self._engine = await asyncio.wait_for(
-            loop.run_in_executor(None, lambda: AsyncLLM.from_engine_args(args)),
-            timeout=self._settings.engine_start_timeout_s,
-        )
+        try:
+            self._engine = await asyncio.wait_for(
+                loop.run_in_executor(None, build), timeout=self._settings.engine_start_timeout_s
+            )
+        except TimeoutError:
+            with lock:
+                abandoned.set()
+                for engine in built:  # finished in the meantime
+                    engine.shutdown()
+            raise
+        await self._check_plugin()
         self.max_model_len = self._engine.model_config.max_model_len
         lora_config = self._engine.vllm_config.lora_config
         if lora_config is not None:  # vLLM resolved "auto" to the model's dtype at start
             self.lora_dtype = str(lora_config.lora_dtype).removeprefix("torch.")
+
+    async def _check_plugin(self) -> None:
+        """On CPU, refuse to serve unless every worker runs loraplex's plugin: vLLM loads it
+        through an entry point it skips silently (a VLLM_PLUGINS without `loraplex`) or only
+        logs when it fails, and without its masked ops base-model rows of a batch with every
+        LoRA slot full get the last slot's adapter, another tenant's."""
+        if _cuda_available():
+            return  # vLLM's GPU ops skip rows without an adapter themselves
+        engine = self.engine
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S * 10):
+                statuses = await engine.collective_rpc("loraplex_plugin_status")
+        except Exception as exc:
+            engine.shutdown()
+            self._engine = None
+            raise RuntimeError(
+                "loraplex's vLLM plugin did not answer in the engine's workers (is it excluded "
+                f"by VLLM_PLUGINS, or did it fail to load?): {exc}"
+            ) from exc
+        if not statuses or not all(s.get("cpu_ops_masked") for s in statuses):
+            engine.shutdown()
+            self._engine = None
+            raise RuntimeError(
+                f"loraplex's tenant-safe CPU LoRA ops are not installed in every worker: {statuses}"
+            )
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -180,18 +230,51 @@ class EmbeddedVLLM:
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         lora = _lora_request(adapter)
-        if not await self.engine.add_lora(lora):
+        added = await self._while_alive(
+            lambda engine: engine.add_lora(lora), "loading an adapter", ADAPTER_CALL_TIMEOUT_S
+        )
+        if not added:
             raise EngineError(f"engine refused adapter {adapter.engine_name}")
 
     async def remove_adapter(self, engine_id: int) -> None:
-        await self.engine.remove_lora(engine_id)
+        await self._while_alive(
+            lambda engine: engine.remove_lora(engine_id),
+            "removing an adapter",
+            ADAPTER_CALL_TIMEOUT_S,
+        )
+
+    async def _while_alive(
+        self, call: Callable[[AsyncLLM], Awaitable[T]], what: str, timeout_s: float
+    ) -> T:
+        """An engine utility call that fails with EngineDead once the engine dies: vLLM never
+        answers a call that was pending when its core died, and an adapter load waited on
+        forever held every later request for that adapter too. EngineError after timeout_s."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        engine = self.engine
+        if engine.errored:
+            raise EngineDead("the inference engine is not running")
+        pending = asyncio.ensure_future(call(engine))
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not pending.done():
+                    await asyncio.wait({pending}, timeout=DEATH_POLL_S)
+                    if not pending.done() and engine.errored:
+                        raise EngineDead(f"the inference engine died while {what}")
+            return pending.result()
+        except EngineDeadError as exc:
+            raise EngineDead(f"the inference engine died while {what}") from exc
+        except TimeoutError as exc:
+            raise EngineError(f"{what} took longer than {timeout_s:.0f} s") from exc
+        finally:
+            pending.cancel()
 
     async def health(self) -> EngineHealth:
         engine = self._engine
         if engine is None:
             return EngineHealth(alive=False, detail={"reason": "not started"})
         if engine.errored:
-            return EngineHealth(alive=False, detail={"reason": "engine stopped"})
+            return EngineHealth(alive=False, detail={"reason": "engine stopped"}, dead=True)
         try:
             # A call to an engine core that just died waits forever (vLLM notices the death
             # about a second later but never fails the pending call): bound the whole probe.

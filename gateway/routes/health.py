@@ -16,7 +16,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
-    """Readiness: the engine is up and answering; 503 while starting or after it died."""
+    """Readiness: the engine is up and answering; 503 while starting, draining on SIGTERM, or
+    after the engine died."""
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining"}, status_code=503)
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "starting"}, status_code=503)

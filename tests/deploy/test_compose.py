@@ -187,3 +187,14 @@ def test_docker_compose_accepts_the_stack(tmp_path: Path):
     }
     result = run(docker, "compose", *files, "config", "--quiet", env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_stopping_the_gateway_waits_for_its_drain_and_grace(services):
+    """docker's default 10 s before SIGKILL cut requests the gateway was still finishing."""
+    from gateway.settings import Settings
+
+    defaults = Settings()
+    grace = services["gateway"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > (
+        defaults.shutdown_drain_s + defaults.shutdown_grace_s
+    )

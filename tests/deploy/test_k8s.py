@@ -338,3 +338,21 @@ def test_demo_mode_imports_no_adapter_folder(monkeypatch):
         assert "LORAPLEX_ADAPTER_DIR" not in config
         assert settings.resolved_import_tenant() == "demo"
         assert settings.resolved_adapter_dir() == settings.demo_root / "adapters"
+
+
+def test_the_pods_grace_period_covers_the_gateways_drain_and_grace(deployment):
+    """SIGTERM: readiness goes 503 for the drain, then in-flight requests get the grace; the
+    kubelet's SIGKILL must come after both."""
+    from gateway.settings import Settings
+
+    data = find("ConfigMap", "loraplex-config")["data"]
+    settings = Settings(
+        **{
+            name: data[f"LORAPLEX_{name.upper()}"]
+            for name in ("shutdown_drain_s", "shutdown_grace_s")
+            if f"LORAPLEX_{name.upper()}" in data
+        }
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    shutdown = settings.shutdown_drain_s + settings.shutdown_grace_s
+    assert pod["terminationGracePeriodSeconds"] > shutdown

@@ -11,7 +11,15 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import BASE_NAME, bearer, start_gateway, stop_gateway, tenant_with_key
+from gateway.shutdown import ENGINE_DIED_EXIT_CODE
+from tests.conftest import (
+    BASE_NAME,
+    bearer,
+    register_demo_adapters,
+    start_gateway,
+    stop_gateway,
+    tenant_with_key,
+)
 
 pytestmark = pytest.mark.engine
 ADAPTER = "demo-all-r16"
@@ -95,11 +103,14 @@ async def test_non_stream_disconnect_aborts_engine_request(gateway):
     assert 0 < spent < FULL_RUN_TOKENS / 2, spent  # a full run is exactly 8000
 
 
-def test_engine_death_turns_readyz_false_and_requests_into_503(demo, tmp_path):
-    """Own gateway: killing the engine core must not take the shared session gateway down."""
-    gateway = start_gateway(demo, tmp_path)
+def test_engine_death_answers_503_then_the_gateway_exits_for_a_restart(demo, tmp_path):
+    """Own gateway: killing the engine core must not take the shared session gateway down.
+    While it drains, every request (an adapter never loaded too: vLLM's own dead-engine error
+    once made that a 500 counted against the adapter's version) is a 503; then the process
+    exits non-zero, so that an orchestrator starts a fresh one (it served 503s forever)."""
+    gateway = start_gateway(demo, tmp_path, LORAPLEX_SHUTDOWN_DRAIN_S="20")
     try:
-        gateway.api_key = tenant_with_key(gateway, "lifecycle")
+        gateway.api_key = register_demo_adapters(gateway, demo)
         children = psutil.Process(gateway.process.pid).children(recursive=True)
         engine_cores = [p for p in children if "EngineCore" in " ".join([*p.cmdline(), p.name()])]
         assert engine_cores, [(p.name(), p.cmdline()) for p in children]
@@ -112,14 +123,44 @@ def test_engine_death_turns_readyz_false_and_requests_into_503(demo, tmp_path):
             time.sleep(0.5)
             ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10)
         assert ready.status_code == 503
-        assert httpx.get(f"{gateway.base_url}/healthz", timeout=10).status_code == 200
 
         client = openai.OpenAI(
             base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=30
         )
-        with pytest.raises(openai.InternalServerError) as info:
-            client.completions.create(model=BASE_NAME, prompt="hi", max_tokens=4)
-        assert info.value.status_code == 503
-        assert info.value.body["code"] == "engine_unavailable"
+        for model in (BASE_NAME, "demo-mlp-r4"):
+            with pytest.raises(openai.InternalServerError) as info:
+                client.completions.create(model=model, prompt="hi", max_tokens=4)
+            assert info.value.status_code == 503, model
+            assert info.value.body["code"] == "engine_unavailable", model
+
+        assert gateway.process.wait(timeout=60) == ENGINE_DIED_EXIT_CODE
+        assert "the inference engine died" in gateway.log_path.read_text(errors="replace")
+    finally:
+        stop_gateway(gateway)
+
+
+def test_sigterm_drains_unready_first_and_lets_a_running_stream_finish(demo, tmp_path):
+    gateway = start_gateway(demo, tmp_path, LORAPLEX_SHUTDOWN_DRAIN_S="3")
+    try:
+        gateway.api_key = tenant_with_key(gateway, "draining")
+        body = {**LONG, "model": BASE_NAME, "n": 1, "max_tokens": 300, "stream": True}
+        with httpx.stream(
+            "POST",
+            f"{gateway.v1}/completions",
+            json=body,
+            headers=bearer(gateway.api_key),
+            timeout=120,
+        ) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert '"choices"' in first, first
+            gateway.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            # Still accepting connections, but unready: load balancers stop sending.
+            ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and all('"error"' not in line for line in rest)
+        gateway.process.wait(timeout=60)
     finally:
         stop_gateway(gateway)

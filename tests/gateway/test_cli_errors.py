@@ -8,11 +8,11 @@ import logging
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 import gateway.logging_config
 from gateway.cli import app
+from gateway.shutdown import DrainingServer
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: a call that got through would fail to connect
 
@@ -28,10 +28,15 @@ def runner(monkeypatch) -> CliRunner:
 
 @pytest.fixture
 def served(monkeypatch) -> dict:
-    """uvicorn.run's keyword arguments, once `serve` got that far (nothing starts); the log
-    setup stays the test's (caplog's handler on the root logger)."""
+    """The uvicorn configuration, once `serve` got that far (nothing starts); the log setup
+    stays the test's (caplog's handler on the root logger)."""
     captured: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: captured.update(kw))
+
+    def run(server: DrainingServer) -> None:
+        captured.update(vars(server.config))
+        server.started = True
+
+    monkeypatch.setattr(DrainingServer, "run", run)
     monkeypatch.setattr(gateway.logging_config, "configure_logging", lambda *a: None)
     return captured
 

@@ -114,13 +114,18 @@ def test_the_registered_adapters_reach_the_pool_split_unless_told_equal(monkeypa
 
 def test_serve_hands_the_keep_alive_to_uvicorn(monkeypatch):
     """Idle connections outlive a load balancer's idle timeout unless configured otherwise."""
-    import uvicorn
     from typer.testing import CliRunner
 
     from gateway.cli import app
+    from gateway.shutdown import DrainingServer
 
     captured: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: captured.update(kw))
+
+    def run(server: DrainingServer) -> None:  # what serve configured; nothing starts
+        captured.update(vars(server.config))
+        server.started = True
+
+    monkeypatch.setattr(DrainingServer, "run", run)
     monkeypatch.delenv("LORAPLEX_HTTP_KEEP_ALIVE_S", raising=False)
     assert CliRunner().invoke(app, ["serve"]).exit_code == 0
     assert captured["timeout_keep_alive"] == 75

@@ -1,0 +1,65 @@
+"""What the plugin adds to vLLM's processes: the status the gateway checks, and children that
+exit with their parent (run here with real processes, as vLLM starts them: multiprocessing)."""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kernels import cpu_lora_ops
+from kernels.engine_process import exit_with_parent, plugin_status
+
+
+def test_the_status_says_whether_every_namespace_binds_the_masked_ops(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    cpu_lora_ops.install()
+    assert plugin_status()["cpu_ops_masked"] is True
+    module = importlib.import_module(cpu_lora_ops.NAMESPACES[-1])
+    name = next(iter(cpu_lora_ops.REPLACEMENTS))
+    monkeypatch.setattr(module, name, lambda *args: None)  # e.g. vLLM's own, the plugin absent
+    assert plugin_status()["cpu_ops_masked"] is False
+
+
+def test_a_process_not_started_by_multiprocessing_keeps_its_own_lifetime():
+    assert exit_with_parent() is False  # the gateway (here: pytest) is nobody's child
+
+
+def _grandchild(pids) -> None:
+    exit_with_parent(poll_s=0.05)
+    pids.put(os.getpid())
+    time.sleep(60)
+
+
+def _child(pids) -> None:
+    context = multiprocessing.get_context("spawn")
+    context.Process(target=_grandchild, args=(pids,)).start()
+    time.sleep(30)  # killed by the test
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+def test_an_engine_process_exits_when_the_process_that_started_it_is_killed():
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    child = context.Process(target=_child, args=(pids,))
+    child.start()
+    grandchild = pids.get(timeout=60)
+    assert _running(grandchild)
+    child.kill()  # SIGKILL: no clean-up of its own children
+    child.join(10)
+    deadline = time.monotonic() + 10
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
