@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -40,13 +40,10 @@ from gateway.services.generation_job import (
     Primed,
     fan_out_greedy,
 )
+from gateway.services.prompts import PromptBuilder
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
-# Far more characters than any tokenizer packs into one token (English averages ~4). Text
-# longer than this many per token of the context cannot fit, and is refused before it is
-# tokenized: a 2.7 MB prompt took seconds to encode, only to be refused as too long.
-MAX_CHARS_PER_TOKEN = 64
 # OpenAI's default for /v1/completions when the client leaves max_tokens out.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -72,7 +69,7 @@ class GenerationService:
     ):
         self._engine = engine
         self._catalog = catalog
-        self._tokenizer = tokenizer
+        self._prompts = PromptBuilder(tokenizer, engine)
         self._limiter = limiter
         self._cache = cache
         self._controller = controller
@@ -94,13 +91,8 @@ class GenerationService:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
         served = await self._catalog.resolve(body.model, caller, caller_key)
-        if getattr(self._tokenizer, "chat_template", None) is None:
-            raise InvalidRequest("This model has no chat template; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        self._refuse_far_too_long([sum(len(m["content"]) for m in messages)], "messages")
-        # Off the event loop: a long prompt's template and encode take seconds, during which
-        # every other stream would stall.
-        prompt = await asyncio.to_thread(self._chat_prompt, messages)
+        prompt = await self._prompts.chat(messages)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._options(body, [prompt], body.requested_max_tokens(), top_k, caller)
         prompts, options, copies = fan_out_greedy([prompt], options)
@@ -121,9 +113,7 @@ class GenerationService:
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported", param="echo")
         served = await self._catalog.resolve(body.model, caller, caller_key)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        self._refuse_far_too_long([len(t) for t in texts if isinstance(t, str)], "prompt")
-        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
+        prompts = await self._prompts.completion(body.prompt)
         options = self._options(
             body,
             prompts,
@@ -132,7 +122,7 @@ class GenerationService:
             caller,
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
-        echo = self._echo_texts(body.prompt, prompts) if body.echo else None
+        echo = self._prompts.echo_texts(body.prompt, prompts) if body.echo else None
         prompts, options, copies = fan_out_greedy(prompts, options)
         if echo is not None:
             echo = [text for text in echo for _ in range(copies)]
@@ -176,65 +166,6 @@ class GenerationService:
         if self._shadow is not None:
             job.shadow = self._shadow.plan(job, caller, caller_key)
         return job
-
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        # transformers renders chat templates with jinja2, which it imports only to do so.
-        from jinja2 import TemplateError, TemplateSyntaxError
-
-        try:
-            text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except TemplateSyntaxError:
-            raise  # the model's template is broken: the server's fault, a 500
-        except TemplateError as exc:
-            # The template refuses this conversation (no system role, roles must alternate):
-            # its message is the reason, and the client can change the conversation.
-            raise InvalidRequest(
-                f"The model's chat template refused these messages: {exc}", param="messages"
-            ) from exc
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
-        return ids
-
-    def _refuse_far_too_long(self, lengths: Sequence[int], param: str) -> None:
-        limit = self._engine.max_model_len
-        longest = max(lengths, default=0)
-        if longest > MAX_CHARS_PER_TOKEN * limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens; the prompt has "
-                f"{longest} characters, far more than that many tokens can hold.",
-                param=param,
-            )
-
-    def _completion_prompts(
-        self, prompt: str | list[str] | list[int] | list[list[int]]
-    ) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [self._encode(prompt)]
-        if all(isinstance(item, int) for item in prompt):
-            return [self._check_ids(list(prompt))]  # type: ignore[arg-type]
-        return [
-            self._encode(item) if isinstance(item, str) else self._check_ids(list(item))  # type: ignore[arg-type]
-            for item in prompt
-        ]
-
-    def _echo_texts(self, prompt: object, token_prompts: list[list[int]]) -> list[str]:
-        """What the client sent: its strings verbatim, token-id prompts decoded."""
-        if isinstance(prompt, str):
-            return [prompt]
-        if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
-            return list(prompt)  # type: ignore[arg-type]
-        return [self._tokenizer.decode(p, skip_special_tokens=True) for p in token_prompts]
-
-    def _encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text)
-        return ids
-
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        vocab = len(self._tokenizer)
-        if not ids or any(not 0 <= i < vocab for i in ids):
-            raise InvalidRequest(f"token ids must be non-empty and in [0, {vocab})", param="prompt")
-        return ids
 
     def _options(
         self,
@@ -281,24 +212,11 @@ class GenerationService:
             logprobs=logprobs,
             presence_penalty=_first(body.presence_penalty, defaults.get("presence_penalty")),
             frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
-            logit_bias=self._logit_bias(body.logit_bias),
+            logit_bias=self._prompts.logit_bias(body.logit_bias),
             ignore_eos=body.ignore_eos,
             stream=body.stream,
             cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
         )
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-        vocab = len(self._tokenizer)
-        pairs = []
-        for key, value in (bias or {}).items():
-            token = int(key) if key.isdigit() else -1  # isdigit: no sign, no spaces
-            if not 0 <= token < vocab:
-                raise InvalidRequest(
-                    f"logit_bias keys must be token ids in [0, {vocab}); got {key!r}.",
-                    param="logit_bias",
-                )
-            pairs.append((token, value))
-        return tuple(pairs)
 
     # ---- running ---------------------------------------------------------------------------
     async def stream(self, job: GenerationJob) -> AsyncGenerator[tuple[int, GenerationUpdate]]:

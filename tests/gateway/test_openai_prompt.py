@@ -35,7 +35,7 @@ def demo_root(tmp_path_factory):
 def test_a_chat_template_refusing_the_conversation_is_the_clients_400(demo_root):
     engine = ScriptedEngine(["a"])
     with client_for(demo_root, engine) as client:
-        client.app.state.generation._tokenizer.chat_template = NO_SYSTEM_ROLE
+        client.app.state.generation._prompts._tokenizer.chat_template = NO_SYSTEM_ROLE
         user_only = [{"role": "user", "content": "hi"}]
         assert (
             client.post(
@@ -61,7 +61,8 @@ def test_a_chat_template_refusing_the_conversation_is_the_clients_400(demo_root)
 def test_a_broken_chat_template_is_the_servers_500(demo_root):
     engine = ScriptedEngine(["a"])
     with client_for(demo_root, engine) as client:
-        client.app.state.generation._tokenizer.chat_template = "{% for m in messages %}{{ m }"
+        broken = "{% for m in messages %}{{ m }"
+        client.app.state.generation._prompts._tokenizer.chat_template = broken
         response = client.post(
             "/v1/chat/completions",
             json={"model": BASE, "messages": [{"role": "user", "content": "hi"}]},
@@ -158,7 +159,7 @@ def test_tokenizing_a_prompt_does_not_stall_other_streams(demo_root, path, body)
     engine = ScriptedEngine([f"w{i} " for i in range(20)], delay=0.01)
     with client_for(demo_root, engine) as client:
         service = client.app.state.generation
-        service._tokenizer = SlowTokenizer(service._tokenizer, seconds=0.4)
+        service._prompts._tokenizer = SlowTokenizer(service._prompts._tokenizer, seconds=0.4)
         headers = dict(client.headers)
         request = {"model": BASE, **body, "max_tokens": 2}
 

@@ -1,0 +1,111 @@
+"""Token ids from what a client sent: chat messages through the model's chat template, or
+completion prompts (text or token ids), checked against the tokenizer and the context.
+
+Tokenizing runs off the event loop: a long prompt's template and encode take seconds, during
+which every other stream would stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.engine.client import EngineClient
+from gateway.errors import ContextLengthExceeded, InvalidRequest
+
+# Far more characters than any tokenizer packs into one token (English averages ~4). Text
+# longer than this many per token of the context cannot fit, and is refused before it is
+# tokenized: a 2.7 MB prompt took seconds to encode, only to be refused as too long.
+MAX_CHARS_PER_TOKEN = 64
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, engine: EngineClient):
+        self._tokenizer = tokenizer
+        self._engine = engine  # its max_model_len is the context (known once it started)
+
+    async def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("This model has no chat template; use /v1/completions.")
+        self._refuse_far_too_long([sum(len(m["content"]) for m in messages)], "messages")
+        return await asyncio.to_thread(self._chat_ids, messages)
+
+    async def completion(
+        self, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> list[list[int]]:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        self._refuse_far_too_long([len(t) for t in texts if isinstance(t, str)], "prompt")
+        return await asyncio.to_thread(self._completion_prompts, prompt)
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        # transformers renders chat templates with jinja2, which it imports only to do so.
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateSyntaxError:
+            raise  # the model's template is broken: the server's fault, a 500
+        except TemplateError as exc:
+            # The template refuses this conversation (no system role, roles must alternate):
+            # its message is the reason, and the client can change the conversation.
+            raise InvalidRequest(
+                f"The model's chat template refused these messages: {exc}", param="messages"
+            ) from exc
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _refuse_far_too_long(self, lengths: Sequence[int], param: str) -> None:
+        limit = self._engine.max_model_len
+        longest = max(lengths, default=0)
+        if longest > MAX_CHARS_PER_TOKEN * limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens; the prompt has "
+                f"{longest} characters, far more than that many tokens can hold.",
+                param=param,
+            )
+
+    def _completion_prompts(
+        self, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self._encode(prompt)]
+        if all(isinstance(item, int) for item in prompt):
+            return [self._check_ids(list(prompt))]  # type: ignore[arg-type]
+        return [
+            self._encode(item) if isinstance(item, str) else self._check_ids(list(item))  # type: ignore[arg-type]
+            for item in prompt
+        ]
+
+    def echo_texts(self, prompt: object, token_prompts: list[list[int]]) -> list[str]:
+        """What the client sent: its strings verbatim, token-id prompts decoded."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        return [self._tokenizer.decode(p, skip_special_tokens=True) for p in token_prompts]
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text)
+        return ids
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = len(self._tokenizer)
+        if not ids or any(not 0 <= i < vocab for i in ids):
+            raise InvalidRequest(f"token ids must be non-empty and in [0, {vocab})", param="prompt")
+        return ids
+
+    def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        vocab = len(self._tokenizer)
+        pairs = []
+        for key, value in (bias or {}).items():
+            token = int(key) if key.isdigit() else -1  # isdigit: no sign, no spaces
+            if not 0 <= token < vocab:
+                raise InvalidRequest(
+                    f"logit_bias keys must be token ids in [0, {vocab}); got {key!r}.",
+                    param="logit_bias",
+                )
+            pairs.append((token, value))
+        return tuple(pairs)
