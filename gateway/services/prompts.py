@@ -101,7 +101,8 @@ class PromptBuilder:
         vocab = len(self._tokenizer)
         pairs = []
         for key, value in (bias or {}).items():
-            token = int(key) if key.isdigit() else -1  # isdigit: no sign, no spaces
+            # ASCII digits only: no sign, no spaces, and not "²" or "١٢", which isdigit() accepts
+            token = int(key) if key.isascii() and key.isdigit() else -1
             if not 0 <= token < vocab:
                 raise InvalidRequest(
                     f"logit_bias keys must be token ids in [0, {vocab}); got {key!r}.",

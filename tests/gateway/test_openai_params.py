@@ -156,6 +156,8 @@ def test_logit_bias_reaches_the_engine_as_token_ids(ctx):
         ({"100000": 1}, "logit_bias"),  # beyond the vocabulary
         ({"-1": 1}, "logit_bias"),
         ({"hello": 1}, "logit_bias"),
+        ({"²": 1}, "logit_bias"),  # isdigit() says yes, int() says no: was a 500
+        ({"١٢": 1}, "logit_bias"),  # Arabic-Indic 12: was quietly token 12
         ({"5": 101}, "logit_bias.5"),
         ({"5": -100.5}, "logit_bias.5"),
     ],
