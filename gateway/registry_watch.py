@@ -8,7 +8,7 @@ every `poll_interval_s` and drops its caches when it moved. A retirement, revoca
 new version made through any replica therefore applies on all of them within one poll, and
 between changes the caches hold for their whole TTL (a safety bound, not the freshness
 mechanism). Callbacks may be coroutines (e.g. unloading versions another replica retired); one
-that fails makes the next poll run them all again.
+that fails is run again at the next poll, the others are not.
 
 The cost this removes: with only a 1 s TTL every active adapter name was resolved again each
 second (two ORM queries, ~5 ms of the gateway's CPU each), which on a 2-core host ran beside
@@ -42,6 +42,7 @@ class RegistryWatch:
         self._interval = poll_interval_s
         self._generation: tuple[int, int] | None = None
         self._missed = False  # a poll failed: whatever changed meanwhile was not seen
+        self._failed: set[int] = set()  # callbacks that failed: run again at the next poll
 
     async def check(self) -> bool:
         """Read the change generation; True (and the caches dropped) when it moved since the
@@ -54,15 +55,22 @@ class RegistryWatch:
             raise
         moved = self._missed or (self._generation is not None and generation != self._generation)
         self._generation, self._missed = generation, False
-        if moved:
+        # A change runs every callback; a poll without one retries only those that failed
+        # (dropping every cache each poll because one callback keeps failing would cost the
+        # request path its caches, and a failure must not keep the later callbacks from running).
+        due = range(len(self._on_change)) if moved else sorted(self._failed)
+        self._failed = set()
+        first: Exception | None = None
+        for index in due:
             try:
-                for callback in self._on_change:
-                    result = callback()
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception:
-                self._missed = True
-                raise
+                result = self._on_change[index]()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self._failed.add(index)
+                first = first or exc
+        if first is not None:
+            raise RuntimeError(f"{len(self._failed)} registry change callback(s) failed") from first
         return moved
 
     async def run(self) -> None:

@@ -120,3 +120,40 @@ async def test_a_key_verified_across_an_invalidation_is_not_cached(demo_root, mo
         assert len(lookups) == 2  # and then cached as usual
     finally:
         await runtime.close()
+
+
+async def test_a_failing_callback_is_retried_alone_and_the_others_still_run(demo_root):
+    from gateway.registry_runtime import open_registry
+    from gateway.settings import Settings
+    from registry import service
+
+    settings = Settings(base_model=demo_root / "base", data_dir=demo_root / "data-watch-fail")
+    runtime = await open_registry(settings, demo_root / "base", "watch-fail-base")
+    calls: list[str] = []
+    broken = [True]
+
+    def failing() -> None:
+        calls.append("failing")
+        if broken[0]:
+            raise OSError("local copy not removable")
+
+    async def dropping() -> None:
+        calls.append("dropping")
+
+    watch = RegistryWatch(runtime, [failing, dropping], poll_interval_s=POLL_S)
+    try:
+        await watch.check()
+        async with runtime.sessions() as session:
+            await service.create_tenant(session, name="watch-fail", actor="ops")
+        with pytest.raises(RuntimeError):
+            await watch.check()
+        assert calls == ["failing", "dropping"]  # the failure did not stop the next one
+        with pytest.raises(RuntimeError):
+            await watch.check()  # no change: only the failed one again
+        assert calls == ["failing", "dropping", "failing"]
+        broken[0] = False
+        assert await watch.check() is False
+        assert await watch.check() is False
+        assert calls == ["failing", "dropping", "failing", "failing"]
+    finally:
+        await runtime.close()
