@@ -79,6 +79,7 @@ class EmbeddedVLLM:
         # The registered adapters (rank, modules, count), set before start(): paged mode
         # splits its pool between layer groups by them (kernels.page_groups).
         self.paged_demand: tuple[DemandEntry, ...] = ()
+        self._unloads: set[asyncio.Task[Any]] = set()
 
     def _engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
@@ -230,11 +231,26 @@ class EmbeddedVLLM:
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         lora = _lora_request(adapter)
-        added = await self._while_alive(
-            lambda engine: engine.add_lora(lora), "loading an adapter", ADAPTER_CALL_TIMEOUT_S
-        )
+        try:
+            added = await self._while_alive(
+                lambda engine: engine.add_lora(lora), "loading an adapter", ADAPTER_CALL_TIMEOUT_S
+            )
+        except (asyncio.CancelledError, EngineError):
+            # The engine still carries out a load the gateway stopped waiting for (its caller
+            # hung up, or it timed out): unload it after, in the engine's order, so that the
+            # engine holds no adapter the gateway's cache does not count.
+            self._unload_later(adapter.engine_id)
+            raise
         if not added:
             raise EngineError(f"engine refused adapter {adapter.engine_name}")
+
+    def _unload_later(self, engine_id: int) -> None:
+        engine = self._engine
+        if engine is None or engine.errored:
+            return
+        task = asyncio.get_running_loop().create_task(engine.remove_lora(engine_id))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
 
     async def remove_adapter(self, engine_id: int) -> None:
         await self._while_alive(

@@ -131,3 +131,38 @@ async def test_an_engine_that_starts_after_the_timeout_is_shut_down(monkeypatch)
         await client.start()
     await asyncio.sleep(0.5)
     assert built and built[0].shut_down and client._engine is None
+
+
+class RecordingLLM(StandInLLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    async def add_lora(self, lora) -> bool:
+        self.calls.append(("add", lora.lora_int_id))
+        return await super().add_lora(lora)
+
+    async def remove_lora(self, lora_id) -> bool:
+        self.calls.append(("remove", lora_id))
+        return True
+
+
+async def test_a_load_the_gateway_stopped_waiting_for_is_undone_in_the_engine(monkeypatch):
+    """The engine finishes a load whose caller hung up: the gateway's cache never counted it,
+    and vLLM's own LRU would later evict behind the gateway's back."""
+    engine = RecordingLLM()
+    client = client_over(engine)
+    loading = asyncio.create_task(client.add_adapter(ADAPTER))
+    await asyncio.sleep(0.05)
+    loading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loading
+    await asyncio.sleep(0.01)
+    assert engine.calls == [("add", 7), ("remove", 7)]
+
+    monkeypatch.setattr(embedded, "ADAPTER_CALL_TIMEOUT_S", 0.05)
+    engine.calls.clear()
+    with pytest.raises(EngineError):
+        await client.add_adapter(ADAPTER)
+    await asyncio.sleep(0.01)
+    assert engine.calls == [("add", 7), ("remove", 7)]
