@@ -157,6 +157,12 @@ def used_adapters(scenarios: list[Scenario], settings: LoadSettings) -> set[str]
     return used
 
 
+def loraplex_setting_names() -> frozenset[str]:
+    from gateway.settings import Settings
+
+    return frozenset(Settings.model_fields)
+
+
 def with_engine_overrides(
     scenarios: tuple[Scenario, ...], overrides: list[str]
 ) -> tuple[Scenario, ...]:
@@ -170,6 +176,10 @@ def with_engine_overrides(
             raise ValueError(f"--engine {item!r}: expected [SCENARIO/]SYSTEM:KEY=VALUE")
         if scope and scope not in {s.name for s in scenarios}:
             raise ValueError(f"--engine {item!r}: no scenario {scope!r}")
+        if system == "loraplex" and key not in loraplex_setting_names():
+            # The gateway ignores an environment variable it has no setting for: a misspelt
+            # key would run the default while results.json recorded the flag as applied.
+            raise ValueError(f"--engine {item!r}: loraplex has no setting {key!r}")
         for i, scenario in enumerate(result):
             if scope in ("", scenario.name):
                 engine = {name: dict(flags) for name, flags in scenario.engine.items()}

@@ -76,21 +76,25 @@ def test_cold_adapters_are_never_used_and_skip_vllms_preloaded_tail() -> None:
 
 def test_engine_flags_are_per_system_and_reach_each_server(tmp_path: Path) -> None:
     tweaked = scenarios.with_engine_overrides(
-        scenarios.FULL_SCENARIOS, ["zipf64/loraplex:lora_pool_bytes=4194304", "vllm:max_loras=8"]
+        scenarios.FULL_SCENARIOS, ["zipf64/loraplex:paged_pool_bytes=4194304", "vllm:max_loras=8"]
     )
     zipf64 = next(s for s in tweaked if s.name == "zipf64")
     base = next(s for s in tweaked if s.name == "base")
-    assert zipf64.flags("loraplex")["lora_pool_bytes"] == "4194304"
-    assert "lora_pool_bytes" not in base.flags("loraplex")
+    assert zipf64.flags("loraplex")["paged_pool_bytes"] == "4194304"
+    assert "paged_pool_bytes" not in base.flags("loraplex")
     assert base.flags("vllm")["max_loras"] == "8" and base.flags("loraplex")["max_loras"] == 4
     with pytest.raises(ValueError):
         scenarios.with_engine_overrides(scenarios.FULL_SCENARIOS, ["sglang:max_loras=8"])
+    with pytest.raises(ValueError, match="no setting 'lora_pool_bytes'"):  # ignored, yet recorded
+        scenarios.with_engine_overrides(
+            scenarios.FULL_SCENARIOS, ["zipf64/loraplex:lora_pool_bytes=4194304"]
+        )
 
     fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
     spec = servers.ServerSpec.make("loraplex", zipf64.flags("loraplex"), 0)
     argv, env = servers.server_command(spec, fake, 8123, tmp_path / "state")
     assert argv[-2:] == ["gateway", "serve"]
-    assert env["LORAPLEX_LORA_POOL_BYTES"] == "4194304" and env["LORAPLEX_PORT"] == "8123"
+    assert env["LORAPLEX_PAGED_POOL_BYTES"] == "4194304" and env["LORAPLEX_PORT"] == "8123"
     assert env["LORAPLEX_DATA_DIR"] == str(tmp_path / "state")
     spec = servers.ServerSpec.make("vllm", base.flags("vllm"), 0)
     argv, env = servers.server_command(spec, fake, 8123, tmp_path / "state")
