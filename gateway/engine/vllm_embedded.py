@@ -6,22 +6,20 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.engine.client import (
     AdapterHandle,
-    ChoiceDelta,
     EngineDead,
     EngineError,
     EngineHealth,
     EngineRejected,
     GenerationUpdate,
     SamplingOptions,
-    TokenLogprob,
 )
+from gateway.engine.vllm_convert import generation_update, lora_request, sampling_params
 from gateway.settings import Settings
 from kernels.page_groups import DemandEntry
 from kernels.vllm_plugin import paged_environment
@@ -195,7 +193,7 @@ class EmbeddedVLLM:
             raise EngineDead("the inference engine is not running")
         produced = False
         try:
-            params = _sampling_params(options)
+            params = sampling_params(options)
             prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
             if options.cache_salt is not None:
                 prompt["cache_salt"] = options.cache_salt
@@ -203,12 +201,12 @@ class EmbeddedVLLM:
                 prompt,  # type: ignore[arg-type]  # a TokensPrompt
                 params,
                 request_id,
-                lora_request=_lora_request(adapter),
+                lora_request=lora_request(adapter),
             )
             async with aclosing(stream):
                 async for output in stream:
                     produced = True
-                    yield _update(output, len(prompt_token_ids), options.logprobs)
+                    yield generation_update(output, len(prompt_token_ids), options.logprobs)
         except EngineDeadError as exc:
             raise EngineDead("the inference engine stopped") from exc
         except VLLMValidationError as exc:
@@ -230,7 +228,7 @@ class EmbeddedVLLM:
             await self._engine.abort(request_id)
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
-        lora = _lora_request(adapter)
+        lora = lora_request(adapter)
         try:
             added = await self._while_alive(
                 lambda engine: engine.add_lora(lora), "loading an adapter", ADAPTER_CALL_TIMEOUT_S
@@ -331,84 +329,3 @@ class EmbeddedVLLM:
             logger.warning("could not read the residency waits", exc_info=True)
             return []
         return [float(w) for w in waits]
-
-
-def _lora_request(adapter: AdapterHandle | None) -> Any:
-    if adapter is None:
-        return None
-    from vllm.lora.request import LoRARequest
-
-    return LoRARequest(adapter.engine_name, adapter.engine_id, adapter.path)
-
-
-def _sampling_params(options: SamplingOptions) -> Any:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    kwargs: dict[str, Any] = {
-        "n": options.n,
-        "max_tokens": options.max_tokens,
-        "seed": options.seed,
-        "stop": list(options.stop) or None,
-        "logprobs": options.logprobs,
-        "logit_bias": dict(options.logit_bias) or None,
-        "ignore_eos": options.ignore_eos,
-        "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
-    }
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        value = getattr(options, name)
-        if value is not None:
-            kwargs[name] = value
-    return SamplingParams(**kwargs)
-
-
-def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:
-    """vLLM gives per position the k best tokens plus the chosen one (which may rank lower)."""
-    if output.logprobs is None or top_k is None:
-        return None
-    entries = []
-    for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
-        chosen = position[token_id]
-        ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)[:top_k]
-        entries.append(
-            TokenLogprob(
-                token=chosen.decoded_token or "",
-                # -inf is not valid JSON; OpenAI clamps the same way.
-                logprob=max(chosen.logprob, -9999.0),
-                top=tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked),
-            )
-        )
-    return entries
-
-
-def _update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpdate:
-    choices = [
-        ChoiceDelta(
-            index=completion.index,
-            text=completion.text,
-            token_ids=list(completion.token_ids),
-            logprobs=_logprobs(completion, top_k),
-            finish_reason=completion.finish_reason,
-        )
-        for completion in output.outputs
-    ]
-    return GenerationUpdate(
-        prompt_tokens=prompt_tokens,
-        choices=choices,
-        finished=output.finished,
-        cached_prompt_tokens=output.num_cached_tokens,
-        first_token_at=_first_token_at(getattr(output, "metrics", None)),
-    )
-
-
-def _first_token_at(stats: Any) -> float | None:
-    """When vLLM made the request's first token, as a time.perf_counter() reading.
-
-    vLLM's RequestStateStats (RequestOutput.metrics, kept while it logs stats, its default)
-    times the first token from the request's arrival, both wall clock; it is set even for
-    FINAL_ONLY requests, whose one output comes at their end."""
-    arrival = getattr(stats, "arrival_time", 0.0)
-    latency = getattr(stats, "first_token_latency", 0.0)
-    if not arrival or not latency:
-        return None
-    return time.perf_counter() - max(0.0, time.time() - (arrival + latency))

@@ -15,7 +15,9 @@ from vllm.v1.metrics.stats import IterationStats
 from vllm.v1.serial_utils import MsgpackEncoder
 
 from gateway.engine.client import EngineError, EngineRejected, SamplingOptions
-from gateway.engine.vllm_embedded import EmbeddedVLLM, _sampling_params, _update
+from gateway.engine.vllm_convert import generation_update as _update
+from gateway.engine.vllm_convert import sampling_params as _sampling_params
+from gateway.engine.vllm_embedded import EmbeddedVLLM
 from gateway.settings import Settings
 
 INT64_MAX = 2**63 - 1

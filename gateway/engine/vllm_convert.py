@@ -1,0 +1,97 @@
+"""Translation between the gateway's engine types and vLLM's: adapter handles to LoRA requests,
+sampling options to SamplingParams, request outputs to GenerationUpdates (vLLM imported lazily,
+so the gateway's modules import without it)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway.engine.client import (
+    AdapterHandle,
+    ChoiceDelta,
+    GenerationUpdate,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+
+def lora_request(adapter: AdapterHandle | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.engine_name, adapter.engine_id, adapter.path)
+
+
+def sampling_params(options: SamplingOptions) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs: dict[str, Any] = {
+        "n": options.n,
+        "max_tokens": options.max_tokens,
+        "seed": options.seed,
+        "stop": list(options.stop) or None,
+        "logprobs": options.logprobs,
+        "logit_bias": dict(options.logit_bias) or None,
+        "ignore_eos": options.ignore_eos,
+        "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+    }
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    return SamplingParams(**kwargs)
+
+
+def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:
+    """vLLM gives per position the k best tokens plus the chosen one (which may rank lower)."""
+    if output.logprobs is None or top_k is None:
+        return None
+    entries = []
+    for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
+        chosen = position[token_id]
+        ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)[:top_k]
+        entries.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                # -inf is not valid JSON; OpenAI clamps the same way.
+                logprob=max(chosen.logprob, -9999.0),
+                top=tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked),
+            )
+        )
+    return entries
+
+
+def generation_update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpdate:
+    choices = [
+        ChoiceDelta(
+            index=completion.index,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            logprobs=_logprobs(completion, top_k),
+            finish_reason=completion.finish_reason,
+        )
+        for completion in output.outputs
+    ]
+    return GenerationUpdate(
+        prompt_tokens=prompt_tokens,
+        choices=choices,
+        finished=output.finished,
+        cached_prompt_tokens=output.num_cached_tokens,
+        first_token_at=_first_token_at(getattr(output, "metrics", None)),
+    )
+
+
+def _first_token_at(stats: Any) -> float | None:
+    """When vLLM made the request's first token, as a time.perf_counter() reading.
+
+    vLLM's RequestStateStats (RequestOutput.metrics, kept while it logs stats, its default)
+    times the first token from the request's arrival, both wall clock; it is set even for
+    FINAL_ONLY requests, whose one output comes at their end."""
+    arrival = getattr(stats, "arrival_time", 0.0)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    if not arrival or not latency:
+        return None
+    return time.perf_counter() - max(0.0, time.time() - (arrival + latency))
