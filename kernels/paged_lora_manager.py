@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 from vllm.lora.layers import LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
@@ -52,7 +51,6 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from kernels.page_copier import PageCopier
 from kernels.page_groups import (
-    DemandEntry,
     Pages,
     PoolGroup,
     PoolGroups,
@@ -62,33 +60,12 @@ from kernels.page_groups import (
     pages_for_rank,
     split_pages,
 )
+from kernels.paged_config import PagedLoraConfig
 from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
 from kernels.paged_residency import PoolExhausted, Residency
 from kernels.paged_stats import PagedPoolStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PagedLoraConfig:
-    """Paged mode's settings (from LORAPLEX_PAGED_* in `kernels.vllm_plugin.register`)."""
-
-    pool_bytes: int
-    page_size: int = 4
-    # Residency-aware admission in the scheduler (kernels.paged_scheduler). Off only to test
-    # the worker's own refusal (PoolExhausted) when a batch does not fit.
-    admission: bool = True
-    max_wait_s: float = 10.0  # bounded waiting: older requests are admitted first
-    # "hold": a new adapter waits until running ones free pages (kernels.paged_admission);
-    # "rotate": running requests may sit out steps so pages are shared (kernels.paged_rotation)
-    policy: str = "rotate"
-    max_skip_s: float = 0.2  # rotate: a running request sits out at most about this long
-    # rotate: running adapters' pages stay within this x the pool (kernels.paged_rotation)
-    max_oversubscription: float = 2.0
-    # auto: Triton on CUDA, the torch path on CPU (kernels.paged_lora_layers.resolve_kernel)
-    kernel: str = "auto"
-    # the registered adapters' ranks and modules: how the budget is split between layer groups
-    demand: tuple[DemandEntry, ...] = ()
 
 
 _config: PagedLoraConfig | None = None

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Literal
 from kernels.page_groups import DemandEntry, format_demand, parse_demand
 
 if TYPE_CHECKING:
-    from kernels.paged_lora_manager import PagedLoraConfig
+    from kernels.paged_config import PagedLoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int | None) ->
 
 def paged_config_from_env(environ: Mapping[str, str]) -> PagedLoraConfig | None:
     """Paged mode's settings, or None when it is off (the default)."""
-    from kernels.paged_lora_manager import PagedLoraConfig
+    from kernels.paged_config import PagedLoraConfig
 
     if not _flag(environ, PAGED_ENV, default=False):
         return None

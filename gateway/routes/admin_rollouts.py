@@ -6,8 +6,8 @@ from fastapi import APIRouter, Query
 
 from gateway.admin_auth import AdminDep
 from gateway.deps import RolloutAdminDep
-from gateway.schemas.admin import (
-    ChangeReason,
+from gateway.schemas.admin import ChangeReason
+from gateway.schemas.admin_rollout import (
     PromoteRollout,
     RollbackPath,
     RolloutOut,
