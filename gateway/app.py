@@ -49,7 +49,7 @@ from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
-from gateway.shutdown import watch_engine
+from gateway.shutdown import StartupGuard, watch_engine
 from registry.compat import safetensors_dtype
 from registry.rollout import Thresholds
 
@@ -78,10 +78,12 @@ def create_app(
     engine: EngineClient | None = None,
     on_ready: Callable[[FastAPI], None] | None = None,
     on_engine_death: Callable[[FastAPI], None] | None = None,
+    startup: StartupGuard | None = None,
 ) -> FastAPI:
     """Build the gateway. `engine` replaces the embedded vLLM (tests of pure HTTP logic).
     `on_engine_death`: called once if the engine dies for good after start-up (the CLI stops
-    the server then, see gateway.shutdown); without it the gateway only answers 503."""
+    the server then, see gateway.shutdown); without it the gateway only answers 503.
+    `startup`: lets a signal stop the engine's start (the CLI's server requests it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,7 +129,10 @@ def create_app(
             if embedded is not None and settings.paged_lora:
                 embedded.paged_demand = await adapter_demand(registry)
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
-            await served_engine.start()
+            if startup is None:
+                await served_engine.start()
+            else:
+                await startup.run(served_engine.start())
             ENGINE_UP.set(1)
             # From here on the gate judges adapters' values against the dtype vLLM resolved.
             registry.engine_dtype = safetensors_dtype(served_engine.lora_dtype) or (

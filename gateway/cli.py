@@ -71,7 +71,12 @@ def serve(
 
     from gateway.app import create_app
     from gateway.logging_config import configure_logging
-    from gateway.shutdown import ENGINE_DIED_EXIT_CODE, STARTUP_FAILED_EXIT_CODE, DrainingServer
+    from gateway.shutdown import (
+        ENGINE_DIED_EXIT_CODE,
+        STARTUP_FAILED_EXIT_CODE,
+        DrainingServer,
+        StartupGuard,
+    )
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -108,7 +113,10 @@ def serve(
         if server is not None:
             server.drain_then_stop()  # then exit non-zero: the orchestrator starts a fresh one
 
-    fastapi_app = create_app(settings, on_ready=announce, on_engine_death=engine_died)
+    startup = StartupGuard()
+    fastapi_app = create_app(
+        settings, on_ready=announce, on_engine_death=engine_died, startup=startup
+    )
     config = uvicorn.Config(
         fastapi_app,
         host=settings.host,
@@ -121,6 +129,7 @@ def serve(
         config,
         drain=lambda: setattr(fastapi_app.state, "draining", True),
         drain_s=settings.shutdown_drain_s,
+        startup=startup,
     )
     server.run()
     if not server.started:

@@ -35,16 +35,18 @@ def plugin_status(worker: Any = None) -> dict[str, Any]:
 
 def exit_with_parent(poll_s: float = PARENT_POLL_S) -> bool:
     """In a multiprocessing child, start a daemon thread that sends this process SIGTERM once
-    its parent is gone (it is re-parented: getppid changes). False in a process that was not
-    started by multiprocessing (the gateway itself must keep its own lifetime)."""
-    if multiprocessing.parent_process() is None:
+    its parent is gone (it is re-parented: getppid changes), at once if it is gone already (a
+    gateway stopped during the engine's start). False in a process that was not started by
+    multiprocessing (the gateway itself must keep its own lifetime)."""
+    started_by = multiprocessing.parent_process()
+    if started_by is None:
         return False
-    parent = os.getppid()
+    parent = started_by.pid
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        logger.warning("loraplex: the process that started this one (%d) is gone: exiting", parent)
+        logger.warning("loraplex: the process that started this one (%s) is gone: exiting", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="loraplex-exit-with-parent", daemon=True).start()

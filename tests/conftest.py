@@ -71,7 +71,28 @@ class RunningGateway:
 def start_gateway(
     demo: DemoPaths | None, workdir: Path, *args: str, **env_overrides: str
 ) -> RunningGateway:
-    """`python -m gateway serve ARGS`; demo None → the CLI's own demo mode builds everything."""
+    """`python -m gateway serve ARGS`, ready; demo None → the CLI's own demo mode builds
+    everything."""
+    gateway = launch_gateway(demo, workdir, *args, **env_overrides)
+    process = gateway.process
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited early:\n{gateway.log_tail()}")
+        try:
+            if httpx.get(f"{gateway.base_url}/readyz", timeout=2).status_code == 200:
+                return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_gateway(gateway)
+    raise RuntimeError(f"gateway not ready in {READY_TIMEOUT_S}s:\n{gateway.log_tail()}")
+
+
+def launch_gateway(
+    demo: DemoPaths | None, workdir: Path, *args: str, **env_overrides: str
+) -> RunningGateway:
+    """`python -m gateway serve ARGS`, started (not yet ready)."""
     port = free_port()
     model_env = (
         {}
@@ -107,19 +128,7 @@ def start_gateway(
         # stalls benchmarks/serve/servers.py measured and removed this way).
         process_group=0,
     )
-    gateway = RunningGateway(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited early:\n{gateway.log_tail()}")
-        try:
-            if httpx.get(f"{gateway.base_url}/readyz", timeout=2).status_code == 200:
-                return gateway
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_gateway(gateway)
-    raise RuntimeError(f"gateway not ready in {READY_TIMEOUT_S}s:\n{gateway.log_tail()}")
+    return RunningGateway(f"http://127.0.0.1:{port}", process, log_path)
 
 
 def stop_gateway(gateway: RunningGateway) -> None:

@@ -19,6 +19,7 @@ from gateway.engine.client import (
     GenerationUpdate,
     SamplingOptions,
 )
+from gateway.engine.daemon_thread import run_in_daemon_thread
 from gateway.engine.vllm_convert import generation_update, lora_request, sampling_params
 from gateway.settings import Settings
 from kernels.page_groups import DemandEntry
@@ -109,25 +110,27 @@ class EmbeddedVLLM:
         # process vLLM starts; they inherit ours, so these settings decide, not stray variables.
         os.environ.update(paged_environment_for(self._settings, self.paged_demand))
         # Engine construction blocks for seconds (process spawn, weight load, warm-up), in a
-        # thread that a timeout cannot stop: an engine it finishes after the timeout is shut
-        # down there instead of left running with nobody holding it.
+        # thread that neither a timeout nor a signal (gateway.shutdown.StartupGuard) can stop:
+        # an engine it finishes after the caller gave up is shut down there instead of left
+        # running with nobody holding it. The thread is a daemon: a process that gave up on
+        # the start exits without waiting for it (vLLM's processes then follow their parent).
         lock, built, abandoned = threading.Lock(), [], threading.Event()
 
         def build() -> AsyncLLM:
             engine = AsyncLLM.from_engine_args(args)
             with lock:
                 if abandoned.is_set():
-                    logger.warning("the engine started after the start-up timeout: stopping it")
+                    logger.warning("the engine started after the gateway gave up: stopping it")
                     engine.shutdown()
                 built.append(engine)
             return engine
 
-        loop = asyncio.get_running_loop()
         try:
             self._engine = await asyncio.wait_for(
-                loop.run_in_executor(None, build), timeout=self._settings.engine_start_timeout_s
+                run_in_daemon_thread(build, name="loraplex-engine-start"),
+                timeout=self._settings.engine_start_timeout_s,
             )
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError):
             with lock:
                 abandoned.set()
                 for engine in built:  # finished in the meantime

@@ -15,6 +15,7 @@ from gateway.shutdown import ENGINE_DIED_EXIT_CODE
 from tests.conftest import (
     BASE_NAME,
     bearer,
+    launch_gateway,
     register_demo_adapters,
     start_gateway,
     stop_gateway,
@@ -162,5 +163,31 @@ def test_sigterm_drains_unready_first_and_lets_a_running_stream_finish(demo, tmp
             rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]" and all('"error"' not in line for line in rest)
         gateway.process.wait(timeout=60)
+    finally:
+        stop_gateway(gateway)
+
+
+def test_sigterm_while_the_engine_starts_stops_it_without_serving(demo, tmp_path):
+    gateway = launch_gateway(demo, tmp_path)
+    try:
+        parent = psutil.Process(gateway.process.pid)
+        deadline = time.monotonic() + 120
+        engine_processes: list[psutil.Process] = []
+        # vLLM's engine core has been spawned and is loading: the start is well under way.
+        while not engine_processes and time.monotonic() < deadline:
+            assert gateway.process.poll() is None, gateway.log_tail()
+            engine_processes = parent.children(recursive=True)
+            time.sleep(0.2)
+        assert engine_processes, gateway.log_tail()
+        time.sleep(2)
+        assert "loraplex ready" not in gateway.log_path.read_text(errors="replace")
+        gateway.process.send_signal(signal.SIGTERM)
+        # Stopped before serving: the start-up did not run to its end first.
+        assert gateway.process.wait(timeout=30) == -signal.SIGTERM
+        log = gateway.log_path.read_text(errors="replace")
+        assert "a signal arrived while the engine was starting" in log, log[-3000:]
+        assert "loraplex ready" not in log
+        _, alive = psutil.wait_procs(engine_processes, timeout=30)
+        assert alive == [], [p.cmdline() for p in alive]
     finally:
         stop_gateway(gateway)

@@ -63,3 +63,33 @@ def test_an_engine_process_exits_when_the_process_that_started_it_is_killed():
     while _running(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(grandchild)
+
+
+def _late_grandchild(pids) -> None:
+    pids.put(os.getpid())
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    while os.getppid() == parent.pid:  # the plugin loads only after the gateway is gone
+        time.sleep(0.02)
+    exit_with_parent(poll_s=0.05)
+    time.sleep(60)
+
+
+def _short_lived_child(pids) -> None:
+    context = multiprocessing.get_context("spawn")
+    context.Process(target=_late_grandchild, args=(pids,)).start()
+    time.sleep(30)  # killed by the test
+
+
+def test_an_engine_process_whose_parent_died_before_the_plugin_loaded_exits_too():
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    child = context.Process(target=_short_lived_child, args=(pids,))
+    child.start()
+    grandchild = pids.get(timeout=60)
+    child.kill()  # a gateway stopped while vLLM's engine process was still importing
+    child.join(10)
+    deadline = time.monotonic() + 10
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
