@@ -50,19 +50,25 @@ def _running(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's reaping is left
 
 
-def test_an_engine_process_exits_when_the_process_that_started_it_is_killed():
+def _grandchild_left_when_its_parent_is_killed(child_target) -> bool:
+    """Start `child_target` (which starts a grandchild), SIGKILL the child (no clean-up of its
+    own children, as the OOM killer does) and say whether the grandchild still runs 10 s on."""
     context = multiprocessing.get_context("spawn")
     pids = context.Queue()
-    child = context.Process(target=_child, args=(pids,))
+    child = context.Process(target=child_target, args=(pids,))
     child.start()
     grandchild = pids.get(timeout=60)
     assert _running(grandchild)
-    child.kill()  # SIGKILL: no clean-up of its own children
+    child.kill()
     child.join(10)
     deadline = time.monotonic() + 10
     while _running(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _running(grandchild)
+    return _running(grandchild)
+
+
+def test_an_engine_process_exits_when_the_process_that_started_it_is_killed():
+    assert not _grandchild_left_when_its_parent_is_killed(_child)
 
 
 def _late_grandchild(pids) -> None:
@@ -82,14 +88,5 @@ def _short_lived_child(pids) -> None:
 
 
 def test_an_engine_process_whose_parent_died_before_the_plugin_loaded_exits_too():
-    context = multiprocessing.get_context("spawn")
-    pids = context.Queue()
-    child = context.Process(target=_short_lived_child, args=(pids,))
-    child.start()
-    grandchild = pids.get(timeout=60)
-    child.kill()  # a gateway stopped while vLLM's engine process was still importing
-    child.join(10)
-    deadline = time.monotonic() + 10
-    while _running(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _running(grandchild)
+    # a gateway stopped while vLLM's engine process was still importing
+    assert not _grandchild_left_when_its_parent_is_killed(_short_lived_child)
