@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -116,34 +116,28 @@ async def chat_stream(
     job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
 ) -> AsyncGenerator[str]:
     """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
-    envelope = _envelope(job, "chat.completion.chunk")
-    extra = {"usage": None} if include_usage else {}
-    for index in range(len(job.prompts) * job.options.n):
-        yield sse(
-            {
-                **envelope,
-                **extra,
-                "choices": [_chat_choice(index, {"role": "assistant", "content": ""})],
-            }
+    opening = [
+        _chat_choice(index, {"role": "assistant", "content": ""})
+        for index in range(len(job.prompts) * job.options.n)
+    ]
+
+    def choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        choices = []
+        if delta.text or delta.logprobs:
+            choice = _chat_choice(index, {"content": delta.text})
+            choice["logprobs"] = _chat_logprobs(delta.logprobs)
+            choices.append(choice)
+        if delta.finish_reason:
+            choices.append(_chat_choice(index, {}, finish_reason=delta.finish_reason))
+        return choices
+
+    async with aclosing(
+        _event_stream(
+            job, updates, include_usage, request_id, "chat.completion.chunk", opening, choices_of
         )
-    completion_tokens = 0
-    async with aclosing(_choice_deltas(job, updates, request_id)) as deltas:
-        async for item in deltas:
-            if isinstance(item, str):  # the error event that ends the stream
-                yield item
-                return
-            index, delta = item
-            completion_tokens += len(delta.token_ids)
-            if delta.text or delta.logprobs:
-                choice = _chat_choice(index, {"content": delta.text})
-                choice["logprobs"] = _chat_logprobs(delta.logprobs)
-                yield sse({**envelope, **extra, "choices": [choice]})
-            if delta.finish_reason:
-                choice = _chat_choice(index, {}, finish_reason=delta.finish_reason)
-                yield sse({**envelope, **extra, "choices": [choice]})
-    if include_usage:
-        yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})
-    yield DONE
+    ) as events:
+        async for event in events:
+            yield event
 
 
 def _chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None):
@@ -154,14 +148,47 @@ async def completion_stream(
     job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
 ) -> AsyncGenerator[str]:
     """text_completion events: text deltas (prompt first when echo), finish, usage, [DONE]."""
-    envelope = _envelope(job, "text_completion")
-    extra = {"usage": None} if include_usage else {}
-    offsets = {}
+    offsets: dict[int, int] = {}
+    opening = []
     for index in range(len(job.prompts) * job.options.n):
         prefix = job.echo_texts[index // job.options.n] if job.echo_texts else ""
         offsets[index] = len(prefix)
         if prefix:
-            yield sse({**envelope, **extra, "choices": [_text_choice(index, prefix)]})
+            opening.append(_text_choice(index, prefix))
+
+    def choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        if not (delta.text or delta.finish_reason or delta.logprobs):
+            return []
+        choice = _text_choice(index, delta.text, delta.finish_reason)
+        choice["logprobs"] = _completion_logprobs(delta.logprobs, offsets[index])
+        offsets[index] += len(delta.text)
+        return [choice]
+
+    async with aclosing(
+        _event_stream(
+            job, updates, include_usage, request_id, "text_completion", opening, choices_of
+        )
+    ) as events:
+        async for event in events:
+            yield event
+
+
+async def _event_stream(
+    job: GenerationJob,
+    updates: Updates,
+    include_usage: bool,
+    request_id: str,
+    object_name: str,
+    opening: list[dict[str, Any]],
+    choices_of: Callable[[int, ChoiceDelta], list[dict[str, Any]]],
+) -> AsyncGenerator[str]:
+    """The events of either stream: one per `opening` choice, one per choice that `choices_of`
+    makes of each delta, then usage (when asked) and [DONE]; an engine failure ends it with
+    its error event instead."""
+    envelope = _envelope(job, object_name)
+    extra = {"usage": None} if include_usage else {}
+    for choice in opening:
+        yield sse({**envelope, **extra, "choices": [choice]})
     completion_tokens = 0
     async with aclosing(_choice_deltas(job, updates, request_id)) as deltas:
         async for item in deltas:
@@ -170,10 +197,7 @@ async def completion_stream(
                 return
             index, delta = item
             completion_tokens += len(delta.token_ids)
-            if delta.text or delta.finish_reason or delta.logprobs:
-                choice = _text_choice(index, delta.text, delta.finish_reason)
-                choice["logprobs"] = _completion_logprobs(delta.logprobs, offsets[index])
-                offsets[index] += len(delta.text)
+            for choice in choices_of(index, delta):
                 yield sse({**envelope, **extra, "choices": [choice]})
     if include_usage:
         yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})
