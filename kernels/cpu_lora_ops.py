@@ -5,8 +5,9 @@ vLLM marks a token without an adapter with lora index -1 and its CPU ops gather 
 adapter, base-model tokens in the same batch silently receive the last slot's adapter: one
 tenant's fine-tune applied to another's request (fixed upstream after 0.32, vllm PR #48421).
 
-These versions gather with the index clamped to a valid slot and multiply by a 0/1 row mask,
-so rows marked -1 contribute exactly zero. No data-dependent shapes: the ops stay traceable by
+These versions gather with the index clamped to a valid slot and zero-fill the rows marked -1,
+so they contribute exactly zero: filled, not multiplied by a 0/1 mask, since inf or NaN in the
+clamped-to slot 0 times 0 would still be NaN. No data-dependent shapes: the ops stay traceable by
 torch.compile, which vLLM applies to the CPU model.
 """
 
@@ -19,11 +20,10 @@ def _gather_masked(
     weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """[slots, (1,) out, in] weights → [tokens, out, in], zeros for tokens whose index is -1."""
-    valid = (indices >= 0).to(dtype)
     selected = weights[indices.clamp(min=0)].to(dtype=dtype)
     if selected.dim() == 4:
         selected = selected.squeeze(dim=1)
-    return selected * valid.view(-1, 1, 1)
+    return selected.masked_fill((indices < 0).view(-1, 1, 1), 0)
 
 
 def bgmv_shrink(

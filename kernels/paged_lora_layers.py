@@ -86,11 +86,14 @@ def effective_rank(lora_a: Weights, lora_b: Weights) -> int:
         return 0
     a_list = [lora_a] if isinstance(lora_a, torch.Tensor) else list(lora_a)
     b_list = [lora_b] if isinstance(lora_b, torch.Tensor) else list(lora_b)
-    rank = 0
-    for a, b in zip(a_list, b_list, strict=True):
-        if a is not None and b is not None and bool(a.any()) and bool(b.any()):
-            rank = max(rank, a.shape[0])
-    return rank
+    return max((_slice_rank(a, b) for a, b in zip(a_list, b_list, strict=True)), default=0)
+
+
+def _slice_rank(a: torch.Tensor | None, b: torch.Tensor | None) -> int:
+    """One slice's rank, or 0 where it contributes exactly zero (A or B absent or all zero)."""
+    if a is None or b is None or not bool(a.any()) or not bool(b.any()):
+        return 0
+    return int(a.shape[0])
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,8 @@ class PagedLinearMixin:
     def set_lora(self, index: int, lora_a: Weights, lora_b: Weights) -> None:
         pool = self._pool()
         a_list, b_list = self._slices(lora_a, lora_b)
-        rank = effective_rank(a_list, b_list)
+        slice_ranks = [_slice_rank(a, b) for a, b in zip(a_list, b_list, strict=True)]
+        rank = max(slice_ranks, default=0)  # effective_rank
         if rank == 0:
             pool.evict(index)
             return
@@ -260,8 +264,10 @@ class PagedLinearMixin:
                 continue
             a_i = torch.zeros(rank, g.hidden_in, dtype=g.dtype)
             b_i = torch.zeros(g.slice_widths[i], rank, dtype=g.dtype)
-            if a is not None and b is not None:
-                # A slice of lower rank (peft rank_pattern) is padded with zero rank rows.
+            if a is not None and b is not None and slice_ranks[i] > 0:
+                # A slice of lower rank (peft rank_pattern) is padded with zero rank rows. A
+                # slice that adds nothing (all-zero A or B) stays zeros: its rank may exceed
+                # the effective one and would not fit.
                 a_i[: a.shape[0], : a.shape[1]] = a
                 b_i[: b.shape[0], : b.shape[1]] = b
             a_full.append(a_i)

@@ -61,18 +61,21 @@ class PagedSgmvRunner:
         output:     [T, sum(pool.slice_widths)], the pool's dtype
         x:          [T, pool.hidden_in], the pool's dtype
         token_slot: [T] integer slot per row, -1 = no adapter
+        Raises ValueError on inputs that do not fit the pool or the runner.
         """
+        # Raised, not asserted (`python -O` strips asserts): a slot id past the runner's slots
+        # would index past the pool's page table.
         t = x.shape[0]
-        assert output.shape == (t, pool.hidden_out), (
-            f"output must be [{t}, {pool.hidden_out}], got {tuple(output.shape)}"
-        )
-        assert token_slot.shape == (t,), f"token_slot must be [{t}], got {tuple(token_slot.shape)}"
-        assert pool.num_slots == self.num_slots, (
-            f"pool has {pool.num_slots} slots, the runner {self.num_slots}"
-        )
-        assert x.dtype == pool.a_pages.dtype and output.dtype == pool.b_pages.dtype, (
-            f"x {x.dtype} and output {output.dtype} must be the pool's {pool.a_pages.dtype}"
-        )
+        if output.shape != (t, pool.hidden_out):
+            raise ValueError(f"output must be [{t}, {pool.hidden_out}], got {tuple(output.shape)}")
+        if token_slot.shape != (t,):
+            raise ValueError(f"token_slot must be [{t}], got {tuple(token_slot.shape)}")
+        if pool.num_slots != self.num_slots:
+            raise ValueError(f"pool has {pool.num_slots} slots, the runner {self.num_slots}")
+        if x.dtype != pool.a_pages.dtype or output.dtype != pool.b_pages.dtype:
+            raise ValueError(
+                f"x {x.dtype} and output {output.dtype} must be the pool's {pool.a_pages.dtype}"
+            )
         if t == 0:
             return output
         meta = self.builder.build(token_slot, pool.slot_rank, pool.slot_scale)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sgmv_metadata import SgmvMetadata
+from kernels.sgmv_metadata import SgmvMetadata, check_metadata
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ def _sgmv_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    BF16_DOT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,10 +97,14 @@ def _sgmv_expand_kernel(
                 mask=k_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            if IEEE_DOT:
+            if IEEE_DOT:  # fp32 weights
                 acc += tl.dot(h_tile, b_tile, input_precision="ieee")
-            else:
+            elif BF16_DOT:  # bf16 has fp32's exponent range: h rounds without overflowing
                 acc += tl.dot(h_tile.to(b_tile.dtype), b_tile)
+            else:
+                # fp16 weights: h (scale applied) can pass fp16's 65504 where y does not, so
+                # h stays fp32 and B widens exactly; tf32 keeps fp16's 10-bit mantissa.
+                acc += tl.dot(h_tile, b_tile.to(tl.float32), input_precision="tf32")
         y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
         y_mask = m_mask[:, None] & n_mask[None, :]
         # Segments partition the tokens and there is no split-K: a plain read-add-write is exact.
@@ -118,15 +123,25 @@ _BOUNDS_CACHE: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 
 
 def _slice_bounds(widths: Sequence[int], device: torch.device) -> torch.Tensor:
-    # Cached so a step launched under CUDA-graph capture makes no host-to-device copy
-    # (the first, eager call creates it).
+    """[num_slices + 1] int32 column bounds, made once per (device, widths) and cached, so a
+    step launched under CUDA-graph capture finds it made (the first, eager call makes it).
+
+    Made with one fill kernel per entry on the current stream, ordered before the launch that
+    reads it, never with torch.tensor(list, device=...): that is a pageable host-to-device copy,
+    which synchronizes the host (refused by torch.cuda.set_sync_debug_mode("error")) and cannot
+    be recorded by a graph capture.
+    """
     bounds = [0]
     for w in widths:
         bounds.append(bounds[-1] + int(w))
     key = (device, tuple(bounds))
-    if key not in _BOUNDS_CACHE:
-        _BOUNDS_CACHE[key] = torch.tensor(bounds, dtype=torch.int32, device=device)
-    return _BOUNDS_CACHE[key]
+    cached = _BOUNDS_CACHE.get(key)
+    if cached is None:
+        cached = torch.empty(len(bounds), dtype=torch.int32, device=device)
+        for i, b in enumerate(bounds):
+            cached[i].fill_(b)
+        _BOUNDS_CACHE[key] = cached
+    return cached
 
 
 def _check(
@@ -137,33 +152,40 @@ def _check(
     y: torch.Tensor,
     slice_widths: Sequence[int],
 ) -> None:
-    assert h.dim() == 3 and h.dtype == torch.float32, (
-        f"h must be float32 [slices, T, max_rank], got {h.dtype} {tuple(h.shape)}"
-    )
-    assert b_pages.dim() == 3, f"b_pages must be [pages, P, H_out], got {tuple(b_pages.shape)}"
-    assert y.dim() == 2, f"y must be [T, H_out], got {tuple(y.shape)}"
-    assert y.dtype == b_pages.dtype, f"y is {y.dtype}, b_pages is {b_pages.dtype}"
-    assert y.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported {y.dtype}"
-    assert len(slice_widths) == h.shape[0], f"{len(slice_widths)} slice widths, h has {h.shape[0]}"
-    assert all(w > 0 for w in slice_widths), f"slice widths must be positive: {list(slice_widths)}"
+    # Raised, not asserted: these keep the kernel's loads and stores in bounds, and `python -O`
+    # strips asserts. Shapes, dtypes, strides and devices only: no device sync.
+    if h.dim() != 3 or h.dtype != torch.float32:
+        raise ValueError(f"h must be float32 [slices, T, max_rank], got {h.dtype} {tuple(h.shape)}")
+    if b_pages.dim() != 3:
+        raise ValueError(f"b_pages must be [pages, P, H_out], got {tuple(b_pages.shape)}")
+    if y.dim() != 2:
+        raise ValueError(f"y must be [T, H_out], got {tuple(y.shape)}")
+    if y.dtype != b_pages.dtype:
+        raise ValueError(f"y is {y.dtype}, b_pages is {b_pages.dtype}")
+    if y.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported {y.dtype}")
+    if len(slice_widths) != h.shape[0]:
+        raise ValueError(f"{len(slice_widths)} slice widths, h has {h.shape[0]}")
+    if not all(w > 0 for w in slice_widths):
+        raise ValueError(f"slice widths must be positive: {list(slice_widths)}")
     h_out = sum(slice_widths)
-    assert y.shape == (h.shape[1], h_out), (
-        f"y must be [{h.shape[1]}, {h_out}], got {tuple(y.shape)}"
-    )
-    assert b_pages.shape[2] == h_out, f"b_pages hold {b_pages.shape[2]} columns, slices sum {h_out}"
-    assert page_table.dim() == 2 and page_table.dtype == torch.int32, "page_table must be int32 2-D"
+    if y.shape != (h.shape[1], h_out):
+        raise ValueError(f"y must be [{h.shape[1]}, {h_out}], got {tuple(y.shape)}")
+    if b_pages.shape[2] != h_out:
+        raise ValueError(f"b_pages hold {b_pages.shape[2]} columns, slices sum {h_out}")
+    if page_table.dim() != 2 or page_table.dtype != torch.int32:
+        raise ValueError("page_table must be int32 2-D")
+    if page_table.shape[1] > 1 and page_table.stride(1) != 1:  # the kernel adds page indices
+        raise ValueError(f"page_table rows must be contiguous, got strides {page_table.stride()}")
     max_rank = page_table.shape[1] * b_pages.shape[1]
-    assert h.shape[2] == max_rank, f"h has {h.shape[2]} rank columns, the pool {max_rank}"
-    assert meta.num_tokens == h.shape[1], (
-        f"metadata for {meta.num_tokens} tokens, h has {h.shape[1]}"
-    )
-    for name, t in (
-        ("b_pages", b_pages),
-        ("page_table", page_table),
-        ("y", y),
-        ("meta", meta.seg_indptr),
-    ):
-        assert t.device == h.device, f"{name} on {t.device}, h on {h.device}"
+    if h.shape[2] != max_rank:
+        raise ValueError(f"h has {h.shape[2]} rank columns, the pool {max_rank}")
+    if meta.num_tokens != h.shape[1]:
+        raise ValueError(f"metadata for {meta.num_tokens} tokens, h has {h.shape[1]}")
+    for name, t in (("b_pages", b_pages), ("page_table", page_table), ("y", y)):
+        if t.device != h.device:
+            raise ValueError(f"{name} on {t.device}, h on {h.device}")
+    check_metadata(meta, h.device, "h")
 
 
 def sgmv_expand(
@@ -184,7 +206,10 @@ def sgmv_expand(
     meta:         SgmvMetadata for the T rows
     y:            [T, H_out], b_pages' dtype; rows of tokens without an adapter are untouched
     slice_widths: output width of each slice, H_out = sum; c_i = sum of widths before i
-    Returns y. Accumulation is fp32; h is rounded to the weight dtype for the dot.
+    Returns y. Accumulation is fp32. For the dot, h is kept fp32 with fp32 and fp16 weights
+    (fp16 ones go through tf32, so |h| > 65504 cannot overflow) and rounded to bf16 with bf16
+    weights (bf16 has fp32's range). Raises ValueError on a shape, dtype, stride or device the
+    kernel cannot index safely; page_table's rows and meta's tensors must be contiguous.
     """
     _check(h, b_pages, page_table, meta, y, slice_widths)
     if h.shape[1] == 0 or meta.num_segments == 0:
@@ -212,6 +237,7 @@ def sgmv_expand(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         IEEE_DOT=y.dtype == torch.float32,
+        BF16_DOT=y.dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -244,7 +270,8 @@ def sgmv_expand_ref(
             continue
         rows = torch.arange(rank, device=h.device)
         page = page_table[adapter].long()[rows // page_size]
-        b = b_pages[page.clamp(min=0), rows % page_size].float() * (page >= 0)[:, None]
+        # Filled, not multiplied by a 0/1 mask: inf in page 0 (another adapter's) x 0 = NaN.
+        b = b_pages[page.clamp(min=0), rows % page_size].float().masked_fill(page[:, None] < 0, 0)
         tok = meta.token_ids[indptr[s] : indptr[s + 1]].long()
         delta = torch.cat(
             [h[i, tok, :rank] @ b[:, bounds[i] : bounds[i + 1]] for i in range(len(slice_widths))],

@@ -52,6 +52,28 @@ class SgmvMetadata:
         return dataclasses.replace(self, seg_rank=forced)
 
 
+def check_metadata(meta: SgmvMetadata, device: torch.device, against: str) -> None:
+    """Raise ValueError unless the kernels can index `meta` safely: every tensor 1-D of its
+    documented dtype and length, unit stride (the kernels add plain offsets to its pointer) and
+    on `device`, where the tensor named `against` lives. Shapes, strides and devices only: no
+    value is read, so the check costs no device sync and is allowed under CUDA-graph capture.
+    """
+    s = meta.num_segments
+    for name, t, n, dtype in (
+        ("token_ids", meta.token_ids, meta.num_tokens, torch.int32),
+        ("seg_indptr", meta.seg_indptr, s + 1, torch.int32),
+        ("seg_adapter", meta.seg_adapter, s, torch.int32),
+        ("seg_rank", meta.seg_rank, s, torch.int32),
+        ("seg_scale", meta.seg_scale, s, torch.float32),
+    ):
+        if t.shape != (n,) or t.dtype != dtype:
+            raise ValueError(f"meta.{name} must be {dtype} [{n}], got {t.dtype} {tuple(t.shape)}")
+        if n > 1 and t.stride(0) != 1:
+            raise ValueError(f"meta.{name} must be contiguous, got stride {t.stride(0)}")
+        if t.device != device:
+            raise ValueError(f"meta on {t.device}, {against} on {device}")
+
+
 def max_segments(num_tokens: int, num_slots: int, chunk_size: int) -> int:
     """Upper bound on the segments `num_tokens` tokens over `num_slots` adapters can form."""
     return num_tokens // chunk_size + min(num_tokens, num_slots)
@@ -68,9 +90,12 @@ class SgmvMetadataBuilder:
         chunk_size: int = 16,
         device: torch.device | str,
     ) -> None:
-        assert max_tokens > 0, f"max_tokens must be positive, got {max_tokens}"
-        assert num_slots > 0, f"num_slots must be positive, got {num_slots}"
-        assert chunk_size > 0, f"chunk_size must be positive, got {chunk_size}"
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.max_tokens = max_tokens
         self.num_slots = num_slots
         self.chunk_size = chunk_size
@@ -96,21 +121,24 @@ class SgmvMetadataBuilder:
         slot_scale:    [num_slots] float, scale of the adapter in each slot.
         Returns views valid until the next `build`.
         """
+        # Raised, not asserted: they keep the copies into the fixed buffers in bounds, and
+        # `python -O` strips asserts.
+        if token_adapter.dim() != 1:
+            raise ValueError(f"token_adapter must be [T], got {tuple(token_adapter.shape)}")
         t = token_adapter.shape[0]
-        assert token_adapter.dim() == 1, (
-            f"token_adapter must be [T], got {tuple(token_adapter.shape)}"
-        )
-        assert 0 < t <= self.max_tokens, f"{t} tokens, builder holds 1..{self.max_tokens}"
-        assert slot_rank.shape == (self.num_slots,), f"slot_rank must be [{self.num_slots}]"
-        assert slot_scale.shape == (self.num_slots,), f"slot_scale must be [{self.num_slots}]"
+        if not 0 < t <= self.max_tokens:
+            raise ValueError(f"{t} tokens, builder holds 1..{self.max_tokens}")
+        if slot_rank.shape != (self.num_slots,):
+            raise ValueError(f"slot_rank must be [{self.num_slots}]")
+        if slot_scale.shape != (self.num_slots,):
+            raise ValueError(f"slot_scale must be [{self.num_slots}]")
         for name, tensor in (
             ("token_adapter", token_adapter),
             ("slot_rank", slot_rank),
             ("slot_scale", slot_scale),
         ):
-            assert tensor.device == self.device, (
-                f"{name} on {tensor.device}, builder on {self.device}"
-            )
+            if tensor.device != self.device:
+                raise ValueError(f"{name} on {tensor.device}, builder on {self.device}")
         n_slots, chunk = self.num_slots, self.chunk_size
         s = max_segments(t, n_slots, chunk)
 
@@ -167,8 +195,10 @@ def metadata_from_segments(
     (-1 = none). Lengths may be 0 and segments may be arbitrarily long. For tests and
     benchmarks; the serving path uses `SgmvMetadataBuilder`.
     """
-    assert len(seg_lens) == len(seg_adapter), "seg_lens and seg_adapter differ in length"
-    assert all(n >= 0 for n in seg_lens), f"negative segment length in {list(seg_lens)}"
+    if len(seg_lens) != len(seg_adapter):
+        raise ValueError("seg_lens and seg_adapter differ in length")
+    if any(n < 0 for n in seg_lens):
+        raise ValueError(f"negative segment length in {list(seg_lens)}")
     t = sum(seg_lens)
     indptr = [0]
     for n in seg_lens:

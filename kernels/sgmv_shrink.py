@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sgmv_metadata import SgmvMetadata
+from kernels.sgmv_metadata import SgmvMetadata, check_metadata
 
 
 @dataclass(frozen=True)
@@ -162,32 +162,42 @@ def _check(
     meta: SgmvMetadata,
     out: torch.Tensor | None,
 ) -> tuple[int, int]:
-    assert x.dim() == 2, f"x must be [T, H_in], got {tuple(x.shape)}"
-    assert a_pages.dim() == 4, (
-        f"a_pages must be [pages, slices, P, H_in], got {tuple(a_pages.shape)}"
-    )
-    assert x.dtype == a_pages.dtype, f"x is {x.dtype}, a_pages is {a_pages.dtype}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported {x.dtype}"
-    assert x.shape[1] == a_pages.shape[3], f"H_in: x has {x.shape[1]}, A has {a_pages.shape[3]}"
-    assert x.stride(1) == 1 and a_pages.stride(3) == 1, "x and a_pages rows must be contiguous"
-    assert page_table.dim() == 2 and page_table.dtype == torch.int32, (
-        f"page_table must be int32 [slots, max_pages], "
-        f"got {page_table.dtype} {tuple(page_table.shape)}"
-    )
-    assert meta.num_tokens == x.shape[0], (
-        f"metadata for {meta.num_tokens} tokens, x has {x.shape[0]}"
-    )
-    for name, t in (("a_pages", a_pages), ("page_table", page_table), ("meta", meta.seg_indptr)):
-        assert t.device == x.device, f"{name} on {t.device}, x on {x.device}"
+    # Raised, not asserted: these keep the kernel's loads and stores in bounds, and `python -O`
+    # strips asserts. Shapes, dtypes, strides and devices only: no device sync.
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H_in], got {tuple(x.shape)}")
+    if a_pages.dim() != 4:
+        raise ValueError(f"a_pages must be [pages, slices, P, H_in], got {tuple(a_pages.shape)}")
+    if x.dtype != a_pages.dtype:
+        raise ValueError(f"x is {x.dtype}, a_pages is {a_pages.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported {x.dtype}")
+    if x.shape[1] != a_pages.shape[3]:
+        raise ValueError(f"H_in: x has {x.shape[1]}, A has {a_pages.shape[3]}")
+    if x.stride(1) != 1 or a_pages.stride(3) != 1:
+        raise ValueError("x and a_pages rows must be contiguous")
+    if page_table.dim() != 2 or page_table.dtype != torch.int32:
+        raise ValueError(
+            f"page_table must be int32 [slots, max_pages], "
+            f"got {page_table.dtype} {tuple(page_table.shape)}"
+        )
+    if page_table.shape[1] > 1 and page_table.stride(1) != 1:  # the kernel adds page indices
+        raise ValueError(f"page_table rows must be contiguous, got strides {page_table.stride()}")
+    if meta.num_tokens != x.shape[0]:
+        raise ValueError(f"metadata for {meta.num_tokens} tokens, x has {x.shape[0]}")
+    for name, t in (("a_pages", a_pages), ("page_table", page_table)):
+        if t.device != x.device:
+            raise ValueError(f"{name} on {t.device}, x on {x.device}")
+    check_metadata(meta, x.device, "x")
     num_slices = a_pages.shape[1]
     max_rank = page_table.shape[1] * a_pages.shape[2]
     if out is not None:
-        assert out.shape == (num_slices, x.shape[0], max_rank), (
-            f"out must be [{num_slices}, {x.shape[0]}, {max_rank}], got {tuple(out.shape)}"
-        )
-        assert out.dtype == torch.float32 and out.device == x.device, (
-            "out must be float32 on x's device"
-        )
+        if out.shape != (num_slices, x.shape[0], max_rank):
+            raise ValueError(
+                f"out must be [{num_slices}, {x.shape[0]}, {max_rank}], got {tuple(out.shape)}"
+            )
+        if out.dtype != torch.float32 or out.device != x.device:
+            raise ValueError("out must be float32 on x's device")
     return num_slices, max_rank
 
 
@@ -208,7 +218,9 @@ def sgmv_shrink(
     meta:       SgmvMetadata for the T rows of x
     out:        optional [num_slices, T, max_pages·P] float32 buffer; zeroed, then filled
     Returns h (= out): [num_slices, T, max_pages·P] float32. Rows of tokens without an adapter
-    and rank columns past a segment's rank are 0. Accumulation is fp32.
+    and rank columns past a segment's rank are 0. Accumulation is fp32. Raises ValueError on a
+    shape, dtype, stride or device the kernel cannot index safely; page_table's rows and
+    meta's tensors must be contiguous.
     """
     num_slices, max_rank = _check(x, a_pages, page_table, meta, out)
     if out is None:
@@ -285,7 +297,8 @@ def sgmv_shrink_ref(
         page = page_table[adapter].long()[rows // page_size]
         mapped = page >= 0
         a = a_pages[page.clamp(min=0), :, rows % page_size].float()  # [r, slices, H_in]
-        a = a * mapped[:, None, None]
+        # Filled, not multiplied by a 0/1 mask: inf in page 0 (another adapter's) x 0 = NaN.
+        a = a.masked_fill(~mapped[:, None, None], 0.0)
         tok = meta.token_ids[indptr[s] : indptr[s + 1]].long()
         h = torch.einsum("th,rsh->str", x[tok].float(), a) * scale
         out[:, tok, :rank] = h

@@ -79,3 +79,18 @@ def test_install_rebinds_every_namespace_the_cpu_wrapper_uses():
     assert punica_cpu.bgmv_shrink is cpu_lora_ops.bgmv_shrink
     assert upstream.bgmv_expand is cpu_lora_ops.bgmv_expand
     assert upstream.bgmv_expand_slice is cpu_lora_ops.bgmv_expand_slice
+
+
+def test_rows_without_adapter_stay_zero_when_slot_0_is_not_finite(batch):
+    """-1 rows gather slot 0 and must discard it: filled, not multiplied by 0, since an
+    inf in slot 0 (an adapter that overflowed fp16) times 0 is NaN on base-model rows."""
+    x, lora_a, lora_b, indices = batch
+    lora_a[0, 0, 0, 0] = float("inf")
+    lora_b[0, 0, 0, 0] = float("inf")
+    indices = torch.tensor([1, -1, 3, -1, 2, -1])  # slot 0 used by no row
+    out, sliced = run(cpu_lora_ops, x, lora_a, lora_b, indices, 0.5)
+    expected = reference(x, lora_a, lora_b, indices, 0.5)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(sliced[:, 4 : 4 + OUT], expected)
+    assert torch.count_nonzero(out[indices < 0]) == 0  # NaN counts as nonzero
+    assert torch.count_nonzero(sliced[indices < 0]) == 0

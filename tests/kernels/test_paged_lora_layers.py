@@ -34,3 +34,49 @@ def test_refused_combinations_say_what_to_set():
         resolve_kernel("torch", CUDA)
     with pytest.raises(NotImplementedError, match="not xpu"):
         resolve_kernel("auto", torch.device("xpu"))
+
+
+def test_set_lora_skips_an_all_zero_slice_of_higher_rank():
+    """peft rank_pattern: q_proj r=8 trained, k_proj r=16 with B still all zero. The zero
+    slice needs no rank rows, so the adapter takes rank 8 and the slice holds zeros (it used
+    to be copied into the rank-8 rows and raise inside vLLM's step)."""
+    from kernels.paged_lora_cpu import paged_lora_pool_cpu
+    from kernels.paged_lora_layers import LayerGeometry, PagedLinearMixin
+    from kernels.paged_pool import PagedLoraPool
+
+    hidden, widths = 16, (8, 8)
+
+    class Layer(PagedLinearMixin):
+        n_slices = 2
+
+    layer = Layer()
+    layer.paged_geometry = LayerGeometry(
+        num_slots=2,
+        max_rank=16,
+        hidden_in=hidden,
+        slice_widths=widths,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    layer.paged_pool = PagedLoraPool(
+        num_pages=8,
+        page_size=4,
+        num_slots=2,
+        max_rank=16,
+        hidden_in=hidden,
+        slice_widths=widths,
+        dtype=torch.float32,
+        device=CPU,
+    )
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(8, hidden, generator=gen), torch.randn(16, hidden, generator=gen)]
+    b = [torch.randn(8, 8, generator=gen), torch.zeros(8, 16)]
+    layer.set_lora(1, a, b)
+
+    pool = layer.paged_pool
+    assert int(pool.slot_rank[1]) == 8 and len(pool.slot_pages(1)) == 2
+    x = torch.randn(3, hidden, generator=gen)
+    y = paged_lora_pool_cpu(torch.zeros(3, 16), x, pool, torch.tensor([1, -1, 1]))
+    want = torch.zeros(3, 16)
+    want[[0, 2], :8] = x[[0, 2]] @ a[0].t() @ b[0].t()
+    torch.testing.assert_close(y, want)

@@ -85,11 +85,11 @@ def test_refuses_mismatched_inputs(device) -> None:
     runner = PagedSgmvRunner(max_tokens=8, num_slots=pool.num_slots, device=device)
     x = torch.randn(3, hidden, device=device)
     y = torch.zeros(3, sum(widths), device=device)
-    with pytest.raises(AssertionError, match="token_slot must be"):
+    with pytest.raises(ValueError, match="token_slot must be"):
         runner.apply(y, x, pool, torch.zeros(2, dtype=torch.long, device=device))
-    with pytest.raises(AssertionError, match="must be the pool's"):
+    with pytest.raises(ValueError, match="must be the pool's"):
         runner.apply(y.half(), x.half(), pool, torch.zeros(3, dtype=torch.long, device=device))
-    with pytest.raises(AssertionError, match="builder holds"):
+    with pytest.raises(ValueError, match="builder holds"):
         big = torch.zeros(9, dtype=torch.long, device=device)
         runner.apply(
             torch.zeros(9, sum(widths), device=device),
@@ -98,5 +98,5 @@ def test_refuses_mismatched_inputs(device) -> None:
             big,
         )
     other = PagedSgmvRunner(max_tokens=8, num_slots=pool.num_slots + 1, device=device)
-    with pytest.raises(AssertionError, match="slots"):
+    with pytest.raises(ValueError, match="slots"):
         other.apply(y, x, pool, torch.zeros(3, dtype=torch.long, device=device))

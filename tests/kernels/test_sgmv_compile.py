@@ -100,6 +100,7 @@ def compile_case(dtype_name: str, num_tokens: int) -> dict[str, int]:
             "PAGE_SIZE": page_size,
             "MAX_RANK": max_rank,
             "IEEE_DOT": dtype == torch.float32,
+            "BF16_DOT": dtype == torch.bfloat16,
             **blocks,
         },
         ecfg,

@@ -410,3 +410,72 @@ def test_cuda_graph_capture_and_replay(device: torch.device) -> None:
         h_ref = sgmv_shrink_ref(x, pool.a_pages, pool.page_table, ref_meta)
         y_ref = sgmv_expand_ref(h_ref, pool.b_pages, pool.page_table, ref_meta, y0.clone(), widths)
         torch.testing.assert_close((h, y), (h_ref, y_ref), **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=str
+)
+def test_large_shrink_output_does_not_overflow_half_weights(
+    dtype: torch.dtype, device: torch.device
+) -> None:
+    """h = scale·x·Aᵀ can pass fp16's 65504 while y stays small (a large alpha/r, large
+    activations): the expand must not round h to fp16 for its dot, or finite y turns inf."""
+    hidden, widths, rank = 64, (32,), 8
+    pool = PagedLoraPool(
+        num_pages=2,
+        page_size=8,
+        num_slots=1,
+        max_rank=8,
+        hidden_in=hidden,
+        slice_widths=widths,
+        dtype=dtype,
+        device=device,
+    )
+    pool.load(0, [torch.ones(rank, hidden)], [torch.full((widths[0], rank), 1e-4)], scale=32.0)
+    x = torch.full((2, hidden), 40.0, device=device, dtype=dtype)  # h = 40·64·32 = 81920
+    meta = SgmvMetadataBuilder(max_tokens=2, num_slots=1, device=device).build(
+        torch.zeros(2, dtype=torch.int32, device=device), pool.slot_rank, pool.slot_scale
+    )
+    y0 = torch.zeros(2, widths[0], device=device, dtype=dtype)
+    (h, y), want = run_both(x, pool, meta, y0)
+    assert h.max().item() > torch.finfo(torch.float16).max
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close((h, y), want, **TOL[dtype])
+
+
+def test_reference_masks_holes_without_nan_from_other_pages(device: torch.device) -> None:
+    """A hole (-1) in one adapter's page table is read through page 0 and dropped: the
+    references must drop it by filling, since inf in page 0 (another adapter's) times a 0 mask
+    is NaN, where the kernels' masked loads never read it."""
+    hidden, widths = 16, (8,)
+    pool = PagedLoraPool(
+        num_pages=4,
+        page_size=4,
+        num_slots=2,
+        max_rank=8,
+        hidden_in=hidden,
+        slice_widths=widths,
+        dtype=torch.float32,
+        device=device,
+    )
+    gen = torch.Generator().manual_seed(40)
+    poisoned_a, poisoned_b = torch.randn(4, hidden, generator=gen), torch.randn(8, 4, generator=gen)
+    poisoned_a[0, 0] = poisoned_b[0, 0] = float("inf")
+    pool.load(0, [poisoned_a], [poisoned_b], 1.0)
+    assert pool.slot_pages(0) == [0]  # the page a clamped -1 reads
+    holed = Adapter(
+        [torch.randn(8, hidden, generator=gen)], [torch.randn(8, 8, generator=gen)], 1.0
+    )
+    pool.load(1, holed.a, holed.b, holed.scale)
+    pool.page_table[1, 1] = -1  # rank rows 4..7 of slot 1
+    meta = SgmvMetadataBuilder(max_tokens=3, num_slots=2, device=device).build(
+        torch.tensor([1, -1, 1], device=device), pool.slot_rank, pool.slot_scale
+    )
+    x = torch.randn(3, hidden, generator=gen).to(device)
+    y0 = torch.zeros(3, widths[0], device=device)
+    got, (h_ref, y_ref) = run_both(x, pool, meta, y0)
+    assert torch.isfinite(h_ref).all() and torch.isfinite(y_ref).all()
+    want = torch.zeros(3, widths[0])
+    for t in (0, 2):
+        want[t] = (x[t].cpu() @ holed.a[0][:4].t()) @ holed.b[0][:, :4].t()
+    torch.testing.assert_close((y_ref.cpu(), got[1].cpu()), (want, want), **TOL[torch.float32])
