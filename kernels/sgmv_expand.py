@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sgmv_metadata import SgmvMetadata, check_metadata
+from kernels.sgmv_metadata import SgmvMetadata, check_metadata, check_page_table
 
 
 @dataclass(frozen=True)
@@ -173,16 +173,13 @@ def _check(
         raise ValueError(f"y must be [{h.shape[1]}, {h_out}], got {tuple(y.shape)}")
     if b_pages.shape[2] != h_out:
         raise ValueError(f"b_pages hold {b_pages.shape[2]} columns, slices sum {h_out}")
-    if page_table.dim() != 2 or page_table.dtype != torch.int32:
-        raise ValueError("page_table must be int32 2-D")
-    if page_table.shape[1] > 1 and page_table.stride(1) != 1:  # the kernel adds page indices
-        raise ValueError(f"page_table rows must be contiguous, got strides {page_table.stride()}")
+    check_page_table(page_table, h.device, "h")
     max_rank = page_table.shape[1] * b_pages.shape[1]
     if h.shape[2] != max_rank:
         raise ValueError(f"h has {h.shape[2]} rank columns, the pool {max_rank}")
     if meta.num_tokens != h.shape[1]:
         raise ValueError(f"metadata for {meta.num_tokens} tokens, h has {h.shape[1]}")
-    for name, t in (("b_pages", b_pages), ("page_table", page_table), ("y", y)):
+    for name, t in (("b_pages", b_pages), ("y", y)):
         if t.device != h.device:
             raise ValueError(f"{name} on {t.device}, h on {h.device}")
     check_metadata(meta, h.device, "h")

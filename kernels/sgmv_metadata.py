@@ -74,6 +74,20 @@ def check_metadata(meta: SgmvMetadata, device: torch.device, against: str) -> No
             raise ValueError(f"meta on {t.device}, {against} on {device}")
 
 
+def check_page_table(page_table: torch.Tensor, device: torch.device, against: str) -> None:
+    """Raise ValueError unless the kernels can index `page_table` [slots, max_pages] safely:
+    int32, 2-D, rows contiguous (the kernels add page indices to a row's pointer), on `device`."""
+    if page_table.dim() != 2 or page_table.dtype != torch.int32:
+        raise ValueError(
+            f"page_table must be int32 [slots, max_pages], "
+            f"got {page_table.dtype} {tuple(page_table.shape)}"
+        )
+    if page_table.shape[1] > 1 and page_table.stride(1) != 1:
+        raise ValueError(f"page_table rows must be contiguous, got strides {page_table.stride()}")
+    if page_table.device != device:
+        raise ValueError(f"page_table on {page_table.device}, {against} on {device}")
+
+
 def max_segments(num_tokens: int, num_slots: int, chunk_size: int) -> int:
     """Upper bound on the segments `num_tokens` tokens over `num_slots` adapters can form."""
     return num_tokens // chunk_size + min(num_tokens, num_slots)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sgmv_metadata import SgmvMetadata, check_metadata
+from kernels.sgmv_metadata import SgmvMetadata, check_metadata, check_page_table
 
 
 @dataclass(frozen=True)
@@ -176,18 +176,11 @@ def _check(
         raise ValueError(f"H_in: x has {x.shape[1]}, A has {a_pages.shape[3]}")
     if x.stride(1) != 1 or a_pages.stride(3) != 1:
         raise ValueError("x and a_pages rows must be contiguous")
-    if page_table.dim() != 2 or page_table.dtype != torch.int32:
-        raise ValueError(
-            f"page_table must be int32 [slots, max_pages], "
-            f"got {page_table.dtype} {tuple(page_table.shape)}"
-        )
-    if page_table.shape[1] > 1 and page_table.stride(1) != 1:  # the kernel adds page indices
-        raise ValueError(f"page_table rows must be contiguous, got strides {page_table.stride()}")
+    check_page_table(page_table, x.device, "x")
     if meta.num_tokens != x.shape[0]:
         raise ValueError(f"metadata for {meta.num_tokens} tokens, x has {x.shape[0]}")
-    for name, t in (("a_pages", a_pages), ("page_table", page_table)):
-        if t.device != x.device:
-            raise ValueError(f"{name} on {t.device}, x on {x.device}")
+    if a_pages.device != x.device:
+        raise ValueError(f"a_pages on {a_pages.device}, x on {x.device}")
     check_metadata(meta, x.device, "x")
     num_slices = a_pages.shape[1]
     max_rank = page_table.shape[1] * a_pages.shape[2]
