@@ -103,6 +103,7 @@ class TenantLimiter:
 
     def effective_max_tokens(
         self,
+        tenant: str,
         policy: TenantPolicy,
         requested: int | None,
         room: int,
@@ -114,10 +115,11 @@ class TenantLimiter:
         above the tenant's cap (a missing max_tokens means "up to the cap", not an error).
         Left out, it also fits the tokens-per-minute limit beside the prompt: the default
         was the whole context, which that limit then refused with "lower max_tokens" to a
-        client that had sent none."""
+        client that had sent none. Above the cap: refused, and counted as limit max_tokens."""
         cap = policy.max_tokens
         if requested is not None:
             if cap is not None and requested > cap:
+                RATE_LIMITED.labels(tenant, "max_tokens").inc()
                 raise MaxTokensAboveLimit(
                     f"max_tokens {requested} is above this key's limit of {cap}.",
                     param="max_tokens",

@@ -30,8 +30,10 @@ REQUESTS = Counter(
 )
 REQUEST_DURATION = Histogram(
     "loraplex_request_duration_seconds",
-    "End-to-end latency of /v1 generation requests, admission to last byte.",
-    [*SCOPE, "route"],
+    "End-to-end latency of /v1 generation requests, arrival to last byte (outcome: ok; "
+    "client_closed: the client gave up (499), timed until it left; error: 5xx). Refusals "
+    "(4xx) are not timed.",
+    [*SCOPE, "route", "outcome"],
     buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
@@ -89,7 +91,7 @@ ADAPTER_RESIDENT_BYTES = Gauge(
 )
 ADAPTER_LOADS = Counter(
     "loraplex_adapter_loads",
-    "Adapter loads into the engine (result: ok, refused, error).",
+    "Adapter loads into the engine (result: ok, error).",
     ["adapter", "version", "result"],
 )
 ADAPTER_LOAD_DURATION = Histogram(

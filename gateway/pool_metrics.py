@@ -1,15 +1,21 @@
 """The engine's paged adapter pool (kernels/README.md, LORAPLEX_PAGED_LORA) as loraplex_*
 metrics. The engine keeps plain counters (kernels.paged_stats); the /metrics route reads a
 snapshot at scrape time and this turns it into gauges and counter increments, so everything
-stays in gateway/metrics.py and aggregates like the rest under several workers."""
+stays in gateway/metrics.py and aggregates like the rest under several workers.
+
+Scrapes may overlap (two Prometheus servers, a retry): each takes its snapshot and applies it
+under one lock, in order. Otherwise a scrape whose older snapshot is applied after a newer one
+reads the engine's counter as gone back to zero (a restart) and adds all of it again."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import Counter
 
+from gateway.engine.client import EngineClient
 from gateway.metrics import (
     ADAPTER_EVICTIONS,
     ADAPTER_PAGE_IN_BYTES,
@@ -35,6 +41,15 @@ class PoolMetrics:
 
     def __init__(self) -> None:
         self._last: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, engine: EngineClient) -> None:
+        """Read the engine's pool and apply it; concurrent calls take turns (see above)."""
+        async with self._lock:
+            snapshot = await engine.adapter_pool()
+            self.update(snapshot)
+            if snapshot is not None:  # paged mode: its scheduler measures residency waits
+                self.observe_waits(await engine.residency_waits())
 
     def update(self, snapshot: Mapping[str, Any] | None) -> None:
         if snapshot is None:

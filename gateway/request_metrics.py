@@ -2,13 +2,20 @@
 
 Two halves, because no single place sees everything:
 - `RequestMetricsMiddleware` (pure ASGI) sees every /v1 request end to end, whatever ends it
-  (401, 404, 429, a 5xx, a finished stream): it counts requests by status and times them.
+  (401, 404, 429, a 5xx, a finished stream): it counts requests by status and times the
+  generations by outcome: ok, client_closed (the client gave up: 499, timed up to then, a lower
+  bound of what it would have waited) or error, so that requests every client abandons still
+  show in the latency the alerts watch. A refusal (4xx) did no work and is not timed.
 - `GenerationRecorder` lives on a generation job and sees tokens: TTFT, time per output token,
   token counts, queued and in-flight gauges. A non-streamed request gets its tokens all at
   once at the end: its TTFT is the engine's own first-token time (vLLM reports it), and an
   engine that does not report one leaves it out of TTFT, time per output token and the
-  rollout monitor's TTFT window rather than record its whole latency as TTFT.
-Routes leave the caller's scope in `request.state.metric_scope`; before auth it is unknown ("").
+  rollout monitor's TTFT window rather than record its whole latency as TTFT. Time per output
+  token is per sequence: the sequences of a request with several prompts or n > 1 decode side
+  by side, so its wall time is divided by one sequence's tokens.
+Routes leave the caller's scope in `request.state.metric_scope`; before auth it is unknown (""),
+and it names the adapter version as soon as the model resolves (a 429 or 400 after that counts
+against that version, not the base model).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class MetricScope:
 class GenerationRecorder:
     scope: MetricScope
     prompt_tokens: int
+    sequences: int = 1  # prompts x n: generated side by side, each its own token stream
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None  # None: no token yet, or its time is unknown
     output_started: bool = False
@@ -92,8 +100,11 @@ class GenerationRecorder:
             REQUESTS_QUEUED.labels(tenant, adapter).dec()
         PROMPT_TOKENS.labels(*self._labels()).inc(self.prompt_tokens)
         COMPLETION_TOKENS.labels(*self._labels()).inc(self.completion_tokens)
-        if self.first_token_at is not None and self.completion_tokens > 1:
-            per_token = (time.perf_counter() - self.first_token_at) / (self.completion_tokens - 1)
+        # The sequences decode side by side: each of them took the time between its tokens,
+        # so the wall time is divided by one (mean) sequence's tokens, not by all of theirs.
+        per_sequence = self.completion_tokens / max(1, self.sequences)
+        if self.first_token_at is not None and per_sequence > 1:
+            per_token = (self.finished_at - self.first_token_at) / (per_sequence - 1)
             TIME_PER_OUTPUT_TOKEN.labels(*self._labels()).observe(per_token)
 
     def _labels(self) -> tuple[str, str, str]:
@@ -129,16 +140,32 @@ class RequestMetricsMiddleware:
                 status = 500 if recorder.failed else CLIENT_CLOSED
             labels: MetricScope = state.get("metric_scope") or MetricScope()
             REQUESTS.labels(labels.tenant, labels.adapter, labels.version, route, str(status)).inc()
-            if route in GENERATION_ROUTES and status == 200:
+            outcome = duration_outcome(status)
+            if route in GENERATION_ROUTES and outcome is not None:
                 REQUEST_DURATION.labels(
-                    labels.tenant, labels.adapter, labels.version, route
+                    labels.tenant, labels.adapter, labels.version, route, outcome
                 ).observe(time.perf_counter() - started)
+
+
+def duration_outcome(status: int) -> str | None:
+    """The `outcome` a generation's duration is recorded under; None: a refusal, not timed."""
+    if status == CLIENT_CLOSED:
+        return "client_closed"
+    if status >= 500:
+        return "error"
+    return "ok" if status < 400 else None
 
 
 def note_caller(state: object, tenant: str) -> None:
     """Label the request with its tenant as soon as it is authenticated (a later 404 or 429
     still counts against the right tenant)."""
     state.metric_scope = MetricScope(tenant)  # type: ignore[attr-defined]
+
+
+def note_scope(state: object, scope: MetricScope) -> None:
+    """Label the request with the adapter version its model resolved to, before the limits,
+    the prompt and the engine may still refuse it."""
+    state.metric_scope = scope  # type: ignore[attr-defined]
 
 
 def note_generation(state: object, recorder: GenerationRecorder | None) -> None:

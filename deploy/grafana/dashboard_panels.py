@@ -140,4 +140,14 @@ def error_ratio(by: str, labels: str) -> str:
     )
 
 
+def given_up_ratio(by: str, labels: str) -> str:
+    """Share of admitted generations (answered, failed or given up) whose client hung up."""
+    generations = f'{labels}, route=~"chat|completions"'
+    return (
+        f'sum by ({by}) (rate(loraplex_requests_total{{{generations}, status="499"}}'
+        f"[$__rate_interval])) / sum by ({by}) (rate(loraplex_requests_total"
+        f'{{{generations}, status=~"2..|499|5.."}}[$__rate_interval]))'
+    )
+
+
 Member = tuple[Panel, int, int]  # a panel with its width (of 24 columns) and height

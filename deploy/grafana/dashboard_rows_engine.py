@@ -35,8 +35,7 @@ def residency_row() -> list[Member]:
         (
             timeseries(
                 "Adapter loads/s by result",
-                "Loads of adapter versions into the engine: ok, refused (failed the gate's "
-                "re-check), error.",
+                "Loads of adapter versions into the engine by result: ok, error.",
                 [
                     (
                         "sum by (result) (rate(loraplex_adapter_loads_total"

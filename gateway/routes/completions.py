@@ -8,7 +8,7 @@ from gateway.auth import TenantDep
 from gateway.deps import ServiceDep
 from gateway.errors import request_id_of
 from gateway.http_utils import ClientDisconnected, event_stream, until_disconnected
-from gateway.request_metrics import note_generation
+from gateway.request_metrics import note_generation, note_scope
 from gateway.rollout_router import sticky_key
 from gateway.schemas.openai import CompletionRequest
 from gateway.services.generation import new_request_id
@@ -23,7 +23,13 @@ async def create_completion(
 ) -> dict[str, Any] | Response:
     """Create a text completion with the base model or the adapter named by `model`."""
     key = sticky_key(body.user, request.headers.get("x-session-id"), caller.key_id)
-    job = await service.prepare_completion(body, new_request_id("cmpl"), caller, key)
+    job = await service.prepare_completion(
+        body,
+        new_request_id("cmpl"),
+        caller,
+        key,
+        note_scope=lambda scope: note_scope(request.state, scope),
+    )
     note_generation(request.state, job.recorder)
     if body.stream:
         try:

@@ -1,15 +1,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from gateway.admin_auth import MetricsReaderDep
 from gateway.metrics import ENGINE_UP
 from gateway.pool_metrics import PoolMetrics
 
 router = APIRouter(tags=["observability"])
+
+# Families of the embedded engine left out of /metrics. vllm:lora_requests_info labels a
+# series with the comma-joined sets of running and waiting adapters: one more series for every
+# combination ever scheduled, never removed (unbounded cardinality). loraplex_requests_in_flight,
+# loraplex_adapters_resident and vllm:num_requests_* say the same with bounded labels.
+DROPPED_FAMILIES = frozenset({"vllm:lora_requests_info"})
 
 
 def _registry() -> CollectorRegistry:
@@ -22,6 +31,26 @@ def _registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return registry
+
+
+class Exposed:
+    """What /metrics shows of `source`: every family but DROPPED_FAMILIES."""
+
+    def __init__(self, source: Collector):
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self._source.collect() if family.name not in DROPPED_FAMILIES)
+
+
+def _forget_dropped() -> None:
+    """The engine's own collectors still keep a child per label set they were given: emptied at
+    each scrape, so the process holds only what arrived since the last one."""
+    for name in DROPPED_FAMILIES:
+        collector = REGISTRY._names_to_collectors.get(name)
+        clear = getattr(collector, "clear", None)
+        if clear is not None:
+            clear()
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -37,8 +66,7 @@ async def metrics(request: Request, reader: MetricsReaderDep) -> Response:
         pool = getattr(request.app.state, "pool_metrics", None)
         if pool is None:
             pool = request.app.state.pool_metrics = PoolMetrics()
-        snapshot = await engine.adapter_pool()
-        pool.update(snapshot)
-        if snapshot is not None:  # paged mode: its scheduler measures residency waits
-            pool.observe_waits(await engine.residency_waits())
-    return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
+        await pool.refresh(engine)
+    body = generate_latest(Exposed(_registry()))
+    _forget_dropped()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

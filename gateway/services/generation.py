@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
-from gateway.catalog import ModelCatalog
+from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
     EngineClient,
     EngineDead,
@@ -81,16 +81,22 @@ class GenerationService:
     # ---- preparing -------------------------------------------------------------------------
     # Order matters: scope (resolve for this caller) → prompt → limits. Nothing reaches the
     # engine before all three passed, and the engine only ever gets the resolved version id.
+    # `note_scope` hears the resolved version at once, so that a refusal by the prompt, the
+    # context length or the limits counts against the version it was for.
     async def prepare_chat(
         self,
         body: ChatCompletionRequest,
         request_id: str,
         caller: Principal,
         caller_key: str = "",
+        *,
+        note_scope: Callable[[MetricScope], None] | None = None,
     ) -> GenerationJob:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
         served = await self._catalog.resolve(body.model, caller, caller_key)
+        if note_scope is not None:
+            note_scope(_scope_of(served, caller))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = await self._prompts.chat(messages)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
@@ -107,12 +113,16 @@ class GenerationService:
         request_id: str,
         caller: Principal,
         caller_key: str = "",
+        *,
+        note_scope: Callable[[MetricScope], None] | None = None,
     ) -> GenerationJob:
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported", param="echo")
         served = await self._catalog.resolve(body.model, caller, caller_key)
+        if note_scope is not None:
+            note_scope(_scope_of(served, caller))
         prompts = await self._prompts.completion(body.prompt)
         options = self._options(
             body,
@@ -150,8 +160,7 @@ class GenerationService:
         # Recorder and controller first: a version whose adapter fails to load is a failed
         # request of that version, which its rollout window must see (a canary that could not
         # load answered every caller 500 and was never rolled back).
-        scope = MetricScope(caller.tenant, served.adapter_name, served.version_label)
-        job.recorder = GenerationRecorder(scope, job.prompt_tokens)
+        job.recorder = GenerationRecorder(_scope_of(served, caller), job.prompt_tokens, sequences)
         job.controller = self._controller
         if served.adapter is not None:
             try:
@@ -198,6 +207,7 @@ class GenerationService:
         defaults = self._defaults
         return SamplingOptions(
             max_tokens=self._limiter.effective_max_tokens(
+                caller.tenant,
                 caller.policy,
                 max_tokens,
                 room,
@@ -350,6 +360,11 @@ class GenerationService:
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _scope_of(served: ServedModel, caller: Principal) -> MetricScope:
+    """Who asked for what, as the request metrics label it."""
+    return MetricScope(caller.tenant, served.adapter_name, served.version_label)
 
 
 def _first(*values: Any) -> Any:

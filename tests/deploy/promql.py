@@ -215,3 +215,15 @@ def problems(query: Query, known: Known, prefixes: tuple[str, ...]) -> list[str]
     if complete and (missing := found.grouping - available):
         out.append(f"{query.where}: groups on label(s) {sorted(missing)} no series has")
     return out
+
+
+def joined_label_values(text: str) -> set[tuple[str, str]]:
+    """(family, label) of every label in a /metrics exposition with a comma in its value: a
+    joined list, unbounded by construction."""
+    return {
+        (family.name, label)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        for label, value in sample.labels.items()
+        if "," in value
+    }

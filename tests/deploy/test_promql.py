@@ -6,6 +6,8 @@ scrapes the real gateway (its embedded vLLM engine included) and compares everyt
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.deploy.conftest import run
@@ -17,6 +19,7 @@ from tests.deploy.promql import (
     declared_series,
     exposition_series,
     grafana_to_promql,
+    joined_label_values,
     problems,
     reads,
     series_of,
@@ -86,6 +89,16 @@ def test_the_parser_rejects_broken_queries(bad):
         reads(bad)
 
 
+def test_the_label_check_catches_joined_lists():
+    text = (
+        "# TYPE vllm:lora_requests_info gauge\n"
+        'vllm:lora_requests_info{running_lora_adapters="a,b",waiting_lora_adapters=""} 1\n'
+        "# TYPE loraplex_requests_in_flight gauge\n"
+        'loraplex_requests_in_flight{tenant="acme",adapter="bot"} 1\n'
+    )
+    assert joined_label_values(text) == {("vllm:lora_requests_info", "running_lora_adapters")}
+
+
 def test_grafana_variables_are_substituted():
     expr = 'rate(x{a=~"$tenant", b=~"${adapter}", c=~"[[version]]"}[$__rate_interval])'
     assert grafana_to_promql(expr) == 'rate(x{a=~".*", b=~".*", c=~".*"}[1m])'
@@ -118,14 +131,30 @@ def test_live_gateway_exports_every_declared_metric(scrape):
     assert {name for name in missing if not name.endswith("_created")} == set()
 
 
+# The only lint findings vLLM's families may have: upstream's naming, which the gateway passes
+# through unchanged (a colon, the recording-rule convention; a histogram named `_total`).
+UPSTREAM_NAMING = re.compile(
+    r"^vllm:\w+ (metric names should not contain ':'"
+    r"""|non-counter metrics should not have "_total" suffix)$"""
+)
+
+
 @pytest.mark.engine
 def test_live_exposition_passes_promtool_lint(scrape, promtool):
-    """`promtool check metrics`: loraplex_* and the client's own metrics are lint-clean. vLLM's
-    names are its own: `vllm:` (a colon, the recording-rule convention) and one histogram named
-    `_total` are upstream's choices the gateway passes through unchanged."""
+    """`promtool check metrics`: loraplex_* and the client's own metrics are lint-clean, and
+    vLLM's are reported only for upstream's naming; any other finding fails, vLLM's too."""
     result = run(promtool, "check", "metrics", stdin=scrape)
     # 0: clean; 3: lint findings (listed on stderr); anything else: the exposition is broken.
     assert result.returncode in (0, 3), result.stdout + result.stderr
     findings = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert findings, "expected vLLM's colon names to be reported"
-    assert [line for line in findings if not line.startswith("vllm:")] == []
+    assert [line for line in findings if not UPSTREAM_NAMING.match(line)] == []
+
+
+@pytest.mark.engine
+def test_live_exposition_has_no_list_valued_labels(scrape):
+    """Bounded labels, vLLM's included: a comma-joined list in a label value (vLLM's
+    vllm:lora_requests_info: the running and waiting adapter sets) is a new series for every
+    combination. The gateway leaves that family out (routes/metrics.py)."""
+    assert "vllm:lora_requests_info" not in scrape
+    assert joined_label_values(scrape) == set()

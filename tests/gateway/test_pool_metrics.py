@@ -4,9 +4,13 @@ not make them go backwards."""
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 from prometheus_client import REGISTRY
 
 from gateway.pool_metrics import PoolMetrics
+from tests.gateway.fake_engine import ADMIN_TOKEN, ScriptedEngine, client_for
 
 
 def snapshot(**changes: object) -> dict[str, object]:
@@ -89,3 +93,49 @@ def test_residency_waits_become_histogram_observations():
     assert value(f"{name}_count") - count == 2
     assert abs(value(f"{name}_sum") - total - 3.25) < 1e-9
     assert value(f"{name}_bucket", le="1.0") - below_1s == 1
+
+
+class PagedEngine(ScriptedEngine):
+    """Paged mode whose counter grows by one page-in per snapshot; the first scrape's RPC
+    after `slow_call` snapshots is slow, so a second scrape overtakes it."""
+
+    def __init__(self, slow_call: int) -> None:
+        super().__init__(["a"])
+        self.page_ins = 100
+        self.calls = 0
+        self.slow_call = slow_call
+
+    async def adapter_pool(self) -> dict[str, object]:
+        self.calls += 1
+        self.page_ins += 1
+        taken = snapshot(page_ins_total=self.page_ins, page_outs_total=0, bytes_in_total=0)
+        if self.calls == self.slow_call:
+            await asyncio.sleep(0.3)
+        return taken
+
+
+def test_overlapping_scrapes_count_each_page_in_once(tmp_path):
+    """Two scrapes at once (an HA Prometheus pair): the one holding the older snapshot finished
+    last, its counter looked like an engine restarted from zero, and the whole counter was
+    added again (review). Through the app's /metrics route."""
+    from gateway.demo import build_base
+
+    build_base(tmp_path / "base")
+    engine = PagedEngine(slow_call=2)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with client_for(tmp_path, engine) as client:
+        assert client.get("/metrics", headers=admin).status_code == 200
+        start = value("loraplex_adapter_page_ins_total")
+        first = engine.page_ins
+
+        async def two_at_once() -> list[int]:
+            transport = httpx.ASGITransport(app=client.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+                slow = asyncio.ensure_future(http.get("/metrics", headers=admin))
+                await asyncio.sleep(0.05)  # the slow one has taken its snapshot
+                fast = await http.get("/metrics", headers=admin)
+                return [(await slow).status_code, fast.status_code]
+
+        assert client.portal.call(two_at_once) == [200, 200]
+    assert engine.page_ins == first + 2
+    assert value("loraplex_adapter_page_ins_total") - start == 2
