@@ -18,7 +18,7 @@ rollout_app = typer.Typer(
 def rollout_start(
     name: str,
     version: Annotated[int, typer.Option(help="The evaluated version to canary.")],
-    percent: Annotated[int, typer.Option(help="Starting stage: 1, 10, 50 or 100.")] = 1,
+    percent: Annotated[int, typer.Option(help="Starting stage: 1, 10 or 50 (then promote).")] = 1,
     force: Annotated[bool, typer.Option(help="Restart a version rolled back before.")] = False,
     reason: Annotated[str | None, typer.Option()] = None,
 ) -> None:

@@ -134,7 +134,7 @@ ADAPTER_EVICTIONS = Counter(
 # --- rollout ------------------------------------------------------------------------------
 ROLLOUT_CANARY_PERCENT = Gauge(
     "loraplex_rollout_canary_percent",
-    "Share of an adapter's traffic sent to its canary version (0 when none).",
+    "Share of an adapter's traffic sent to its canary version (no series when none).",
     ["adapter", "version"],
     multiprocess_mode="mostrecent",
 )
@@ -156,7 +156,7 @@ DIVERGENCE_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 SHADOW_PERCENT = Gauge(
     "loraplex_shadow_percent",
     "Share of an adapter's stable callers whose requests are mirrored to its shadow version "
-    "(0 when none).",
+    "(no series when none).",
     ["adapter", "version"],
     multiprocess_mode="mostrecent",
 )

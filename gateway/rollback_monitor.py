@@ -10,6 +10,7 @@ Rules (seed §rollback triggers):
 - p95 TTFT or p95 end-to-end latency above the SLA by more than `margin_ms`, or above an
   absolute bound;
 - error rate (engine errors and 5xx) above `max_error_rate` (0.1 %) over the window.
+A client that hung up counts only once it waited past a latency bound (`hang_up_sample`).
 A verdict needs a full window, so one slow request never rolls anything back; after a verdict
 the version's window starts empty, so the next verdict needs a whole new window of evidence
 (no flapping on the same data).
@@ -39,6 +40,21 @@ class WindowLimits:
             raise ValueError("window must be at least 1 request")
         if not 0 <= self.max_error_rate < 1:
             raise ValueError("max_error_rate must be in [0, 1)")
+
+    @property
+    def ttft_bound_ms(self) -> float | None:
+        """The lowest TTFT a p95 may not exceed (SLA + margin, or the absolute bound)."""
+        return _lowest(self.sla_p95_ttft_ms, self.max_p95_ttft_ms, self.margin_ms)
+
+    @property
+    def e2e_bound_ms(self) -> float | None:
+        """The lowest end-to-end latency a p95 may not exceed."""
+        return _lowest(self.sla_p95_e2e_ms, self.max_p95_e2e_ms, self.margin_ms)
+
+
+def _lowest(sla: float | None, bound: float | None, margin: float) -> float | None:
+    limits = [x for x in (None if sla is None else sla + margin, bound) if x is not None]
+    return min(limits) if limits else None
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,22 @@ class Sample:
 
     def fields(self) -> SampleFields:
         return {"ttft_s": self.ttft_s, "e2e_s": self.e2e_s, "error": self.error}
+
+
+def hang_up_sample(ttft_s: float | None, elapsed_s: float, limits: WindowLimits) -> Sample | None:
+    """What a request the client hung up on after `elapsed_s` tells its window: a request at
+    least that slow when it hung up after a latency bound (TTFT: no first token by then, or a
+    late one; end to end: past the bound), else nothing. Without this, a version so slow that
+    every client gives up never fills a window and is never rolled back; with every hang-up
+    counted, an impatient client would count against a healthy one. Not an error: the
+    version failed no request. Its latency is a lower bound: the request never finished."""
+    ttft_bound, e2e_bound = limits.ttft_bound_ms, limits.e2e_bound_ms
+    first_token_s = elapsed_s if ttft_s is None else ttft_s  # no token yet: TTFT >= elapsed
+    late_ttft = ttft_bound is not None and first_token_s * 1000 > ttft_bound
+    late_e2e = e2e_bound is not None and elapsed_s * 1000 > e2e_bound
+    if not (late_ttft or late_e2e):
+        return None
+    return Sample(first_token_s, elapsed_s, False)
 
 
 @dataclass

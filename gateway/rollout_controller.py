@@ -8,10 +8,16 @@ Every finished request is one observation in its version's sliding window
   that path, unless the target is breaching too: then the refusal is audited once and retried
   only after FALLBACK_RETRY_S, and the stable keeps serving;
 - every other version's window is evidence about it as a possible fallback target;
-- a shadow candidate's mirrored requests (gateway/shadow.py) fill its window too, recorded and
-  never judged: it serves nobody, so there is nothing to roll back, but an operator reads its
-  figures beside the stable's before starting a canary.
-The registry call names the version judged, so two replicas deciding at once act once.
+- a shadow candidate's mirrored requests (gateway/shadow.py) fill a shadow window of their own
+  (`shadow_key`), recorded and never judged: it serves nobody, so there is nothing to roll
+  back, but an operator reads its figures beside the stable's before starting a canary.
+A window holds only evidence about the version in its current role: a canary's starts empty
+when the canary (re)starts, a stable's when it falls back, is restored or is a new stable, and
+stable requests that end while it is in fallback are not recorded. A client that hung up after
+a latency bound counts as a request at least that slow (`request_sample`); one that hung up
+earlier counts as nothing.
+The registry call names the version judged and its role, so two replicas deciding at once act
+once and a stale canary verdict never moves the stable that the canary has become.
 Requests already running keep their version to the end; restoring a fallen-back stable is an
 operator's decision (`loraplex rollout restore`), so traffic never flaps between the two.
 """
@@ -34,6 +40,7 @@ from gateway.rollback_monitor import (
     Verdict,
     WindowFigures,
     WindowLimits,
+    hang_up_sample,
 )
 from gateway.rollout_router import RolloutRouter
 from registry import service
@@ -50,6 +57,26 @@ FALLBACK_RETRY_S = 60.0
 def served_address(adapter: str, version: int | None) -> str:
     """The monitor's key for what served a request: "name@N", or "base" for the base model."""
     return "base" if not adapter or version is None else f"{adapter}@{version}"
+
+
+def shadow_key(adapter: str, version: int) -> tuple[str, str]:
+    """The monitor's key for the copies mirrored to a shadow candidate: apart from
+    served_address's, so mirrored and served traffic never share a window."""
+    return ("shadow", f"{adapter}@{version}")
+
+
+def request_sample(recorder: GenerationRecorder, limits: WindowLimits) -> Sample | None:
+    """What a finished request tells its version's window. Completed or failed: its TTFT,
+    latency and outcome. The client hung up: nothing, unless it hung up after a latency bound
+    (`hang_up_sample`); otherwise a canary every client gives up on would never fill a window
+    and never be rolled back."""
+    ttft = None
+    if recorder.first_token_at is not None:
+        ttft = recorder.first_token_at - recorder.started
+    elapsed = recorder.finished_at - recorder.started
+    if recorder.completed or recorder.failed:
+        return Sample(ttft, elapsed, recorder.failed)
+    return hang_up_sample(ttft, elapsed, limits)
 
 
 class RolloutController:
@@ -74,27 +101,30 @@ class RolloutController:
         # adapter -> the canary whose window is being judged (its version, and the previous
         # rollback's time, which tells a restarted canary of the same version apart)
         self._canary_judged: dict[str, tuple[int, object]] = {}
+        # adapter -> the stable whose window is being judged (its version, where its traffic
+        # goes, and the last fallback/restore event: a restored stable starts a new window)
+        self._stable_judged: dict[str, tuple[int, str | None, int | None]] = {}
 
     def observe(self, adapter: str, version: int | None, recorder: GenerationRecorder) -> None:
-        """One finished request. Client disconnects say nothing about the version: skipped."""
-        if not (recorder.completed or recorder.failed):
-            return
+        """One finished request. A client that hung up says something only when it hung up
+        after a latency bound (`request_sample`): that request was at least that slow."""
         key = served_address(adapter, version)
-        ttft = None
-        if recorder.first_token_at is not None:
-            ttft = recorder.first_token_at - recorder.started
-        sample = Sample(ttft, recorder.finished_at - recorder.started, recorder.failed)
         view = self._router.view(adapter) if key != "base" else None
         if view is None or version is None:
-            self._monitor.record(key, self._limits(None, None), **sample.fields())
+            sample = request_sample(recorder, self._limits(None, None))
+            if sample is not None:
+                self._monitor.record(key, self._limits(None, None), **sample.fields())
             return
         limits = self._limits(view, version)
+        sample = request_sample(recorder, limits)
+        if sample is None:
+            return
         if version == view.canary_version:
             canary = (version, view.rolled_back_at)
             if self._canary_judged.get(adapter) != canary:
-                # A canary is judged on its own traffic only: the window may hold mirrored
-                # shadow copies of the same version (background, one choice, a capped number
-                # in flight) or an earlier canary's samples, which would make the verdict.
+                # A canary is judged on its own traffic only: the window may hold an earlier
+                # canary's samples of the same version, or pinned `name@N` requests from
+                # before the canary started, which would make the verdict.
                 self._monitor.reset(key)
                 self._canary_judged[adapter] = canary
             verdict = self._monitor.observe(key, limits, **sample.fields())
@@ -103,7 +133,18 @@ class RolloutController:
             elif self._auto_promote and not view.paused and self._monitor.healthy(key, limits):
                 self._monitor.reset(key)
                 self._spawn(self._promote(view, version))
-        elif version == view.stable_version and view.auto_fallback and not view.in_fallback:
+        elif version == view.stable_version:
+            stable = (version, view.active_target, view.fallback_event_id)
+            if self._stable_judged.get(adapter) != stable:
+                # A fallback, a restore or a new stable: what was seen before (here, or on
+                # another replica's side of the fallback) says nothing about the stable now.
+                self._monitor.reset(key)
+                self._stable_judged[adapter] = stable
+            if view.in_fallback:
+                return  # a request started before the fallback: it judges nothing now
+            if not view.auto_fallback:
+                self._monitor.record(key, limits, **sample.fields())  # a possible target
+                return
             verdict = self._monitor.observe(key, limits, **sample.fields())
             if verdict is not None:
                 self._spawn(self._take_back(view, version, verdict, stable=True))
@@ -111,13 +152,17 @@ class RolloutController:
             self._monitor.record(key, limits, **sample.fields())
 
     def record_shadow(self, adapter: str, version: int, sample: Sample) -> None:
-        """One mirrored request to a shadow candidate: into its window, no verdict."""
+        """One mirrored request to a shadow candidate: into its shadow window (never the
+        window of the version's own traffic: a mirror that ends after the candidate became the
+        canary must not judge the canary), no verdict."""
         limits = self._limits(self._router.view(adapter), version)
-        self._monitor.record(served_address(adapter, version), limits, **sample.fields())
+        self._monitor.record(shadow_key(adapter, version), limits, **sample.fields())
 
-    def figures(self, adapter: str, version: int) -> WindowFigures | None:
-        """This replica's window of `adapter@version` (None: nothing recorded yet)."""
-        return self._monitor.figures(served_address(adapter, version))
+    def figures(self, adapter: str, version: int, *, shadow: bool = False) -> WindowFigures | None:
+        """This replica's window of `adapter@version`'s traffic, or (shadow=True) of the
+        copies mirrored to it; None: nothing recorded yet."""
+        key = shadow_key(adapter, version) if shadow else served_address(adapter, version)
+        return self._monitor.figures(key)
 
     def _limits(self, view: RolloutView | None, version: int | None) -> WindowLimits:
         thresholds = self._defaults
@@ -150,6 +195,7 @@ class RolloutController:
                     automatic=True,
                     figures=verdict.figures.as_dict(),
                     version=version,
+                    role="stable" if stable else "canary",
                     failing=self.failing_addresses() if stable else (),
                 )
             self._router.accept(change.view)
@@ -179,11 +225,13 @@ class RolloutController:
         """Every served address whose recent requests breach its thresholds: never a target."""
         failing = set()
         for key in self._monitor.addresses():
-            name, _, number = str(key).partition("@")
+            if not isinstance(key, str):
+                continue  # a shadow's window: mirrored copies serve nobody
+            name, _, number = key.partition("@")
             view = self._router.view(name) if number else None
             version = int(number) if number.isdigit() else None
             if self._monitor.failing(key, self._limits(view, version)):
-                failing.add(str(key))
+                failing.add(key)
         return failing
 
     async def _promote(self, view: RolloutView, version: int) -> None:

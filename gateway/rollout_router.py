@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from prometheus_client import Gauge
+
 from gateway.metrics import ROLLOUT_CANARY_PERCENT, SHADOW_PERCENT
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
@@ -94,13 +96,13 @@ class RolloutRouter:
         """Take a fresh view (from a poll, or from this replica's own admin write)."""
         previous = self._views.get(view.name)
         if previous is not None and previous.canary_version not in (None, view.canary_version):
-            ROLLOUT_CANARY_PERCENT.labels(view.name, str(previous.canary_version)).set(0)
+            _forget(ROLLOUT_CANARY_PERCENT, view.name, previous.canary_version)
         if view.canary_version is not None:
             ROLLOUT_CANARY_PERCENT.labels(view.name, str(view.canary_version)).set(
                 view.canary_percent
             )
         if previous is not None and previous.shadow_version not in (None, view.shadow_version):
-            SHADOW_PERCENT.labels(view.name, str(previous.shadow_version)).set(0)
+            _forget(SHADOW_PERCENT, view.name, previous.shadow_version)
         if view.shadow_version is not None:
             SHADOW_PERCENT.labels(view.name, str(view.shadow_version)).set(view.shadow_percent)
         if view.watched:
@@ -120,3 +122,11 @@ class RolloutRouter:
             except Exception:
                 logger.warning("rollout poll failed; retrying", exc_info=True)
             await asyncio.sleep(self._interval)
+
+
+def _forget(gauge: Gauge, name: str, version: int) -> None:
+    """Drop the series of a version that left its canary or shadow (kept at 0, one series per
+    version ever rolled out stayed until restart). Set to 0 first: under
+    PROMETHEUS_MULTIPROC_DIR the value lives in a file that remove() leaves behind."""
+    gauge.labels(name, str(version)).set(0)
+    gauge.remove(name, str(version))

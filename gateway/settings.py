@@ -115,7 +115,11 @@ class Settings(BaseSettings):
         "before it is read whole).",
     )
     # Rollback monitor defaults; an adapter's card and its admin override take precedence.
-    rollout_window: int = Field(100, ge=1, description="Requests per sliding window.")
+    # The card's and the admin override's range: fewer than 10 requests would let one or two
+    # slow requests decide a rollback.
+    rollout_window: int = Field(
+        100, ge=10, le=100_000, description="Requests per sliding window (10-100000)."
+    )
     rollout_max_error_rate: float = Field(0.001, ge=0, lt=1)
     rollout_margin_ms: float = Field(15.0, ge=0, description="Allowed p95 above the card's SLA.")
     rollout_max_p95_ttft_ms: float | None = Field(None, gt=0, description="Absolute bound.")

@@ -15,8 +15,10 @@ more are dropped (counted), so a burst cannot double the engine's load.
 
 What it records per candidate version: outcome (match, diverged, error, dropped), the
 divergence of the generated tokens, TTFT and end-to-end latency (gateway/metrics.py), and one
-sample in the rollback monitor's window for the version (recorded, never judged: a shadow
-serves nobody, so there is nothing to roll back), shown by `GET /admin/v1/rollouts/{name}`.
+sample in the rollback monitor's shadow window for the version (recorded, never judged: a
+shadow serves nobody, so there is nothing to roll back; kept apart from the window of the
+version's own traffic, which a mirror that finishes after its canary started must not reach),
+shown by `GET /admin/v1/rollouts/{name}`.
 """
 
 from __future__ import annotations

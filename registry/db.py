@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same for every process migrating this database.
@@ -74,12 +75,44 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
+def make_migration_engine(url: str) -> AsyncEngine:
+    """An engine whose transactions include DDL, for running migrations: the upgrade's DDL and
+    its alembic_version bump commit together or not at all. PostgreSQL does that by itself.
+    Python's sqlite3 commits before each DDL statement, so an upgrade interrupted mid-revision
+    (killed pod, full disk) kept its added columns under the old version number, and every
+    later upgrade failed on "duplicate column". SQLite gets SQLAlchemy's pysqlite recipe
+    ("Serializable isolation / Savepoints / Transactional DDL"): the driver's own transaction
+    handling off, and an explicit BEGIN when SQLAlchemy begins one. Only for migrations: on the
+    serving engine a transaction would then read from a snapshot taken at BEGIN, and its first
+    write fail at once (not wait) when another writer committed meanwhile. No pool: no
+    connection in that mode outlives the migration."""
+    if make_url(url).get_backend_name() != "sqlite":
+        return make_engine(url, poolclass=NullPool)
+    engine = make_engine(url, poolclass=NullPool)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no implicit BEGIN, no COMMIT before DDL
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
 async def migrate(url: str | AsyncEngine, *, revision: str = "head") -> None:
-    """Bring the schema to `revision` (default: the newest). Idempotent. Gateway replicas that
-    start together are serialised: on PostgreSQL by an advisory lock, on a SQLite file by an
-    exclusive lock on a file beside it (Python's sqlite3 runs DDL outside a transaction, so
-    two upgrades would otherwise both create the first table)."""
-    engine = make_engine(url) if isinstance(url, str) else url
+    """Bring the schema to `revision` (default: the newest) in one transaction. Idempotent.
+    Gateway replicas that start together are serialised: on PostgreSQL by an advisory lock, on
+    a SQLite file by an exclusive lock on a file beside it. An upgrade that fails or is killed
+    half way leaves the schema as it was (see make_migration_engine), so the next start simply
+    runs it again."""
+    given = make_engine(url) if isinstance(url, str) else url
+    engine = given
+    if _sqlite_lock_path(given) is not None:
+        # A file database: a connection of its own with transactional DDL. (An in-memory
+        # database exists only in the given engine's connection, and dies with a crash anyway.)
+        engine = make_migration_engine(given.url.render_as_string(hide_password=False))
     lock_path = _sqlite_lock_path(engine)
     lock = await asyncio.to_thread(_lock_file, lock_path) if lock_path is not None else None
     try:
@@ -88,8 +121,10 @@ async def migrate(url: str | AsyncEngine, *, revision: str = "head") -> None:
     finally:
         if lock is not None:
             lock.close()  # closing the descriptor releases the lock
-        if isinstance(url, str):
+        if engine is not given:
             await engine.dispose()
+        if isinstance(url, str):
+            await given.dispose()
 
 
 def _sqlite_lock_path(engine: AsyncEngine) -> Path | None:

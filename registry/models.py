@@ -138,8 +138,10 @@ class Adapter(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"))
     visibility: Mapped[Visibility] = mapped_column(_enum(Visibility, "visibility"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Rollout state, written only by registry.service.rollout (see registry.rollout for what
-    # each field means to the gateway). stable_version None → the newest servable version serves.
+    # Rollout state, written by registry.service.rollout (see registry.rollout for what each
+    # field means to the gateway). stable_version is also pinned when a second version is
+    # registered and moved when the stable is retired (registry.service.adapters, lifecycle);
+    # None (one version, or none servable) or not servable → the newest servable version serves.
     stable_version: Mapped[int | None]
     canary_version: Mapped[int | None]
     canary_percent: Mapped[int | None]  # 1, 10 or 50 while a canary runs, else None

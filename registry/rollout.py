@@ -221,6 +221,9 @@ class RolloutView:
     canary_card: Mapping[str, Any] | None
     shadow_card: Mapping[str, Any] | None
     threshold_override: Mapping[str, Any] | None
+    # The id of the adapter's newest stable_fallback or stable_restore event (None: never one):
+    # a replica that missed both tells the restored stable from the one that fell back.
+    fallback_event_id: int | None = None
 
     @property
     def canary_running(self) -> bool:

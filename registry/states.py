@@ -43,7 +43,11 @@ class Visibility(StrEnum):
 
 
 S = VersionState
-# States in which a version may answer client traffic when its adapter is addressed.
+# States in which a version may answer client traffic: as `name@N`, and as the bare `name` when
+# it is the adapter's stable. A compatible version is servable so that an adapter's first
+# version serves at once; a later one does not take over the name on registration (the name's
+# version is pinned as the stable then, registry.service.adapters.pin_served_version): it
+# reaches the name through a canary.
 SERVABLE: frozenset[VersionState] = frozenset(
     {S.COMPATIBLE, S.EVALUATED, S.CANARY_1, S.CANARY_10, S.CANARY_50, S.PRODUCTION}
 )

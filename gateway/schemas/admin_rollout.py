@@ -13,7 +13,7 @@ from gateway.schemas.admin import Strict, example
 
 class StartRollout(Strict):
     version: int = Field(gt=0)
-    percent: Literal[1, 10, 50, 100] = 1
+    percent: Literal[1, 10, 50] = Field(1, description="Starting stage; 100 % is a promotion.")
     force: bool = Field(False, description="Restart a version that was rolled back before.")
     reason: str | None = Field(None, max_length=500)
 

@@ -35,14 +35,20 @@ class RolloutAdmin:
 
     def windows(self, view: RolloutView) -> dict[str, dict[str, Any]]:
         """This replica's monitor windows of the view's stable, canary and shadow versions
-        ("name@N" → samples, p95 TTFT/latency, error rate); a version with none is left out."""
+        ("name@N" → samples, p95 TTFT/latency, error rate); a version with none is left out.
+        A shadow's are those of the copies mirrored to it."""
         if self._controller is None:
             return {}
         found = {}
-        for version in (view.stable_version, view.canary_version, view.shadow_version):
+        wanted = (
+            (view.stable_version, False),
+            (view.canary_version, False),
+            (view.shadow_version, True),
+        )
+        for version, shadow in wanted:
             if version is None:
                 continue
-            figures = self._controller.figures(view.name, version)
+            figures = self._controller.figures(view.name, version, shadow=shadow)
             if figures is not None:
                 found[f"{view.name}@{version}"] = figures.as_dict()
         return found

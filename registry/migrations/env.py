@@ -28,9 +28,9 @@ def run_with_connection(connection: Connection) -> None:
 
 
 async def run_with_url(url: str) -> None:
-    from registry.db import make_engine
+    from registry.db import make_migration_engine
 
-    engine = make_engine(url)
+    engine = make_migration_engine(url)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_with_connection)

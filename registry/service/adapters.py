@@ -3,6 +3,10 @@
 Order matters: every check runs first and all their problems are collected; only a fully
 accepted upload is copied into the store and recorded. A refusal stores no artifact and no
 version, only an audit row saying who tried what and why it was refused.
+
+An adapter's first version serves its name at once. A later one does not: registering it pins
+the version the name serves now as the stable (`pin_served_version`), and the new version
+reaches the name through a canary, or callers who ask for `name@N`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import name_problem
 from registry.service.audit import record
 from registry.service.base_models import get_served_base
-from registry.service.queries import find_adapter, lock_artifact, next_version_number
+from registry.service.queries import (
+    current_version,
+    find_adapter,
+    lock_artifact,
+    next_version_number,
+)
 from registry.service.rollback_paths import rollback_path_problems
 from registry.service.rollout_log import touch, touch_if_tracked
 from registry.service.rollout_views import arms_fallback
@@ -211,6 +220,7 @@ async def _insert_version(
     card: AdaptationCard | None,
     actor: str,
 ) -> AdapterVersion:
+    pinned = None
     if adapter is None:
         adapter = Adapter(name=name, tenant=owner, base_model=base, visibility=visibility)
         session.add(adapter)
@@ -222,6 +232,8 @@ async def _insert_version(
             target=f"adapter:{name}",
             details={"tenant": owner.name, "visibility": visibility.value, "base": base.name},
         )
+    else:
+        pinned = await pin_served_version(session, adapter)
     assert artifact.rank is not None and artifact.alpha is not None and artifact.dtype
     version = AdapterVersion(
         adapter=adapter,
@@ -239,10 +251,11 @@ async def _insert_version(
         created_by=actor[:200],
     )
     session.add(version)
-    if version.card is not None and arms_fallback(adapter, version):
-        touch(adapter)  # replicas start judging it
-    else:
-        touch_if_tracked(adapter)  # `name` may serve this version now
+    if pinned is None:  # `name` serves this version now
+        if version.card is not None and arms_fallback(adapter, version):
+            touch(adapter)  # replicas start judging it
+        else:
+            touch_if_tracked(adapter)
     record(
         session,
         actor=actor,
@@ -254,10 +267,25 @@ async def _insert_version(
             "rank": version.rank,
             "alpha": version.alpha,
             "use_rslora": version.use_rslora,
+            "stable_version": pinned,
         },
     )
     await session.commit()
     return version
+
+
+async def pin_served_version(session: AsyncSession, adapter: Adapter) -> int | None:
+    """Before a new version of the (locked) adapter is added: pin what `name` serves now as its
+    stable, so the new version reaches the bare name only through a canary (seed §7: 1 → 10 →
+    50 → 100 %), or as `name@N` when asked for explicitly. Without a pin, the newest servable
+    version serves, and a new registration took all of the name's traffic at once. Returns the
+    stable version, or None when `name` serves nothing (then the new version serves at once,
+    like an adapter's first)."""
+    served = await current_version(session, adapter)
+    if served is None:
+        return None
+    adapter.stable_version = served.version
+    return served.version
 
 
 def _modules(artifact: AdapterArtifact) -> set[str]:

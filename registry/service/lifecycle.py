@@ -14,7 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from registry.errors import InvalidStateTransition
 from registry.models import Adapter, AdapterVersion, utcnow
 from registry.service.audit import record
-from registry.service.queries import artifact_references, get_version, lock_artifact
+from registry.service.queries import (
+    artifact_references,
+    current_version,
+    get_version,
+    lock_artifact,
+)
 from registry.service.rollout_log import touch_if_tracked
 from registry.states import SERVABLE, VersionState, check_transition
 from registry.store.base import ArtifactStore
@@ -46,18 +51,29 @@ async def retire_version(
     session: AsyncSession, *, name: str, version: int, actor: str, reason: str | None = None
 ) -> AdapterVersion:
     """Stop serving a version for good (kept for audit and as a deletion candidate). Refused
-    for a running canary, the stable while a canary runs, and a stable fallback's target."""
+    for a running canary, the stable while a canary runs, and a stable fallback's target.
+
+    Retiring the version `name` serves (its stable) hands the name to a successor, pinned as
+    the new stable: the newest servable version below it (what served before it, the usual
+    way back), else the newest servable version above it (an operator who retires the only
+    older version chose the newer one), else none (`name` serves nothing)."""
     row = await get_version(session, name=name, version=version, for_update=True)
     await _refuse_routed(session, row)
+    adapter = row.adapter
+    served = await current_version(session, adapter)
     previous = row.state
     move_state(row, VersionState.RETIRED)
-    touch_if_tracked(row.adapter)  # a retired stable: `name` serves another version now
+    details: dict[str, object] = {"version": version, "from": previous.value, "reason": reason}
+    if served is not None and served.id == row.id:
+        adapter.stable_version = await _successor(session, row)
+        details["stable_version"] = adapter.stable_version
+    touch_if_tracked(adapter)  # a retired stable: `name` serves another version now
     record(
         session,
         actor=actor,
         action="adapter_version.retire",
         target=f"adapter:{name}",
-        details={"version": version, "from": previous.value, "reason": reason},
+        details=details,
     )
     await session.commit()
     return row
@@ -73,10 +89,11 @@ async def delete_version(
     reason: str | None = None,
 ) -> AdapterVersion:
     """Tombstone a version and delete its artifact if nothing else uses it (seed §6: contract
-    end). Live versions (shadow/canary/production, or the rollout's pointers) are refused."""
+    end). Live versions (shadow/canary/production, or the rollout's pointers) are refused, the
+    pinned stable too (retire it first: that picks its successor)."""
     row = await get_version(session, name=name, version=version, for_update=True)
     adapter = row.adapter
-    # A retired stable serves nothing (names resolve to the newest servable version), so it
+    # A retired stable serves nothing (retiring it moved the name to its successor), so it
     # may go: README's retire-then-delete works after a rollout too.
     serving_stable = version == adapter.stable_version and row.state in SERVABLE
     if serving_stable or version == adapter.canary_version:
@@ -84,10 +101,14 @@ async def delete_version(
             f"{name}@{version} is the adapter's stable or canary version; roll out another first"
         )
     await _refuse_routed(session, row)
+    served = await current_version(session, adapter)
     previous = row.state
     move_state(row, VersionState.DELETED)
-    if version == adapter.stable_version:
-        adapter.stable_version = None  # no pointer at a deleted version
+    if served is not None and served.id == row.id:
+        # An unpinned adapter's newest version: its successor as for a retired stable.
+        adapter.stable_version = await _successor(session, row)
+    elif version == adapter.stable_version:
+        adapter.stable_version = None  # no pointer at a deleted version (`name` is unchanged)
     touch_if_tracked(adapter)
     await lock_artifact(session, row.artifact_sha256)  # no registration of these files now
     others = await artifact_references(session, row.artifact_sha256, excluding_id=row.id)
@@ -114,6 +135,20 @@ async def delete_version(
         logger.info("deleted artifact %s of %s@%s", row.artifact_sha256, name, version)
     await session.commit()
     return row
+
+
+async def _successor(session: AsyncSession, leaving: AdapterVersion) -> int | None:
+    """The version that serves `name` once `leaving`, its stable, stops: see retire_version."""
+    servable = select(AdapterVersion.version).where(
+        AdapterVersion.adapter_id == leaving.adapter_id,
+        AdapterVersion.id != leaving.id,
+        AdapterVersion.state.in_(SERVABLE),
+    )
+    below = servable.where(AdapterVersion.version < leaving.version)
+    found = await session.scalar(below.order_by(AdapterVersion.version.desc()).limit(1))
+    if found is None:
+        found = await session.scalar(servable.order_by(AdapterVersion.version.desc()).limit(1))
+    return found
 
 
 def move_state(row: AdapterVersion, target: VersionState) -> None:

@@ -19,7 +19,7 @@ apply raises instead.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,6 +42,7 @@ from registry.service.rollout_fallback import fall_back
 from registry.service.rollout_log import log_event
 from registry.service.rollout_shadow import end_shadow
 from registry.service.rollout_views import (
+    arms_fallback,
     build_view,
     load_adapter,
     stable_below,
@@ -49,6 +50,9 @@ from registry.service.rollout_views import (
     version_row,
 )
 from registry.states import VersionState
+
+# What a monitor judged a version as, when it asks for a rollback.
+JudgedRole = Literal["canary", "stable"]
 
 LADDER = (
     VersionState.CANARY_1,
@@ -247,6 +251,7 @@ async def rollback(
     automatic: bool,
     figures: Mapping[str, Any] | None = None,
     version: int | None = None,
+    role: JudgedRole | None = None,
     failing: Collection[str] = (),
 ) -> RolloutChange:
     """Take traffic away from a breaching version of `name`.
@@ -255,19 +260,32 @@ async def rollback(
     rolled_back and all traffic returns to the stable. The stable (when `version` is the stable,
     or None and no canary runs): its traffic moves to the rollback target (the admin-set path,
     else the stable card's, else the base model), pinned to the version it reaches now and
-    recorded as `active_target`. `failing` names addresses ("name@N" or "name") the caller knows
-    are breaching; a target among them, or an adapter itself in fallback, is refused.
+    recorded as `active_target`. `failing` names addresses ("name@N", "name" or "base") the
+    caller knows are breaching; a target among them, or an adapter itself in fallback, is
+    refused.
+
+    `role`: what `version` was judged as (a monitor's verdict). A canary verdict applies only
+    while `version` is still the canary: once promoted to stable, the canary's evidence never
+    moves the stable's traffic. A stable verdict never touches a canary, and an automatic one
+    applies only while the stable is still armed (`arms_fallback`, re-read under the lock).
 
     Nothing changes (acted=False) when the judged version is already rolled back, already in
-    fallback or no longer serves. Raises AdapterNotFound or RollbackRefused (after auditing the
-    refusal; the stable keeps serving)."""
+    fallback, no longer serves in the judged role, or (automatic, stable) is no longer armed.
+    Raises AdapterNotFound or RollbackRefused (after auditing the refusal; the stable keeps
+    serving)."""
     adapter = await load_adapter(session, name, for_update=True)
     stable = await stable_row(session, adapter)
-    if adapter.canary_version is not None and version in (None, adapter.canary_version):
+    on_canary = adapter.canary_version is not None and version in (None, adapter.canary_version)
+    if on_canary and role != "stable":
         return await _rollback_canary(
             session, adapter, actor=actor, reason=reason, automatic=automatic, figures=figures
         )
-    acts_on_stable = stable is not None and version in (None, stable.version)
+    acts_on_stable = (
+        role != "canary"
+        and stable is not None
+        and version in (None, stable.version)
+        and not (automatic and role == "stable" and not arms_fallback(adapter, stable))
+    )
     if not acts_on_stable or adapter.active_target is not None:
         return await _unchanged(session, adapter)
     assert stable is not None

@@ -77,7 +77,10 @@ async def _fallback_target(
         adapter_level=True,
     )
     concrete = "base"
-    if not problems and path != "base":
+    if not problems and path == "base" and "base" in failing:
+        message = "rollback_path 'base' (the base model) is failing too"
+        problems = [Problem(ProblemCode.ROLLBACK_TARGET_FAILING, message)]
+    elif not problems and path != "base":
         reached = await resolve_target(session, parse_address(path))
         assert reached is not None  # rollback_path_problems checked it is servable
         concrete = f"{reached.adapter.name}@{reached.version}"

@@ -25,6 +25,7 @@ from registry.service.queries import lock_adapter
 from registry.states import SERVABLE
 
 NAMES_PER_QUERY = 500  # well under SQLite's and PostgreSQL's bound parameter limits
+FALLBACK_ACTIONS = ("stable_fallback", "stable_restore")  # rollout_events.action
 
 
 def adapter_query(name: str, *, for_update: bool = False) -> Select[Adapter]:
@@ -62,10 +63,11 @@ async def stable_below(
 ) -> AdapterVersion | None:
     """The stable a candidate `version` (canary or shadow) is compared with: the current
     stable, or the newest servable version below `version` when the candidate itself is what
-    `name` serves now (a new version serves as soon as it is registered until a rollout pins
-    one). A stable newer than `version` is returned as is: the caller refuses it by name."""
+    `name` serves now (an adapter registered before new versions pinned the stable, or whose
+    stable was retired). A stable newer than `version` is returned as is: the caller refuses
+    it by name."""
     current = await stable_row(session, adapter)
-    if current is not None and current.version != version:
+    if current is not None and (current.version != version or adapter.stable_version == version):
         return current
     return await session.scalar(
         select(AdapterVersion)
@@ -149,6 +151,12 @@ async def build_view(session: AsyncSession, adapter: Adapter) -> RolloutView:
         canary_card=card_limits(canary.card) if canary is not None else None,
         shadow_card=card_limits(shadow.card) if shadow is not None else None,
         threshold_override=adapter.rollout_thresholds,
+        fallback_event_id=await session.scalar(
+            select(func.max(RolloutEvent.id)).where(
+                RolloutEvent.adapter_id == adapter.id,
+                RolloutEvent.action.in_(FALLBACK_ACTIONS),
+            )
+        ),
     )
 
 

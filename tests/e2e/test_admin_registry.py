@@ -61,7 +61,8 @@ def test_registered_version_serves_at_once_and_retire_takes_it_away(gateway, dem
     assert chat(gateway, "fresh-adapter") == chat(gateway, DEMO_ADAPTERS[0].name)
     assert chat(gateway, "fresh-adapter@1") == chat(gateway, "fresh-adapter")
 
-    # A new version of the same adapter (different files) becomes the servable one.
+    # A new version of the same adapter (different files) does not take the name: `name@2`
+    # reaches it at once, the name only through a canary (here 50 % then straight to 100 %).
     v2 = tmp_path / "v2"
     shutil.copytree(demo.adapters[DEMO_ADAPTERS[1].name], v2)
     assert (
@@ -79,8 +80,18 @@ def test_registered_version_serves_at_once_and_retire_takes_it_away(gateway, dem
     )
     shown = admin(gateway, "GET", "/adapters/fresh-adapter").json()
     assert [v["version"] for v in shown["versions"]] == [1, 2]
+    assert chat(gateway, "fresh-adapter") == chat(gateway, DEMO_ADAPTERS[0].name)
+    assert chat(gateway, "fresh-adapter@2") == chat(gateway, DEMO_ADAPTERS[1].name)
+    assert cli(gateway, "adapters", "evaluate", "fresh-adapter@2").returncode == 0
+    for step in (
+        ("start", "fresh-adapter", "--version", "2", "--percent", "50"),
+        ("promote", "fresh-adapter", "--to-percent", "100"),
+    ):
+        done = cli(gateway, "rollout", *step)
+        assert done.returncode == 0, done.stderr
     assert chat(gateway, "fresh-adapter") == chat(gateway, DEMO_ADAPTERS[1].name)
 
+    # Retiring the stable hands the name back to the version below it.
     retired = cli(gateway, "adapters", "retire", "fresh-adapter@2", "--reason", "test")
     assert retired.returncode == 0, retired.stderr
     assert chat(gateway, "fresh-adapter") == chat(gateway, DEMO_ADAPTERS[0].name)

@@ -95,7 +95,7 @@ def run_scenario(a, b, demo) -> None:
             assert cli(a, "adapters", "evaluate", f"{name}@{version}").returncode == 0
 
     register("demo-qkvo-r8", 1)
-    register("demo-all-r16", 2)  # serves at once until a rollout pins a stable; started below
+    register("demo-all-r16", 2)  # `name` stays on v1 (pinned); v2 reaches it by the canary below
     thresholds = {"window": WINDOW, "max_p95_e2e_ms": 1000}
     assert admin(a, "PUT", f"/rollouts/{name}/thresholds", json=thresholds).status_code == 200
 

@@ -7,8 +7,10 @@ import pytest
 
 from gateway.rollback_monitor import (
     RollbackMonitor,
+    Sample,
     WindowFigures,
     WindowLimits,
+    hang_up_sample,
     judge,
     p95,
 )
@@ -126,3 +128,28 @@ def test_windows_are_bounded_least_recently_served_first():
     for key in ("a@1", "b@1", "c@1", "a@1", "d@1"):
         monitor.record(key, limits, ttft_s=None, e2e_s=0.1, error=False)
     assert sorted(monitor.addresses()) == ["a@1", "c@1", "d@1"]  # b was the least recent
+
+
+BOUNDED = WindowLimits(sla_p95_ttft_ms=100, sla_p95_e2e_ms=1000, margin_ms=15, max_p95_e2e_ms=900)
+
+
+@pytest.mark.parametrize(
+    ("ttft_s", "elapsed_s", "limits", "sample"),
+    [
+        (None, 0.05, BOUNDED, None),  # gave up before any bound: says nothing
+        (0.01, 0.5, BOUNDED, None),  # first token in time, gone before the e2e bound
+        (None, 0.2, BOUNDED, Sample(0.2, 0.2, False)),  # no first token by the TTFT bound
+        (0.3, 0.4, BOUNDED, Sample(0.3, 0.4, False)),  # its first token came late
+        (0.01, 0.95, BOUNDED, Sample(0.01, 0.95, False)),  # past the absolute e2e bound
+        (None, 0.116, WindowLimits(sla_p95_ttft_ms=100, margin_ms=15), Sample(0.116, 0.116, False)),
+        (None, 0.114, WindowLimits(sla_p95_ttft_ms=100, margin_ms=15), None),
+        (None, 60.0, WindowLimits(), None),  # no latency bound at all: nothing to judge by
+    ],
+)
+def test_a_hang_up_counts_only_after_a_latency_bound(ttft_s, elapsed_s, limits, sample):
+    assert hang_up_sample(ttft_s, elapsed_s, limits) == sample
+
+
+def test_bounds_are_the_lowest_of_sla_plus_margin_and_the_absolute_bound():
+    assert (BOUNDED.ttft_bound_ms, BOUNDED.e2e_bound_ms) == (115, 900)
+    assert (WindowLimits().ttft_bound_ms, WindowLimits().e2e_bound_ms) == (None, None)

@@ -8,6 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.settings import Settings
+from registry.card import RollbackTriggers
+from registry.errors import InvalidThresholds
+from registry.rollout import validate_threshold_override
 
 
 def test_defaults_serve_the_demo_from_the_data_dir(monkeypatch):
@@ -184,3 +187,23 @@ def test_unknown_loraplex_variables_are_found_and_the_projects_own_are_not():
         "PATH": "/usr/bin",
     }
     assert unknown_environment(environ) == ["LORAPLEX_MAX_LORA"]
+
+
+def _accepts(make) -> bool:
+    try:
+        make()
+    except (ValidationError, InvalidThresholds):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("window", [1, 9, 10, 100, 100_000, 100_001])
+def test_the_rollout_window_has_the_range_of_the_card_and_the_override(window):
+    """A default window of 1 let a single slow request roll a canary back, while cards and
+    admin overrides required 10..100000 requests (review)."""
+    accepted = {
+        "settings": _accepts(lambda: Settings(rollout_window=window)),
+        "card": _accepts(lambda: RollbackTriggers(window_requests=window)),
+        "override": _accepts(lambda: validate_threshold_override({"window": window})),
+    }
+    assert set(accepted.values()) == {10 <= window <= 100_000}, accepted

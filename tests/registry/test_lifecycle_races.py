@@ -113,10 +113,11 @@ async def test_the_same_files_registered_twice_at_once_become_one_version(
 async def test_deleting_the_last_user_of_files_waits_for_their_registration_elsewhere(
     world: World, sessions: async_sessionmaker[AsyncSession], monkeypatch
 ):
-    """`other` registers bot@1's files while bot@1 is deleted: put_dir found the object
-    stored, and the delete must not remove it before (or after) `other@1` commits."""
-    await world.register("bot", 1)
+    """`other` registers bot@2's files while bot@2 is deleted: put_dir found the object
+    stored, and the delete must not remove it before (or after) `other@1` commits. (bot@1 is
+    the stable, which cannot be deleted.)"""
     await world.register("bot", 2)
+    await world.register("bot", 1)
     stored, release = asyncio.Event(), asyncio.Event()
     put_dir = world.store.put_dir
 
@@ -142,7 +143,7 @@ async def test_deleting_the_last_user_of_files_waits_for_their_registration_else
         )
         await stored.wait()
         deleting = asyncio.create_task(
-            service.delete_version(b, store=world.store, name="bot", version=1, actor="ops")
+            service.delete_version(b, store=world.store, name="bot", version=2, actor="ops")
         )
         await asyncio.sleep(HOLD_S)
         assert not deleting.done()  # waits for the registration's lock

@@ -1,7 +1,8 @@
 """`list_resolvable` (one query for all of a tenant's adapters: /v1/models and the gateway's
 name cache) answers, name by name, what `resolve_adapter` answers, on SQLite and PostgreSQL:
-the newest servable version, the pinned stable while a canary runs, nothing when none is
-servable, and only what the tenant may use."""
+the version served before a newer one was registered, the pinned stable while a canary runs,
+the retired stable's successor, nothing when none is servable, and only what the tenant may
+use."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ async def test_one_query_answers_what_resolving_each_name_answers(world: World):
     await world.register("lr-retired-top", 3)
     await world.register("lr-retired-top", 4)
     await service.retire_version(world.session, name="lr-retired-top", version=2, actor="a")
+    await world.register("lr-retired-stable", 3)
+    await world.register("lr-retired-stable", 4)
+    await service.retire_version(world.session, name="lr-retired-stable", version=1, actor="a")
     await world.register("lr-none", 5)
     await service.retire_version(world.session, name="lr-none", version=1, actor="a")
     await world.register("lr-canary", 6)
@@ -31,7 +35,8 @@ async def test_one_query_answers_what_resolving_each_name_answers(world: World):
     # canary_1 is servable and newer, but `lr-canary` means its pinned stable
     assert {n: r.version for n, r in by_name.items()} == {
         "lr-canary": 1,
-        "lr-newest": 2,
+        "lr-newest": 1,  # v2 reaches the name through a canary only
+        "lr-retired-stable": 2,  # its only successor
         "lr-retired-top": 1,
         "lr-shared": 1,
     }

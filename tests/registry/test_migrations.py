@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
+from alembic.operations import Operations
 from sqlalchemy import Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -244,3 +246,35 @@ async def test_downgrade_and_upgrade_again(
     async with sessions() as session:  # the adapter survived; its rollout state did not
         view = await service.rollout_status(session, name="acme-private")
         assert (view.stable_version, view.active_target, view.threshold_override) == (1, None, None)
+
+
+async def test_an_upgrade_interrupted_mid_revision_leaves_the_old_schema_and_runs_again(
+    blank_engine: AsyncEngine, base_fp: BaseModelFingerprint, monkeypatch
+):
+    """A gateway killed inside revision 0003 (after its ADD COLUMNs, before rollout_events):
+    Python's sqlite3 had committed each ADD COLUMN on its own while alembic_version stayed at
+    0002, and every later start failed on "duplicate column name" (review)."""
+    await migrate(blank_engine, revision="0002")
+    await write_old_rows(blank_engine, base_fp)
+    create_table = Operations.create_table
+
+    def crash(self: Operations, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "rollout_events":
+            raise RuntimeError("killed mid-migration")
+        return create_table(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Operations, "create_table", crash)
+    with pytest.raises(RuntimeError, match="killed mid-migration"):
+        await migrate(blank_engine)
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == "0002" and "rollout_events" not in tables
+    assert not ROLLOUT_COLUMNS & columns  # all of the revision or none of it
+
+    monkeypatch.setattr(Operations, "create_table", create_table)
+    await migrate(blank_engine)  # the next start
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == HEAD and "rollout_events" in tables and columns >= ROLLOUT_COLUMNS
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        view = await service.rollout_status(session, name="acme-private")
+        assert (view.stable_version, view.active_target) == (1, None)

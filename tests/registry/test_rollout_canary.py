@@ -41,8 +41,8 @@ def in_canary(percent: int) -> int:
 async def test_the_full_ladder(world: World):
     await world.register("acme-support", 1)
     await world.evaluated("acme-support", 2)
-    # Before any rollout the newest servable version serves; starting pins v1 as the stable.
-    assert (await world.routes("acme-support")) == {"acme-support@2": len(CALLERS)}
+    # Before any rollout v1 serves: registering v2 pinned it as the stable.
+    assert (await world.routes("acme-support")) == {"acme-support@1": len(CALLERS)}
     view = await service.start_rollout(world.session, name="acme-support", version=2, actor="ops")
     assert (view.stable_version, view.canary_version, view.canary_percent) == (1, 2, 1)
     assert (view.stage, view.paused, view.active_target) == ("canary", False, None)

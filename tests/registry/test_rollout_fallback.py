@@ -94,14 +94,16 @@ async def test_fallback_to_another_adapter_of_the_tenant(world: World):
 
 async def test_fallback_to_an_earlier_version_pins_the_stable(world: World):
     await world.register("acme-support", 1)
-    await world.register("acme-support", 2)
+    await world.evaluated("acme-support", 2)
+    await service.start_rollout(world.session, name="acme-support", version=2, actor="ops")
+    await service.promote(world.session, name="acme-support", actor="ops", to_percent=100)
     view = await service.set_rollback_path(
         world.session, name="acme-support", target="acme-support@1", actor="ops"
     )
     assert view.rollback_target == "acme-support@1" and view.stable_version == 2
     change = await breach(world, "acme-support", version=2)
     assert change.view.active_target == "acme-support@1"
-    await world.register("acme-support", 3)  # would serve at once without the pin
+    await world.register("acme-support", 3)  # never takes the name by registering
     assert (await world.routes("acme-support")) == {"acme-support@1": ALL}
     view = await service.restore_stable(world.session, name="acme-support", actor="ops")
     assert (await world.routes("acme-support")) == {"acme-support@2": ALL}
@@ -190,6 +192,69 @@ async def test_a_failing_target_is_refused(world: World):
     assert change.view.active_target == "acme-guard@1"
 
 
+async def test_a_failing_base_is_refused_like_a_failing_adapter(world: World):
+    """The monitor names "base" among the failing addresses when the base model's own window
+    breaches; a fallback into it was carried out anyway (review)."""
+    await world.register("acme-support", 1)  # no card: the rollback path is the base
+    with pytest.raises(RollbackRefused, match=r"base model.*failing too") as refused:
+        await breach(world, "acme-support", version=1, failing={"base"})
+    assert [p.code for p in refused.value.problems] == [ProblemCode.ROLLBACK_TARGET_FAILING]
+    view = await service.rollout_status(world.session, name="acme-support")
+    assert view.active_target is None and await world.event_count() == 0
+    assert (await world.routes("acme-support")) == {"acme-support@1": ALL}
+    audit = (await service.list_audit(world.session, action="rollout.fallback_refused"))[0]
+    assert audit.details["rollback_path"] == "base"
+    change = await breach(world, "acme-support", version=1, failing={"other@1"})
+    assert change.acted and change.view.active_target == "base"
+
+
+async def test_a_stale_canary_verdict_never_moves_the_stable_it_became(world: World):
+    """Replica A judged canary v2 while another replica (or an admin) completed the rollout:
+    A's verdict named version 2, which is now the unarmed stable, and moved its traffic to the
+    base model (review). Judged as a canary, it is a no-op once v2 is no longer the canary."""
+    await world.register("acme-support", 1)
+    await world.evaluated("acme-support", 2)
+    await service.start_rollout(world.session, name="acme-support", version=2, actor="ops")
+    await service.promote(world.session, name="acme-support", actor="ops", to_percent=100)
+    count = await world.event_count()
+    change = await breach(world, "acme-support", version=2, role="canary")
+    assert not change.acted and change.view.active_target is None
+    assert change.view.stable_version == 2 and await world.event_count() == count
+    assert (await world.routes("acme-support")) == {"acme-support@2": ALL}
+    # Judged as a canary while it is one: rolled back as before.
+    await world.evaluated("acme-support", 3)
+    await service.start_rollout(world.session, name="acme-support", version=3, actor="ops")
+    change = await breach(world, "acme-support", version=3, role="canary")
+    assert (change.acted, change.action) == (True, "rollback")
+
+
+async def test_an_automatic_stable_verdict_needs_the_stable_still_armed(world: World):
+    """The monitor judged an armed stable; meanwhile an admin cleared its rollback path.
+    Re-checked under the adapter's lock, the verdict changes nothing. An operator's own
+    rollback (not automatic, or no role) still falls back to the base."""
+    await world.register("acme-support", 1)
+    await service.set_rollback_path(world.session, name="acme-support", target="base", actor="a")
+    await service.set_rollback_path(world.session, name="acme-support", target=None, actor="a")
+    change = await breach(world, "acme-support", version=1, role="stable")
+    assert not change.acted and change.view.active_target is None
+    manual = await service.rollback(
+        world.session, name="acme-support", actor="ops", reason="manual", automatic=False
+    )
+    assert manual.acted and manual.view.active_target == "base"
+    await service.restore_stable(world.session, name="acme-support", actor="ops")
+    await service.set_rollback_path(world.session, name="acme-support", target="base", actor="a")
+    change = await breach(world, "acme-support", version=1, role="stable")
+    assert change.acted and change.view.active_target == "base"
+
+
+async def test_a_stable_verdict_never_rolls_back_a_canary(world: World):
+    await world.register("acme-support", 1)
+    await world.evaluated("acme-support", 2)
+    await service.start_rollout(world.session, name="acme-support", version=2, actor="ops")
+    change = await breach(world, "acme-support", version=2, role="stable")
+    assert not change.acted and change.view.canary_version == 2
+
+
 async def test_stable_fallback_during_a_canary_and_completion_ends_it(world: World):
     await world.register("acme-support", 1)
     await world.evaluated("acme-support", 2)
@@ -256,18 +321,19 @@ async def test_only_an_asked_for_rollback_path_arms_automatic_fallback(world: Wo
 
 
 async def test_replicas_hear_of_armed_adapters_and_of_new_stables(world: World):
-    """An armed card stamps the adapter (polling replicas load its view); once stamped, a new
-    version or a retired stable stamps it again, so no replica judges a stale stable."""
+    """An armed card stamps the adapter (polling replicas load its view); once stamped, a
+    retired stable stamps it again, so no replica judges a stale stable. A new version changes
+    no stable: it is not stamped for it."""
     await world.register("plain", 1)
     assert await service.list_rollouts(world.session) == []  # nothing to watch, nothing listed
     await world.register("triggers", 1, card=card(rollback={"error_rate": 0.01}))
     [view] = await service.list_rollouts(world.session)
-    assert view.name == "triggers" and view.stable_version == 1
+    assert view.name == "triggers" and view.stable_version == 1 and view.auto_fallback
     mark = view.updated_at
     await world.register("triggers", 2)
+    [view] = await service.list_rollouts(world.session)
+    assert view.stable_version == 1 and view.updated_at == mark
+    await service.retire_version(world.session, name="triggers", version=1, actor="ops")
     [view] = await service.list_rollouts(world.session, since=mark)
     assert view.stable_version == 2 and view.updated_at > mark
-    mark = view.updated_at
-    await service.retire_version(world.session, name="triggers", version=2, actor="ops")
-    [view] = await service.list_rollouts(world.session, since=mark)
-    assert view.stable_version == 1 and view.updated_at > mark
+    assert not view.auto_fallback  # v2 has no card: nothing arms it

@@ -31,8 +31,8 @@ async def world(world: World) -> World:
 
 
 async def test_start_pins_the_stable_and_routing_stays_on_it(world: World):
-    # Before: the newest servable version (v2) serves `name`.
-    assert (await world.routes(NAME)) == {f"{NAME}@2": len(CALLERS)}
+    # Before: v1 serves `name` (registering v2 pinned it).
+    assert (await world.routes(NAME)) == {f"{NAME}@1": len(CALLERS)}
     view = await service.start_shadow(
         world.session, name=NAME, version=2, percent=25, actor="ops", reason="eval passed"
     )

@@ -139,7 +139,7 @@ async def test_register_resolve_and_audit(world: World, good_adapter: Path):
     assert entry.at.tzinfo is not None
 
 
-async def test_versions_increment_and_name_resolves_to_the_newest(
+async def test_versions_increment_and_a_new_version_does_not_take_the_name(
     world: World, good_adapter: Path, make_adapter: Callable[..., Path]
 ):
     await world.register(good_adapter, "acme-support")
@@ -148,11 +148,15 @@ async def test_versions_increment_and_name_resolves_to_the_newest(
         "acme-support",
     )
     assert second.version == 2
-    latest = await service.resolve_adapter(world.session, store=world.store, model="acme-support")
-    pinned = await service.resolve_adapter(world.session, store=world.store, model="acme-support@1")
-    assert (latest.version, latest.rank, pinned.version, pinned.rank) == (2, 4, 1, 8)
+    named = await service.resolve_adapter(world.session, store=world.store, model="acme-support")
+    pinned = await service.resolve_adapter(world.session, store=world.store, model="acme-support@2")
+    assert (named.version, named.rank, pinned.version, pinned.rank) == (1, 8, 2, 4)
     versions = await service.list_versions(world.session, name="acme-support")
     assert [v.version for v in versions] == [1, 2]
+    # Retiring the stable hands the name to its successor (here the only other version).
+    await service.retire_version(world.session, name="acme-support", version=1, actor="a")
+    named = await service.resolve_adapter(world.session, store=world.store, model="acme-support")
+    assert named.version == 2
 
 
 async def test_identical_files_are_not_a_new_version(world: World, good_adapter: Path):
