@@ -172,9 +172,19 @@ def parse_card(
         if len(data) > MAX_CARD_BYTES:
             return None, [Problem(ProblemCode.CARD_INVALID, f"card exceeds {MAX_CARD_BYTES} bytes")]
         try:
-            data = json.loads(data, parse_constant=_refuse_constant)
+            data = json.loads(data, parse_constant=_NonFinite)
         except ValueError as exc:
             return None, [Problem(ProblemCode.CARD_INVALID, f"card is not valid JSON: {exc}")]
+        except RecursionError:
+            return None, [Problem(ProblemCode.CARD_INVALID, "card JSON is nested too deeply")]
+        if constants := _non_finite(data):
+            return None, [
+                Problem(
+                    ProblemCode.CARD_INVALID,
+                    f"{where}: {value} is not allowed (JSON has no NaN or Infinity)",
+                )
+                for where, value in constants
+            ]
     try:
         return AdaptationCard.model_validate(data), []
     except ValidationError as exc:
@@ -185,8 +195,24 @@ def parse_card(
         return None, problems
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
+class _NonFinite(str):
+    """NaN, Infinity or -Infinity where the card text has one: held as a marker so the error
+    can name the field (Python's json would make it a float, which JSON does not have)."""
+
+
+def _non_finite(data: Any) -> list[tuple[str, str]]:
+    """(dotted path, literal) of every NaN/Infinity marker in parsed card JSON."""
+    found: list[tuple[str, str]] = []
+    pending: list[tuple[str, Any]] = [("card", data)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, _NonFinite):
+            found.append((where, str(item)))
+        elif isinstance(item, dict):
+            pending.extend((f"{where}.{key}", value) for key, value in item.items())
+        elif isinstance(item, list):
+            pending.extend((f"{where}.{i}", value) for i, value in enumerate(item))
+    return sorted(found)
 
 
 def card_json(card: AdaptationCard) -> dict[str, Any]:

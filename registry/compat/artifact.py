@@ -8,6 +8,7 @@ our own bounded reader and tensor bytes are only streamed for a bit-level NaN/In
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -78,6 +79,7 @@ class AdapterArtifact:
 
     files: tuple[str, ...] = ()
     unsafe_files: tuple[str, ...] = ()
+    directories: tuple[str, ...] = ()
     config: Mapping[str, Any] | None = None
     config_error: str | None = None
     tensors: tuple[TensorInfo, ...] = ()
@@ -137,39 +139,81 @@ class AdapterArtifact:
 
 
 def inspect_adapter(path: Path, *, scan_values: bool = True) -> AdapterArtifact:
-    """Read `path` (a PEFT folder) without trusting it; blocking, run it in a thread."""
+    """Read `path` (a PEFT folder) without trusting it; blocking, run it in a thread. Only
+    regular files are read (never through a link); a file that cannot be read becomes a
+    recorded error for the checks to name, never an exception."""
     path = Path(path)
     files: list[str] = []
     unsafe: list[str] = []
+    directories: list[str] = []
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         mode = entry.lstat().st_mode
         files.append(entry.name)
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if stat.S_ISDIR(mode):
+            directories.append(entry.name)
+        elif not stat.S_ISREG(mode):
             unsafe.append(entry.name)  # symlinks, sockets, devices: never followed
-    found: dict[str, Any] = {"files": tuple(files), "unsafe_files": tuple(unsafe)}
+    regular = {name for name in files if name not in unsafe and name not in directories}
+    found: dict[str, Any] = {
+        "files": tuple(files),
+        "unsafe_files": tuple(unsafe),
+        "directories": tuple(directories),
+    }
     digests: dict[str, FileDigest] = {}
-    if ADAPTER_CONFIG in files and ADAPTER_CONFIG not in unsafe:
+    if ADAPTER_CONFIG in regular:
         found.update(_read_config(path / ADAPTER_CONFIG, digests))
-    if ADAPTER_WEIGHTS in files and ADAPTER_WEIGHTS not in unsafe:
+    if ADAPTER_WEIGHTS in regular:
         found.update(_read_weights(path / ADAPTER_WEIGHTS, digests, scan_values=scan_values))
-    if any(name in files and name not in unsafe for name in TOKENIZER_FILES):
-        try:
-            found["tokenizer"] = tokenizer_info(path)
-        except BaseModelError as exc:
-            found["tokenizer_error"] = exc.message
+    found.update(_read_tokenizer(path, directories, regular))
     return AdapterArtifact(file_digests=digests, **found)
 
 
-def _read_config(path: Path, digests: dict[str, FileDigest]) -> dict[str, Any]:
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        return {"config_error": f"{ADAPTER_CONFIG} is {size} bytes; limit {MAX_CONFIG_BYTES}"}
-    raw = path.read_bytes()
-    digests[ADAPTER_CONFIG] = FileDigest(len(raw), hashlib.sha256(raw).hexdigest())
+def _read_tokenizer(path: Path, directories: list[str], regular: set[str]) -> dict[str, Any]:
+    """The shipped tokenizer from its regular files only: a linked one is refused as unsafe
+    and never read, a folder in a tokenizer file's place is reported here."""
+    if folders := [name for name in TOKENIZER_FILES if name in directories]:
+        return {"tokenizer_error": f"{', '.join(folders)}: a folder, not a file"}
+    if not any(name in regular for name in TOKENIZER_FILES):
+        return {}
     try:
-        config = json.loads(raw)
+        return {"tokenizer": tokenizer_info(path, files=regular)}
+    except BaseModelError as exc:
+        return {"tokenizer_error": exc.message}
+    except (OSError, ValueError, RecursionError) as exc:
+        return {"tokenizer_error": _reason(exc)}
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a read failed, without the server path an OSError's text carries."""
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply"
+    return str(exc)
+
+
+def _read_config(path: Path, digests: dict[str, FileDigest]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return {"config_error": f"{ADAPTER_CONFIG} {_reason(exc)}"}
+    if len(raw) > MAX_CONFIG_BYTES:
+        return {"config_error": f"{ADAPTER_CONFIG} is over the {MAX_CONFIG_BYTES}-byte limit"}
+    digests[ADAPTER_CONFIG] = FileDigest(len(raw), hashlib.sha256(raw).hexdigest())
+    # vLLM reads it with open() + json.load: UTF-8 text, and a byte-order mark is an error
+    # there, so it is here; json.loads(bytes) would guess UTF-16 or skip the BOM instead.
+    if raw.startswith(codecs.BOM_UTF8):
+        return {"config_error": f"{ADAPTER_CONFIG} starts with a byte-order mark; save it "
+                "as UTF-8 without one"}  # fmt: skip
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return {"config_error": f"{ADAPTER_CONFIG} is not UTF-8 ({exc.reason} at byte {exc.start})"}
+    try:
+        config = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        return {"config_error": f"{ADAPTER_CONFIG} is not valid JSON: {exc}"}
+        return {"config_error": f"{ADAPTER_CONFIG} is not valid JSON: {_reason(exc)}"}
     if not isinstance(config, dict):
         return {"config_error": f"{ADAPTER_CONFIG} is not a JSON object"}
     return {"config": config}
@@ -182,6 +226,8 @@ def _read_weights(
         header = read_header(path)
     except HeaderError as exc:
         return {"header_error": str(exc)}
+    except OSError as exc:
+        return {"header_error": f"the file {_reason(exc)}"}
     tensors = tuple(TensorInfo(t.name, t.dtype, t.shape) for t in header.tensors)
     digest = hashlib.sha256()
     nonfinite: list[str] = []
@@ -203,6 +249,8 @@ def _read_weights(
                 raise HeaderError(["file grew while it was being read"])
     except HeaderError as exc:
         return {"header_error": str(exc), "tensors": tensors}
+    except OSError as exc:
+        return {"header_error": f"the file {_reason(exc)}", "tensors": tensors}
     digests[ADAPTER_WEIGHTS] = FileDigest(header.file_size, digest.hexdigest())
     return {"tensors": tensors, "nonfinite_tensors": tuple(nonfinite), "tensor_max_abs": max_abs}
 

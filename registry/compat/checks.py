@@ -22,13 +22,22 @@ from registry.compat.artifact import (
 )
 from registry.compat.engine_limits import EngineLimits
 from registry.compat.fingerprint import LLAMA_STYLE_TYPES, BaseModelFingerprint, ModuleDims
-from registry.compat.lora_keys import LoraKey, parse_lora_key
-from registry.compat.problems import Problem, ProblemCode, capped, listed
-from registry.compat.value_checks import check_dtypes, check_finite, check_value_range
+from registry.compat.lora_keys import LoraKey, lora_tensor_name, parse_lora_key
+from registry.compat.problems import Problem, ProblemCode, capped, listed, shortened
+from registry.compat.tokenizer_checks import check_tokenizer
+from registry.compat.value_checks import (
+    check_dtypes,
+    check_finite,
+    check_value_range,
+    check_vanishing,
+)
 
 # Inits that only choose starting values; PiSSA, OLoRA, CorDA, LoftQ also rewrite the base
 # weights, so their adapters are wrong on an unmodified base (vLLM refuses them too).
 HARMLESS_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+# The fields vLLM's PEFTHelper.from_dict requires (its dataclass fields without defaults); it
+# refuses a config that lacks any of them, whatever their values.
+VLLM_REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
 MAX_SHAPE_PROBLEMS = 12
 _EMBEDDING_PART = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|embed_out)(?:\.|$)")
 
@@ -50,7 +59,11 @@ def check_files(
             )
         )
     for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if required not in a.files:
+        if required in a.directories:
+            problems.append(
+                Problem(ProblemCode.MISSING_FILE, f"{required} is a folder, not a file")
+            )
+        elif required not in a.files:
             problems.append(Problem(ProblemCode.MISSING_FILE, f"{required} is missing"))
     if a.unsafe_files:
         problems.append(
@@ -83,6 +96,20 @@ def check_peft_config(
     def refuse(code: ProblemCode, message: str) -> None:
         problems.append(Problem(code, message))
 
+    missing = [key for key in VLLM_REQUIRED_FIELDS if key not in config]
+    if missing:
+        refuse(
+            ProblemCode.CONFIG_INVALID,
+            f"{ADAPTER_CONFIG} lacks {', '.join(missing)}: vLLM requires "
+            f"{', '.join(VLLM_REQUIRED_FIELDS)}",
+        )
+    targets = config.get("target_modules")
+    if "target_modules" in config and not _is_targets(targets):
+        refuse(
+            ProblemCode.CONFIG_INVALID,
+            f"target_modules must be a module name or a list of module names, got "
+            f"{type(targets).__name__}",
+        )
     if a.peft_type != "LORA":
         refuse(ProblemCode.PEFT_TYPE, f"peft_type is {config.get('peft_type')!r}; only LORA")
     if config.get("use_dora"):
@@ -96,10 +123,10 @@ def check_peft_config(
     if config.get("trainable_token_indices"):
         refuse(ProblemCode.EMBEDDING_DELTA, "trainable_token_indices changes token embeddings")
     rank = config.get("r")
-    if a.rank is None or a.rank <= 0:
+    if "r" in config and (a.rank is None or a.rank <= 0):
         refuse(ProblemCode.RANK_INVALID, f"r must be a positive integer, got {rank!r}")
     alpha = config.get("lora_alpha")
-    if a.alpha is None or a.alpha <= 0:
+    if "lora_alpha" in config and (a.alpha is None or a.alpha <= 0):
         refuse(ProblemCode.ALPHA_INVALID, f"lora_alpha must be a positive number, got {alpha!r}")
     for key, why in (
         ("lora_bias", "LoRA bias terms"),
@@ -124,6 +151,16 @@ def check_peft_config(
             "the adapter to plain LoRA first",
         )
     return problems
+
+
+def _regular_files(a: AdapterArtifact) -> set[str]:
+    return set(a.files) - set(a.unsafe_files) - set(a.directories)
+
+
+def _is_targets(value: object) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def check_rank(
@@ -154,55 +191,11 @@ def check_base_hash(
     ]
 
 
-def check_tokenizer(
-    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
-) -> list[Problem]:
-    problems: list[Problem] = []
-    claimed = a.declared_tokenizer_sha256
-    if claimed is not None and claimed.lower() != base.tokenizer_sha256:
-        problems.append(
-            Problem(
-                ProblemCode.TOKENIZER_MISMATCH,
-                f"the adapter expects tokenizer {claimed[:16]}… but the served base's is "
-                f"{base.tokenizer_sha256[:16]}…",
-            )
-        )
-    if a.tokenizer_error is not None:
-        problems.append(
-            Problem(
-                ProblemCode.TOKENIZER_MISMATCH,
-                f"the shipped tokenizer is unreadable: {a.tokenizer_error}",
-            )
-        )
-    if a.tokenizer is None:
-        return problems
-    vocab = a.tokenizer.vocab
-    missing = [t for t in vocab if t not in base.vocab]
-    missing_special = [t for t in a.tokenizer.special_tokens if t not in base.vocab]
-    if missing or missing_special:
-        problems.append(
-            Problem(
-                ProblemCode.TOKENS_MISSING,
-                f"the adapter's tokenizer needs {len({*missing, *missing_special})} token(s) the "
-                f"base lacks: {listed([*missing, *missing_special])}",
-            )
-        )
-    moved = [t for t, i in vocab.items() if t in base.vocab and base.vocab[t] != i]
-    if moved:
-        problems.append(
-            Problem(
-                ProblemCode.TOKENIZER_MISMATCH,
-                f"{len(moved)} token(s) have different ids than in the base: {listed(moved)}",
-            )
-        )
-    return problems
-
-
 def check_tensors(
     a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
 ) -> list[Problem]:
-    if a.header_error is not None or ADAPTER_WEIGHTS not in a.files:
-        return []
+    if a.header_error is not None or ADAPTER_WEIGHTS not in _regular_files(a):
+        return []  # unreadable or not there: reported by check_safetensors / check_files
     problems: list[Problem] = []
     if not base.modules:
         return [
@@ -213,13 +206,21 @@ def check_tensors(
             )
         ]
     targets = (a.config or {}).get("target_modules")
-    declared = [str(t).rsplit(".", 1)[-1] for t in targets] if isinstance(targets, list) else []
+    # a string is a regex over module paths: which modules it names is not checked here
+    declared = (
+        [t.rsplit(".", 1)[-1] for t in targets]
+        if isinstance(targets, list) and _is_targets(targets)
+        else []
+    )
     absent = {m for m in declared if m not in base.modules}
     embedding, dora, unknown, out_of_range = [], [], [], []
-    pairs: dict[tuple[int, str], set[str]] = defaultdict(set)
+    misplaced: dict[str, str] = {}  # tensor name → the name peft gives it on this base
+    pairs: dict[str, set[str]] = defaultdict(set)
     shape_problems: list[Problem] = []
+    lora_tensors = 0
     for tensor in a.tensors:
         key = parse_lora_key(tensor.name)
+        lora_tensors += key is not None
         if key is None:
             if _EMBEDDING_PART.search(tensor.name):
                 embedding.append(tensor.name)
@@ -228,11 +229,16 @@ def check_tensors(
             else:
                 unknown.append(tensor.name)
             continue
-        pairs[(key.layer, key.module)].add(key.ab)
         dims = base.modules.get(key.module)
-        if dims is None:
+        expected = base.module_path(key.module, key.layer)
+        if dims is None or expected is None:
             absent.add(key.module)
             continue
+        if key.module_path != expected:
+            # vLLM would load it under a module name the served model lacks, and never apply it
+            misplaced[tensor.name] = lora_tensor_name(expected, key.ab)
+            continue
+        pairs[key.module_path].add(key.ab)
         if key.layer >= base.num_layers:
             out_of_range.append(tensor.name)
         if (shape_problem := _shape_problem(tensor, key, dims, a.rank)) is not None:
@@ -257,7 +263,22 @@ def check_tensors(
         problems.append(Problem(ProblemCode.DORA, f"DoRA magnitude vectors: {listed(dora)}"))
     if unknown:
         problems.append(
-            Problem(ProblemCode.UNKNOWN_TENSOR, f"unexpected tensors: {listed(unknown)}")
+            Problem(
+                ProblemCode.UNKNOWN_TENSOR,
+                f"unexpected tensors: {listed(unknown)}; LoRA tensors are named "
+                "base_model.model.<base module path>.lora_A.weight / .lora_B.weight, the layer "
+                "index in plain digits without leading zeros",
+            )
+        )
+    if misplaced:
+        first = min(misplaced)
+        problems.append(
+            Problem(
+                ProblemCode.UNKNOWN_TENSOR,
+                f"{len(misplaced)} tensor(s) name no module of the base, so vLLM would load "
+                f"them and never apply them: {listed(misplaced)}; e.g. {shortened(first)} "
+                f"should be {misplaced[first]}",
+            )
         )
     if out_of_range:
         problems.append(
@@ -270,7 +291,7 @@ def check_tensors(
     problems += capped(
         shape_problems, limit=MAX_SHAPE_PROBLEMS, code=ProblemCode.SHAPE_MISMATCH, what="shapes"
     )
-    unpaired = [f"layer {layer} {module}" for (layer, module), ab in pairs.items() if len(ab) < 2]
+    unpaired = [path for path, ab in pairs.items() if len(ab) < 2]
     if unpaired:
         problems.append(
             Problem(
@@ -278,7 +299,7 @@ def check_tensors(
                 f"lora_A without lora_B or vice versa: {listed(unpaired)}",
             )
         )
-    if not pairs:
+    if not lora_tensors:
         problems.append(Problem(ProblemCode.NO_LORA_WEIGHTS, "no lora_A/lora_B weights found"))
     return problems
 
@@ -314,6 +335,7 @@ CHECKS: tuple[Check, ...] = (
     check_dtypes,
     check_finite,
     check_value_range,
+    check_vanishing,
 )
 
 

@@ -14,6 +14,13 @@ tokens) or vocab.json + added_tokens.json; special tokens from tokenizer.json's 
 marked special, tokenizer_config.json and special_tokens_map.json. Merges, normalizers and the
 chat template are deliberately outside it: they change how text is cut, not which ids exist.
 
+Module paths (`module_paths`): for each adaptable projection, where it sits in the checkpoint,
+e.g. `model.layers.{layer}.self_attn.q_proj`. They come from the base's own weight names (the
+safetensors headers), taking the one path whose layers are exactly 0..num_layers-1 and whose
+weight has the projection's shape; a base without readable headers gets its architecture's
+standard layout. peft names LoRA tensors after these paths, and vLLM applies a LoRA tensor only
+where its name is such a path, so the gate compares them exactly.
+
 Everything here reads files (I/O, blocking): call it in a thread from async code.
 """
 
@@ -21,11 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections import defaultdict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry.compat.safetensors_header import HeaderError, read_header
 from registry.errors import BaseModelError
 
 CHUNK = 4 * 1024 * 1024
@@ -39,6 +49,16 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json",
 )  # fmt: skip
+# Where each projection of a Llama-style decoder layer lives (HF's LlamaForCausalLM layout).
+LLAMA_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}  # fmt: skip
+_WEIGHT_NAME = re.compile(
+    r"(?P<prefix>(?:[A-Za-z_][A-Za-z0-9_]*\.)*?)layers\.(?P<layer>0|[1-9][0-9]{0,5})\."
+    r"(?P<parent>[A-Za-z_][A-Za-z0-9_]*)\.(?P<module>[A-Za-z_][A-Za-z0-9_]*)\.weight",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,17 @@ class BaseModelFingerprint:
     modules: Mapping[str, ModuleDims]
     special_tokens: frozenset[str] = frozenset()
     vocab: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    # The served tokenizer's special-token roles (bos_token → "<s>", …).
+    roles: Mapping[str, str] = field(default_factory=dict)
+    # projection → its path with a `{layer}` placeholder, from the checkpoint's weight names.
+    module_paths: Mapping[str, str] = field(default_factory=dict)
+
+    def module_path(self, module: str, layer: int) -> str | None:
+        """Where `module` of decoder layer `layer` lives in the base; None if nowhere known."""
+        template = self.module_paths.get(module)
+        if template is None and module in LLAMA_PARENTS and module in self.modules:
+            template = default_module_path(module)
+        return None if template is None else template.format(layer=layer)
 
 
 def fingerprint_base_model(path: Path) -> BaseModelFingerprint:
@@ -83,16 +114,19 @@ def fingerprint_base_model(path: Path) -> BaseModelFingerprint:
     config = _read_json(path / "config.json", what="config.json")
     files = weight_files(path)
     tokenizer = tokenizer_info(path)
-    if tokenizer is None:
+    if tokenizer is None or not tokenizer.vocab:
         raise BaseModelError(f"{path} has no tokenizer.json or vocab.json")
     dims = architecture_dims(config)
+    modules = adaptable_modules(dims)
     return BaseModelFingerprint(
         weights_sha256=weights_sha256(path, files),
         weight_files=tuple(files),
         tokenizer_sha256=tokenizer.sha256,
         special_tokens=tokenizer.special_tokens,
         vocab=tokenizer.vocab,
-        modules=adaptable_modules(dims),
+        roles=dict(tokenizer.roles),
+        modules=modules,
+        module_paths=module_paths(modules, dims["num_layers"], weight_shapes(path, files)),
         **dims,
     )
 
@@ -161,35 +195,97 @@ def adaptable_modules(dims: Mapping[str, Any]) -> dict[str, ModuleDims]:
     }
 
 
-def tokenizer_info(path: Path) -> TokenizerInfo | None:
-    """Vocabulary and special tokens of the tokenizer saved in `path`; None if there is none."""
+def default_module_path(module: str) -> str:
+    return f"model.layers.{{layer}}.{LLAMA_PARENTS[module]}.{module}"
+
+
+def weight_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """Every weight's name and shape from the safetensors headers; None when the weights are
+    not all safetensors or a header cannot be read (the standard layout is assumed then)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        if not name.endswith(".safetensors"):
+            return None
+        try:
+            header = read_header(path / name)
+        except (HeaderError, OSError):
+            return None
+        shapes.update((t.name, t.shape) for t in header.tensors)
+    return shapes
+
+
+def module_paths(
+    modules: Mapping[str, ModuleDims],
+    num_layers: int,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+) -> dict[str, str]:
+    """Each projection's path template, as the checkpoint names it. The path must be unique:
+    one (prefix, parent) holding the projection, with its nn.Linear shape (out, in), in every
+    layer 0..num_layers-1 and no other; a vision tower's q_proj, say, has other layers or
+    shapes. Without one, the architecture's standard layout."""
+    found: dict[str, dict[tuple[str, str], set[int]]] = defaultdict(lambda: defaultdict(set))
+    for name, shape in (shapes or {}).items():
+        match = _WEIGHT_NAME.fullmatch(name)
+        if match is None or (dims := modules.get(match["module"])) is None:
+            continue
+        if shape == (dims.out_features, dims.in_features):
+            found[match["module"]][(match["prefix"], match["parent"])].add(int(match["layer"]))
+    every_layer = set(range(num_layers))
+    paths: dict[str, str] = {}
+    for module in modules:
+        places = [place for place, layers in found[module].items() if layers == every_layer]
+        if len(places) == 1:
+            prefix, parent = places[0]
+            paths[module] = f"{prefix}layers.{{layer}}.{parent}.{module}"
+        elif module in LLAMA_PARENTS:
+            paths[module] = default_module_path(module)
+    return paths
+
+
+def tokenizer_info(path: Path, *, files: Collection[str] | None = None) -> TokenizerInfo | None:
+    """Vocabulary, special tokens and roles of the tokenizer saved in `path`; None if it holds
+    no tokenizer file. A tokenizer_config.json alone gives special tokens and roles and an
+    empty vocabulary. `files` limits reading to those names (an adapter upload passes the
+    regular files it found, so nothing is read through a link); None reads whatever is there,
+    links included, as a base checkpoint in a HF cache needs."""
+
+    def present(name: str) -> bool:
+        return name in files if files is not None else (path / name).is_file()
+
+    if not any(present(name) for name in TOKENIZER_FILES):
+        return None
     vocab: dict[str, int] = {}
     special: set[str] = set()
     tokenizer_json = path / "tokenizer.json"
-    if tokenizer_json.is_file():
+    if present("tokenizer.json"):
         from tokenizers import Tokenizer
 
-        _check_size(tokenizer_json)
         try:
+            _check_size(tokenizer_json)
             loaded = Tokenizer.from_file(str(tokenizer_json))
+        except BaseModelError:
+            raise
+        except OSError as exc:
+            raise BaseModelError(f"cannot read tokenizer.json: {exc.strerror}") from None
         except Exception as exc:  # the Rust side raises its own exception type
             raise BaseModelError(f"cannot load tokenizer.json: {exc}") from None
         vocab = dict(loaded.get_vocab(with_added_tokens=True))
         data = _read_json(tokenizer_json, what="tokenizer.json")
-        for added in data.get("added_tokens") or []:
+        added_tokens = data.get("added_tokens") or []
+        if not isinstance(added_tokens, list):
+            raise BaseModelError("tokenizer.json: added_tokens must be a list")
+        for added in added_tokens:
             if isinstance(added, dict) and added.get("special") and "content" in added:
                 special.add(str(added["content"]))
-    elif (path / "vocab.json").is_file():
+    elif present("vocab.json"):
         vocab = _token_ids(_read_json(path / "vocab.json", "vocab.json"), "vocab.json")
-    if (path / "added_tokens.json").is_file():
+    if present("added_tokens.json"):
         added_map = _read_json(path / "added_tokens.json", what="added_tokens.json")
         vocab.update(_token_ids(added_map, "added_tokens.json"))
     roles: dict[str, str] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (path / name).is_file():
-            _collect_special(_read_json(path / name, what=name), roles, special)
-    if not vocab:
-        return None
+        if present(name):
+            _collect_special(_read_json(path / name, what=name), roles, special, what=name)
     special.update(roles.values())
     canonical = {
         "vocab": sorted(([t, i] for t, i in vocab.items()), key=lambda p: (p[1], p[0])),
@@ -198,7 +294,9 @@ def tokenizer_info(path: Path) -> TokenizerInfo | None:
     }
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return TokenizerInfo(
-        sha256=hashlib.sha256(blob.encode()).hexdigest(),
+        # surrogatepass: a lone surrogate in a token is hashed, not an exception; valid text
+        # encodes exactly as before, so registered digests stay valid
+        sha256=hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest(),
         vocab=vocab,
         special_tokens=frozenset(special),
         roles=roles,
@@ -211,25 +309,32 @@ def _token_ids(data: Mapping[str, Any], what: str) -> dict[str, int]:
     return dict(data)
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, str):
+def _token_text(value: Any, where: str) -> str | None:
+    """A token as a string (None for null); anything else is refused, since transformers
+    could not load it either."""
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return str(value["content"])  # a serialised AddedToken
-    return None
+    raise BaseModelError(f"{where} must be a token string or an AddedToken object")
 
 
-def _collect_special(data: Mapping[str, Any], roles: dict[str, str], special: set[str]) -> None:
+def _collect_special(
+    data: Mapping[str, Any], roles: dict[str, str], special: set[str], *, what: str
+) -> None:
     for key in ROLE_KEYS:
-        text = _token_text(data.get(key))
+        text = _token_text(data.get(key), f"{what}: {key}")
         if text is not None:
             roles[key] = text
     # transformers 4 writes additional_special_tokens, transformers 5 extra_special_tokens
     for key in ("additional_special_tokens", "extra_special_tokens"):
         extra = data.get(key)
-        values = extra.values() if isinstance(extra, dict) else extra or []
-        for value in values:
-            text = _token_text(value)
+        if extra is None:
+            continue
+        if not isinstance(extra, list | dict):
+            raise BaseModelError(f"{what}: {key} must be a list of tokens")
+        for value in extra.values() if isinstance(extra, dict) else extra:
+            text = _token_text(value, f"{what}: each of {key}")
             if text is not None:
                 special.add(text)
 
@@ -246,8 +351,12 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         _check_size(path)
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # its text would name a server path: the reason only
+        raise BaseModelError(f"cannot read {what}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:
         raise BaseModelError(f"cannot read {what}: {exc}") from None
+    except RecursionError:
+        raise BaseModelError(f"cannot read {what}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise BaseModelError(f"{what} is not a JSON object")
     return data

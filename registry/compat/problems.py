@@ -47,10 +47,22 @@ class ProblemCode(StrEnum):
     ROLLBACK_TARGET_FAILING = "rollback_target_failing"
 
 
+MAX_ITEM_CHARS = 200
+
+
+def printable(text: str) -> str:
+    """`text` safe to store and send as UTF-8: a lone surrogate (which JSON escapes can put in
+    a tensor or token name) becomes its backslash escape instead of an encoding error."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True)
 class Problem:
     code: ProblemCode
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", printable(self.message))
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
@@ -68,5 +80,10 @@ def capped(problems: list[Problem], *, limit: int, code: ProblemCode, what: str)
 def listed(items: Iterable[str]) -> str:
     """Up to MAX_LISTED of `items`, sorted, with a count of the rest."""
     values = sorted(set(items))
-    shown = ", ".join(values[:MAX_LISTED])
+    shown = ", ".join(shortened(value) for value in values[:MAX_LISTED])
     return shown + (f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else "")
+
+
+def shortened(item: str) -> str:
+    """One listed item, cut so a megabyte-long tensor name cannot flood a message."""
+    return item if len(item) <= MAX_ITEM_CHARS else item[:MAX_ITEM_CHARS] + "…"

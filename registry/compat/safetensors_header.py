@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# The Rust reader keeps dims and offsets in usize and multiplies shapes with checked_mul.
+USIZE_MAX = 2**64 - 1
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_ERRORS = 8
 # Bytes per element. Sub-byte types (F4, F6) are left out on purpose: adapters never use them and
 # their size rule would only add ways to get the arithmetic wrong.
@@ -137,7 +141,28 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         raise HeaderError([f"header is not valid JSON: {exc}"]) from None
     if not isinstance(document, dict):
         raise HeaderError(["header is not a JSON object"])
+    if _has_lone_surrogate(document):
+        # Python decodes an unpaired \ud800-style escape to a lone surrogate; the Rust
+        # parser vLLM's safe_open uses refuses the whole header for it.
+        raise HeaderError(["header has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)"])
     return document
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    """Whether any key or string anywhere in `document` holds U+D800-U+DFFF (a valid escaped
+    pair decodes to one astral character, so only unpaired halves remain as such)."""
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -153,24 +178,32 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def _label(value: Any) -> str:
+    """repr(value), cut: a name may be megabytes long and errors should stay readable."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _tensor_entry(name: str, spec: Any, errors: list[str]) -> TensorEntry | None:
     if not name or not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-        errors.append(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+        errors.append(
+            f"tensor {_label(name)}: entry must have exactly dtype, shape and data_offsets"
+        )
         return None
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     if dtype not in DTYPE_SIZES:
-        errors.append(f"tensor {name!r}: unknown dtype {dtype!r}")
+        errors.append(f"tensor {_label(name)}: unknown dtype {_label(dtype)}")
         return None
     if (
         not isinstance(shape, list)
         or len(shape) > 8
         or not all(_is_int(d) and d >= 0 for d in shape)
     ):
-        errors.append(f"tensor {name!r}: shape must be a list of at most 8 non-negative ints")
+        errors.append(f"tensor {_label(name)}: shape must be a list of at most 8 non-negative ints")
         return None
     if (
         not isinstance(offsets, list)
@@ -178,16 +211,32 @@ def _tensor_entry(name: str, spec: Any, errors: list[str]) -> TensorEntry | None
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        errors.append(f"tensor {name!r}: data_offsets must be [begin, end] with 0 ≤ begin ≤ end")
+        errors.append(
+            f"tensor {_label(name)}: data_offsets must be [begin, end] with 0 ≤ begin ≤ end"
+        )
+        return None
+    if _overflows(shape) or offsets[1] > USIZE_MAX:
+        errors.append(f"tensor {_label(name)}: shape or offsets overflow 64 bits")
         return None
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         errors.append(
-            f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but its offsets span "
+            f"tensor {_label(name)}: {dtype}{shape} needs {expected} bytes but its offsets span "
             f"{offsets[1] - offsets[0]}"
         )
         return None
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _overflows(shape: list[int]) -> bool:
+    """Whether the Rust reader's running element count (1 * d0 * d1 …, each step checked)
+    passes usize: [2**40, 2**40, 0] has 0 elements here and an overflow there."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if dim > USIZE_MAX or count > USIZE_MAX:
+            return True
+    return False
 
 
 def _layout_errors(tensors: list[TensorEntry], *, data_len: int) -> list[str]:
@@ -195,9 +244,9 @@ def _layout_errors(tensors: list[TensorEntry], *, data_len: int) -> list[str]:
     position = 0
     for tensor in tensors:
         if tensor.begin < position:
-            errors.append(f"tensor {tensor.name!r} overlaps the previous tensor")
+            errors.append(f"tensor {_label(tensor.name)} overlaps the previous tensor")
         elif tensor.begin > position:
-            errors.append(f"gap of {tensor.begin - position} bytes before {tensor.name!r}")
+            errors.append(f"gap of {tensor.begin - position} bytes before {_label(tensor.name)}")
         position = max(position, tensor.end)
     if position > data_len:
         errors.append(

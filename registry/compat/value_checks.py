@@ -110,3 +110,35 @@ def check_value_range(
             f"{beyond[worst]:.6g} in {worst}",
         )
     ]
+
+
+def check_vanishing(
+    a: AdapterArtifact, base: BaseModelFingerprint, limits: EngineLimits
+) -> list[Problem]:
+    """The other end of the range: a tensor whose largest magnitude rounds to zero in the
+    engine's dtype (after the scale, for lora_B) is all zeros there, since the casts are
+    monotonic, so the module it adapts serves as the base. Exact, like check_value_range: it
+    refuses only tensors that vanish completely, never ones that merely lose small values;
+    all-zero tensors as saved (an untrained lora_B) are not the engine's doing and pass."""
+    dtype = limits.dtype
+    if dtype not in FINITE_MAX or not a.tensor_max_abs:
+        return []
+    scale = a.scale or 1.0
+    vanished: dict[str, float] = {}
+    for name, largest in a.tensor_max_abs.items():
+        key = parse_lora_key(name)
+        if key is None or largest == 0.0:
+            continue
+        if _as_served(largest, dtype, scale if key.ab == "B" else 1.0) == 0.0:
+            vanished[name] = largest
+    if not vanished:
+        return []
+    worst = max(vanished, key=vanished.__getitem__)
+    return [
+        Problem(
+            ProblemCode.VALUE_OUT_OF_RANGE,
+            f"{len(vanished)} tensor(s) round to all zeros in the engine's {dtype}, so the "
+            f"modules they adapt would serve unchanged: {listed(vanished)}; largest "
+            f"magnitude {vanished[worst]:.6g} in {worst}",
+        )
+    ]

@@ -69,6 +69,37 @@ def test_all_card_errors_are_reported():
     assert len(problems) == 3
 
 
-def test_non_json_and_nan_text():
+def test_non_json_text():
     assert parse_card("{nope")[1][0].code == ProblemCode.CARD_INVALID
-    assert parse_card('{"owner": "a", "objective": "sft", "evals": NaN}')[1]
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [
+        ("sla.p95_ttft_ms", "NaN"),  # a float field: without the rule NaN would be a float
+        ("rollback.error_rate", "Infinity"),
+        ("training.lr", "-Infinity"),  # free-form: any scalar is welcome, but not these
+        ("evals.0.value", "NaN"),
+    ],
+)
+def test_nan_and_infinity_in_card_text_name_the_field(field: str, literal: str):
+    document: dict[str, Any] = json.loads(json.dumps(VALID))
+    *parents, last = field.split(".")
+    target: Any = document
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[last] = "__constant__"
+    text = json.dumps(document).replace('"__constant__"', literal)
+    card, problems = parse_card(text)
+    assert card is None
+    assert [(p.code, p.message) for p in problems] == [
+        (
+            ProblemCode.CARD_INVALID,
+            f"card.{field}: {literal} is not allowed (JSON has no NaN or Infinity)",
+        )
+    ]
+
+
+def test_deeply_nested_card_text_is_refused_not_raised():
+    problems = parse_card("[" * 100_000 + "]" * 100_000)[1]
+    assert [p.message for p in problems] == ["card JSON is nested too deeply"]

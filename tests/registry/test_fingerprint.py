@@ -4,11 +4,18 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from registry.compat import BaseModelFingerprint, ModuleDims, fingerprint_base_model
-from registry.compat.fingerprint import adaptable_modules, architecture_dims, tokenizer_info
+from registry.compat.fingerprint import (
+    adaptable_modules,
+    architecture_dims,
+    module_paths,
+    tokenizer_info,
+    weight_shapes,
+)
 from registry.errors import BaseModelError
 from tests.registry.helpers import flip_bit, save_tokenizer
 
@@ -77,3 +84,64 @@ def test_incomplete_checkpoints_are_errors(tiny_base: Path, tmp_path: Path, miss
     (copy / missing).unlink()
     with pytest.raises(BaseModelError):
         fingerprint_base_model(copy)
+
+
+def test_tokenizer_digest_recipe_is_unchanged(base_fp: BaseModelFingerprint):
+    """Bases are registered by this digest: the recipe in the module docstring must hold, or
+    every registered base would refuse to start."""
+    canonical = {
+        "vocab": sorted(([t, i] for t, i in base_fp.vocab.items()), key=lambda p: (p[1], p[0])),
+        "special_tokens": sorted(base_fp.special_tokens),
+        "roles": dict(base_fp.roles),
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert base_fp.tokenizer_sha256 == hashlib.sha256(blob.encode()).hexdigest()
+
+
+DIMS = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_heads": 2,
+        "num_kv_heads": 2, "head_dim": 4}  # fmt: skip
+
+
+def _shapes(prefix: str, layers: int, parent: dict[str, str] | None = None) -> dict[str, Any]:
+    modules = adaptable_modules(DIMS)
+    parents = parent or {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn")
+                         for m in modules}  # fmt: skip
+    return {
+        f"{prefix}layers.{i}.{parents[m]}.{m}.weight": (d.out_features, d.in_features)
+        for i in range(layers)
+        for m, d in modules.items()
+    }
+
+
+STANDARD_Q = "model.layers.{layer}.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("case", "shapes", "q_path"),
+    [
+        ("llama", _shapes("model.", 2), STANDARD_Q),
+        ("nested", _shapes("model.lm.", 2), "model.lm.layers.{layer}.self_attn.q_proj"),
+        # a vision tower with other layer counts does not compete with the decoder
+        ("tower", {**_shapes("model.", 2), **_shapes("vision.", 3)}, STANDARD_Q),
+        # two equally good candidates: no guess, the standard layout
+        ("ambiguous", {**_shapes("a.", 2), **_shapes("b.", 2)}, STANDARD_Q),
+        ("missing a layer", _shapes("x.", 1), STANDARD_Q),
+        ("no headers (.bin weights)", None, STANDARD_Q),
+    ],
+)
+def test_module_paths_follow_the_checkpoint_or_the_standard_layout(case, shapes, q_path):
+    paths = module_paths(adaptable_modules(DIMS), 2, shapes)
+    assert paths["q_proj"] == q_path, case
+    assert set(paths) == set(adaptable_modules(DIMS))
+
+
+def test_a_wrong_shape_does_not_count_as_the_module():
+    shapes = _shapes("model.", 2)
+    shapes["model.layers.0.self_attn.q_proj.weight"] = (3, 3)
+    shapes.update({k.replace("model.", "other.", 1): v for k, v in _shapes("model.", 2).items()})
+    assert module_paths(adaptable_modules(DIMS), 2, shapes)["q_proj"].startswith("other.")
+
+
+def test_a_base_with_pickle_weights_gets_the_standard_layout(tiny_base: Path):
+    assert weight_shapes(tiny_base, ["model.safetensors"]) is not None
+    assert weight_shapes(tiny_base, ["pytorch_model.bin"]) is None
