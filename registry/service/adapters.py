@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -78,7 +78,16 @@ async def register_adapter_version(
     problems: list[Problem] = []
     if invalid := name_problem(name):
         problems.append(Problem(ProblemCode.INVALID_NAME, invalid))
+    elif base_name := await _base_named(session, name):
+        invalid = f"{name!r} names the base model {base_name!r}"
+        problems.append(
+            Problem(
+                ProblemCode.INVALID_NAME,
+                f"{invalid}: `model: {name}` reaches the base, never this adapter",
+            )
+        )
     parsed_card, card_problems = parse_card(card)
+    problems += _contradicting_claims(parsed_card, base_sha256)
     # The slow part (reading and hashing every byte) before any lock: on SQLite the adapter's
     # lock is the whole database's write lock.
     artifact = await asyncio.to_thread(inspect_adapter, Path(artifact_dir))
@@ -134,6 +143,34 @@ async def register_adapter_version(
     except IntegrityError:
         await session.rollback()
         raise RegistryConflict(f"adapter {name!r} was changed concurrently; retry") from None
+
+
+async def _base_named(session: AsyncSession, name: str) -> str | None:
+    """The registered base whose name is `name` but for case (a client's `model` that names a
+    base reaches the base: an adapter of that name could never be served)."""
+    return await session.scalar(
+        select(BaseModel.name).where(func.lower(BaseModel.name) == name.lower()).limit(1)
+    )
+
+
+def _contradicting_claims(card: AdaptationCard | None, base_sha256: str | None) -> list[Problem]:
+    """The upload's base claim and its card's must agree: one of them is wrong, and the stored
+    card would go on naming a base the adapter was not judged against."""
+    claims = {
+        claim.lower().removeprefix("sha256:")
+        for claim in (base_sha256, card.base_sha256 if card else None)
+        if claim
+    }
+    if len(claims) < 2:
+        return []
+    assert base_sha256 is not None and card is not None and card.base_sha256 is not None
+    return [
+        Problem(
+            ProblemCode.BASE_MISMATCH,
+            f"the upload claims base {base_sha256[:23]}… but its card claims "
+            f"{card.base_sha256[:23]}…",
+        )
+    ]
 
 
 def _with_claims(

@@ -14,8 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.compat.fingerprint import BaseModelFingerprint
 from registry.compat.problems import Problem, ProblemCode
-from registry.errors import BaseModelMismatch, BaseModelNotFound, DuplicateBaseModel
-from registry.models import BaseModel
+from registry.errors import (
+    BaseModelMismatch,
+    BaseModelNotFound,
+    DuplicateBaseModel,
+    InvalidName,
+)
+from registry.models import Adapter, BaseModel
 from registry.naming import validate_base_name
 from registry.service.audit import record
 
@@ -74,6 +79,11 @@ async def register_base_model(
     existing = await _registered(session, name=name, fingerprint=fingerprint)
     if existing is not None:
         return existing
+    taken = await session.scalar(select(Adapter.name).where(Adapter.name == name.lower()))
+    if taken is not None:
+        # `model: name` would reach this base: the adapter's callers would silently get the
+        # base model's answers instead of their adapter's.
+        raise InvalidName(f"base name {name!r} is taken by adapter {taken!r}; serve it as another")
     row = BaseModel(
         name=name,
         weights_sha256=fingerprint.weights_sha256,

@@ -406,3 +406,46 @@ async def test_register_from_an_uploaded_tar(world: World, good_adapter: Path, t
     assert folder.name == "my-adapter"
     version = await world.register(folder, "uploaded")
     assert version.version == 1 and version.rank == 8
+
+
+async def test_an_adapter_cannot_take_a_base_models_name(world: World, good_adapter: Path):
+    # `model: tiny-llama` reaches the base: an adapter of that name could never be served.
+    with pytest.raises(AdapterRejected) as refused:
+        await world.register(good_adapter, BASE)
+    (problem,) = refused.value.problems
+    assert problem.code == C.INVALID_NAME and "names the base model 'tiny-llama'" in problem.message
+
+
+async def test_a_new_base_cannot_take_an_adapters_name(
+    world: World, good_adapter: Path, tmp_path: Path, tiny_base: Path
+):
+    await world.register(good_adapter, "support-bot")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_base, other)
+    flip_bit(other / "model.safetensors")
+    # Its callers would silently get the base model's answers instead of their adapter's.
+    with pytest.raises(InvalidName, match="taken by adapter 'support-bot'"):
+        await service.register_base_model(
+            world.session,
+            name="Support-Bot",
+            fingerprint=fingerprint_base_model(other),
+            actor="system",
+        )
+
+
+async def test_the_uploads_base_claim_and_its_cards_must_agree(world: World, good_adapter: Path):
+    served = world.base_fp.weights_sha256
+    other = "0" * 64
+    with pytest.raises(AdapterRejected) as refused:
+        await world.register(
+            good_adapter, "claims", base_sha256=served, card=card(base_sha256=f"sha256:{other}")
+        )
+    assert [p.code for p in refused.value.problems] == [C.BASE_MISMATCH]
+    assert "its card claims" in refused.value.problems[0].message
+    agreed = await world.register(
+        good_adapter,
+        "claims",
+        base_sha256=f"sha256:{served.upper()}",
+        card=card(base_sha256=f"sha256:{served}"),
+    )
+    assert agreed.version == 1
