@@ -21,6 +21,7 @@ from gateway.rollout_router import RolloutRouter
 from registry import service
 from registry.compat import inspect_adapter, run_gate
 from registry.errors import InvalidName, NotFound
+from registry.naming import parse_address
 from registry.service import Principal, ResolvedAdapter
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,15 @@ class ServedModel:
     # The registry's adapter name and version ("" for the base): bounded metric labels.
     adapter_name: str = ""
     version: int | None = None
+    owner: str = ""  # the tenant that owns the adapter ("" for the base)
+    pinned: bool = False  # asked for as `name@N`, not routed by the name's rollout
+
+    def judged_by(self, tenant: str) -> bool:
+        """Whether `tenant`'s request is evidence for the version's rollout verdicts: only
+        the owner's requests routed by the rollout (the base's: anyone's). A tenant an adapter
+        is shared with chooses its own prompt lengths, max_tokens and pins: its requests
+        would roll back, fall back or promote another tenant's versions."""
+        return not self.pinned and self.owner in ("", tenant)
 
     @property
     def version_label(self) -> str:
@@ -125,12 +135,22 @@ class RegistryCatalog:
             # fallback target. Scope still applies: the target resolves for this tenant.
             await self._resolve_named(name, caller)  # the name itself must be in scope
             if routed == "base":
-                if not caller.policy.allow_base_model:
-                    raise ModelUnavailable(name)
-                return replace(self._base, name=name)
+                return self._fallback_to_base(name, caller)
             try:
-                return replace(await self._resolve_named(routed, caller), name=name)
+                return replace(await self._resolve_named(routed, caller), name=name, pinned=False)
             except ModelNotFound:
+                if parse_address(routed).name != name:
+                    # A fallback to another adapter this caller may not use (the owner's
+                    # private one, for a tenant the name is shared with), or one gone since:
+                    # the stable was taken out of service, so not the stable; the base, as a
+                    # fallback to the base would.
+                    logger.info(
+                        "%s falls back to %s, outside %s's scope: the base serves it",
+                        name,
+                        routed,
+                        caller.tenant,
+                    )
+                    return self._fallback_to_base(name, caller)
                 # This replica's view is behind the registry: another replica rolled the
                 # routed version back (or it was retired) since our last poll. A switch must
                 # never fail a request, so the caller gets the name's stable now and the next
@@ -138,6 +158,11 @@ class RegistryCatalog:
                 logger.info("stale rollout view: %s is gone, %s serves its stable", routed, name)
                 return await self._resolve_named(name, caller)
         return await self._resolve_named(name, caller)
+
+    def _fallback_to_base(self, name: str, caller: Principal) -> ServedModel:
+        if not caller.policy.allow_base_model:
+            raise ModelUnavailable(name)
+        return replace(self._base, name=name)
 
     async def describe(self, name: str, caller: Principal) -> ServedModel:
         """`name` itself in the caller's scope, for its model card: where a rollout sends this
@@ -207,6 +232,8 @@ class RegistryCatalog:
             owned_by=_owner_seen_by(resolved.tenant, tenant),
             adapter_name=resolved.name,
             version=resolved.version,
+            owner=resolved.tenant,
+            pinned="@" in name,
         )
 
     async def _scope(self, tenant: str) -> dict[str, ResolvedAdapter]:

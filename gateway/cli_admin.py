@@ -82,7 +82,7 @@ def register(
         ),
     ],
     name: Annotated[str, typer.Option(help="Adapter name (new or existing).")],
-    tenant: Annotated[str, typer.Option(help="Owning tenant.")] = "default",
+    tenant: Annotated[str, typer.Option(help="Owning tenant (required).")],
     shared: Annotated[bool, typer.Option("--shared", help="Usable by every tenant.")] = False,
     card: Annotated[Path | None, typer.Option(help="Adaptation Card JSON file.")] = None,
 ) -> None:

@@ -11,6 +11,10 @@ Every finished request is one observation in its version's sliding window
 - a shadow candidate's mirrored requests (gateway/shadow.py) fill a shadow window of their own
   (`shadow_key`), recorded and never judged: it serves nobody, so there is nothing to roll
   back, but an operator reads its figures beside the stable's before starting a canary.
+Only the adapter owner's requests routed by the rollout are evidence (the base's: anyone's):
+a tenant the adapter is shared with, or a caller pinning `name@N`, picks its own prompt
+lengths and max_tokens, and its requests would otherwise roll back, fall back or promote
+another tenant's versions.
 A window holds only evidence about the version in its current role: a canary's starts empty
 when the canary (re)starts, a stable's when it falls back, is restored or is a new stable, and
 stable requests that end while it is in fallback are not recorded. A client that hung up after
@@ -105,9 +109,20 @@ class RolloutController:
         # goes, and the last fallback/restore event: a restored stable starts a new window)
         self._stable_judged: dict[str, tuple[int, str | None, int | None]] = {}
 
-    def observe(self, adapter: str, version: int | None, recorder: GenerationRecorder) -> None:
+    def observe(
+        self,
+        adapter: str,
+        version: int | None,
+        recorder: GenerationRecorder,
+        *,
+        judged: bool = True,
+    ) -> None:
         """One finished request. A client that hung up says something only when it hung up
-        after a latency bound (`request_sample`): that request was at least that slow."""
+        after a latency bound (`request_sample`): that request was at least that slow.
+        `judged` False (`ServedModel.judged_by`: a pinned `name@N`, or a tenant the adapter is
+        shared with): not evidence about the version; its caller chose the request."""
+        if not judged:
+            return
         key = served_address(adapter, version)
         view = self._router.view(adapter) if key != "base" else None
         if view is None or version is None:

@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     shadow_max_inflight: int = Field(
         4,
         ge=0,
-        description="Mirrored requests to shadow versions running at once per process; more "
-        "are dropped and counted (0 mirrors nothing).",
+        description="Mirrored requests to one adapter's shadow version running at once per "
+        "process; more are dropped and counted (0 mirrors nothing).",
     )
     enable_faults: bool = Field(
         False, description="Mount /admin/v1/faults (latency/error injection per version)."

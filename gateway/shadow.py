@@ -10,8 +10,10 @@ How: the same prompts, sampling options and tenant scope (the candidate resolves
 `name@N` for the caller's tenant, exactly like the stable did), one choice per prompt, in a
 background task started once the client's answer is complete, so the mirror never delays or
 fails it. The mirror is not charged to the tenant's limits (the tenant did not ask for it) and
-is absent from the per-request metrics; at most `max_inflight` mirrors run at once and any
-more are dropped (counted), so a burst cannot double the engine's load.
+is absent from the per-request metrics; at most `max_inflight` mirrors per shadowed adapter
+run at once and any more are dropped (counted), so a burst cannot double the engine's load,
+and one tenant's long requests on its shadow never starve another adapter's shadow of
+evidence (one shared cap did).
 
 What it records per candidate version: outcome (match, diverged, error, dropped), the
 divergence of the generated tokens, TTFT and end-to-end latency (gateway/metrics.py), and one
@@ -117,6 +119,7 @@ class ShadowMirror:
         self._faults = faults
         self._max_inflight = max_inflight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, int] = {}  # shadowed adapter → its mirrors in flight
 
     @property
     def inflight(self) -> int:
@@ -147,13 +150,22 @@ class ShadowMirror:
         )
 
     def submit(self, plan: ShadowPlan) -> None:
-        """Start the mirror in the background, or drop it when `max_inflight` already run."""
-        if len(self._tasks) >= self._max_inflight:
+        """Start the mirror in the background, or drop it when `max_inflight` mirrors of the
+        same adapter already run."""
+        running = self._running.get(plan.adapter, 0)
+        if running >= self._max_inflight:
             SHADOW_REQUESTS.labels(plan.adapter, str(plan.version), "dropped").inc()
             return
+        self._running[plan.adapter] = running + 1
         task = asyncio.ensure_future(self._mirror(plan))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: self._finished(done, plan.adapter))
+
+    def _finished(self, task: asyncio.Task[None], adapter: str) -> None:
+        self._tasks.discard(task)
+        left = self._running.pop(adapter) - 1
+        if left:
+            self._running[adapter] = left
 
     async def _mirror(self, plan: ShadowPlan) -> None:
         started = time.perf_counter()

@@ -18,11 +18,18 @@ async def register_adapter_upload(
     actor: AdminDep,
     admin: AdapterAdminDep,
     name: Annotated[str, Form(examples=["support-bot"])],
+    tenant: Annotated[
+        str,
+        Form(
+            examples=["acme"],
+            description="The owning tenant; required (a default owner gave customers' private "
+            "adapters to whoever held that tenant's keys).",
+        ),
+    ],
     files: Annotated[
         list[UploadFile],
         File(description="adapter_config.json + adapter_model.safetensors, or one .tar/.zip"),
     ],
-    tenant: Annotated[str, Form()] = "default",
     visibility: Annotated[
         Literal["private", "shared"] | None,
         Form(description="A new adapter's (default private); omitted, a new version keeps it."),

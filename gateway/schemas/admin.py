@@ -42,7 +42,7 @@ class ImportAdapter(Strict):
         "(folder or .tar/.zip object) in one of LORAPLEX_S3_IMPORT_BUCKETS."
     )
     name: str
-    tenant: str = "default"
+    tenant: str = Field(description="The owning tenant (required).")
     # A new adapter's visibility (default private); omitted, a new version keeps the adapter's.
     visibility: Literal["private", "shared"] | None = None
     card: dict[str, Any] | None = None

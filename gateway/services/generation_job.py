@@ -48,7 +48,10 @@ class GenerationJob:
             completion = self.recorder.completion_tokens
             if first_time and self.controller is not None:
                 self.controller.observe(
-                    self.served.adapter_name, self.served.version, self.recorder
+                    self.served.adapter_name,
+                    self.served.version,
+                    self.recorder,
+                    judged=self.served.judged_by(self.recorder.scope.tenant),
                 )
         if self.lease is not None:
             self.lease.release(completion)

@@ -155,7 +155,9 @@ def test_garbage_uploads_are_4xx_and_store_nothing(gateway, demo):
 
 def test_cli_usage_errors_exit_2(gateway, tmp_path):
     assert cli(gateway, "adapters", "retire", "no-version-given").returncode == 2
-    missing = cli(gateway, "adapters", "register", str(tmp_path / "nope"), "--name", "x")
+    missing = cli(
+        gateway, "adapters", "register", str(tmp_path / "nope"), "--name", "x", "--tenant", "t"
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 

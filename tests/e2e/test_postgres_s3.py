@@ -53,7 +53,8 @@ def test_postgres_registry_s3_store_and_s3_uri_registration(
                 own, "adapters", "register", uri, "--name", "from-s3", "--tenant", "pg-tenant"
             )
             assert registered.returncode == 0, registered.stderr + own.log_tail()
-            refused = cli(own, "adapters", "register", f"s3://{store_bucket}/x", "--name", "nope")
+            source = f"s3://{store_bucket}/x"
+            refused = cli(own, "adapters", "register", source, "--name", "nope", "--tenant", "t")
             assert refused.returncode == 1  # not an allow-listed import bucket
 
             stored = s3.list_objects_v2(Bucket=store_bucket, Prefix="artifacts/")

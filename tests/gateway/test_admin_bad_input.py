@@ -42,6 +42,8 @@ CASES = [
     ("DELETE", "/admin/v1/rollouts/nothing/shadow", None, 404),
     ("GET", "/admin/v1/adapters?tenant=nobody", None, 404),  # as /admin/v1/keys?tenant=nobody
     ("GET", "/admin/v1/keys?tenant=nobody", None, 404),
+    # No default owner: a forgotten tenant handed a customer's adapter to tenant "default".
+    ("POST", "/admin/v1/adapters/import", {"path": "/models/x", "name": "x"}, 400),
 ]
 
 
@@ -88,3 +90,11 @@ def test_an_expiry_beyond_the_calendar_is_a_400_from_the_service_too(demo_root):
         assert refused.value.status_code == 400 and refused.value.param == "expires_in_days"
         issued = client.portal.call(partial(create, expires_in_days=36500, actor="admin"))
         assert issued.key.expires_at is not None
+
+
+def test_an_upload_names_its_owner(demo_root):
+    with client_for(demo_root, ScriptedEngine(["a"])) as client:
+        files = [("files", ("adapter_config.json", b"{}"))]
+        upload = client.post("/admin/v1/adapters", data={"name": "x"}, files=files, headers=ADMIN)
+        assert upload.status_code == 400, upload.text
+        assert upload.json()["error"]["param"] == "tenant"

@@ -106,7 +106,8 @@ def test_an_unreadable_card_is_a_usage_error(runner, tmp_path, monkeypatch, sour
     (tmp_path / "folder").mkdir()
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "not-utf8.json").write_bytes(b"\xff\xfe{")
-    result = runner.invoke(app, ["adapters", "register", source, "--name", "bot", "--card", card])
+    args = ["adapters", "register", source, "--name", "bot", "--tenant", "acme", "--card", card]
+    result = runner.invoke(app, args)
     assert_usage_error(result, f"cannot read the card {card}")
     assert "cannot reach the gateway" not in result.output
 

@@ -174,6 +174,20 @@ def test_mirrors_over_the_cap_are_dropped_and_failures_counted(demo_root):
         assert shadow_calls(engine) == []  # it failed before the engine
         assert client.get(f"/admin/v1/rollouts/{name}", headers=ADMIN).json()["shadow_version"] == 2
 
+        # The cap is per shadowed adapter: another adapter's mirror still runs while this
+        # one's slot is held (one shared cap let one tenant's long requests starve it).
+        other = "sh-cap-other"
+        with_shadow(client, engine, demo_root, other, 100)
+        assert client.post("/admin/v1/faults", json=fault, headers=ADMIN).status_code == 200
+        complete(client, name, user="user-hold")  # holds sh-cap's one slot for 1.5 s
+        complete(client, other, user="user-other")
+        other_labels = {"adapter": other, "version": "2"}
+        assert sample("loraplex_shadow_requests_total", **other_labels, outcome="dropped") == 0
+        assert wait_for(
+            lambda: sample("loraplex_shadow_requests_total", **other_labels, outcome="diverged")
+            == 1
+        )
+
 
 def test_only_stable_callers_in_the_share_are_mirrored(demo_root):
     engine = ScriptedEngine(WORDS)
