@@ -208,7 +208,10 @@ async def test_shadow_mirrors_the_stable_and_counts_divergence(gateway, demo):
             2,
             100,
         )
-        before = admin(gateway, "GET", f"/rollouts/{name}").json()["windows"][f"{name}@2"]
+        # The shadow's window holds mirrored copies only: empty until the first one ends.
+        windows = admin(gateway, "GET", f"/rollouts/{name}").json()["windows"]
+        before = windows.get(f"{name}@2", {"samples": 0})
+        assert before["samples"] == 0
 
         users = [f"user-{i}" for i in range(6)]
         # One at a time, so at most a couple of mirrors overlap (the cap, 4, drops none).
