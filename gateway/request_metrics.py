@@ -58,6 +58,9 @@ class GenerationRecorder:
     scope: MetricScope
     prompt_tokens: int
     sequences: int = 1  # prompts x n: generated side by side, each its own token stream
+    # False: the engine hands over the output at the end (stream=false), so the first token's
+    # time is known only from the engine's own stats, if at all.
+    streamed: bool = True
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None  # None: no token yet, or its time is unknown
     output_started: bool = False

@@ -106,16 +106,24 @@ class Sample:
         return {"ttft_s": self.ttft_s, "e2e_s": self.e2e_s, "error": self.error}
 
 
-def hang_up_sample(ttft_s: float | None, elapsed_s: float, limits: WindowLimits) -> Sample | None:
+def hang_up_sample(
+    ttft_s: float | None, elapsed_s: float, limits: WindowLimits, *, streamed: bool = True
+) -> Sample | None:
     """What a request the client hung up on after `elapsed_s` tells its window: a request at
     least that slow when it hung up after a latency bound (TTFT: no first token by then, or a
     late one; end to end: past the bound), else nothing. Without this, a version so slow that
     every client gives up never fills a window and is never rolled back; with every hang-up
     counted, an impatient client would count against a healthy one. Not an error: the
-    version failed no request. Its latency is a lower bound: the request never finished."""
+    version failed no request. Its latency is a lower bound: the request never finished.
+    `streamed` False: the engine hands over every token at the end, so a missing first token
+    says nothing about TTFT (it may have come in 10 ms); only the end-to-end bound judges."""
     ttft_bound, e2e_bound = limits.ttft_bound_ms, limits.e2e_bound_ms
-    first_token_s = elapsed_s if ttft_s is None else ttft_s  # no token yet: TTFT >= elapsed
-    late_ttft = ttft_bound is not None and first_token_s * 1000 > ttft_bound
+    first_token_s = ttft_s
+    if first_token_s is None and streamed:
+        first_token_s = elapsed_s  # no token yet: TTFT >= elapsed
+    late_ttft = (
+        ttft_bound is not None and first_token_s is not None and first_token_s * 1000 > ttft_bound
+    )
     late_e2e = e2e_bound is not None and elapsed_s * 1000 > e2e_bound
     if not (late_ttft or late_e2e):
         return None

@@ -80,7 +80,7 @@ def request_sample(recorder: GenerationRecorder, limits: WindowLimits) -> Sample
     elapsed = recorder.finished_at - recorder.started
     if recorder.completed or recorder.failed:
         return Sample(ttft, elapsed, recorder.failed)
-    return hang_up_sample(ttft, elapsed, limits)
+    return hang_up_sample(ttft, elapsed, limits, streamed=recorder.streamed)
 
 
 class RolloutController:

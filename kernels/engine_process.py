@@ -35,18 +35,22 @@ def plugin_status(worker: Any = None) -> dict[str, Any]:
 
 def exit_with_parent(poll_s: float = PARENT_POLL_S) -> bool:
     """In a multiprocessing child, start a daemon thread that sends this process SIGTERM once
-    its parent is gone (it is re-parented: getppid changes), at once if it is gone already (a
-    gateway stopped during the engine's start). False in a process that was not started by
+    the process that started it is gone: it is re-parented (getppid changes), or its parent's
+    multiprocessing sentinel says it ended. The sentinel also catches a parent gone before
+    this ran (a gateway stopped during the engine's start) and a forkserver child, whose
+    getppid is the fork server, not the gateway. False in a process that was not started by
     multiprocessing (the gateway itself must keep its own lifetime)."""
     started_by = multiprocessing.parent_process()
     if started_by is None:
         return False
-    parent = started_by.pid
+    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and started_by.is_alive():
             time.sleep(poll_s)
-        logger.warning("loraplex: the process that started this one (%s) is gone: exiting", parent)
+        logger.warning(
+            "loraplex: the process that started this one (%s) is gone: exiting", started_by.pid
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="loraplex-exit-with-parent", daemon=True).start()

@@ -160,7 +160,12 @@ class GenerationService:
         # Recorder and controller first: a version whose adapter fails to load is a failed
         # request of that version, which its rollout window must see (a canary that could not
         # load answered every caller 500 and was never rolled back).
-        job.recorder = GenerationRecorder(_scope_of(served, caller), job.prompt_tokens, sequences)
+        job.recorder = GenerationRecorder(
+            _scope_of(served, caller),
+            job.prompt_tokens,
+            sequences,
+            streamed=job.options.stream,
+        )
         job.controller = self._controller
         if served.adapter is not None:
             try:

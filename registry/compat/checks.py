@@ -230,13 +230,13 @@ def check_tensors(
                 unknown.append(tensor.name)
             continue
         dims = base.modules.get(key.module)
-        expected = base.module_path(key.module, key.layer)
-        if dims is None or expected is None:
+        spellings = base.module_path_spellings(key.module, key.layer)
+        if dims is None or not spellings:
             absent.add(key.module)
             continue
-        if key.module_path != expected:
+        if key.module_path not in spellings:
             # vLLM would load it under a module name the served model lacks, and never apply it
-            misplaced[tensor.name] = lora_tensor_name(expected, key.ab)
+            misplaced[tensor.name] = lora_tensor_name(spellings[0], key.ab)
             continue
         pairs[key.module_path].add(key.ab)
         if key.layer >= base.num_layers:

@@ -107,6 +107,21 @@ class BaseModelFingerprint:
             template = default_module_path(module)
         return None if template is None else template.format(layer=layer)
 
+    def module_path_spellings(self, module: str, layer: int) -> tuple[str, ...]:
+        """Every name of that module an adapter may use: the checkpoint's, and for a
+        multimodal base's language model also the other spelling (transformers saves Llava-
+        style checkpoints as `language_model.model.layers…` while PEFT names the live
+        modules `model.language_model.layers…`; vLLM maps one onto the other)."""
+        path = self.module_path(module, layer)
+        if path is None:
+            return ()
+        for saved, live in _LANGUAGE_MODEL_SPELLINGS:
+            if path.startswith(saved):
+                return (path, live + path.removeprefix(saved))
+            if path.startswith(live):
+                return (path, saved + path.removeprefix(live))
+        return (path,)
+
 
 def fingerprint_base_model(path: Path) -> BaseModelFingerprint:
     """Fingerprint a HF checkpoint folder (config.json, weights, tokenizer files)."""
@@ -193,6 +208,10 @@ def adaptable_modules(dims: Mapping[str, Any]) -> dict[str, ModuleDims]:
         "up_proj": ModuleDims(hidden, inter),
         "down_proj": ModuleDims(inter, hidden),
     }
+
+
+# (checkpoint spelling, live-module spelling) of a multimodal model's language model.
+_LANGUAGE_MODEL_SPELLINGS = (("language_model.model.", "model.language_model."),)
 
 
 def default_module_path(module: str) -> str:

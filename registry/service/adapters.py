@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -146,11 +146,12 @@ async def register_adapter_version(
 
 
 async def _base_named(session: AsyncSession, name: str) -> str | None:
-    """The registered base whose name is `name` but for case (a client's `model` that names a
-    base reaches the base: an adapter of that name could never be served)."""
-    return await session.scalar(
-        select(BaseModel.name).where(func.lower(BaseModel.name) == name.lower()).limit(1)
-    )
+    """The registered base named `name`, unless an adapter of that name exists already (its
+    new versions stay welcome). A client's `model` that names a base reaches the base, as the
+    gateway matches it exactly: a new adapter of that name could never be served."""
+    if await find_adapter(session, name) is not None:
+        return None
+    return await session.scalar(select(BaseModel.name).where(BaseModel.name == name).limit(1))
 
 
 def _contradicting_claims(card: AdaptationCard | None, base_sha256: str | None) -> list[Problem]:

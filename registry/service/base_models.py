@@ -79,7 +79,7 @@ async def register_base_model(
     existing = await _registered(session, name=name, fingerprint=fingerprint)
     if existing is not None:
         return existing
-    taken = await session.scalar(select(Adapter.name).where(Adapter.name == name.lower()))
+    taken = await session.scalar(select(Adapter.name).where(Adapter.name == name))
     if taken is not None:
         # `model: name` would reach this base: the adapter's callers would silently get the
         # base model's answers instead of their adapter's.

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import InvalidStateTransition
-from registry.models import Adapter, AdapterVersion, utcnow
+from registry.models import Adapter, AdapterVersion, RolloutEvent, utcnow
 from registry.service.audit import record
 from registry.service.queries import (
     artifact_references,
@@ -20,7 +20,8 @@ from registry.service.queries import (
     get_version,
     lock_artifact,
 )
-from registry.service.rollout_log import touch_if_tracked
+from registry.service.rollout_log import touch, touch_if_tracked
+from registry.service.rollout_views import arms_fallback, version_row
 from registry.states import SERVABLE, VersionState, check_transition
 from registry.store.base import ArtifactStore
 
@@ -67,7 +68,9 @@ async def retire_version(
     if served is not None and served.id == row.id:
         adapter.stable_version = await _successor(session, row)
         details["stable_version"] = adapter.stable_version
-    touch_if_tracked(adapter)  # a retired stable: `name` serves another version now
+        await _stamp_new_stable(adapter, adapter.stable_version, session)
+    else:
+        touch_if_tracked(adapter)
     record(
         session,
         actor=actor,
@@ -107,9 +110,11 @@ async def delete_version(
     if served is not None and served.id == row.id:
         # An unpinned adapter's newest version: its successor as for a retired stable.
         adapter.stable_version = await _successor(session, row)
-    elif version == adapter.stable_version:
-        adapter.stable_version = None  # no pointer at a deleted version (`name` is unchanged)
-    touch_if_tracked(adapter)
+        await _stamp_new_stable(adapter, adapter.stable_version, session)
+    else:
+        if version == adapter.stable_version:
+            adapter.stable_version = None  # no pointer at a deleted version (`name` unchanged)
+        touch_if_tracked(adapter)
     await lock_artifact(session, row.artifact_sha256)  # no registration of these files now
     others = await artifact_references(session, row.artifact_sha256, excluding_id=row.id)
     remove_artifact = others == 0
@@ -137,18 +142,61 @@ async def delete_version(
     return row
 
 
+# How far a version has come: a successor is the furthest along (seed §7's ladder), so an
+# evaluated or released version takes the name before one never evaluated.
+_PROGRESS = {
+    VersionState.PRODUCTION: 3,
+    VersionState.CANARY_50: 2,
+    VersionState.CANARY_10: 2,
+    VersionState.CANARY_1: 2,
+    VersionState.EVALUATED: 2,
+    VersionState.COMPATIBLE: 1,
+}
+
+
 async def _successor(session: AsyncSession, leaving: AdapterVersion) -> int | None:
-    """The version that serves `name` once `leaving`, its stable, stops: see retire_version."""
-    servable = select(AdapterVersion.version).where(
-        AdapterVersion.adapter_id == leaving.adapter_id,
-        AdapterVersion.id != leaving.id,
-        AdapterVersion.state.in_(SERVABLE),
+    """The version that serves `name` once `leaving`, its stable, stops: the version it
+    replaced by a completed rollout, if still servable; else the furthest along the ladder
+    (released, then evaluated, then merely compatible), the newest below `leaving` first, then
+    the newest above. A version registered and never evaluated takes the name only when no
+    other is left."""
+    rows = await session.execute(
+        select(AdapterVersion.version, AdapterVersion.state).where(
+            AdapterVersion.adapter_id == leaving.adapter_id,
+            AdapterVersion.id != leaving.id,
+            AdapterVersion.state.in_(SERVABLE),
+        )
     )
-    below = servable.where(AdapterVersion.version < leaving.version)
-    found = await session.scalar(below.order_by(AdapterVersion.version.desc()).limit(1))
-    if found is None:
-        found = await session.scalar(servable.order_by(AdapterVersion.version.desc()).limit(1))
-    return found
+    candidates = [(version, VersionState(state)) for version, state in rows]
+    if not candidates:
+        return None
+    replaced = await session.scalar(
+        select(RolloutEvent.from_version)
+        .where(
+            RolloutEvent.adapter_id == leaving.adapter_id,
+            RolloutEvent.action == "complete",
+            RolloutEvent.to_version == leaving.version,
+        )
+        .order_by(RolloutEvent.id.desc())
+        .limit(1)
+    )
+
+    def preference(candidate: tuple[int, VersionState]) -> tuple[bool, int, bool, int]:
+        version, state = candidate
+        return (version == replaced, _PROGRESS[state], version < leaving.version, version)
+
+    return max(candidates, key=preference)[0]
+
+
+async def _stamp_new_stable(adapter: Adapter, stable: int | None, session: AsyncSession) -> None:
+    """Stamp a change of what `name` serves for polling replicas: always when the new stable
+    arms a fallback (they must start judging it, as a first version's registration does),
+    else only if they hold a view of the adapter."""
+    row = None if stable is None else await version_row(session, adapter, stable)
+    if row is not None and arms_fallback(adapter, row):
+        touch(adapter)
+    else:
+        touch_if_tracked(adapter)
 
 
 def move_state(row: AdapterVersion, target: VersionState) -> None:

@@ -37,12 +37,17 @@ async def test_a_caller_that_gave_up_is_not_disturbed_when_the_work_ends():
         return "late"
 
     errors: list[dict] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
-    future = run_in_daemon_thread(work, name="t")
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(future, timeout=0.05)
-    assert future.cancelled()
-    release.set()
-    await asyncio.to_thread(finished.wait, 10)
-    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    try:
+        future = run_in_daemon_thread(work, name="t")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(future, timeout=0.05)
+        assert future.cancelled()
+        release.set()
+        await asyncio.to_thread(finished.wait, 10)
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)  # the loop may serve later tests
     assert errors == []  # the late outcome was dropped, not set on the cancelled future

@@ -150,6 +150,17 @@ def test_a_hang_up_counts_only_after_a_latency_bound(ttft_s, elapsed_s, limits, 
     assert hang_up_sample(ttft_s, elapsed_s, limits) == sample
 
 
+def test_a_non_streamed_hang_up_says_nothing_about_its_first_token():
+    # stream=false: every token arrives at the end, so no first token yet may still mean a
+    # 10 ms TTFT; only the end-to-end bound judges (a healthy canary was rolled back on a
+    # TTFT of "the time the client waited").
+    ttft_only = WindowLimits(sla_p95_ttft_ms=100, margin_ms=15)
+    assert hang_up_sample(None, 0.4, ttft_only, streamed=False) is None
+    assert hang_up_sample(None, 0.4, ttft_only, streamed=True) == Sample(0.4, 0.4, False)
+    both = WindowLimits(sla_p95_ttft_ms=100, sla_p95_e2e_ms=300, margin_ms=15)
+    assert hang_up_sample(None, 0.4, both, streamed=False) == Sample(None, 0.4, False)
+
+
 def test_bounds_are_the_lowest_of_sla_plus_margin_and_the_absolute_bound():
     assert (BOUNDED.ttft_bound_ms, BOUNDED.e2e_bound_ms) == (115, 900)
     assert (WindowLimits().ttft_bound_ms, WindowLimits().e2e_bound_ms) == (None, None)

@@ -89,14 +89,24 @@ def controller(router: Router, *, auto_promote: bool) -> tuple[RolloutController
 
 def request(e2e_s: float) -> Any:
     return types.SimpleNamespace(
-        completed=True, failed=False, started=0.0, first_token_at=0.005, finished_at=e2e_s
+        completed=True,
+        failed=False,
+        started=0.0,
+        first_token_at=0.005,
+        finished_at=e2e_s,
+        streamed=True,
     )
 
 
-def hang_up(after_s: float) -> Any:
+def hang_up(after_s: float, streamed: bool = True) -> Any:
     """A client that gave up after `after_s`, before its first token."""
     return types.SimpleNamespace(
-        completed=False, failed=False, started=0.0, first_token_at=None, finished_at=after_s
+        completed=False,
+        failed=False,
+        started=0.0,
+        first_token_at=None,
+        finished_at=after_s,
+        streamed=streamed,
     )
 
 

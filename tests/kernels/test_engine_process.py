@@ -90,3 +90,21 @@ def _short_lived_child(pids) -> None:
 def test_an_engine_process_whose_parent_died_before_the_plugin_loaded_exits_too():
     # a gateway stopped while vLLM's engine process was still importing
     assert not _grandchild_left_when_its_parent_is_killed(_short_lived_child)
+
+
+def _stays(queue) -> None:
+    exit_with_parent(poll_s=0.05)
+    time.sleep(1.0)
+    queue.put("still alive")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_an_engine_process_whose_parent_lives_keeps_running(method):
+    # Under forkserver getppid is the fork server, not the parent: comparing the two killed
+    # the child at once.
+    context = multiprocessing.get_context(method)
+    queue = context.Queue()
+    child = context.Process(target=_stays, args=(queue,))
+    child.start()
+    child.join(10)
+    assert queue.get(timeout=5) == "still alive" and child.exitcode == 0

@@ -206,3 +206,59 @@ def test_demo_adapters_still_pass(tmp_path: Path):
     for name, folder in paths.adapters.items():
         problems = run_gate(inspect_adapter(folder), served, EngineLimits(max_lora_rank=32))
         assert problems == [], name
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Llava base as transformers saves it (`language_model.model.layers…`) and a real
+    PEFT LoRA on its language model (named after the live `model.language_model.layers…`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    from tests.registry.helpers import save_tokenizer
+
+    root = tmp_path_factory.mktemp("llava")
+    torch.manual_seed(0)
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=200,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    model = Llava(LlavaConfig(text_config=text, vision_config=vision, image_token_index=199))
+    model.save_pretrained(root / "base")
+    save_tokenizer(root / "base")
+    targets = r".*language_model.*\.(q_proj|v_proj)"
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    peft_model.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def test_a_multimodal_bases_language_model_is_reached_under_either_spelling(llava):
+    base, adapter = llava
+    fingerprint = fingerprint_base_model(base)
+    # vLLM's Llava maps model.language_model. onto the checkpoint's language_model.model.
+    assert fingerprint.module_path("q_proj", 0) == "language_model.model.layers.0.self_attn.q_proj"
+    assert run_gate(inspect_adapter(adapter), fingerprint, EngineLimits(max_lora_rank=16)) == []
+    spellings = fingerprint.module_path_spellings("q_proj", 1)
+    assert spellings == (
+        "language_model.model.layers.1.self_attn.q_proj",
+        "model.language_model.layers.1.self_attn.q_proj",
+    )

@@ -93,3 +93,36 @@ async def test_deleting_an_unpinned_newest_version_keeps_the_rule(world: World):
     await service.delete_version(world.session, store=world.store, name=NAME, version=3, actor="a")
     assert await named(world) == 2
     assert (await service.rollout_status(world.session, name=NAME)).stable_version == 2
+
+
+async def test_a_retired_stable_hands_the_name_to_the_version_it_replaced(world: World):
+    await world.register(NAME, 1)  # serves
+    await world.register(NAME, 2)  # compatible: never evaluated, never served
+    await world.evaluated(NAME, 3)
+    await service.start_rollout(world.session, name=NAME, version=3, actor="ops")
+    await service.promote(world.session, name=NAME, actor="ops", to_percent=100)
+    assert await named(world) == 3
+    await service.retire_version(world.session, name=NAME, version=3, actor="ops")
+    # v1, which v3's rollout replaced; v2, newer, would take the name with no canary at all.
+    assert await named(world) == 1
+
+
+async def test_an_evaluated_version_succeeds_before_one_never_evaluated(world: World):
+    await world.register(NAME, 1)  # serves
+    await world.evaluated(NAME, 2)
+    await world.register(NAME, 3)  # compatible only
+    await service.retire_version(world.session, name=NAME, version=1, actor="ops")
+    assert await named(world) == 2
+    await service.retire_version(world.session, name=NAME, version=2, actor="ops")
+    assert await named(world) == 3  # nothing else is left
+
+
+async def test_an_armed_successor_reaches_the_replicas_that_judge_it(world: World):
+    await world.register("armed", 1)  # no card: no replica holds a view of it
+    armed = {"owner": "ml@acme", "objective": "sft", "rollback": {"error_rate": 0.01}}
+    await world.register("armed", 2, card=armed)  # arms a fallback; pinned away from the name
+    await service.retire_version(world.session, name="armed", version=1, actor="ops")
+    view = await service.rollout_status(world.session, name="armed")
+    assert view.stable_version == 2 and view.auto_fallback
+    # Stamped, so every replica's rollout router loads it and its monitor judges it.
+    assert [v.name for v in await service.list_rollouts(world.session)] == ["armed"]

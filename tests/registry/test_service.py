@@ -427,7 +427,7 @@ async def test_a_new_base_cannot_take_an_adapters_name(
     with pytest.raises(InvalidName, match="taken by adapter 'support-bot'"):
         await service.register_base_model(
             world.session,
-            name="Support-Bot",
+            name="support-bot",
             fingerprint=fingerprint_base_model(other),
             actor="system",
         )
