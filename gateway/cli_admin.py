@@ -303,10 +303,15 @@ def revoke_key(
 
 def key_id_of(value: str) -> str:
     """Accept a whole key (generated or chosen) as well as its id, so an operator can paste a
-    leaked key; only the id travels, in the URL path the server may log."""
+    leaked key (surrounding blanks and quotes are dropped); only the id travels, in the URL
+    path the server may log. Anything else is a usage error, never sent: it may be a secret."""
     from registry.tenancy import key_id_for
 
-    return key_id_for(value) or value
+    key_id = key_id_for(value.strip().strip("'\"").strip())
+    if key_id is None:
+        typer.echo("error: not a key id (shown by `keys list`) nor a whole key", err=True)
+        raise typer.Exit(2)
+    return key_id
 
 
 @adapters_app.command("share")

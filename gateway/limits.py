@@ -1,5 +1,6 @@
 """Per-tenant admission limits: requests per second and tokens per minute (token buckets), max
-concurrent requests and a max_tokens cap, all read from the tenant's policy in the registry.
+concurrent sequences (a request counts its prompts x n) and a max_tokens cap, all read from
+the tenant's policy in the registry.
 
 State lives in this process. With several gateway replicas each enforces the full policy on its
 own share of the traffic, so a tenant's effective ceiling is replicas x limit; put a sticky
@@ -7,8 +8,8 @@ load balancer in front (hash on the API key) to keep one tenant on one replica, 
 policy to limit / replicas. README "Tenants, keys and limits" says the same.
 
 Tokens are charged at admission as prompt + max_tokens (what the request may cost at most) and
-the unused part of max_tokens is refunded when it finishes, so a tenant can never overshoot its
-budget by starting many long generations at once.
+the unused part of max_tokens is refunded when it finishes (everything, when the engine never
+ran it), so a tenant can never overshoot its budget by starting many long generations at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from gateway.errors import InvalidRequest, LoraplexError
 from gateway.metrics import RATE_LIMITED
 from registry.tenancy import TenantPolicy
 
+# The longest wait Retry-After announces: a day, the slowest rate a policy may set.
+MAX_RETRY_AFTER_S = 86400.0
+
 
 class RateLimited(LoraplexError):
     status_code = 429
@@ -34,7 +38,8 @@ class RateLimited(LoraplexError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        wait = self.retry_after_s if math.isfinite(self.retry_after_s) else MAX_RETRY_AFTER_S
+        return {"Retry-After": str(max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S))))}
 
 
 class MaxTokensAboveLimit(InvalidRequest):
@@ -67,9 +72,10 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
     def reshape(self, capacity: float, refill_per_s: float) -> None:
-        """A raised limit grants its extra allowance at once; a lowered one keeps no more than
-        its new capacity."""
-        self.level = min(self.level + max(0.0, capacity - self.capacity), capacity)
+        """A raised limit fills up at its new rate, a lowered one keeps no more than its new
+        capacity. Granting a raise's extra at once let two cached policies, alternating on a
+        replica whose cache was a poll behind, refill the bucket on every switch."""
+        self.level = min(self.level, capacity)
         self.capacity, self.refill_per_s = capacity, refill_per_s
 
 
@@ -87,13 +93,19 @@ class Lease:
     limiter: TenantLimiter
     tenant: str
     reserved_completion_tokens: int
+    sequences: int = 1  # concurrent slots held: prompts x n
+    charged_tokens: int = 0  # what the tokens bucket gave (0: no such limit at admission)
+    charged_request: bool = False  # whether the requests bucket gave one
     released: bool = field(default=False)
 
-    def release(self, completion_tokens: int = 0) -> None:
+    def release(self, completion_tokens: int = 0, *, ran: bool = True) -> None:
+        """`ran` False: the engine produced nothing (it refused the request, died, or the
+        adapter failed to load): everything charged is refunded, the request too, so clients
+        retrying a 503 do not spend their budget on an outage."""
         if self.released:
             return
         self.released = True
-        self.limiter._release(self, completion_tokens)
+        self.limiter._release(self, completion_tokens, ran=ran)
 
 
 class TenantLimiter:
@@ -133,18 +145,35 @@ class TenantLimiter:
         return default
 
     def admit(
-        self, tenant: str, policy: TenantPolicy, *, prompt_tokens: int, max_tokens: int
+        self,
+        tenant: str,
+        policy: TenantPolicy,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        sequences: int = 1,
     ) -> Lease:
-        """Admit one request or raise RateLimited (nothing is charged on refusal)."""
+        """Admit one request of `sequences` generations (prompts x n) or raise RateLimited
+        (nothing is charged on refusal). max_concurrent counts sequences: one request of 64
+        prompts x n 16 ran 1024 of them under a limit of 1."""
         state = self._state(tenant, policy)
         now = self._clock()
-        if policy.max_concurrent is not None and state.running >= policy.max_concurrent:
+        limit = policy.max_concurrent
+        if limit is not None and sequences > limit:
+            RATE_LIMITED.labels(tenant, "max_concurrent").inc()
+            raise InvalidRequest(
+                f"This request runs {sequences} sequences (prompts x n) at once, more than "
+                f"this key's limit of {limit} concurrent sequences.",
+                param="n",
+                code="max_concurrent_exceeded",
+            )
+        if limit is not None and state.running + sequences > limit:
             self._refuse(
                 tenant,
                 "max_concurrent",
                 "requests",
-                f"Too many concurrent requests: limit {policy.max_concurrent}. Retry when one "
-                "of your requests finishes.",
+                f"Too many concurrent sequences: limit {policy.max_concurrent} (a request "
+                "counts its prompts x n). Retry when one of your requests finishes.",
                 1.0,
             )
         if state.requests is not None:
@@ -159,6 +188,8 @@ class TenantLimiter:
                     wait,
                 )
         cost = prompt_tokens + max_tokens
+        charged_request = state.requests is not None
+        lease = Lease(self, tenant, max_tokens, sequences, charged_request=charged_request)
         if state.tokens is not None:
             if cost > state.tokens.capacity:
                 if state.requests is not None:
@@ -183,8 +214,9 @@ class TenantLimiter:
                     f"requested {cost}. Please try again in {wait:.2f}s.",
                     wait,
                 )
-        state.running += 1
-        return Lease(self, tenant, max_tokens)
+            lease.charged_tokens = cost
+        state.running += sequences
+        return lease
 
     def running(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
@@ -194,14 +226,21 @@ class TenantLimiter:
         RATE_LIMITED.labels(tenant, limit).inc()
         raise RateLimited(message, limit=limit, error_type=kind, retry_after_s=wait)
 
-    def _release(self, lease: Lease, completion_tokens: int) -> None:
+    def _release(self, lease: Lease, completion_tokens: int, *, ran: bool) -> None:
         state = self._tenants.get(lease.tenant)
         if state is None:
             return
-        state.running = max(0, state.running - 1)
-        unused = lease.reserved_completion_tokens - completion_tokens
-        if state.tokens is not None and unused > 0:
-            state.tokens.give_back(unused)
+        state.running = max(0, state.running - lease.sequences)
+        # Never more than this lease was charged: a limit added while it ran charged nothing.
+        if ran:
+            refund = lease.reserved_completion_tokens - completion_tokens
+        else:
+            refund = lease.charged_tokens
+            if lease.charged_request and state.requests is not None:
+                state.requests.give_back(1)
+        refund = min(refund, lease.charged_tokens)
+        if state.tokens is not None and refund > 0:
+            state.tokens.give_back(refund)
 
     def _state(self, tenant: str, policy: TenantPolicy) -> _TenantState:
         """The tenant's buckets, reshaped to the current policy (edits apply on the next

@@ -26,6 +26,7 @@ from pydantic import (
 
 from registry.compat.problems import Problem, ProblemCode
 from registry.naming import name_problem
+from registry.text_checks import nul_path
 
 MAX_CARD_BYTES = 256 * 1024
 
@@ -185,6 +186,9 @@ def parse_card(
                 )
                 for where, value in constants
             ]
+    if (where := nul_path(data)) is not None:
+        shown = f"card.{where}" if where else "card"
+        return None, [Problem(ProblemCode.CARD_INVALID, f"{shown}: NUL characters are not allowed")]
     try:
         return AdaptationCard.model_validate(data), []
     except ValidationError as exc:

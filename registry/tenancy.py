@@ -72,6 +72,11 @@ class TenantPolicy:
 
 
 _POSITIVE_INTS = ("burst", "tokens_per_minute", "max_concurrent", "max_tokens")
+# Bounds that keep a limit a number the limiter can compute with (a float holds integers
+# exactly up to 2**53; 10**400 tokens a minute was stored, then every request was a 500) and a
+# wait it can express (one request a day at the slowest: 5e-324 made Retry-After infinite).
+MAX_LIMIT = 2**53
+MIN_REQUESTS_PER_SECOND = 1 / 86400
 
 
 def policy_problems(data: object) -> list[str]:
@@ -85,12 +90,17 @@ def policy_problems(data: object) -> list[str]:
             shown = repr(key)[:80]
             problems.append(f"unknown field {shown}; allowed: {', '.join(known)}")
     rps = data.get("requests_per_second")
-    if rps is not None and not _positive_number(rps):
-        problems.append(f"requests_per_second must be a positive finite number, got {_show(rps)}")
+    if rps is not None and not (
+        _positive_number(rps) and MIN_REQUESTS_PER_SECOND <= rps <= MAX_LIMIT  # type: ignore[operator]
+    ):
+        problems.append(
+            f"requests_per_second must be a positive finite number from 1/86400 (one a day) "
+            f"to 2**53, got {_show(rps)}"
+        )
     for key in _POSITIVE_INTS:
         value = data.get(key)
-        if value is not None and not (_integer(value) and value > 0):
-            problems.append(f"{key} must be a positive integer, got {_show(value)}")
+        if value is not None and not (_integer(value) and 0 < value <= MAX_LIMIT):  # type: ignore[operator]
+            problems.append(f"{key} must be a positive integer up to 2**53, got {_show(value)}")
     if data.get("burst") is not None and rps is None:
         problems.append("burst needs requests_per_second (it is the size of that rate's bucket)")
     allow = data.get("allow_base_model", True)

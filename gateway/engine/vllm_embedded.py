@@ -20,6 +20,7 @@ from gateway.engine.client import (
     SamplingOptions,
 )
 from gateway.engine.daemon_thread import run_in_daemon_thread
+from gateway.engine.processes import stop_descendants
 from gateway.engine.vllm_convert import generation_update, lora_request, sampling_params
 from gateway.settings import Settings
 from kernels.page_groups import DemandEntry
@@ -135,6 +136,8 @@ class EmbeddedVLLM:
                 abandoned.set()
                 for engine in built:  # finished in the meantime
                     engine.shutdown()
+                if not built:  # still being built: its processes would outlive this one
+                    stop_descendants()
             raise
         await self._check_plugin()
         self.max_model_len = self._engine.model_config.max_model_len

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.models import Adapter, AdapterVersion
+from registry.service.keys import MAX_KEY_DAYS
+from registry.tenancy import MAX_LIMIT, MIN_REQUESTS_PER_SECOND
+from registry.text_checks import nul_path
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _no_nul_characters(self) -> Self:
+        # PostgreSQL cannot store them: refused here, not a 500 after the checks passed.
+        for name, value in self:
+            if (where := nul_path(value, name)) is not None:
+                raise ValueError(f"{where} must not contain NUL characters")
+        return self
 
 
 def example(payload: dict[str, Any]) -> ConfigDict:
@@ -134,11 +145,21 @@ class AdapterOut(Strict):
 class TenantLimits(Strict):
     """A tenant's policy. Omitted or null = unlimited; allow_base_model defaults to true."""
 
-    requests_per_second: float | None = Field(None, gt=0, examples=[5])
-    burst: int | None = Field(None, gt=0, description="Bucket size for requests_per_second.")
-    tokens_per_minute: int | None = Field(None, gt=0, examples=[20000])
-    max_concurrent: int | None = Field(None, gt=0, examples=[8])
-    max_tokens: int | None = Field(None, gt=0, examples=[512])
+    requests_per_second: float | None = Field(
+        None, ge=MIN_REQUESTS_PER_SECOND, le=MAX_LIMIT, examples=[5]
+    )
+    burst: int | None = Field(
+        None, gt=0, le=MAX_LIMIT, description="Bucket size for requests_per_second."
+    )
+    tokens_per_minute: int | None = Field(None, gt=0, le=MAX_LIMIT, examples=[20000])
+    max_concurrent: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_LIMIT,
+        examples=[8],
+        description="Sequences generating at once (a request counts its prompts x n).",
+    )
+    max_tokens: int | None = Field(None, gt=0, le=MAX_LIMIT, examples=[512])
     allow_base_model: bool | None = Field(None, description="May call the base model itself.")
 
     model_config = example(
@@ -166,10 +187,6 @@ class TenantOut(Strict):
     model_config = example(
         {"name": "acme", "limits": {"max_concurrent": 8}, "created_at": "2026-11-20T09:00:00Z"}
     )
-
-
-# A century: beyond it an expiry means "never" (omit it), and far beyond datetime overflows.
-MAX_KEY_DAYS = 36500
 
 
 class CreateKey(Strict):

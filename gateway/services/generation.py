@@ -155,6 +155,7 @@ class GenerationService:
             caller.policy,
             prompt_tokens=job.prompt_tokens,
             max_tokens=job.options.max_tokens * sequences,
+            sequences=sequences,
         )
         served = job.served
         # Recorder and controller first: a version whose adapter fails to load is a failed
@@ -174,6 +175,7 @@ class GenerationService:
                 )
             except BaseException as exc:
                 job.recorder.failed = _the_versions_fault(exc)
+                job.ran = False  # refunded: the engine produced nothing
                 job.finish()
                 raise
             job.cache = self._cache
@@ -238,11 +240,13 @@ class GenerationService:
         """(prompt index, update) pairs as the engine produces them, all prompts interleaved.
         However it ends, the job's lease and metrics are closed."""
         recorder = job.recorder
+        received = False
         try:
             if self._faults is not None:
                 await self._faults.apply(job.served.adapter_name, job.served.version)
             async with aclosing(self._interleaved(job)) as updates:
                 async for index, update in updates:
+                    received = True
                     if update.cached_prompt_tokens is not None:
                         job.cached_by_prompt[index] = update.cached_prompt_tokens
                     if recorder is not None:
@@ -265,6 +269,8 @@ class GenerationService:
         except Exception as exc:
             if recorder is not None:
                 recorder.failed = _the_versions_fault(exc)
+            if not received:  # refused, or failed, before the engine produced anything
+                job.ran = False
             raise
         finally:
             job.finish()

@@ -37,6 +37,9 @@ class GenerationJob:
     shadow: ShadowPlan | None = None  # a copy for the adapter's shadow, sent once complete
     # Prompt index → prompt tokens the engine served from its prefix cache, as reported.
     cached_by_prompt: dict[int, int] = field(default_factory=dict)
+    # False once the engine refused or failed it before producing anything (or its adapter
+    # failed to load): the tenant's limits refund the whole charge.
+    ran: bool = True
 
     def finish(self) -> None:
         """Release the tenant's lease (refunding unused tokens), close the metrics and feed the
@@ -54,7 +57,7 @@ class GenerationJob:
                     judged=self.served.judged_by(self.recorder.scope.tenant),
                 )
         if self.lease is not None:
-            self.lease.release(completion)
+            self.lease.release(completion, ran=self.ran)
         if self.cache is not None and self.served.adapter is not None:
             self.cache.release(self.served.adapter)
             self.cache = None  # released once

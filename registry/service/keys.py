@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -30,6 +30,8 @@ from registry.tenancy import (
 )
 
 MAX_LABEL_CHARS = 200
+# A century: beyond it an expiry means "never" (omit it).
+MAX_KEY_DAYS = 36500
 MAX_REASON_CHARS = 500
 # Compared against when the key id is unknown, so both paths hash and compare once.
 _NO_SUCH_DIGEST = "0" * 64
@@ -68,8 +70,19 @@ async def create_api_key(
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise InvalidInput("expires_at must carry a time zone (e.g. 2027-01-01T00:00:00Z)")
-        if expires_at <= utcnow():
+        try:
+            # Stored in UTC: 9999-12-31T23:00-05:00 lies past what a date can hold.
+            expires_at = expires_at.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput(f"expires_at {expires_at.isoformat()} is out of range") from None
+        now = utcnow()
+        if expires_at <= now:
             raise InvalidInput(f"expires_at {expires_at.isoformat()} is not in the future")
+        if expires_at > now + timedelta(days=MAX_KEY_DAYS):
+            raise InvalidInput(
+                f"expires_at {expires_at.isoformat()} is more than {MAX_KEY_DAYS} days away; "
+                "omit it for a key that does not expire"
+            )
     if label is not None and len(label) > MAX_LABEL_CHARS:
         raise InvalidInput(f"label is longer than {MAX_LABEL_CHARS} characters")
     if plaintext is None:

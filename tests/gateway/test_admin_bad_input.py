@@ -42,6 +42,9 @@ CASES = [
     ("DELETE", "/admin/v1/rollouts/nothing/shadow", None, 404),
     ("GET", "/admin/v1/adapters?tenant=nobody", None, 404),  # as /admin/v1/keys?tenant=nobody
     ("GET", "/admin/v1/keys?tenant=nobody", None, 404),
+    # PostgreSQL cannot store NUL: it was a 500 there after every check passed (review).
+    ("POST", "/admin/v1/keys/nosuchkeyid1/revoke", {"reason": "a\x00b"}, 400),
+    ("POST", "/admin/v1/rollouts/nothing/rollback", {"reason": "\x00"}, 400),
     # No default owner: a forgotten tenant handed a customer's adapter to tenant "default".
     ("POST", "/admin/v1/adapters/import", {"path": "/models/x", "name": "x"}, 400),
 ]

@@ -3,6 +3,8 @@ recovers, what is refunded. The HTTP behaviour (429 + Retry-After) is tested in 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from gateway.errors import InvalidRequest
@@ -119,12 +121,78 @@ def test_policy_edits_apply_on_the_next_request(clock):
         admit(limiter, tight)
 
 
-def test_a_raised_token_budget_applies_at_once(clock):
+def test_a_raised_token_budget_fills_at_its_new_rate(clock):
     limiter = TenantLimiter(clock)
     admit(limiter, TenantPolicy(tokens_per_minute=300), prompt=2, out=200).release(200)
     with pytest.raises(RateLimited):
         admit(limiter, TenantPolicy(tokens_per_minute=300), prompt=2, out=200)
+    with pytest.raises(RateLimited):  # no extra allowance granted at once
+        admit(limiter, TenantPolicy(tokens_per_minute=100_000), prompt=2, out=200)
+    clock.now += 0.2  # 100 000 a minute: 333 more
     admit(limiter, TenantPolicy(tokens_per_minute=100_000), prompt=2, out=200)
+
+
+def test_alternating_policies_never_refill_the_bucket(clock):
+    """Two cached policies alternating (a replica a poll behind) refilled the bucket by the
+    raise on every switch: 11 000 tokens admitted at once under 2 000 a minute (review)."""
+    limiter = TenantLimiter(clock)
+    admitted = 0
+    for i in range(20):
+        policy = TenantPolicy(tokens_per_minute=1000 if i % 2 else 2000)
+        try:
+            admit(limiter, policy, prompt=0, out=500)
+        except RateLimited:
+            continue
+        admitted += 500
+    assert admitted <= 2000
+
+
+def test_max_concurrent_counts_sequences_not_requests(clock):
+    """One request of 64 prompts x n 16 ran 1024 sequences under max_concurrent 1 (review)."""
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(max_concurrent=4)
+    with pytest.raises(InvalidRequest) as never:
+        limiter.admit("acme", policy, prompt_tokens=1, max_tokens=5, sequences=5)
+    assert never.value.status_code == 400 and never.value.code == "max_concurrent_exceeded"
+    three = limiter.admit("acme", policy, prompt_tokens=1, max_tokens=3, sequences=3)
+    with pytest.raises(RateLimited):
+        limiter.admit("acme", policy, prompt_tokens=1, max_tokens=2, sequences=2)
+    one = limiter.admit("acme", policy, prompt_tokens=1, max_tokens=1, sequences=1)
+    three.release(3)
+    assert limiter.running("acme") == 1
+    one.release(1)
+    assert limiter.running("acme") == 0
+
+
+def test_a_request_the_engine_never_ran_is_refunded_whole(clock):
+    """A 503 while the engine is down (or an adapter that failed to load) cost the prompt and
+    the request: clients retrying drained their budget on the outage (review)."""
+    limiter = TenantLimiter(clock)
+    policy = TenantPolicy(requests_per_second=1, tokens_per_minute=600)
+    admit(limiter, policy, prompt=100, out=100).release(0, ran=False)
+    admit(limiter, policy, prompt=100, out=100).release(0, ran=False)  # the request came back
+    assert limiter._tenants["acme"].tokens.level == 600
+    admit(limiter, policy, prompt=100, out=100).release(0)  # ran, produced nothing
+    assert limiter._tenants["acme"].tokens.level == 500  # its prompt stays charged
+
+
+def test_a_refund_never_exceeds_the_charge(clock):
+    """A request admitted before a tokens-per-minute limit existed refunded its whole
+    max_tokens into the new bucket (review)."""
+    limiter = TenantLimiter(clock)
+    uncharged = admit(limiter, TenantPolicy(), prompt=10, out=900)
+    admit(limiter, TenantPolicy(tokens_per_minute=1000), prompt=0, out=900).release(900)
+    uncharged.release(0)
+    assert limiter._tenants["acme"].tokens.level == 100
+
+
+def test_retry_after_is_a_bounded_whole_number_of_seconds():
+    for wait in (0.2, 1e300, math.inf):
+        error = RateLimited(
+            "x", limit="requests_per_second", error_type="requests", retry_after_s=wait
+        )
+        header = error.headers()["Retry-After"]
+        assert header.isdigit() and 1 <= int(header) <= 86400
 
 
 def test_max_tokens_cap(clock):

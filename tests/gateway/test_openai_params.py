@@ -178,3 +178,18 @@ def test_top_logprobs_without_logprobs_is_refused(ctx):
         model=BASE, messages=CHAT, logprobs=True, top_logprobs=2, max_tokens=1
     )
     assert last_options(engine).logprobs == 2
+
+
+def test_requests_the_engine_never_ran_cost_the_tenant_nothing(demo_root):
+    """While the engine is down, clients retrying their 503s drained their own budget and got
+    429s once it recovered (review): a request refused before any token is refunded whole."""
+    from gateway.engine.client import EngineDead
+
+    engine = ScriptedEngine(["a"] * 4, fail_after=0, error=EngineDead("engine core died"))
+    with client_for(demo_root, engine) as client:
+        limits = {"tokens_per_minute": 600, "max_concurrent": 2}
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert client.patch(f"/admin/v1/tenants/{client.tenant}/limits", json=limits, headers=admin)
+        body = {"model": BASE, "prompt": "hello there " * 40, "max_tokens": 100}
+        statuses = {client.post("/v1/completions", json=body).status_code for _ in range(12)}
+        assert statuses == {503}  # a charge per request would have ended in 429s

@@ -184,8 +184,9 @@ def test_mirrors_over_the_cap_are_dropped_and_failures_counted(demo_root):
         other_labels = {"adapter": other, "version": "2"}
         assert sample("loraplex_shadow_requests_total", **other_labels, outcome="dropped") == 0
         assert wait_for(
-            lambda: sample("loraplex_shadow_requests_total", **other_labels, outcome="diverged")
-            == 1
+            lambda: (
+                sample("loraplex_shadow_requests_total", **other_labels, outcome="diverged") == 1
+            )
         )
 
 

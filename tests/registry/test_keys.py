@@ -159,8 +159,11 @@ async def test_a_revoked_and_expired_key_reads_revoked(tenants: AsyncSession):
     [
         datetime.now(UTC) - timedelta(seconds=1),
         datetime(2030, 1, 1),  # naive
+        # UTC of it is past what a date holds: was a 500 (OverflowError) on storing (review)
+        datetime.fromisoformat("9999-12-31T23:00:00-05:00"),
+        datetime.now(UTC) + timedelta(days=36501),  # beyond a century: omit it instead
     ],
-    ids=["past", "naive"],
+    ids=["past", "naive", "past-datetime-max-in-utc", "beyond-a-century"],
 )
 async def test_expiry_must_be_aware_and_in_the_future(tenants: AsyncSession, expires_at):
     with pytest.raises(InvalidInput):

@@ -82,6 +82,11 @@ INVALID = [
     ("null-allow-base", {"allow_base_model": None}, ["allow_base_model must be true or false"]),
     ("int-allow-base", {"allow_base_model": 0}, ["allow_base_model must be true or false"]),
     ("not-an-object", ["max_tokens", 5], ["a policy must be an object"]),
+    # Stored, then every request was a 500 (float overflow, an infinite Retry-After): review.
+    ("huge-tpm", {"tokens_per_minute": 10**400}, ["tokens_per_minute must be a positive integer"]),
+    ("huge-burst", {"requests_per_second": 1, "burst": 2**53 + 1}, ["burst must be a positive"]),
+    ("tiny-rps", {"requests_per_second": 5e-324}, ["requests_per_second must be a positive"]),
+    ("huge-rps", {"requests_per_second": 1e300}, ["requests_per_second must be a positive"]),
     (
         "every-problem-at-once",
         {"max_tokens": 0, "max_concurrent": False, "surprise": 1, "burst": 2},
