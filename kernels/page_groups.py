@@ -172,8 +172,11 @@ def lora_weight_ranks(adapter_dir: str | Path) -> dict[str, int] | None:
         shape = entry.get("shape")
         if index == 0 or not isinstance(shape, list) or not shape:
             return None  # not PEFT's layout: the caller charges the worst case
+        rank = shape[0]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            return None  # a malformed header, as unreadable as a missing one
         module = parts[index - 1]
-        ranks[module] = max(ranks.get(module, 0), int(shape[0]))
+        ranks[module] = max(ranks.get(module, 0), rank)
     return ranks
 
 

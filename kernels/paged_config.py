@@ -1,5 +1,5 @@
 """Paged mode's settings, read from LORAPLEX_PAGED_* by `kernels.vllm_plugin` and handed to
-`kernels.paged_lora_manager.install` (no vLLM import: the plugin parses them before vLLM loads)."""
+`kernels.paged_worker.install` (no vLLM import: the plugin parses them before vLLM loads)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ What vLLM does (vllm/lora/model_manager.py, worker_manager.py, v1/worker/lora_mo
   (the resident adapters may be the next step's batch); otherwise the adapter waits in host
   memory (vLLM's CPU cache) and pages in with its first step.
 
-What changes here (`install` rebinds two names, nothing else of vLLM is edited):
+What changes here (`kernels.paged_worker.install` rebinds two names, nothing else is edited):
 - Every paged layer has a pool of pages (kernels.paged_lora_layers). Layers of one kind form a
   group with one page ledger (kernels.page_groups): an adapter is charged only in the groups it
   adapts. The byte budget is split between groups by the registered adapters' demand
@@ -27,10 +27,8 @@ What changes here (`install` rebinds two names, nothing else of vLLM is edited):
 - Deactivation frees the adapter's pages at once (vLLM left the weights in the slot), so the
   pool holds exactly the active adapters; `remove_all_adapters` frees every page.
 - vLLM's embedding and lm_head LoRA wrappers are unwrapped back to the base layers
-  (`_unwrap_vocab_layers`). They hold `max_loras x vocab x max_lora_rank` buffers each
-  (more than the pool itself once slots are cheap) and run two LoRA ops per step, for
-  deltas loraplex never serves: the registry refuses adapters with embedding or lm_head
-  weights, and an adapter that carries them anyway is refused here, loudly, at activation.
+  (kernels.paged_vocab): loraplex never serves those deltas, the registry refuses adapters
+  that carry them, and one that does anyway is refused here, loudly, at activation.
 
 Invariants relied on: `lora_index_to_id[i]` is the adapter whose weights slot i holds; every
 `set_lora` / `reset_lora` goes through `activate_adapter`; `_deactivate_adapter` is the single
@@ -41,13 +39,11 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Collection
 from typing import Any
 
-from vllm.lora.layers import LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
-from vllm.lora.utils import replace_submodule
-from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from kernels.page_copier import PageCopier
 from kernels.page_groups import (
@@ -64,6 +60,7 @@ from kernels.paged_config import PagedLoraConfig
 from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
 from kernels.paged_residency import PoolExhausted, Residency
 from kernels.paged_stats import PagedPoolStats
+from kernels.paged_vocab import unwrap_vocab_layers
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +73,7 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if _config is None:
-            raise RuntimeError(
-                "paged LoRA manager created before kernels.paged_lora_manager.install"
-            )
+            raise RuntimeError("paged LoRA manager created before kernels.paged_worker.install")
         lora_config = kwargs.get("lora_config")
         if lora_config is not None and lora_config.fully_sharded_loras:
             raise NotImplementedError("loraplex paged LoRA does not support fully sharded LoRA")
@@ -104,25 +99,8 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
 
     def _unwrap_vocab_layers(self) -> None:
         """Put the base embedding and logits layers back in place of vLLM's LoRA wrappers."""
-        wrappers = {
-            name: module
-            for name, module in self.modules.items()
-            if type(module) in (VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
-        }
-        if not wrappers:
-            return
-        by_object = {id(module): module for module in wrappers.values()}
-        mounted = [
-            (path, by_object[id(m)])
-            for path, m in self.model.named_modules(remove_duplicate=False)
-            if id(m) in by_object
-        ]
-        for path, wrapper in mounted:
-            replace_submodule(self.model, path, wrapper.base_layer)
-        for name in wrappers:
-            del self.modules[name]
-        self.unwrapped_vocab_layers = tuple(sorted(wrappers))
-        self.stats.vocab_layers_unwrapped = len(wrappers)
+        self.unwrapped_vocab_layers = unwrap_vocab_layers(self.model, self.modules)
+        self.stats.vocab_layers_unwrapped = len(self.unwrapped_vocab_layers)
 
     def _refuse_vocab_weights(self, lora_id: int, lora: LoRAModel) -> None:
         carried = [
@@ -238,11 +216,19 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             return cached[1]
         self._refuse_vocab_weights(lora_id, lora)
         ranks = [0] * len(self.pool_groups.groups)
+        max_rank = self.lora_config.max_lora_rank
         for name in self.paged_modules:
             weights = self._get_lora_layer_weights(lora, name)
             if weights is not None:
                 group = self._group_of[name]
-                ranks[group] = max(ranks[group], effective_rank(weights.lora_a, weights.lora_b))
+                rank = effective_rank(weights.lora_a, weights.lora_b)
+                if rank > max_rank:
+                    # vLLM checks only the config's r: refused here, before any layer changes
+                    raise ValueError(
+                        f"adapter {lora_id} has rank {rank} in {name}, above max_lora_rank "
+                        f"{max_rank}"
+                    )
+                ranks[group] = max(ranks[group], rank)
         pages = tuple(self.residency.pages_for_rank(rank) for rank in ranks)
         if len(self._pages_cache) >= 4 * max(self.capacity, 1):
             self._pages_cache = {k: v for k, v in self._pages_cache.items() if v[0]() is not None}
@@ -269,7 +255,19 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
             logger.debug("paged LoRA: paging out adapter %d for %d", victim, lora_id)
             self.stats.evictions_for_space_total += 1
             self.deactivate_adapter(victim)
-        activated = super().activate_adapter(lora_id)
+        if len(self._active_adapters) >= self.lora_slots:
+            # Every slot taken: free the least recently used one outside the batch ourselves,
+            # or vLLM's LRU (blind to the batch) pages out an adapter this step still needs
+            # and it is copied in again a moment later.
+            self._free_a_slot(protected)
+        try:
+            activated = super().activate_adapter(lora_id)
+        except BaseException:
+            # vLLM marked it active in its slot before set_lora raised in some layer: undone,
+            # or it stays half loaded (served with some layers' weights) outside the ledger.
+            if lora_id in self._active_adapters:
+                self.deactivate_adapter(lora_id)
+            raise
         self._warn_if_nonfinite(lora_id)
         self.residency.admit(lora_id, pages)
         if not self.in_step:
@@ -278,6 +276,25 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self.stats.pages_in_total += sum(pages)
         self._sync_gauges()
         return activated
+
+    def _free_a_slot(self, protected: Collection[int]) -> None:
+        """Deactivate the least recently used active adapter outside `protected` (the running
+        batch, pinned ones); none such: vLLM's own LRU decides, as before."""
+        for candidate in self._active_adapters.order:
+            if candidate not in protected:
+                self.stats.evictions_for_space_total += 1
+                self.deactivate_adapter(candidate)
+                return
+
+    def pin_adapter(self, lora_id: int) -> bool:
+        """vLLM pins by activating outside a step, which here is a prefetch that evicts
+        nothing and may be skipped; then its pin failed ("Cannot pin key"). Pinning may page
+        out what is not in use, as a step does."""
+        in_step, self.in_step = self.in_step, True
+        try:
+            return super().pin_adapter(lora_id)
+        finally:
+            self.in_step = in_step
 
     def _warn_if_nonfinite(self, lora_id: int) -> None:
         """Say so when an adapter's weights hold inf or NaN in some layer: its own requests
@@ -343,45 +360,3 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         self.stats.pages_used = sum(used)
         self.stats.bytes_used = self.pool_groups.bytes_of(used)
         self.stats.adapters_resident = len(self.residency.resident())
-
-
-class PagedLRUCacheWorkerLoRAManager(LRUCacheWorkerLoRAManager):
-    """vLLM's worker LoRA manager that tells the pool which adapters the step needs."""
-
-    _manager_cls = PagedLRUCacheLoRAModelManager
-
-    def _apply_adapters(self, lora_requests: set[Any]) -> None:
-        manager = self._adapter_manager
-        assert isinstance(manager, PagedLRUCacheLoRAModelManager)
-        manager.protected = frozenset(r.lora_int_id for r in lora_requests if r)
-        manager.in_step = True
-        try:
-            super()._apply_adapters(lora_requests)
-        finally:
-            manager.protected = frozenset()
-            manager.in_step = False
-            # The step's forward (or graph replay) follows on the compute stream: it must
-            # see every page copied so far, this step's and prefetches' alike.
-            manager.copier.wait_ready()
-
-
-def install(config: PagedLoraConfig) -> list[str]:
-    """Swap in the paged layer classes and managers; returns what was rebound."""
-    import vllm.lora.utils as lora_utils
-    import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
-
-    from kernels.paged_lora_layers import PAGED_LAYER_CLASSES
-
-    global _config
-    _config = config
-    classes = lora_utils._all_lora_classes
-    missing = [c.__name__ for c in PAGED_LAYER_CLASSES if c not in classes]
-    if missing or not hasattr(runner_mixin, "LRUCacheWorkerLoRAManager"):
-        raise RuntimeError(f"loraplex: vLLM LoRA layout changed (missing {missing})")
-    # from_layer() walks this tuple in order; replacing in place keeps vLLM's precedence.
-    lora_utils._all_lora_classes = tuple(PAGED_LAYER_CLASSES.get(c, c) for c in classes)
-    runner_mixin.LRUCacheWorkerLoRAManager = PagedLRUCacheWorkerLoRAManager  # type: ignore[misc]
-    return [
-        "vllm.lora.utils._all_lora_classes",
-        "lora_model_runner_mixin.LRUCacheWorkerLoRAManager",
-    ]

@@ -241,9 +241,9 @@ def register() -> None:
     install_worker_methods()
     config = paged_config_from_env(os.environ)
     if config is not None:
-        from kernels import paged_lora_manager
+        from kernels import paged_worker
 
-        rebound = paged_lora_manager.install(config)
+        rebound = paged_worker.install(config)
         if config.admission:
             from kernels import paged_scheduler
 

@@ -176,3 +176,11 @@ def test_the_split_never_spends_more_than_the_budget():
         pages = split_pages(budget, page_bytes, min_pages, demand)
         assert sum(pages[g] * page_bytes[g] for g in page_bytes) <= budget
         assert all(p >= min_pages for p in pages.values())
+
+
+@pytest.mark.parametrize("rank", ["r", [4], -4, 0, True, 4.5])
+def test_a_malformed_rank_in_the_header_reads_as_unreadable(tmp_path, rank):
+    # It raised (in the scheduler, inside the engine core), or charged a negative rank nothing.
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    write_safetensors(tmp_path / "adapter_model.safetensors", {key: {"shape": [rank, 16]}})
+    assert lora_weight_ranks(tmp_path) is None
