@@ -8,8 +8,9 @@ load balancer in front (hash on the API key) to keep one tenant on one replica, 
 policy to limit / replicas. README "Tenants, keys and limits" says the same.
 
 Tokens are charged at admission as prompt + max_tokens (what the request may cost at most) and
-the unused part of max_tokens is refunded when it finishes (everything, when the engine never
-ran it), so a tenant can never overshoot its budget by starting many long generations at once.
+the unused part of max_tokens is refunded when it finishes (every token, when the client got
+none of its output), so a tenant can never overshoot its budget by starting many long
+generations at once.
 """
 
 from __future__ import annotations
@@ -95,13 +96,13 @@ class Lease:
     reserved_completion_tokens: int
     sequences: int = 1  # concurrent slots held: prompts x n
     charged_tokens: int = 0  # what the tokens bucket gave (0: no such limit at admission)
-    charged_request: bool = False  # whether the requests bucket gave one
     released: bool = field(default=False)
 
     def release(self, completion_tokens: int = 0, *, ran: bool = True) -> None:
-        """`ran` False: the engine produced nothing (it refused the request, died, or the
-        adapter failed to load): everything charged is refunded, the request too, so clients
-        retrying a 503 do not spend their budget on an outage."""
+        """`ran` False: the client got none of its output (the engine refused or failed it,
+        the engine died, the adapter failed to load): every token charged is refunded, so
+        clients retrying a 503 do not spend their token budget on an outage. The request
+        counts against requests_per_second anyway."""
         if self.released:
             return
         self.released = True
@@ -188,8 +189,7 @@ class TenantLimiter:
                     wait,
                 )
         cost = prompt_tokens + max_tokens
-        charged_request = state.requests is not None
-        lease = Lease(self, tenant, max_tokens, sequences, charged_request=charged_request)
+        lease = Lease(self, tenant, max_tokens, sequences)
         if state.tokens is not None:
             if cost > state.tokens.capacity:
                 if state.requests is not None:
@@ -232,13 +232,11 @@ class TenantLimiter:
             return
         state.running = max(0, state.running - lease.sequences)
         # Never more than this lease was charged: a limit added while it ran charged nothing.
+        # The request itself stays charged either way: refunding it let a client loop on
+        # requests the engine refuses as fast as it liked, past requests_per_second.
+        refund = lease.charged_tokens
         if ran:
-            refund = lease.reserved_completion_tokens - completion_tokens
-        else:
-            refund = lease.charged_tokens
-            if lease.charged_request and state.requests is not None:
-                state.requests.give_back(1)
-        refund = min(refund, lease.charged_tokens)
+            refund = min(refund, lease.reserved_completion_tokens - completion_tokens)
         if state.tokens is not None and refund > 0:
             state.tokens.give_back(refund)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
 from dataclasses import asdict
 from typing import Any
 
@@ -61,6 +61,12 @@ FALLBACK_RETRY_S = 60.0
 def served_address(adapter: str, version: int | None) -> str:
     """The monitor's key for what served a request: "name@N", or "base" for the base model."""
     return "base" if not adapter or version is None else f"{adapter}@{version}"
+
+
+def errors_key(address: str) -> tuple[str, str]:
+    """The monitor's key for every caller's outcomes of `address` (error rate only): apart
+    from the owner's routed requests, whose latency is judged too (`ServedModel.judged_by`)."""
+    return ("errors", address)
 
 
 def shadow_key(adapter: str, version: int) -> tuple[str, str]:
@@ -120,40 +126,50 @@ class RolloutController:
         """One finished request. A client that hung up says something only when it hung up
         after a latency bound (`request_sample`): that request was at least that slow.
         `judged` False (`ServedModel.judged_by`: a pinned `name@N`, or a tenant the adapter is
-        shared with): not evidence about the version; its caller chose the request."""
-        if not judged:
-            return
-        key = served_address(adapter, version)
-        view = self._router.view(adapter) if key != "base" else None
-        if view is None or version is None:
-            sample = request_sample(recorder, self._limits(None, None))
-            if sample is not None:
-                self._monitor.record(key, self._limits(None, None), **sample.fields())
-            return
+        shared with): its caller chose its prompt and max_tokens, so its latency says nothing
+        about the version; whether the server failed it does, in a window of its own
+        (`errors_key`) judged on the error rate alone: a canary failing every consumer request
+        was never rolled back when it had none."""
+        address = served_address(adapter, version)
+        view = self._router.view(adapter) if address != "base" else None
         limits = self._limits(view, version)
-        sample = request_sample(recorder, limits)
+        key: Hashable = address
+        if judged:
+            sample = request_sample(recorder, limits)
+        elif recorder.completed or recorder.failed:
+            sample = Sample(None, 0.0, recorder.failed)  # latency never breaches: errors only
+            key = errors_key(address)
+        else:
+            sample = None
         if sample is None:
+            return
+        if view is None or version is None:
+            self._monitor.record(key, limits, **sample.fields())
             return
         if version == view.canary_version:
             canary = (version, view.rolled_back_at)
             if self._canary_judged.get(adapter) != canary:
-                # A canary is judged on its own traffic only: the window may hold an earlier
-                # canary's samples of the same version, or pinned `name@N` requests from
-                # before the canary started, which would make the verdict.
-                self._monitor.reset(key)
+                # A canary is judged on its own traffic only: the windows may hold an earlier
+                # canary's samples of the same version, or requests from before it started.
+                self._reset(address)
                 self._canary_judged[adapter] = canary
             verdict = self._monitor.observe(key, limits, **sample.fields())
             if verdict is not None:
                 self._spawn(self._take_back(view, version, verdict, stable=False))
-            elif self._auto_promote and not view.paused and self._monitor.healthy(key, limits):
-                self._monitor.reset(key)
+            elif (
+                judged
+                and self._auto_promote
+                and not view.paused
+                and self._monitor.healthy(key, limits)
+            ):
+                self._reset(address)
                 self._spawn(self._promote(view, version))
         elif version == view.stable_version:
             stable = (version, view.active_target, view.fallback_event_id)
             if self._stable_judged.get(adapter) != stable:
                 # A fallback, a restore or a new stable: what was seen before (here, or on
                 # another replica's side of the fallback) says nothing about the stable now.
-                self._monitor.reset(key)
+                self._reset(address)
                 self._stable_judged[adapter] = stable
             if view.in_fallback:
                 return  # a request started before the fallback: it judges nothing now
@@ -165,6 +181,11 @@ class RolloutController:
                 self._spawn(self._take_back(view, version, verdict, stable=True))
         else:
             self._monitor.record(key, limits, **sample.fields())
+
+    def _reset(self, key: str) -> None:
+        """Empty both windows of `key`: its owner's, and every caller's errors."""
+        self._monitor.reset(key)
+        self._monitor.reset(errors_key(key))
 
     def record_shadow(self, adapter: str, version: int, sample: Sample) -> None:
         """One mirrored request to a shadow candidate: into its shadow window (never the
@@ -234,19 +255,20 @@ class RolloutController:
             logger.exception("automatic %s of %s failed", "fallback" if stable else "rollback", key)
         finally:
             self._acting.discard(key)
-            self._monitor.reset(key)
+            self._reset(key)
 
     def failing_addresses(self) -> set[str]:
         """Every served address whose recent requests breach its thresholds: never a target."""
         failing = set()
         for key in self._monitor.addresses():
-            if not isinstance(key, str):
+            address = key[1] if isinstance(key, tuple) and key[0] == "errors" else key
+            if not isinstance(address, str):
                 continue  # a shadow's window: mirrored copies serve nobody
-            name, _, number = key.partition("@")
+            name, _, number = address.partition("@")
             view = self._router.view(name) if number else None
             version = int(number) if number.isdigit() else None
             if self._monitor.failing(key, self._limits(view, version)):
-                failing.add(key)
+                failing.add(address)
         return failing
 
     async def _promote(self, view: RolloutView, version: int) -> None:

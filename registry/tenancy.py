@@ -65,7 +65,7 @@ class TenantPolicy:
         if data is None:
             return cls()
         known = {f.name for f in fields(cls)}
-        return validate_policy({k: v for k, v in data.items() if k in known})
+        return validate_policy(_within_bounds({k: v for k, v in data.items() if k in known}))
 
     def to_stored(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -107,6 +107,23 @@ def policy_problems(data: object) -> list[str]:
     if not isinstance(allow, bool):
         problems.append(f"allow_base_model must be true or false, got {_show(allow)}")
     return problems
+
+
+def _within_bounds(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored policy brought within today's bounds, as it behaved before they existed:
+    a limit above MAX_LIMIT was unlimited in effect, a rate below one a day is one a day.
+    Bounds apply on write; on read they must not turn a tenant's every request into an error."""
+    bounded = dict(stored)
+    for key in (*_POSITIVE_INTS, "requests_per_second"):
+        value = bounded.get(key)
+        if _positive_number(value) and value > MAX_LIMIT:  # type: ignore[operator]
+            bounded[key] = None
+    rps = bounded.get("requests_per_second")
+    if _positive_number(rps) and rps < MIN_REQUESTS_PER_SECOND:  # type: ignore[operator]
+        bounded["requests_per_second"] = MIN_REQUESTS_PER_SECOND
+    if bounded.get("burst") is not None and bounded.get("requests_per_second") is None:
+        bounded["burst"] = None  # its rate became unlimited
+    return bounded
 
 
 def validate_policy(data: Mapping[str, Any]) -> TenantPolicy:

@@ -20,7 +20,7 @@ from gateway.engine.client import (
     SamplingOptions,
 )
 from gateway.engine.daemon_thread import run_in_daemon_thread
-from gateway.engine.processes import stop_descendants
+from gateway.engine.processes import descendants, stop_descendants
 from gateway.engine.vllm_convert import generation_update, lora_request, sampling_params
 from gateway.settings import Settings
 from kernels.page_groups import DemandEntry
@@ -116,6 +116,7 @@ class EmbeddedVLLM:
         # running with nobody holding it. The thread is a daemon: a process that gave up on
         # the start exits without waiting for it (vLLM's processes then follow their parent).
         lock, built, abandoned = threading.Lock(), [], threading.Event()
+        present = descendants()  # processes the engine's start did not make
 
         def build() -> AsyncLLM:
             engine = AsyncLLM.from_engine_args(args)
@@ -137,7 +138,7 @@ class EmbeddedVLLM:
                 for engine in built:  # finished in the meantime
                     engine.shutdown()
                 if not built:  # still being built: its processes would outlive this one
-                    stop_descendants()
+                    stop_descendants(spare=present)
             raise
         await self._check_plugin()
         self.max_model_len = self._engine.model_config.max_model_len

@@ -16,6 +16,11 @@ from registry.text_checks import nul_path
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class Payload(Strict):
+    """What an admin sends (responses are plain Strict: rows SQLite stored before this check
+    must still be shown)."""
+
     @model_validator(mode="after")
     def _no_nul_characters(self) -> Self:
         # PostgreSQL cannot store them: refused here, not a 500 after the checks passed.
@@ -47,7 +52,7 @@ VERSION_EXAMPLE: dict[str, Any] = {
 }
 
 
-class ImportAdapter(Strict):
+class ImportAdapter(Payload):
     path: str = Field(
         description="Local PEFT folder under one of LORAPLEX_IMPORT_ROOTS, or s3://bucket/prefix "
         "(folder or .tar/.zip object) in one of LORAPLEX_S3_IMPORT_BUCKETS."
@@ -69,7 +74,7 @@ class ImportAdapter(Strict):
     )
 
 
-class ChangeReason(Strict):
+class ChangeReason(Payload):
     reason: str | None = Field(None, max_length=500)
 
     model_config = example({"reason": "regressed on the eval set"})
@@ -142,7 +147,7 @@ class AdapterOut(Strict):
         )
 
 
-class TenantLimits(Strict):
+class TenantLimits(Payload):
     """A tenant's policy. Omitted or null = unlimited; allow_base_model defaults to true."""
 
     requests_per_second: float | None = Field(
@@ -167,7 +172,7 @@ class TenantLimits(Strict):
     )
 
 
-class CreateTenant(Strict):
+class CreateTenant(Payload):
     name: str = Field(examples=["acme"])
     limits: TenantLimits | None = None
 
@@ -189,7 +194,7 @@ class TenantOut(Strict):
     )
 
 
-class CreateKey(Strict):
+class CreateKey(Payload):
     label: str | None = Field(None, max_length=200, examples=["ci pipeline"])
     expires_at: datetime | None = Field(None, description="Aware UTC time; past → refused.")
     expires_in_days: float | None = Field(
@@ -228,7 +233,7 @@ class IssuedKeyOut(KeyOut):
     model_config = example({**KEY_EXAMPLE, "key": "lpx_k3v7q2m4x6zb_" + "x" * 43})
 
 
-class ShareAdapter(Strict):
+class ShareAdapter(Payload):
     tenant: str = Field(examples=["globex"])
 
     model_config = example({"tenant": "globex"})
@@ -297,7 +302,7 @@ class RegistryHealthOut(Strict):
     )
 
 
-class FaultIn(Strict):
+class FaultIn(Payload):
     adapter: str
     version: int = Field(gt=0)
     latency_ms: float = Field(0, ge=0, le=600_000)

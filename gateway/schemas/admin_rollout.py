@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gateway.schemas.admin import Strict, example
+from gateway.schemas.admin import Payload, Strict, example
 
 
-class StartRollout(Strict):
+class StartRollout(Payload):
     version: int = Field(gt=0)
     percent: Literal[1, 10, 50] = Field(1, description="Starting stage; 100 % is a promotion.")
     force: bool = Field(False, description="Restart a version that was rolled back before.")
@@ -20,7 +20,7 @@ class StartRollout(Strict):
     model_config = example({"version": 3, "percent": 10, "reason": "eval passed"})
 
 
-class StartShadow(Strict):
+class StartShadow(Payload):
     version: int = Field(gt=0, description="An evaluated version newer than the stable.")
     percent: int = Field(
         ge=1, le=100, description="Share of the stable's callers whose requests are mirrored."
@@ -30,13 +30,13 @@ class StartShadow(Strict):
     model_config = example({"version": 3, "percent": 10, "reason": "eval passed"})
 
 
-class PromoteRollout(Strict):
+class PromoteRollout(Payload):
     to_percent: Literal[10, 50, 100] | None = Field(None, description="Default: the next stage.")
 
     model_config = example({"to_percent": 50})
 
 
-class RollbackPath(Strict):
+class RollbackPath(Payload):
     target: str | None = Field(
         None,
         description='"base", "name" or "name@N" of an adapter the tenant may use; null clears.',
@@ -103,7 +103,7 @@ class RolloutOut(Strict):
     )
 
 
-class ThresholdsOverride(Strict):
+class ThresholdsOverride(Payload):
     """Rollback thresholds for one adapter; omitted fields fall back to the card, then the
     gateway defaults (window 100, error rate 0.1 %, margin 15 ms)."""
 

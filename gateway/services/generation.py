@@ -269,7 +269,7 @@ class GenerationService:
         except Exception as exc:
             if recorder is not None:
                 recorder.failed = _the_versions_fault(exc)
-            if not received:  # refused, or failed, before the engine produced anything
+            if not received:  # the client got none of its output
                 job.ran = False
             raise
         finally:

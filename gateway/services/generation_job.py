@@ -37,8 +37,9 @@ class GenerationJob:
     shadow: ShadowPlan | None = None  # a copy for the adapter's shadow, sent once complete
     # Prompt index → prompt tokens the engine served from its prefix cache, as reported.
     cached_by_prompt: dict[int, int] = field(default_factory=dict)
-    # False once the engine refused or failed it before producing anything (or its adapter
-    # failed to load): the tenant's limits refund the whole charge.
+    # False once it failed before the client got any of its output (the engine refused it or
+    # died, its adapter failed to load; a non-streamed request's output comes only at its
+    # end): the tenant's tokens are refunded.
     ran: bool = True
 
     def finish(self) -> None:

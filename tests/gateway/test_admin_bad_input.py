@@ -101,3 +101,24 @@ def test_an_upload_names_its_owner(demo_root):
         upload = client.post("/admin/v1/adapters", data={"name": "x"}, files=files, headers=ADMIN)
         assert upload.status_code == 400, upload.text
         assert upload.json()["error"]["param"] == "tenant"
+
+
+def test_rows_stored_with_a_nul_before_the_check_are_still_shown(demo_root):
+    """SQLite stored NUL characters; refusing them in responses too made GET /admin/v1/keys a
+    500 (review). Only what an admin sends is checked."""
+    from functools import partial
+
+    from registry import service
+
+    with client_for(demo_root, ScriptedEngine(["a"])) as client:
+        registry = client.app.state.registry
+
+        async def stored() -> None:
+            async with registry.sessions() as session:
+                create = partial(service.create_api_key, session, tenant=client.tenant)
+                await create(actor="admin", label="ci\x00pipeline")
+
+        client.portal.call(stored)
+        listed = client.get("/admin/v1/keys", headers=ADMIN)
+        assert listed.status_code == 200, listed.text
+        assert "ci\x00pipeline" in [key["label"] for key in listed.json()]

@@ -164,16 +164,20 @@ def test_max_concurrent_counts_sequences_not_requests(clock):
     assert limiter.running("acme") == 0
 
 
-def test_a_request_the_engine_never_ran_is_refunded_whole(clock):
-    """A 503 while the engine is down (or an adapter that failed to load) cost the prompt and
-    the request: clients retrying drained their budget on the outage (review)."""
+def test_a_request_whose_client_got_nothing_is_refunded_its_tokens(clock):
+    """A 503 while the engine is down (or an adapter that failed to load) cost the prompt:
+    clients retrying drained their token budget on the outage (review). The request itself
+    stays charged: refunding it let a client loop on refused requests past the rate."""
     limiter = TenantLimiter(clock)
     policy = TenantPolicy(requests_per_second=1, tokens_per_minute=600)
     admit(limiter, policy, prompt=100, out=100).release(0, ran=False)
-    admit(limiter, policy, prompt=100, out=100).release(0, ran=False)  # the request came back
     assert limiter._tenants["acme"].tokens.level == 600
+    with pytest.raises(RateLimited) as refused:
+        admit(limiter, policy, prompt=100, out=100)
+    assert refused.value.limit == "requests_per_second"
+    clock.now += 1
     admit(limiter, policy, prompt=100, out=100).release(0)  # ran, produced nothing
-    assert limiter._tenants["acme"].tokens.level == 500  # its prompt stays charged
+    assert limiter._tenants["acme"].tokens.level == pytest.approx(500, abs=10)
 
 
 def test_a_refund_never_exceeds_the_charge(clock):

@@ -180,7 +180,7 @@ def test_top_logprobs_without_logprobs_is_refused(ctx):
     assert last_options(engine).logprobs == 2
 
 
-def test_requests_the_engine_never_ran_cost_the_tenant_nothing(demo_root):
+def test_requests_whose_client_got_nothing_cost_the_tenant_no_tokens(demo_root):
     """While the engine is down, clients retrying their 503s drained their own budget and got
     429s once it recovered (review): a request refused before any token is refunded whole."""
     from gateway.engine.client import EngineDead

@@ -80,6 +80,35 @@ def test_only_the_owners_routed_requests_can_roll_back_its_canary(demo_root):
         assert wait_for(lambda: canary_of(client) is None)
 
 
+def test_a_canary_failing_every_consumer_request_is_rolled_back(demo_root):
+    """Consumers' latency is not evidence, their server errors are: a canary answering 500 to
+    every consumer of a shared adapter whose owner sent nothing kept serving (review)."""
+    with client_for(demo_root, ScriptedEngine(["w"]), enable_faults=True) as client:
+        owner, consumer = new_tenant(client), new_tenant(client)
+        register_as(client, demo_root, "v1", owner["name"], "failing", visibility="shared")
+        register_as(client, demo_root, "v2", owner["name"], "failing")
+        assert client.post("/admin/v1/adapters/failing/versions/2/evaluate", headers=ADMIN)
+        client.put("/admin/v1/rollouts/failing/thresholds", json={"window": WINDOW}, headers=ADMIN)
+        started = client.post(
+            "/admin/v1/rollouts/failing/start", json={"version": 2, "percent": 50}, headers=ADMIN
+        )
+        assert started.status_code == 200, started.text
+        fault = {"adapter": "failing", "version": 2, "error_rate": 1.0}
+        assert client.post("/admin/v1/faults", json=fault, headers=ADMIN).status_code == 200
+        headers = {"Authorization": consumer["Authorization"]}
+        body = {"model": "failing", "prompt": "x", "max_tokens": 1}
+
+        def canary() -> int | None:
+            status = client.get("/admin/v1/rollouts/failing", headers=ADMIN).json()
+            return status["canary_version"]
+
+        for i in range(6 * WINDOW):
+            client.post("/v1/completions", json={**body, "user": f"c{i}"}, headers=headers)
+            if canary() is None:
+                break
+        assert wait_for(lambda: canary() is None)
+
+
 def test_a_fallback_target_out_of_a_callers_scope_serves_it_the_base_not_the_stable(demo_root):
     engine = ScriptedEngine(["w"])
     with client_for(demo_root, engine) as client:

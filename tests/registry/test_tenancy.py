@@ -118,6 +118,16 @@ def test_stored_form_omits_unset_limits():
     assert TenantPolicy.from_stored(None) == TenantPolicy()
 
 
+def test_a_policy_stored_before_the_bounds_reads_as_it_behaved():
+    # Read with today's bounds it refused every request of its tenant (review): above 2**53 a
+    # limit was unlimited in effect, and a rate below one a day is one a day.
+    stored = {"tokens_per_minute": 10**16, "max_tokens": 10**18, "requests_per_second": 1e-9}
+    assert TenantPolicy.from_stored(stored) == TenantPolicy(
+        tokens_per_minute=None, max_tokens=None, requests_per_second=1 / 86400
+    )
+    assert TenantPolicy.from_stored({"requests_per_second": 1e300, "burst": 5}) == TenantPolicy()
+
+
 def test_stored_policy_ignores_fields_from_newer_code_but_not_bad_values():
     assert TenantPolicy.from_stored({"max_tokens": 5, "added_later": 1}) == TenantPolicy(
         max_tokens=5
