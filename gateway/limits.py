@@ -263,6 +263,8 @@ def _shaped(bucket: TokenBucket | None, capacity: float, rate: float, now: float
     if bucket is None:
         return TokenBucket(capacity, rate, capacity, now)
     if bucket.capacity != capacity or bucket.refill_per_s != rate:
-        bucket.refill(now)
+        # The time since the bucket last filled counts at the new rate (the edit is seen only
+        # by the next request); the level itself is not raised (see TokenBucket.reshape).
         bucket.reshape(capacity, rate)
+        bucket.refill(now)
     return bucket

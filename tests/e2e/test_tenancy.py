@@ -301,25 +301,31 @@ def test_tokens_per_minute_limit_and_max_tokens_cap(gateway):
     assert post(gateway, key, "/completions", run).status_code == 200  # ≈ 202 of 300 spent
     refused = post(gateway, key, "/completions", run)
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
-    # Raising the limit through the admin CLI applies from the next request.
+    # Raising the limit through the admin CLI applies from the next request, the time since
+    # the last one counted at the new rate (100 000 a minute: the 202 missing take 0.1 s).
     raised = cli(gateway, "tenants", "limits", tenant, "--tpm", "100000")
     assert raised.returncode == 0, raised.stderr
+    time.sleep(0.5)
     assert post(gateway, key, "/completions", run).status_code == 200
 
 
 async def test_max_concurrent_limit(gateway):
-    """Six requests at once against a limit of one: the one admitted runs for seconds (8000
-    tokens), so the others arrive while it holds the slot."""
-    key = tenant_with_key(gateway, name("conc"), "--max-concurrent", "1")
+    """Six requests of 4 sequences at once against a limit of 4 sequences: the one admitted
+    runs for seconds (8000 tokens), so the others arrive while it holds the slots; a request
+    of more sequences than the limit can never run (400)."""
+    key = tenant_with_key(gateway, name("conc"), "--max-concurrent", "4")
     long_run = {"model": BASE_NAME, "prompt": "x", "max_tokens": 2000, "n": 4}
     long_run |= {"ignore_eos": True, "temperature": 1.0}
     async with httpx.AsyncClient(timeout=300, headers=bearer(key)) as client:
         url = f"{gateway.v1}/completions"
+        too_wide = await client.post(url, json={**long_run, "n": 5, "max_tokens": 1})
+        assert too_wide.status_code == 400, too_wide.text
+        assert too_wide.json()["error"]["code"] == "max_concurrent_exceeded"
         responses = await asyncio.gather(*(client.post(url, json=long_run) for _ in range(6)))
         statuses = sorted(r.status_code for r in responses)
         assert statuses[0] == 200 and statuses[-1] == 429, statuses
         refused = next(r for r in responses if r.status_code == 429)
-        assert refused.json()["error"]["message"].startswith("Too many concurrent requests")
+        assert refused.json()["error"]["message"].startswith("Too many concurrent sequences")
         assert refused.headers["retry-after"] == "1"
         # Everything finished: the slot is free again.
         short = {"model": BASE_NAME, "prompt": "x", "max_tokens": 1}
