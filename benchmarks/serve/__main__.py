@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shlex
 import sys
@@ -144,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         "client_nice": servers.CLIENT_NICE if client_raised else 0,
     }
     assets = prepare_assets(args.data_dir, max(s.adapters for s in scenarios), seed=settings.seed)
-    results = {"meta": meta, **_run_with_progress(plan, assets, args.data_dir / "logs")}
+    try:
+        measured = _run_with_progress(plan, assets, args.data_dir / "logs")
+    except runner.RunAborted as aborted:
+        # Minutes of finished scenarios are kept for a look, apart from the committed files.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / "partial-results.json"
+        meta["aborted"] = repr(aborted.__cause__)
+        partial.write_text(json.dumps({"meta": meta, **aborted.partial}, indent=1, default=str))
+        print(f"run stopped part way ({aborted.__cause__!r}); what it measured: {partial}")
+        raise
+    results = {"meta": meta, **measured}
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["load_average_end"] = report.machine_info()["load_average"]
     for path in report.write_all(results, out_dir):

@@ -6,7 +6,10 @@ One request is a streamed `POST /v1/completions` (SSE) with `ignore_eos` and a f
         incomplete UTF-8 sequence streams as an empty chunk and does not count),
   e2e   time from sending to `data: [DONE]`,
   TPOT  (e2e - TTFT) / (tokens - 1), tokens from the final usage chunk.
-A non-200 answer, a broken stream or an output of the wrong length is an error.
+A non-200 answer, a broken stream or an output of the wrong length is an error. Each request
+also records a digest of the text it streamed, so the two systems' outputs for the same request
+(same seed, temperature 0) can be compared: a server that streamed the base model's output, or
+another adapter's, would show up as disagreement, not as speed.
 
 aiohttp rather than the openai client: the load generator shares the CPU with the server, and
 aiohttp's SSE path costs the least per chunk (it is what vLLM's own serving benchmark uses).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -38,11 +42,13 @@ class RequestSpec:
 class Sample:
     model: str
     sent_s: float  # offset from the phase start
+    index: int = 0  # the request's position in its phase's workload
     ttft_s: float | None = None
     e2e_s: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    output_sha: str | None = None  # sha256 of the streamed text, first 16 hex digits
 
     @property
     def tpot_s(self) -> float | None:
@@ -109,10 +115,15 @@ def completion_body(spec: RequestSpec, max_tokens: int) -> dict[str, object]:
 
 
 async def send(
-    session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, max_tokens: int, t0: float
+    session: aiohttp.ClientSession,
+    base_url: str,
+    spec: RequestSpec,
+    max_tokens: int,
+    t0: float,
+    index: int = 0,
 ) -> Sample:
     start = time.perf_counter()
-    sample = Sample(model=spec.model, sent_s=start - t0)
+    sample = Sample(model=spec.model, sent_s=start - t0, index=index)
     try:
         async with session.post(
             f"{base_url}/v1/completions", json=completion_body(spec, max_tokens)
@@ -135,19 +146,24 @@ async def send(
 
 
 async def _read_stream(response: aiohttp.ClientResponse, sample: Sample, start: float) -> bool:
+    digest = hashlib.sha256()
     async for raw in response.content:
         line = raw.strip()
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
+            sample.output_sha = digest.hexdigest()[:16]
             return True
         chunk = json.loads(data)
         if "error" in chunk:
             raise ValueError(f"error in stream: {chunk['error']}")
         choices = chunk.get("choices") or []
-        if sample.ttft_s is None and choices and choices[0].get("text"):
-            sample.ttft_s = time.perf_counter() - start
+        text = choices[0].get("text") if choices else None
+        if text:
+            if sample.ttft_s is None:
+                sample.ttft_s = time.perf_counter() - start
+            digest.update(text.encode())
         usage = chunk.get("usage")
         if usage:
             sample.tokens = int(usage.get("completion_tokens") or 0)
@@ -177,13 +193,13 @@ async def closed_loop(
 ) -> PhaseRun:
     """`concurrency` clients, each sending its next request as soon as the last one finished."""
     run = PhaseRun()
-    queue = iter(requests)
+    queue = enumerate(requests)
     async with _session() as session, ClientStallMonitor() as monitor:
         t0 = time.perf_counter()
 
         async def client() -> None:
-            for spec in queue:  # a shared iterator: each request is taken exactly once
-                sample = await send(session, base_url, spec, max_tokens, t0)
+            for index, spec in queue:  # a shared iterator: each request is taken exactly once
+                sample = await send(session, base_url, spec, max_tokens, t0, index)
                 run.samples.append(sample)
                 if on_done:
                     on_done(sample)
@@ -208,18 +224,18 @@ async def open_loop(
     async with _session() as session, ClientStallMonitor() as monitor:
         t0 = time.perf_counter()
 
-        async def one(spec: RequestSpec) -> None:
-            sample = await send(session, base_url, spec, max_tokens, t0)
+        async def one(index: int, spec: RequestSpec) -> None:
+            sample = await send(session, base_url, spec, max_tokens, t0, index)
             run.samples.append(sample)
             if on_done:
                 on_done(sample)
 
         tasks = []
-        for spec, at in zip(requests, arrivals_s, strict=True):
+        for index, (spec, at) in enumerate(zip(requests, arrivals_s, strict=True)):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(spec)))
+            tasks.append(asyncio.create_task(one(index, spec)))
         await asyncio.gather(*tasks)
         run.duration_s = time.perf_counter() - t0
     run.client_stalls_s = monitor.stalls

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serve import stats
 from benchmarks.serve.stats import PERCENTILES
 
 SYSTEM_COLORS = {"vllm": "tab:blue", "loraplex": "tab:orange"}
@@ -144,6 +145,7 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_ratio_cells(ratio, 'tpot')} | {_ratio_cells(ratio, 'e2e')} | | |"
                 )
         lines.append("")
+    lines += _agreement_table(results)
     lines += _cold_table(results)
     lines += [
         "## Servers",
@@ -177,6 +179,31 @@ def _phase_rate(scenario: dict[str, Any], phase: str) -> str:
     return ""
 
 
+def _agreement_table(results: dict[str, Any]) -> list[str]:
+    rows = [
+        (sc["name"], phase, counts)
+        for sc in results["scenarios"]
+        for phase, counts in (sc.get("output_agreement") or {}).items()
+    ]
+    if not rows:
+        return []
+    lines = [
+        "## Output agreement: the same request's text from both systems",
+        "",
+        "Same seeded request (by its position in the phase), temperature 0. Batches differ "
+        "between the systems, so float rounding can flip a near-tie token and the rest of that "
+        "output; an adapter mix-up or base-model output would disagree on most requests.",
+        "",
+        "| scenario | phase | answered by both | identical text |",
+        "|---|---|---:|---:|",
+    ]
+    for name, phase, counts in rows:
+        compared, identical = counts["compared"], counts["identical"]
+        share = f" ({identical / compared:.0%})" if compared else ""
+        lines.append(f"| {name} | {phase} | {compared} | {identical}{share} |")
+    return [*lines, ""]
+
+
 def _cold_table(results: dict[str, Any]) -> list[str]:
     cold = [sc for sc in results["scenarios"] if sc["kind"] == "cold"]
     if not cold:
@@ -184,9 +211,13 @@ def _cold_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "## Cold adapter: first request to a registered, never-used adapter (idle server)",
         "",
+        "One stream at a time: a stream whose text arrived in one burst (TTFT within "
+        f"{stats.BURST_SHARE:.0%} of e2e) times the burst, not the first token; the bursts "
+        "column counts them. Where there are any, compare e2e.",
+        "",
         "| scenario | system | cold TTFT p50 / max | warm TTFT p50 / max | cold e2e p50 "
-        "| warm e2e p50 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| warm e2e p50 | bursts cold / warm | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for sc in cold:
         for system, data in sc["systems"].items():
@@ -196,6 +227,7 @@ def _cold_table(results: dict[str, Any]) -> list[str]:
                 f"{_ms(c['ttft_p50_s'])} / {_ms(c['ttft_max_s'])} | "
                 f"{_ms(w['ttft_p50_s'])} / {_ms(w['ttft_max_s'])} | {_ms(c['e2e_p50_s'])} | "
                 f"{_ms(w['e2e_p50_s'])} | "
+                f"{c.get('burst_samples', 0)} / {w.get('burst_samples', 0)} | "
                 f"{c['errors'] + w['errors']} |"
             )
         ratios = sc.get("ratios", {})
@@ -203,7 +235,7 @@ def _cold_table(results: dict[str, Any]) -> list[str]:
             c, w = ratios["cold"], ratios["warm"]
             lines.append(
                 f"| {sc['name']} | **ratio** | {_x(c['ttft_p50_s'])} | {_x(w['ttft_p50_s'])} | "
-                f"{_x(c['e2e_p50_s'])} | {_x(w['e2e_p50_s'])} | |"
+                f"{_x(c['e2e_p50_s'])} | {_x(w['e2e_p50_s'])} | | |"
             )
     return [*lines, ""]
 

@@ -39,6 +39,14 @@ from benchmarks.serve.servers import (
 logger = logging.getLogger(__name__)
 
 
+class RunAborted(RuntimeError):
+    """A run stopped part way; `partial` holds what it measured until then."""
+
+    def __init__(self, partial: dict[str, Any]) -> None:
+        super().__init__("the benchmark run stopped part way")
+        self.partial = partial
+
+
 @dataclass
 class Progress:
     """Callbacks the CLI turns into a progress bar; the default does nothing."""
@@ -93,6 +101,15 @@ def run(
     """Run every scenario on every system; returns the `servers` and `scenarios` results."""
     progress = progress or Progress()
     used = used_adapters(list(plan.scenarios), plan.settings)
+    # Picked before any server starts: a pool too small for the probes (a large vLLM host
+    # cache protects most adapters) fails the run now, not after minutes of other scenarios.
+    cold_names = {
+        sc.name: cold_adapters(
+            sc, plan.settings, used, int(sc.flags("vllm").get("max_cpu_loras", 0))
+        )
+        for sc in plan.scenarios
+        if sc.kind == "cold"
+    }
     servers: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {
         sc.name: {
@@ -107,22 +124,26 @@ def run(
         }
         for sc in plan.scenarios
     }
-    for count, group in plan.server_groups:
-        for system in plan.systems:
-            spec = ServerSpec.make(system, group[0].flags(system), count)
-            progress.step(f"{spec.label()} starting")
-            server = start_server(spec, assets, log_dir)
-            servers.append(_server_record(server, assets))
-            try:
-                for scenario in group:
-                    results[scenario.name]["systems"][system] = _run_scenario(
-                        plan, scenario, server, results[scenario.name], used, progress
-                    )
-            finally:
-                progress.step(f"{spec.label()} stopping")
-                stop_server(server)
+    try:
+        for count, group in plan.server_groups:
+            for system in plan.systems:
+                spec = ServerSpec.make(system, group[0].flags(system), count)
+                progress.step(f"{spec.label()} starting")
+                server = start_server(spec, assets, log_dir)
+                servers.append(_server_record(server, assets))
+                try:
+                    for scenario in group:
+                        results[scenario.name]["systems"][system] = _run_scenario(
+                            plan, scenario, server, results[scenario.name], cold_names, progress
+                        )
+                finally:
+                    progress.step(f"{spec.label()} stopping")
+                    stop_server(server)
+    except Exception as exc:
+        raise RunAborted({"servers": servers, "scenarios": list(results.values())}) from exc
     for result in results.values():
         result["ratios"] = stats.ratios(result, plan.systems)
+        result["output_agreement"] = stats.output_agreement(result, plan.systems)
     return {"servers": servers, "scenarios": list(results.values())}
 
 
@@ -153,7 +174,7 @@ def _run_scenario(
     scenario: Scenario,
     server: RunningServer,
     result: dict[str, Any],
-    used: set[str],
+    cold_names: dict[str, list[str]],
     progress: Progress,
 ) -> dict[str, Any]:
     s = plan.settings
@@ -161,8 +182,7 @@ def _run_scenario(
     out: dict[str, Any] = {"server": server.spec.label(), "phases": {}}
     if scenario.kind == "cold":
         # The same adapters for both systems: the tail to skip is vLLM's CPU cache size.
-        tail = int(scenario.flags("vllm").get("max_cpu_loras", 0))
-        names = cold_adapters(scenario, s, used, tail)
+        names = cold_names[scenario.name]
         progress.step(f"{label} · cold probes")
         cold, warm = asyncio.run(_cold_probes(server.base_url, names, s, progress.advance))
         out["adapters"] = names

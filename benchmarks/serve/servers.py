@@ -120,7 +120,10 @@ def server_command(
         "--enable-lora", "--disable-uvicorn-access-log",
     ]  # fmt: skip
     for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", value]
+        # A list flag (--lora-target-modules q_proj v_proj) takes one argument per item: the
+        # override `vllm:lora_target_modules=q_proj v_proj` is split on whitespace, which no
+        # scalar value contains.
+        argv += [f"--{key.replace('_', '-')}", *value.split()]
     names = assets.adapter_names[: spec.adapters]
     if names:
         argv += ["--lora-modules", *(f"{n}={assets.adapter_path(n)}" for n in names)]

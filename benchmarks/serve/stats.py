@@ -17,6 +17,9 @@ RATIO_KEYS = (
     *(f"{m}_p{p}_s" for m in LATENCIES for p in PERCENTILES),
 )
 MAX_ERROR_EXAMPLES = 3
+# A stream whose first text came within this share of its end arrived in one burst: its TTFT
+# times the burst (client or server scheduling), not the first token.
+BURST_SHARE = 0.1
 
 
 def summarize(run: PhaseRun) -> dict[str, Any]:
@@ -37,6 +40,11 @@ def summarize(run: PhaseRun) -> dict[str, Any]:
         # the load generator's own late wake-ups (load.ClientStallMonitor), seconds
         "client_stall_max_s": round(max(run.client_stalls_s, default=0.0), 4),
         "client_stalled_s": round(sum(run.client_stalls_s), 4),
+        "burst_samples": sum(
+            1
+            for s in ok
+            if s.ttft_s is not None and s.e2e_s and s.e2e_s - s.ttft_s < BURST_SHARE * s.e2e_s
+        ),
     }
     values = {
         "ttft": [s.ttft_s for s in ok if s.ttft_s is not None],
@@ -57,8 +65,35 @@ def summarize(run: PhaseRun) -> dict[str, Any]:
         "ttft_s": [round(s.ttft_s or 0.0, 6) for s in ordered],
         "e2e_s": [round(s.e2e_s or 0.0, 6) for s in ordered],
         "tokens": [s.tokens for s in ordered],
+        "index": [s.index for s in ordered],
+        "output_sha": [s.output_sha for s in ordered],
     }
     return summary
+
+
+def output_agreement(result: dict[str, Any], systems: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Per load phase: how many requests both systems answered, and how many of those with
+    the same text (same request by its position in the seeded workload, temperature 0)."""
+    if "loraplex" not in systems or "vllm" not in systems:
+        return {}
+    mine, theirs = result["systems"].get("loraplex"), result["systems"].get("vllm")
+    if not mine or not theirs or result.get("kind") != "load":
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for phase, ours in mine["phases"].items():
+        base = theirs["phases"].get(phase)
+        if base is None:
+            continue
+        a, b = _outputs_by_index(ours), _outputs_by_index(base)
+        both = [i for i in a if i in b]
+        out[phase] = {"compared": len(both), "identical": sum(a[i] == b[i] for i in both)}
+    return out
+
+
+def _outputs_by_index(phase: dict[str, Any]) -> dict[int, str]:
+    samples = phase.get("samples", {})
+    pairs = zip(samples.get("index", []), samples.get("output_sha", []), strict=False)
+    return {i: sha for i, sha in pairs if sha is not None}
 
 
 def ratios(result: dict[str, Any], systems: tuple[str, ...]) -> dict[str, dict[str, float | None]]:

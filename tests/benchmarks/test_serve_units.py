@@ -176,3 +176,125 @@ def test_client_stalls_are_measured_not_charged_to_the_server() -> None:
     summary = stats.summarize(run)
     assert summary["client_stall_max_s"] == round(stalls[0], 4)
     assert summary["client_stalled_s"] == round(stalls[0], 4)
+
+
+def test_outputs_are_compared_request_by_request_across_systems() -> None:
+    def phase(shas: list[str | None]) -> dict:
+        run = PhaseRun(duration_s=1.0)
+        for i, sha in reversed(list(enumerate(shas))):  # finish order is not request order
+            error = None if sha else "HTTP 500: boom"
+            run.samples.append(
+                Sample("m", i * 0.1, index=i, ttft_s=0.1, e2e_s=0.5, tokens=32, output_sha=sha,
+                       error=error)
+            )  # fmt: skip
+        return stats.summarize(run)
+
+    result = {
+        "kind": "load",
+        "systems": {
+            "vllm": {"phases": {"closed": phase(["a", "b", "c", "d"])}},
+            "loraplex": {"phases": {"closed": phase(["a", "x", None, "d"])}},
+        },
+    }
+    agreement = stats.output_agreement(result, ("vllm", "loraplex"))
+    assert agreement == {"closed": {"compared": 3, "identical": 2}}
+    assert stats.output_agreement({**result, "kind": "cold"}, ("vllm", "loraplex")) == {}
+    assert stats.output_agreement(result, ("loraplex",)) == {}
+
+
+def test_streams_that_arrive_in_one_burst_are_counted() -> None:
+    run = PhaseRun(duration_s=1.0)
+    run.samples.append(Sample("m", 0.0, ttft_s=0.19, e2e_s=0.2, tokens=32))  # burst
+    run.samples.append(Sample("m", 0.1, ttft_s=0.02, e2e_s=0.2, tokens=32))
+    assert stats.summarize(run)["burst_samples"] == 1
+
+
+def test_list_valued_vllm_flags_become_one_argument_per_item(tmp_path: Path) -> None:
+    fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
+    flags = {"lora_target_modules": "q_proj k_proj v_proj", "max_loras": 16}
+    spec = servers.ServerSpec.make("vllm", flags, 0)
+    argv, _ = servers.server_command(spec, fake, 8123, tmp_path / "state")
+    at = argv.index("--lora-target-modules")
+    assert argv[at + 1 : at + 4] == ["q_proj", "k_proj", "v_proj"]
+    assert argv[argv.index("--max-loras") + 1] == "16"
+
+
+def test_a_cold_probe_pool_too_small_fails_before_any_server_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(runner, "start_server", lambda spec, *a: started.append(spec.label()))
+    tweaked = scenarios.with_engine_overrides(
+        scenarios.FULL_SCENARIOS, ["vllm:max_cpu_loras=1000"]
+    )  # vLLM's start-up preload keeps every adapter warm: no cold adapter is left
+    plan = runner.RunPlan(tweaked, scenarios.FULL_SETTINGS, ("vllm", "loraplex"))
+    fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
+    with pytest.raises(ValueError, match="cold probes asked"):
+        runner.run(plan, fake, tmp_path)
+    assert started == []
+
+
+def test_a_run_that_stops_part_way_keeps_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = next(s for s in scenarios.FULL_SCENARIOS if s.name == "base")
+    lora3 = next(s for s in scenarios.FULL_SCENARIOS if s.name == "lora3")
+    plan = runner.RunPlan((base, lora3), scenarios.QUICK_SETTINGS, ("vllm",))
+    running = servers.RunningServer(
+        servers.ServerSpec.make("vllm", {}, 0), "http://x", None, tmp_path, [], 1.0, tmp_path
+    )  # type: ignore[arg-type]
+
+    def start(spec: servers.ServerSpec, *args: object) -> servers.RunningServer:
+        if spec.adapters:  # the second server group fails to start
+            raise RuntimeError("server did not start")
+        return running
+
+    monkeypatch.setattr(runner, "start_server", start)
+    monkeypatch.setattr(runner, "stop_server", lambda server: None)
+    monkeypatch.setattr(runner, "_server_record", lambda server, assets: {"label": "x"})
+    monkeypatch.setattr(
+        runner, "_run_scenario", lambda plan, sc, *a: {"phases": {"closed": {"req_per_s": 1.0}}}
+    )
+    fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
+    with pytest.raises(runner.RunAborted) as caught:
+        runner.run(plan, fake, tmp_path)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    measured = {sc["name"]: sc["systems"] for sc in caught.value.partial["scenarios"]}
+    assert measured == {"base": {"vllm": {"phases": {"closed": {"req_per_s": 1.0}}}}, "lora3": {}}
+
+
+def test_a_request_records_the_digest_of_the_text_it_streamed() -> None:
+    import hashlib
+
+    from aiohttp import web
+
+    from benchmarks.serve import load
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        texts = ["", *(["ab"] * 2), "c"]  # an empty first chunk is neither TTFT nor text
+        for text in texts:
+            chunk = {"choices": [{"index": 0, "text": text}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": 5}}
+        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    async def scenario() -> list[Sample]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner_ = web.AppRunner(app)
+        await runner_.setup()
+        port = servers.free_port()
+        await web.TCPSite(runner_, "127.0.0.1", port).start()
+        try:
+            specs = [load.RequestSpec("m", "p")] * 2
+            run = await load.closed_loop(f"http://127.0.0.1:{port}", specs, 1, 3)
+        finally:
+            await runner_.cleanup()
+        return run.samples
+
+    samples = asyncio.run(scenario())
+    assert [s.error for s in samples] == [None, None] and [s.index for s in samples] == [0, 1]
+    assert samples[0].output_sha == hashlib.sha256(b"ababc").hexdigest()[:16]
