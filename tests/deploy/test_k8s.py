@@ -15,12 +15,16 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from tests.deploy.conftest import run, settings_env_names
+from tests.deploy.demo_base import demo_max_position_embeddings
 from tests.deploy.promql import DEPLOY
 
 K8S = DEPLOY / "k8s"
 KUSTOMIZATION = K8S / "kustomization.yaml"
 NAMESPACE = "loraplex"
 GATEWAY_UID = 10001  # USER of deploy/docker/Dockerfile.*
+# What start-up does before LORAPLEX_ENGINE_START_TIMEOUT_S starts counting (migrations, a
+# sha256 of every weight file of the base, the demo's build), while nothing listens yet.
+STARTUP_MARGIN_S = 600
 
 # The part of monitoring.coreos.com/v1 ServiceMonitor these manifests use: kubernetes-validate
 # knows only built-in kinds, and the Operator's CRD schema is not available offline.
@@ -211,11 +215,11 @@ def test_gateway_probes(deployment):
     assert startup["httpGet"]["path"] == "/healthz"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in {http["name"], http["containerPort"]}
-    # The engine may take LORAPLEX_ENGINE_START_TIMEOUT_S to start; the kubelet must wait
-    # at least that long before liveness can kill the pod.
+    # The engine may take LORAPLEX_ENGINE_START_TIMEOUT_S to start, after the rest of
+    # start-up: the kubelet must wait that long before liveness can kill the pod.
     budget = startup["periodSeconds"] * startup["failureThreshold"]
     timeout = float(find("ConfigMap", "loraplex-config")["data"]["LORAPLEX_ENGINE_START_TIMEOUT_S"])
-    assert budget >= timeout
+    assert budget >= timeout + STARTUP_MARGIN_S
 
 
 def test_gateway_runs_as_the_image_user(deployment):
@@ -338,6 +342,21 @@ def test_demo_mode_imports_no_adapter_folder(monkeypatch):
         assert "LORAPLEX_ADAPTER_DIR" not in config
         assert settings.resolved_import_tenant() == "demo"
         assert settings.resolved_adapter_dir() == settings.demo_root / "adapters"
+
+
+def test_the_demo_context_fits_the_demo_base(monkeypatch, tmp_path):
+    """vLLM refuses a max_model_len above the base's max_position_embeddings: the ConfigMap's
+    demo pod crash-looped with 8192 against the demo base's 4096."""
+    from gateway.settings import Settings
+
+    config = find("ConfigMap", "loraplex-config")["data"]
+    for name in settings_env_names():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in config.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.demo and settings.base_model is None, "the ConfigMap serves the demo"
+    assert settings.max_model_len <= demo_max_position_embeddings(tmp_path / "base")
 
 
 def test_the_pods_grace_period_covers_the_gateways_drain_and_grace(deployment):
