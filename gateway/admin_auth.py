@@ -10,13 +10,18 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit_log import audit_event
-from gateway.errors import LoraplexError
+from gateway.errors import LoraplexError, request_id_of, typed_error_body
+from gateway.logging_config import redact_key_paths
 from gateway.metrics import AUTH_FAILURES
 
 ADMIN_ACTOR = "admin"
+ADMIN_PREFIX = "/admin/"
 
 
 class AdminUnauthorized(LoraplexError):
@@ -38,7 +43,7 @@ class AdminDisabled(LoraplexError):
     code = "admin_api_disabled"
 
 
-def _bearer_matches(request: Request, *accepted: SecretStr) -> bool:
+def _bearer_matches(request: HTTPConnection, *accepted: SecretStr) -> bool:
     scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return False
@@ -50,24 +55,71 @@ def _bearer_matches(request: Request, *accepted: SecretStr) -> bool:
     return any(matches)
 
 
-def _refused(request: Request, reason: str) -> None:
+def holds_admin_token(request: HTTPConnection, admin_token: SecretStr | None) -> bool:
+    return admin_token is not None and _bearer_matches(request, admin_token)
+
+
+def _refused(request: HTTPConnection, reason: str) -> None:
     AUTH_FAILURES.labels(reason).inc()
     audit_event(
         "auth.failure",
         reason=reason,
-        path=request.url.path,
+        path=redact_key_paths(request.url.path),  # a key pasted where its id goes
         client=request.client.host if request.client else None,
     )
 
 
-def require_admin(request: Request) -> str:
+def admin_refusal(request: HTTPConnection) -> LoraplexError | None:
+    """The error a request without the admin token gets (its failure counted and audited), or
+    None for the admin."""
     expected = request.app.state.settings.admin_token
     if expected is None:
-        raise AdminDisabled("The admin API is disabled: set LORAPLEX_ADMIN_TOKEN to enable it.")
+        return AdminDisabled("The admin API is disabled: set LORAPLEX_ADMIN_TOKEN to enable it.")
     if not _bearer_matches(request, expected):
         _refused(request, "admin")
-        raise AdminUnauthorized("Missing or invalid admin token.")
+        return AdminUnauthorized("Missing or invalid admin token.")
+    return None
+
+
+def require_admin(request: Request) -> str:
+    refusal = admin_refusal(request)
+    if refusal is not None:
+        raise refusal
     return ADMIN_ACTOR
+
+
+class AdminGate:
+    """Pure ASGI, ahead of the body limit: a caller without the admin token gets its 401/403
+    on /admin/* before a byte of its body is read. FastAPI reads (and spools to disk) a
+    route's whole body before it runs the route's dependencies, so require_admin alone came
+    after an anonymous 2 GiB upload had been received. require_admin stays the authoritative
+    check; this one only answers early."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _route_path(scope).startswith(ADMIN_PREFIX):
+            request = Request(scope)
+            refusal = admin_refusal(request)
+            if refusal is not None:
+                # Else the server reads and discards the unread body to reuse the connection.
+                headers = {**(refusal.headers() or {}), "Connection": "close"}
+                response = JSONResponse(
+                    typed_error_body(refusal, request_id_of(request)),
+                    status_code=refusal.status_code,
+                    headers=headers,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    # What the router matches: the path below a proxy's root_path.
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def require_metrics_reader(request: Request) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway.adapter_cache import HostAdapterCache
+from gateway.admin_auth import AdminGate
 from gateway.auth import KeyAuthenticator
 from gateway.body_limit import BodySizeLimit, limits_by_route
 from gateway.catalog import RegistryCatalog
@@ -257,14 +258,18 @@ def create_app(
     app.state.engine = None
     app.state.authenticator = None
     app.state.demo_api_key = None
-    # Last added runs first: request ids exist before metrics label anything, and a body
-    # over its limit is refused before either (or any route) reads it.
+    # Last added runs first. The request id comes first, so every answer carries it (a 413,
+    # an early admin refusal); an anonymous /admin/* call is answered before its body is read;
+    # a body over its limit is refused before metrics label it or any route reads it.
     app.add_middleware(RequestMetricsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
         BodySizeLimit,
-        limit_for=limits_by_route(settings.upload_max_bytes, settings.max_request_bytes),
+        limit_for=limits_by_route(
+            settings.upload_max_bytes, settings.max_request_bytes, settings.admin_token
+        ),
     )
+    app.add_middleware(AdminGate)
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     routers = (
         chat.router,

@@ -5,8 +5,10 @@ the adapter upload's own byte count (registry.ingest.receive_stream) came after 
 had been read under a 1 MiB limit. This pure ASGI middleware refuses a body over its limit on
 the declared Content-Length at once, and counts the bytes of one without it (chunked), answering
 413 as soon as the count passes the limit. The upload route's limit is
-LORAPLEX_UPLOAD_MAX_BYTES plus room for the multipart framing; every other route's is
-LORAPLEX_MAX_REQUEST_BYTES (JSON requests: prompts, admin calls).
+LORAPLEX_UPLOAD_MAX_BYTES plus room for the multipart framing, for the admin only (anyone else
+could make the gateway spool gigabytes before the route's own auth ran); every other request's
+is LORAPLEX_MAX_REQUEST_BYTES (JSON requests: prompts, admin calls). gateway.admin_auth.AdminGate,
+ahead of this layer, answers /admin/* without reading the body when the admin token is missing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from pydantic import SecretStr
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.admin_auth import holds_admin_token
 
 # Multipart boundaries, part headers and the small form fields beside the files.
 MULTIPART_SLACK_BYTES = 1024 * 1024
@@ -97,12 +103,18 @@ async def _refuse(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def limits_by_route(upload_max_bytes: int, max_request_bytes: int) -> Callable[[Scope], int]:
+def limits_by_route(
+    upload_max_bytes: int, max_request_bytes: int, admin_token: SecretStr | None
+) -> Callable[[Scope], int]:
     upload = upload_max_bytes + MULTIPART_SLACK_BYTES
 
     def limit_for(scope: Scope) -> int:
         path = scope.get("path", "")
-        if scope.get("method") == "POST" and path.rstrip("/") == "/admin/v1/adapters":
+        if (
+            scope.get("method") == "POST"
+            and path.rstrip("/") == "/admin/v1/adapters"
+            and holds_admin_token(HTTPConnection(scope), admin_token)
+        ):
             return upload
         return max_request_bytes
 

@@ -11,8 +11,14 @@ from urllib.parse import unquote
 
 from registry.tenancy import key_id_for
 
-# /admin/v1/keys/{key_id}/...: where an operator may paste a whole key instead of its id.
-_KEY_IN_PATH = re.compile(r"(/admin/v1/keys/)([^/?#]+)")
+# /admin/v1/keys/{key_id}[/revoke]: where an operator may paste a whole key instead of its id.
+# An operator-chosen key (LORAPLEX_IMPORT_API_KEY, LORAPLEX_DEMO_API_KEY) may hold "/" (never
+# "?" or "#"): all of what lies between the prefix and a trailing /revoke or the query is taken.
+_KEY_IN_PATH = re.compile(r"(/admin/v1/keys/)([^?#]+?)(/revoke)?(?=[?#]|$)")
+
+
+# Only ever inside a JSON string, where the escape means the same character.
+_UNICODE_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,13 +34,16 @@ class JsonFormatter(logging.Formatter):
             payload["audit"] = audit
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=False)
+        # JSON leaves these unescaped, yet some log readers end a line at each of them.
+        return json.dumps(payload, ensure_ascii=False).translate(_UNICODE_LINE_BREAKS)
 
 
 def redact_key_paths(path: str) -> str:
     """`path` with any whole API key in a key-id position replaced by its id (or by
     `<redacted>` when it is neither an id nor a key)."""
-    return _KEY_IN_PATH.sub(lambda m: m[1] + (key_id_for(unquote(m[2])) or "<redacted>"), path)
+    return _KEY_IN_PATH.sub(
+        lambda m: m[1] + (key_id_for(unquote(m[2])) or "<redacted>") + (m[3] or ""), path
+    )
 
 
 class RedactKeyPaths(logging.Filter):

@@ -29,6 +29,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # A bearer token short enough to guess, or a placeholder like "x", is refused at start.
 MIN_TOKEN_CHARS = 16
+# The shipped manifests' placeholders (deploy/k8s/secret.yaml, deploy/compose): public, so only
+# demo mode may keep them.
+PLACEHOLDER_TOKEN_PREFIX = "change-me"
 # LORAPLEX_* names read by something other than Settings: the admin CLI and clients (URL, KEY),
 # the vLLM plugin in the engine's processes, compose interpolation, the PostgreSQL tests.
 OTHER_ENV_NAMES = frozenset(
@@ -39,6 +42,7 @@ OTHER_ENV_NAMES = frozenset(
         DEMAND_ENV,
         f"{ENV_PREFIX}MODELS_DIR",
         f"{ENV_PREFIX}HTTP_PORT",
+        f"{ENV_PREFIX}BIND_ADDRESS",  # compose: the host address ports are published on
         f"{ENV_PREFIX}TEST_POSTGRES_URL",
     }
 )
@@ -228,8 +232,9 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None,
-        description=f"Bearer token of the admin API ({MIN_TOKEN_CHARS}+ characters); unset or "
-        "blank, the admin API is disabled.",
+        description=f"Bearer token of the admin API ({MIN_TOKEN_CHARS}+ visible ASCII "
+        "characters; a shipped change-me placeholder only in demo mode); unset or blank, the "
+        "admin API is disabled.",
     )
     metrics_token: SecretStr | None = Field(
         None,
@@ -258,6 +263,10 @@ class Settings(BaseSettings):
         token = value.get_secret_value().strip()
         if len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"a token needs at least {MIN_TOKEN_CHARS} characters (or unset it)")
+        # Starlette decodes headers as latin-1, so a UTF-8 token could never match; spaces and
+        # controls do not survive every client and proxy either.
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError("a token may hold only visible ASCII characters (no spaces)")
         return SecretStr(token)
 
     @field_validator("log_level", mode="before")
@@ -282,6 +291,20 @@ class Settings(BaseSettings):
     def _paged_pool_sized(self) -> Settings:
         if self.paged_lora and self.paged_pool_bytes is None:
             raise ValueError("paged_lora needs paged_pool_bytes (LORAPLEX_PAGED_POOL_BYTES)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_placeholder_tokens(self) -> Settings:
+        if self.demo:
+            return self
+        for name in ("admin_token", "metrics_token"):
+            token: SecretStr | None = getattr(self, name)
+            if token is not None and token.get_secret_value().startswith(PLACEHOLDER_TOKEN_PREFIX):
+                raise ValueError(
+                    f"LORAPLEX_{name.upper()} is a shipped placeholder "
+                    f"({PLACEHOLDER_TOKEN_PREFIX}...): set a real secret (e.g. `openssl rand "
+                    "-hex 32`), or LORAPLEX_DEMO=true for a local demo"
+                )
         return self
 
     @model_validator(mode="after")

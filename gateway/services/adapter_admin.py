@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.errors import InvalidRequest
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
 from registry.ingest import ingest_upload, receive_stream, stage_local_path
-from registry.ingest_s3 import stage_s3_uri
+from registry.ingest_s3 import check_s3_uri, stage_s3_uri
 from registry.models import AdapterVersion
 from registry.states import Visibility
 from registry.store.s3 import make_s3_client
@@ -34,6 +35,14 @@ CHUNK_BYTES = 1024 * 1024
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     while chunk := await upload.read(CHUNK_BYTES):
         yield chunk
+
+
+def _registering(fields: dict[str, Any]) -> AbstractAsyncContextManager[None]:
+    # Staging is inside: an unsafe archive, a path outside the import roots, a bucket off the
+    # allow-list or an oversize upload is a refused registration, audited and counted.
+    return registry_operation(
+        "register", fields["actor"], adapter=fields["name"], tenant=fields["tenant"]
+    )
 
 
 @dataclass
@@ -72,24 +81,33 @@ class AdapterAdmin:
     async def register_upload(self, files: list[UploadFile], **fields: Any) -> AdapterVersion:
         """Either the two PEFT files, or one .tar/.zip of a PEFT folder; streamed to disk."""
         with tempfile.TemporaryDirectory(prefix="loraplex-upload-") as work:
-            folder = await self._receive(files, Path(work))
-            return await self._register(folder, **fields)
+            async with _registering(fields):
+                folder = await self._receive(files, Path(work))
+                row = await self._register(folder, **fields)
+        self._catalog.invalidate()  # after the commit: `name` now means the new version
+        return row
 
     async def register_path(self, path: str, **fields: Any) -> AdapterVersion:
         """A local folder under an allow-listed root, or an s3:// URI in an allow-listed bucket
         (downloaded with the upload size limit, then gated like an upload)."""
-        if not path.startswith("s3://"):
-            folder = stage_local_path(path, allowed_roots=self._import_roots)
-            return await self._register(folder, **fields)
-        with tempfile.TemporaryDirectory(prefix="loraplex-s3-") as work:
-            folder = await stage_s3_uri(
-                path,
-                workdir=Path(work),
-                max_bytes=self._max_bytes,
-                client=self._s3.client(),
-                allowed_buckets=self._s3.buckets,
-            )
-            return await self._register(folder, **fields)
+        with tempfile.TemporaryDirectory(prefix="loraplex-import-") as work:
+            async with _registering(fields):
+                if path.startswith("s3://"):
+                    # Judged before the client is built: a gateway without the s3 extra still
+                    # refuses a bucket off the allow-list as the caller's mistake.
+                    check_s3_uri(path, allowed_buckets=self._s3.buckets)
+                    folder = await stage_s3_uri(
+                        path,
+                        workdir=Path(work),
+                        max_bytes=self._max_bytes,
+                        client=self._s3.client(),
+                        allowed_buckets=self._s3.buckets,
+                    )
+                else:
+                    folder = stage_local_path(path, allowed_roots=self._import_roots)
+                row = await self._register(folder, **fields)
+        self._catalog.invalidate()
+        return row
 
     async def _receive(self, files: list[UploadFile], work: Path) -> Path:
         names = sorted(Path(f.filename or "").name for f in files)
@@ -122,11 +140,8 @@ class AdapterAdmin:
         actor: str,
     ) -> AdapterVersion:
         runtime = self._runtime
-        async with (
-            registry_operation("register", actor, adapter=name, tenant=tenant),
-            runtime.sessions() as session,
-        ):
-            row = await service.register_adapter_version(
+        async with runtime.sessions() as session:
+            return await service.register_adapter_version(
                 session,
                 store=runtime.store,
                 artifact_dir=folder,
@@ -140,8 +155,6 @@ class AdapterAdmin:
                 card=card,
                 base_sha256=base_sha256,
             )
-        self._catalog.invalidate()  # after the commit: `name` now means the new version
-        return row
 
     async def retire(
         self, name: str, version: int, reason: str | None, actor: str

@@ -90,3 +90,40 @@ def test_a_refused_token_is_not_echoed_in_the_error():
     with pytest.raises(ValidationError) as refused:
         Settings(admin_token="short-secret")
     assert "short-secret" not in str(refused.value)
+
+
+PLACEHOLDERS = {"admin_token": "change-me-admin-token", "metrics_token": "change-me-metrics-token"}
+
+
+@pytest.mark.parametrize("field", sorted(PLACEHOLDERS))
+def test_the_shipped_placeholder_tokens_are_refused_outside_demo_mode(monkeypatch, field):
+    """deploy/k8s/secret.yaml and deploy/compose ship these: anyone who read the repository
+    held the admin token of a gateway deployed as shipped with LORAPLEX_DEMO=false."""
+    monkeypatch.delenv("LORAPLEX_DEMO", raising=False)
+    monkeypatch.setenv(f"LORAPLEX_{field.upper()}", PLACEHOLDERS[field])
+    with pytest.raises(ValidationError, match="set a real secret") as refused:
+        Settings()
+    assert PLACEHOLDERS[field] not in str(refused.value)
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(**{field: "change-me-and-something-longer"})
+    monkeypatch.setenv("LORAPLEX_DEMO", "true")
+    demo = Settings()
+    token = getattr(demo, field)
+    assert token is not None and token.get_secret_value() == PLACEHOLDERS[field]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "ünicode-admin-token-00",  # Starlette reads the header as latin-1: it never matches
+        "admin-token-with-€-sign",
+        "an admin token with spaces",
+        "admin-token\x0bwith-a-control",
+        "admin-token-with-del\x7f-00",
+    ],
+)
+def test_tokens_outside_visible_ascii_are_refused(token):
+    for field in ("admin_token", "metrics_token"):
+        with pytest.raises(ValidationError, match="visible ASCII") as refused:
+            Settings(**{field: token})
+        assert token not in str(refused.value)
