@@ -7,7 +7,12 @@ the request ends; when the bytes held exceed the budget, the least recently used
 versions are removed from the engine. vLLM also caps the count (max_cpu_loras), and its own
 `add_lora` at that cap would evict vLLM's least recently used adapter whatever the gateway's pins
 say: the cache therefore makes room before it loads, so vLLM never evicts behind its back and
-the residency it reports is true.
+the residency it reports is true. The count is a hard cap: when every resident adapter is pinned
+by a request still in the engine, a load for another one waits for a pin to be released (at
+most `wait_s`, then a 503). Loading anyway made vLLM evict a pinned adapter, which it then
+reloaded from its files inside an engine step: blocking every tenant's step, and killing the
+engine when the version had been deleted meanwhile. The byte budget stays soft (vLLM does not
+count bytes): over it with everything in use, the cache runs over budget rather than wait.
 
 A retired or deleted version (`forget`) is never served again: new requests for it are refused
 (also one that resolved it just before and is still loading it), and the engine keeps it only
@@ -19,6 +24,7 @@ under a running request would kill the engine for every tenant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -39,10 +45,25 @@ logger = logging.getLogger(__name__)
 TIER = "host"
 
 
+# How long a request waits for a host-cache slot when every resident adapter is in use.
+ADAPTER_WAIT_S = 30.0
+
+
 class AdapterLoadFailed(LoraplexError):
     status_code = 500
     error_type = "server_error"
     code = "adapter_load_failed"
+
+
+class AdapterCapacityFull(LoraplexError):
+    """Every adapter the engine can hold is in use by running requests."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "adapter_capacity_full"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
 
 
 @dataclass
@@ -58,12 +79,23 @@ class _Loading:
 
 
 class HostAdapterCache:
-    def __init__(self, engine: EngineClient, budget_bytes: int, max_adapters: int | None = None):
+    def __init__(
+        self,
+        engine: EngineClient,
+        budget_bytes: int,
+        max_adapters: int | None = None,
+        wait_s: float = ADAPTER_WAIT_S,
+    ):
         self._engine = engine
         self._budget = budget_bytes
         self._max_adapters = max_adapters
+        self._wait_s = wait_s
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._loading: dict[int, _Loading] = {}
+        # Loads past the room check: version id -> bytes. They count against the caps until
+        # they are entries (or failed), so concurrent loads make room for each other.
+        self._reserved: dict[int, int] = {}
+        self._room: asyncio.Event | None = None  # set when a pin or an entry goes
         self._bytes = 0
         # Retired or deleted version ids: never loaded or pinned again. Version ids are never
         # reused (deleted versions stay as tombstones), so this only grows by retirements.
@@ -96,8 +128,12 @@ class HostAdapterCache:
             await pending.done.wait()  # then pin what it loaded, or try again if it failed
         loading = self._loading[version_id] = _Loading(asyncio.Event(), adapter.size_bytes)
         try:
-            await self._evict(reason="capacity", incoming=True)
-            await self._load(adapter, labels)
+            await self._make_room(adapter, labels)
+            try:
+                await self._load(adapter, labels)
+            finally:
+                del self._reserved[version_id]  # an entry now, or nothing if it failed
+                self._room_changed()
             if version_id in self._forgotten:  # retired while it loaded
                 await self._remove(version_id, reason="retired")
                 raise ModelNotFound(labels[0])
@@ -106,7 +142,7 @@ class HostAdapterCache:
             del self._loading[version_id]
             loading.done.set()
         try:  # pins released meanwhile may let it get back within the budget now
-            await self._evict(reason="capacity", incoming=False)
+            await self._evict(reason="capacity")
         except BaseException:  # cancelled: the caller never learns it holds a pin
             self.release(adapter)
             raise
@@ -117,6 +153,8 @@ class HostAdapterCache:
         if entry is None or entry.pins == 0:
             return
         entry.pins -= 1
+        if entry.pins == 0:
+            self._room_changed()
         if entry.pins == 0 and version_id in self._forgotten:
             # The last request of a retired version ended: out of the engine now.
             task = asyncio.get_running_loop().create_task(
@@ -154,25 +192,62 @@ class HostAdapterCache:
         self._bytes += adapter.size_bytes
         self._publish()
 
-    def _over_budget(self, incoming: bool) -> bool:
-        """Over the byte budget or vLLM's count, counting the loads in flight when a load is
-        about to start (`incoming`): room is made before vLLM's add_lora, which would
-        otherwise evict vLLM's own least recently used adapter, pinned or not."""
-        size = len(self._entries) + (len(self._loading) if incoming else 0)
-        held = self._bytes + (sum(x.size_bytes for x in self._loading.values()) if incoming else 0)
-        return held > self._budget or (self._max_adapters is not None and size > self._max_adapters)
+    def _over_count(self, extra: int) -> bool:
+        if self._max_adapters is None:
+            return False
+        return len(self._entries) + len(self._reserved) + extra > self._max_adapters
 
-    async def _evict(self, *, reason: str, incoming: bool) -> None:
-        while self._over_budget(incoming):
+    def _over_bytes(self, extra: int) -> bool:
+        return self._bytes + sum(self._reserved.values()) + extra > self._budget
+
+    async def _make_room(self, adapter: AdapterHandle, labels: tuple[str, str]) -> None:
+        """Evict until `adapter` fits beside the resident and reserved ones, then reserve it.
+        Room is made before vLLM's add_lora, which would otherwise evict vLLM's own least
+        recently used adapter, pinned or not. While every resident adapter is pinned the
+        count cannot give: wait for a release, at most `wait_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s
+        while True:
+            await self._evict(reason="capacity", extra=(1, adapter.size_bytes))
+            if not self._over_count(1):
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning(
+                    "adapter %s waited %.0f s for a host cache slot: all %d in use",
+                    labels[0],
+                    self._wait_s,
+                    len(self._entries) + len(self._reserved),
+                )
+                raise AdapterCapacityFull(
+                    "Every adapter slot of the engine is in use by running requests; retry shortly."
+                )
+            if self._room is None:
+                self._room = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), remaining)
+        if self._over_bytes(adapter.size_bytes):
+            logger.warning(
+                "adapter host cache over budget (%d bytes / %d adapters), all in use",
+                self._bytes,
+                len(self._entries),
+            )
+        self._reserved[adapter.engine_id] = adapter.size_bytes
+
+    def _room_changed(self) -> None:
+        """Wake the loads waiting for a slot: a pin or an entry went."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    async def _evict(self, *, reason: str, extra: tuple[int, int] = (0, 0)) -> None:
+        """Remove least recently used unpinned versions while the cache, with `extra`
+        (adapters, bytes) about to come, is over the count or the byte budget."""
+        count, size = extra
+        while self._over_count(count) or self._over_bytes(size):
             victim = next((vid for vid, e in self._entries.items() if e.pins == 0), None)
             if victim is None:
-                # Everything resident is in use: run over budget rather than fail requests.
-                logger.warning(
-                    "adapter host cache over budget (%d bytes / %d adapters), all in use",
-                    self._bytes,
-                    len(self._entries),
-                )
-                return
+                return  # everything resident is in use: the caller decides
             if not await self._remove(victim, reason=reason):
                 return
 
@@ -183,6 +258,7 @@ class HostAdapterCache:
             self._bytes -= entry.size_bytes
             ADAPTER_EVICTIONS.labels(TIER, reason).inc()
             self._publish()
+            self._room_changed()
         try:
             await self._engine.remove_adapter(version_id)
         except EngineDead:

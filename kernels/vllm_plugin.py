@@ -7,6 +7,9 @@ than 0.32.x it refuses to start rather than patch the wrong thing.
 
 Always installed: kernels.cpu_lora_ops (rows without an adapter get zero LoRA delta), and
 kernels.engine_process (a status RPC the gateway checks; children exit with their parent).
+In slot mode (paged mode off), kernels.slot_scheduler: a request that waited longer than
+LORAPLEX_PAGED_MAX_WAIT_MS for an adapter slot holds back requests for other adapters, so one
+tenant's steady traffic on max_loras adapters cannot keep every other adapter waiting.
 
 Opt-in, read from the environment when `register()` runs (vLLM's child processes inherit it):
     LORAPLEX_PAGED_LORA=1             adapter weights in a paged pool bounded by bytes, not by
@@ -15,7 +18,8 @@ Opt-in, read from the environment when `register()` runs (vLLM's child processes
                                       (required with paged mode)
     LORAPLEX_PAGED_PAGE_SIZE=4        rank rows per page (default 4)
     LORAPLEX_PAGED_MAX_WAIT_MS=10000  admission: a request waiting longer goes first, and no
-                                      new adapter is admitted ahead of it (default 10000)
+                                      new adapter is admitted ahead of it (default 10000);
+                                      read in slot mode too (kernels.slot_admission)
     LORAPLEX_PAGED_POLICY=rotate      rotate (default): running requests may sit out steps so
                                       that the pages are shared between steps; hold: a new
                                       adapter waits for a running one's pages (kernels/README.md)
@@ -186,7 +190,7 @@ def paged_environment(
     back), to export before vLLM starts its processes. Admission is left alone: switching it
     off exists only for tests of the worker's own refusal."""
     if not enabled:
-        return {PAGED_ENV: "0"}
+        return {PAGED_ENV: "0", MAX_WAIT_ENV: str(max_wait_ms)}  # slot mode's bounded wait
     if pool_bytes is None or pool_bytes <= 0:
         raise BadPluginSetting(f"{POOL_BYTES_ENV} is required when {PAGED_ENV} is on")
     return {
@@ -240,7 +244,13 @@ def register() -> None:
     logger.debug("loraplex plugin: masked no-adapter rows in %s", ", ".join(patched))
     install_worker_methods()
     config = paged_config_from_env(os.environ)
-    if config is not None:
+    if config is None:
+        from kernels import slot_scheduler
+
+        max_wait_s = _positive_int(os.environ, MAX_WAIT_ENV, DEFAULT_MAX_WAIT_MS) / 1000
+        rebound = slot_scheduler.install(max_wait_s)
+        logger.debug("loraplex plugin: slot mode, rebound %s", ", ".join(rebound))
+    else:
         from kernels import paged_worker
 
         rebound = paged_worker.install(config)

@@ -214,3 +214,63 @@ async def test_a_request_cancelled_while_the_cache_evicts_leaves_no_pin_behind()
     with pytest.raises(asyncio.CancelledError):
         await second
     assert cache._entries[2].pins == 0
+
+
+async def test_with_every_slot_pinned_a_load_waits_for_a_release_instead_of_evicting_one():
+    """Loading anyway made vLLM evict a pinned adapter, reloaded from its files inside an
+    engine step (fatal once that version was deleted)."""
+    engine = VllmLru(capacity=2)
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=2)  # type: ignore[arg-type]
+    for vid in (1, 2):
+        await cache.acquire(handle(vid), LABELS)  # both requests still in the engine
+    third = asyncio.create_task(cache.acquire(handle(3), LABELS))
+    await asyncio.sleep(0.05)
+    assert not third.done() and engine.loaded == [1, 2] and engine.held == [1, 2]
+    cache.release(handle(2))
+    await asyncio.wait_for(third, 1)
+    assert engine.removed == [2] and cache.resident() == engine.held == [1, 3]
+
+
+async def test_a_load_that_finds_no_free_slot_in_time_is_a_503_and_leaves_nothing_behind():
+    from gateway.adapter_cache import AdapterCapacityFull
+
+    engine = VllmLru(capacity=1)
+    cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=0.05)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    with pytest.raises(AdapterCapacityFull) as refused:
+        await cache.acquire(handle(2), LABELS)
+    assert refused.value.status_code == 503 and refused.value.headers() == {"Retry-After": "1"}
+    assert engine.loaded == [1] and not cache._reserved and not cache._loading
+    cache.release(handle(1))
+    await cache.acquire(handle(2), LABELS)  # the slot is free now
+    assert cache.resident() == engine.held == [2]
+
+
+async def test_a_request_cancelled_while_it_waits_for_a_slot_reserves_nothing():
+    engine = VllmLru(capacity=1)
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=1)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    waiting = asyncio.create_task(cache.acquire(handle(2), LABELS))
+    await asyncio.sleep(0.02)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not cache._reserved and not cache._loading
+    cache.release(handle(1))
+    await cache.acquire(handle(3), LABELS)
+    assert cache.resident() == engine.held == [3]
+
+
+async def test_a_failed_load_gives_its_slot_to_the_next_waiting_one():
+    engine = VllmLru(capacity=2)
+    engine.failing = {2}
+    engine.delay = 0.02
+    cache = HostAdapterCache(engine, budget_bytes=10**9, max_adapters=2)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    failing = asyncio.create_task(cache.acquire(handle(2), LABELS))  # takes the last slot
+    await asyncio.sleep(0)
+    third = asyncio.create_task(cache.acquire(handle(3), LABELS))  # waits for it
+    with pytest.raises(AdapterLoadFailed):
+        await failing
+    await asyncio.wait_for(third, 1)
+    assert cache.resident() == engine.held == [1, 3] and engine.removed == []

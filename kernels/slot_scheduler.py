@@ -1,0 +1,98 @@
+"""vLLM 0.32's scheduler with bounded waiting for an adapter slot (slot mode, paged mode off).
+
+`FairSlotMixin.schedule` asks `kernels.slot_admission.held_back` which waiting requests to keep
+out of this step, takes them out of the waiting queue, runs vLLM's own `schedule()` unchanged,
+and puts them back in arrival order (FCFS). Below the bounded wait it does nothing but one pass
+over the waiting queue.
+
+How it gets in (`install`, called by the plugin in every vLLM process): the module attributes
+`Scheduler` and `AsyncScheduler` are rebound to subclasses, which is what
+`SchedulerConfig.get_scheduler_cls()` returns when no scheduler class is configured (async
+scheduling picks the second, as on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler as VllmAsyncScheduler
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+
+from kernels.slot_admission import SlotWaiting, held_back
+
+logger = logging.getLogger(__name__)
+
+_max_wait_s: float = 10.0  # set by install() in the engine-core process
+
+
+def _adapter(request: Any) -> int:
+    lora = request.lora_request
+    return 0 if lora is None else int(lora.lora_int_id)
+
+
+class FairSlotMixin:
+    """schedule() with bounded waiting for an adapter slot; mixed into vLLM's schedulers."""
+
+    lora_config: Any
+    waiting: Any
+    running: list[Any]
+    requests_held_total: int = 0  # request-steps held back (for tests and debugging)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        schedule = super().schedule  # type: ignore[misc]
+        if self.lora_config is None or not self.waiting:
+            return schedule(*args, **kwargs)
+        waiting = list(self.waiting)
+        held = held_back(
+            {_adapter(r) for r in self.running},
+            [SlotWaiting(r, _adapter(r), r.arrival_time) for r in waiting],
+            time.time(),
+            _max_wait_s,
+        )
+        if not held:
+            return schedule(*args, **kwargs)
+        self.requests_held_total += len(held)
+        keys = {id(w.key) for w in held}
+        _requeue(self.waiting, [r for r in waiting if id(r) not in keys])
+        try:
+            return schedule(*args, **kwargs)
+        finally:
+            rest = [*self.waiting, *(w.key for w in held)]
+            _requeue(self.waiting, sorted(rest, key=lambda r: r.arrival_time))
+
+
+class FairSlotScheduler(FairSlotMixin, VllmScheduler):
+    pass
+
+
+class FairSlotAsyncScheduler(FairSlotMixin, VllmAsyncScheduler):
+    pass
+
+
+def _requeue(queue: Any, requests: list[Any]) -> None:
+    if isinstance(queue, FCFSRequestQueue):
+        queue.clear()
+        queue.extend(requests)
+        return
+    queue.remove_requests(list(queue))  # a priority queue orders itself again
+    for request in requests:
+        queue.add_request(request)
+
+
+def install(max_wait_s: float) -> list[str]:
+    """Rebind vLLM's scheduler classes to the fair ones (idempotent)."""
+    import vllm.v1.core.sched.async_scheduler as async_module
+    import vllm.v1.core.sched.scheduler as scheduler_module
+
+    global _max_wait_s
+    _max_wait_s = max_wait_s
+    scheduler_module.Scheduler = FairSlotScheduler  # type: ignore[misc]
+    async_module.AsyncScheduler = FairSlotAsyncScheduler  # type: ignore[misc]
+    logger.debug("loraplex: slot admission with a bounded wait of %.1f s", max_wait_s)
+    return [
+        "vllm.v1.core.sched.scheduler.Scheduler",
+        "vllm.v1.core.sched.async_scheduler.AsyncScheduler",
+    ]
