@@ -7,6 +7,7 @@ Body: {"error": {"message", "type", "param", "code"}}. FastAPI's {"detail": ...}
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -127,18 +128,36 @@ def unexpected_error_body(request_id: str) -> dict[str, Any]:
     )
 
 
+# Pydantic names the branch of a union each error came from in its location ("prompt",
+# "list[int]", 0): the type's name ("str", "list[TextPart]", a model's class name), not a field.
+_UNION_BRANCH = re.compile(r"(str|int|float|bool|bytes|none|[A-Z]\w*|[\w-]+\[.*\])")
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """An error's location as OpenAI's `param`: the field path, e.g. "messages.0.content"."""
+    return ".".join(
+        str(part)
+        for part in loc
+        if part not in ("body", "query")
+        and not (isinstance(part, str) and _UNION_BRANCH.fullmatch(part))
+    )
+
+
 def _validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
-    param = ".".join(loc) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors
+    if first.get("type") == "json_invalid":
+        # Its location is the character position in the body, not a field.
+        reason = (first.get("ctx") or {}).get("error")
+        detail = f": {reason}" if reason else ""
+        return f"The request body is not valid JSON{detail}.", None
+    param = _location(tuple(first.get("loc", ()))) or None
+    messages = dict.fromkeys(  # each union branch's error, once per field
+        f"{_location(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors
     )
-    return message, param
+    return "; ".join(messages), param
 
 
 def install_error_handlers(app: FastAPI) -> None:

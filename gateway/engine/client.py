@@ -24,6 +24,25 @@ class EngineDead(EngineError):
 class EngineRejected(Exception):
     """The engine refused the request as invalid (client's fault)."""
 
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self._param = param
+
+    @property
+    def param(self) -> str | None:
+        """The request field at fault: as given, else the one the engine's own error names
+        (vLLM's VLLMValidationError.parameter), however deep in the chain of causes."""
+        if self._param is not None:
+            return self._param
+        cause, seen = self.__cause__, set()
+        while cause is not None and id(cause) not in seen:  # a chain can loop back on itself
+            seen.add(id(cause))
+            parameter = getattr(cause, "parameter", None)
+            if isinstance(parameter, str):
+                return parameter
+            cause = cause.__cause__
+        return None
+
 
 @dataclass(frozen=True)
 class AdapterHandle:
@@ -41,14 +60,20 @@ class AdapterHandle:
 @dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int
+    # None: the engine's own default.
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # 0 or -1: no top-k
+    min_p: float | None = None
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # number of top alternatives; 0 = chosen token only
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0  # EOS and stops do not end a choice before it has this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False
     # False: the engine reports each choice once, when finished (no per-token work in the

@@ -24,6 +24,18 @@ def lora_request(adapter: AdapterHandle | None) -> Any:
     return LoRARequest(adapter.engine_name, adapter.engine_id, adapter.path)
 
 
+# Options whose None means vLLM's own default, which SamplingParams takes only as no argument.
+_LEFT_TO_VLLM = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
 def sampling_params(options: SamplingOptions) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -33,12 +45,14 @@ def sampling_params(options: SamplingOptions) -> Any:
         "max_tokens": options.max_tokens,
         "seed": options.seed,
         "stop": list(options.stop) or None,
+        "stop_token_ids": list(options.stop_token_ids) or None,
+        "min_tokens": options.min_tokens,
         "logprobs": options.logprobs,
         "logit_bias": dict(options.logit_bias) or None,
         "ignore_eos": options.ignore_eos,
         "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
     }
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    for name in _LEFT_TO_VLLM:
         value = getattr(options, name)
         if value is not None:
             kwargs[name] = value

@@ -1,10 +1,22 @@
-"""OpenAI wire schemas for requests. Unknown fields are accepted (and ignored) as OpenAI does."""
+"""OpenAI wire schemas for requests. Unknown fields are accepted (and ignored) as OpenAI does;
+known fields loraplex cannot honour yet (structured outputs, tools) are refused, never ignored:
+a client that asked for JSON or a tool call must not get plain text with a 200."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -13,12 +25,32 @@ MAX_N = 16
 # counted against the adapter version. int64, as vLLM's own server bounds it.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGIT_BIAS = 100
+# Each prompt of a list becomes its own engine request and task. OpenAI documents 2048 as the
+# most inputs one embeddings request may carry; the same cap bounds completions' prompt lists.
+MAX_PROMPTS = 2048
+# JSON's \ud800-style escapes can encode half a UTF-16 pair, which json.loads keeps as a lone
+# surrogate: not Unicode text, so the tokenizer (and vLLM's msgpack) fail on it with a 500.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _null_means(default: Any) -> Any:
     """OpenAI types these fields "X or null" and its clients send null for an explicit None:
     null means the default, and the field keeps its plain type for the code that reads it."""
     return lambda value: default if value is None else value
+
+
+def _unsupported(what: str) -> PydanticCustomError:
+    # A custom error: its message reaches the client as written, with no "Value error, ".
+    return PydanticCustomError("unsupported", f"loraplex does not support {what} yet.")
+
+
+def _text(value: str) -> str:
+    if _LONE_SURROGATE.search(value):
+        raise PydanticCustomError(
+            "unpaired_surrogate",
+            "Text must be valid Unicode: it contains an unpaired UTF-16 surrogate.",
+        )
+    return value
 
 
 FalseIfNull = Annotated[
@@ -47,16 +79,53 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
+    # "tool" is known (so that refusing it can say why) but refused, like tool_calls: the
+    # gateway cannot yet render a tool conversation the way the model's template expects.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tool_role(cls, value: str) -> str:
+        if value == "tool":
+            raise _unsupported("tool messages")
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:  # an empty list is no call: vLLM drops it too
+            raise _unsupported("assistant messages with tool_calls")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        for text in [value] if isinstance(value, str) else [p.text for p in value or ()]:
+            _text(text)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        return None if value is None else _text(value)
 
     def text(self) -> str:
+        """The content as one string; text parts joined by newlines, as vLLM's server does."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        """The message as the chat template sees it (vLLM passes `name` through too)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None
@@ -75,8 +144,51 @@ class SamplingFields(OpenAIModel):
     stream: FalseIfNull = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM server extension, used by load generators to get fixed-length outputs.
+    response_format: dict[str, Any] | None = None
+    # vLLM server extensions, bounded as vLLM's SamplingParams checks them. ignore_eos: load
+    # generators use it to get fixed-length outputs.
     ignore_eos: FalseIfNull = False
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)  # 0 or -1: no top-k
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)  # at most max_tokens: the service's check
+    stop_token_ids: list[StrictInt] | None = None  # in the vocabulary: the service's check
+    structured_outputs: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for text in [value] if isinstance(value, str) else value or ():
+            if not text:
+                # vLLM refuses it too, but only once the engine has the request.
+                raise PydanticCustomError("empty_stop", "Stop sequences must not be empty.")
+            _text(text)
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream", True):
+            raise PydanticCustomError(
+                "stream_options", "stream_options is only allowed when stream is true."
+            )
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise _unsupported(f"response_format of type {value.get('type')!r} (only 'text')")
+        return value
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _no_structured_outputs(cls, value: Any) -> Any:
+        if value is not None:
+            raise _unsupported("structured_outputs")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -93,13 +205,38 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: FalseIfNull = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    # OpenAI's deprecated forms of tools and tool_choice.
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if value:
+            raise _unsupported(info.field_name or "tools")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        # "none" asks for no call; "auto" without tools can make none. Anything else asks for one.
+        if value not in (None, "none", "auto"):
+            raise _unsupported(f"{info.field_name} other than 'none' or 'auto'")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def max_tokens_param(self) -> str:
+        """The field the client set the completion budget with, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Strict ints: JSON's true and false are not token ids 1 and 0.
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     # None: left out, and the service applies OpenAI's default of 16 under the key's limits
     # (a default here looked client-sent: a key capped below 16 was refused for it).
     max_tokens: int | None = Field(None, ge=1)
@@ -110,7 +247,19 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
+    def _valid_prompt(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return _text(value)
+        if not value:
             raise ValueError("prompt must not be an empty list")
+        if not isinstance(value[0], int):  # a list of prompts, not one prompt's token ids
+            if len(value) > MAX_PROMPTS:
+                raise PydanticCustomError(
+                    "too_many_prompts",
+                    "prompt may hold at most {limit} prompts; got {count}.",
+                    {"limit": MAX_PROMPTS, "count": len(value)},
+                )
+            for item in value:
+                if isinstance(item, str):
+                    _text(item)
         return value

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
     EngineClient,
@@ -21,10 +21,8 @@ from gateway.engine.client import (
     EngineError,
     EngineRejected,
     GenerationUpdate,
-    SamplingOptions,
 )
 from gateway.errors import (
-    ContextLengthExceeded,
     EngineUnavailable,
     InvalidRequest,
     LoraplexError,
@@ -41,6 +39,7 @@ from gateway.services.generation_job import (
     fan_out_greedy,
 )
 from gateway.services.prompts import PromptBuilder
+from gateway.services.sampling import SamplingResolver
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
@@ -75,8 +74,9 @@ class GenerationService:
         self._controller = controller
         self._faults = faults
         self._shadow = shadow
-        self._prefix_cache_per_tenant = prefix_cache_per_tenant
-        self._defaults = engine.default_sampling()
+        self._sampling = SamplingResolver(
+            engine, limiter, self._prompts, prefix_cache_per_tenant=prefix_cache_per_tenant
+        )
 
     # ---- preparing -------------------------------------------------------------------------
     # Order matters: scope (resolve for this caller) → prompt → limits. Nothing reaches the
@@ -97,10 +97,17 @@ class GenerationService:
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = await self._prompts.chat(messages)
+        prompt = await self._prompts.chat([m.for_template() for m in body.messages])
         top_k = (body.top_logprobs or 0) if body.logprobs else None
-        options = self._options(body, [prompt], body.requested_max_tokens(), top_k, caller)
+        options = self._sampling.options(
+            body,
+            [prompt],
+            body.requested_max_tokens(),
+            top_k,
+            caller,
+            default_max_tokens=self._sampling.model_max_tokens,
+            max_tokens_param=body.max_tokens_param(),
+        )
         prompts, options, copies = fan_out_greedy([prompt], options)
         job = GenerationJob(
             request_id, "chat.completion", body.model, served, prompts, options, copies=copies
@@ -124,7 +131,7 @@ class GenerationService:
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
         prompts = await self._prompts.completion(body.prompt)
-        options = self._options(
+        options = self._sampling.options(
             body,
             prompts,
             body.max_tokens,
@@ -182,58 +189,6 @@ class GenerationService:
         if self._shadow is not None:
             job.shadow = self._shadow.plan(job, caller, caller_key)
         return job
-
-    def _options(
-        self,
-        body: Any,
-        prompts: list[list[int]],
-        max_tokens: int | None,
-        logprobs: int | None,
-        caller: Principal,
-        default_max_tokens: int | None = None,
-    ) -> SamplingOptions:
-        """`default_max_tokens`: the budget when the client sent none (None: all the room);
-        the key's limits bound it as they bound the room."""
-        limit = self._engine.max_model_len
-        longest = max(len(p) for p in prompts)
-        if longest >= limit:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens; the prompt has {longest}.",
-                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            )
-        room = limit - longest
-        if max_tokens is None and default_max_tokens is not None:
-            room = min(room, default_max_tokens)
-        elif max_tokens is not None and max_tokens > room:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
-                "completion). Please reduce the prompt or the completion length.",
-                param="max_tokens",
-            )
-        defaults = self._defaults
-        return SamplingOptions(
-            max_tokens=self._limiter.effective_max_tokens(
-                caller.tenant,
-                caller.policy,
-                max_tokens,
-                room,
-                prompt_tokens=sum(len(p) for p in prompts),
-                sequences=len(prompts) * body.n,
-            ),
-            temperature=_first(body.temperature, defaults.get("temperature")),
-            top_p=_first(body.top_p, defaults.get("top_p")),
-            n=body.n,
-            seed=body.seed,
-            stop=body.stop_list(),
-            logprobs=logprobs,
-            presence_penalty=_first(body.presence_penalty, defaults.get("presence_penalty")),
-            frequency_penalty=_first(body.frequency_penalty, defaults.get("frequency_penalty")),
-            logit_bias=self._prompts.logit_bias(body.logit_bias),
-            ignore_eos=body.ignore_eos,
-            stream=body.stream,
-            cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
-        )
 
     # ---- running ---------------------------------------------------------------------------
     async def stream(self, job: GenerationJob) -> AsyncGenerator[tuple[int, GenerationUpdate]]:
@@ -342,7 +297,7 @@ class GenerationService:
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
         except EngineRejected as exc:
-            raise InvalidRequest(str(exc)) from exc
+            raise InvalidRequest(str(exc), param=exc.param) from exc
         except EngineError as exc:
             raise GenerationFailed("The engine failed to generate a response.") from exc
         finally:
@@ -378,14 +333,13 @@ def _scope_of(served: ServedModel, caller: Principal) -> MetricScope:
     return MetricScope(caller.tenant, served.adapter_name, served.version_label)
 
 
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
-
-
 def _the_versions_fault(exc: BaseException) -> bool:
     """Whether a request that ended in `exc` counts as a failure of the version that served
     it: server-side errors do; a request the engine refused as invalid (400), or a
-    cancellation, says nothing about the version."""
+    cancellation, says nothing about the version; nor does a request that found every
+    adapter slot in use (a full engine would otherwise roll healthy canaries back)."""
+    if isinstance(exc, AdapterCapacityFull):
+        return False
     if isinstance(exc, LoraplexError):
         return exc.status_code >= 500
     return isinstance(exc, Exception)

@@ -26,9 +26,12 @@ class PromptBuilder:
         self._engine = engine  # its max_model_len is the context (known once it started)
 
     async def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if getattr(self._tokenizer, "chat_template", None) is None:
+        template = getattr(self._tokenizer, "chat_template", None)
+        if template is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
         self._refuse_far_too_long([sum(len(m["content"]) for m in messages)], "messages")
+        if not _knows_developer_role(template):
+            messages = _developer_as_system(messages)
         return await asyncio.to_thread(self._chat_ids, messages)
 
     async def completion(
@@ -97,16 +100,48 @@ class PromptBuilder:
             raise InvalidRequest(f"token ids must be non-empty and in [0, {vocab})", param="prompt")
         return ids
 
+    def stop_token_ids(self, ids: list[int] | None) -> tuple[int, ...]:
+        vocab = len(self._tokenizer)
+        if any(not 0 <= i < vocab for i in ids or ()):
+            raise InvalidRequest(
+                f"stop_token_ids must be token ids in [0, {vocab}).", param="stop_token_ids"
+            )
+        return tuple(ids or ())
+
     def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         vocab = len(self._tokenizer)
         pairs = []
         for key, value in (bias or {}).items():
-            # ASCII digits only: no sign, no spaces, and not "²" or "١٢", which isdigit() accepts
-            token = int(key) if key.isascii() and key.isdigit() else -1
+            # ASCII digits only: no sign, no spaces, and not "²" or "١٢", which isdigit() accepts;
+            # and no more digits than the largest id has: int() raises past 4300 of them.
+            plain = key.isascii() and key.isdigit() and len(key) <= len(str(vocab - 1))
+            token = int(key) if plain else -1
             if not 0 <= token < vocab:
+                shown = key if len(key) <= 32 else f"{key[:32]}..."  # the client's, echoed
                 raise InvalidRequest(
-                    f"logit_bias keys must be token ids in [0, {vocab}); got {key!r}.",
+                    f"logit_bias keys must be token ids in [0, {vocab}); got {shown!r}.",
                     param="logit_bias",
                 )
             pairs.append((token, value))
         return tuple(pairs)
+
+
+def _knows_developer_role(template: str | dict[str, str]) -> bool:
+    """Whether the chat template handles the `developer` role itself, judged as vLLM's server
+    judges it (renderers/hf.py): by the role's name, quoted, in the template's text."""
+    text = template if isinstance(template, str) else template.get("default", "")
+    return '"developer"' in text or "'developer'" in text
+
+
+def _developer_as_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What vLLM's server does for a template without the `developer` role: developer messages
+    become system messages, then every system message is merged into one at the start (some
+    templates, Qwen's among them, take a system message only first)."""
+    if not any(m["role"] == "developer" for m in messages):
+        return messages
+    converted = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    systems = [m for m in converted if m["role"] == "system"]
+    if len(systems) == 1 and converted[0]["role"] == "system":
+        return converted
+    merged = "\n\n".join(m["content"] for m in systems if m["content"])
+    return [{"role": "system", "content": merged}, *(m for m in converted if m["role"] != "system")]

@@ -4,9 +4,10 @@ user-visible behaviour: tests/e2e drives the same paths through the real vLLM en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,25 @@ async def asgi_post(
     finally:
         timer.cancel()
     return result
+
+
+def built_demo_root(tmp_path_factory: Any, name: str) -> Path:
+    """A folder holding the demo base under `base/` (module-scoped fixtures build one each)."""
+    from gateway.demo import build_base
+
+    root = Path(tmp_path_factory.mktemp(name))
+    build_base(root / "base")
+    return root
+
+
+@contextlib.contextmanager
+def openai_context(demo_root: Path, engine: Any) -> Iterator[tuple[KeyedClient, Any, Any]]:
+    """The app over `engine`, its keyed test client, and the official openai client on it."""
+    import openai
+
+    with client_for(demo_root, engine) as client:
+        key = client.headers["Authorization"].removeprefix("Bearer ")
+        sdk = openai.OpenAI(
+            api_key=key, base_url="http://testserver/v1", http_client=client, max_retries=0
+        )
+        yield client, sdk, engine

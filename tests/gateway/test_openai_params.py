@@ -8,7 +8,14 @@ import openai
 import pytest
 
 from gateway.engine.client import SamplingOptions
-from tests.gateway.fake_engine import ADMIN_TOKEN, BASE, ScriptedEngine, client_for
+from tests.gateway.fake_engine import (
+    ADMIN_TOKEN,
+    BASE,
+    ScriptedEngine,
+    built_demo_root,
+    client_for,
+    openai_context,
+)
 
 CHAT = [{"role": "user", "content": "hi"}]
 INT64_MAX = 2**63 - 1
@@ -16,22 +23,13 @@ INT64_MAX = 2**63 - 1
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from gateway.demo import build_base
-
-    root = tmp_path_factory.mktemp("params")
-    build_base(root / "base")
-    return root
+    return built_demo_root(tmp_path_factory, "params")
 
 
 @pytest.fixture(scope="module")
 def ctx(demo_root):
-    engine = ScriptedEngine(["a", "b", "c"] * 10)
-    with client_for(demo_root, engine) as client:
-        key = client.headers["Authorization"].removeprefix("Bearer ")
-        sdk = openai.OpenAI(
-            api_key=key, base_url="http://testserver/v1", http_client=client, max_retries=0
-        )
-        yield client, sdk, engine
+    with openai_context(demo_root, ScriptedEngine(["a", "b", "c"] * 10)) as made:
+        yield made
 
 
 def last_options(engine: ScriptedEngine) -> SamplingOptions:
@@ -71,7 +69,7 @@ def test_a_seed_at_the_int64_bounds_reaches_the_engine(ctx, seed):
         ("/v1/chat/completions", {"n": None}),
         ("/v1/chat/completions", {"stream": None}),
         ("/v1/chat/completions", {"logprobs": None}),
-        ("/v1/chat/completions", {"stream_options": {"include_usage": None}}),
+        ("/v1/chat/completions", {"stream_options": None}),
         ("/v1/completions", {"max_tokens": None}),
         ("/v1/completions", {"echo": None}),
         ("/v1/completions", {"n": None, "stream": None, "logit_bias": None}),
@@ -85,6 +83,16 @@ def test_explicit_null_means_the_default(ctx, path, extra):
     options = last_options(engine)
     assert options.n == 1 and options.stream is False and options.logprobs is None
     assert len(response.json()["choices"]) == 1
+
+
+def test_null_include_usage_streams_without_a_usage_chunk(ctx):
+    client, _, _ = ctx
+    body = {"model": BASE, "messages": CHAT, "max_tokens": 2, "stream": True}
+    response = client.post(
+        "/v1/chat/completions", json={**body, "stream_options": {"include_usage": None}}
+    )
+    assert response.status_code == 200, response.text
+    assert '"usage"' not in response.text and response.text.endswith("data: [DONE]\n\n")
 
 
 def test_the_openai_client_passing_none_gets_the_defaults(ctx):

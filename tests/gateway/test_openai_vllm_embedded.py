@@ -35,6 +35,45 @@ def test_vllm_gets_the_logit_bias():
     assert _sampling_params(SamplingOptions(max_tokens=1)).logit_bias is None
 
 
+def test_vllm_gets_every_sampling_option_the_gateway_resolved():
+    options = SamplingOptions(
+        max_tokens=4,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.05,
+        min_tokens=2,
+        stop_token_ids=(5, 9),
+    )
+    params = _sampling_params(options)
+    assert (params.temperature, params.top_p, params.top_k) == (0.7, 0.8, 20)
+    assert (params.min_p, params.repetition_penalty, params.min_tokens) == (0.05, 1.05, 2)
+    assert params.stop_token_ids == [5, 9]
+    MsgpackEncoder().encode(params)  # as it crosses to the engine core
+
+
+def test_options_left_unset_are_vllms_defaults():
+    params = _sampling_params(SamplingOptions(max_tokens=4))
+    neutral = SamplingParams(max_tokens=4)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_tokens"):
+        assert getattr(params, name) == getattr(neutral, name), name
+    assert params.stop_token_ids == []
+
+
+async def test_the_field_vllms_validation_names_is_the_rejections_param():
+    # What the gateway never sends but vLLM refuses itself: its VLLMValidationError names it.
+    client = EmbeddedVLLM(Settings(), "unused", "base")
+    client._engine = FailingAsyncLLM(ValueError("unused"))  # type: ignore[assignment]
+    with pytest.raises(EngineRejected) as caught:
+        async for _ in client.generate("r", [1], SamplingOptions(max_tokens=1, top_p=5.0), None):
+            pass
+    assert caught.value.param == "top_p"
+    with pytest.raises(EngineRejected) as caught:
+        await drain(FailingAsyncLLM(ValueError("v")))
+    assert caught.value.param is None
+
+
 class FailingAsyncLLM:
     """Stands in for AsyncLLM.generate failing the way it wraps any error: adding the request
     (encoding it for the engine core included), or, with `after_output`, later."""

@@ -151,6 +151,9 @@ def test_only_server_side_errors_count_against_the_version():
     assert _the_versions_fault(GenerationFailed("engine failed"))
     assert _the_versions_fault(EngineUnavailable("down"))
     assert _the_versions_fault(RuntimeError("corrupt weights"))
+    from gateway.adapter_cache import AdapterCapacityFull
+
+    assert not _the_versions_fault(AdapterCapacityFull("every slot in use"))  # the engine's
 
 
 def test_a_mirror_that_ends_after_the_canary_started_never_reaches_its_window():

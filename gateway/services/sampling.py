@@ -1,0 +1,132 @@
+"""Sampling options for one OpenAI request, resolved as vLLM's own server resolves them: the
+client's values, else the model's generation defaults (generation_config.json, as vLLM's
+get_diff_sampling_param reports it), else vLLM's; the completion budget within the context and
+the key's limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.engine.client import EngineClient, SamplingOptions
+from gateway.errors import ContextLengthExceeded, InvalidRequest, LoraplexError
+from gateway.limits import TenantLimiter
+from gateway.schemas.openai import ChatCompletionRequest, SamplingFields
+from gateway.services.prompts import PromptBuilder
+from registry.service import Principal
+
+# The model's defaults the client's fields fall back on, by the name both use.
+MODEL_DEFAULTED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+class SamplingResolver:
+    def __init__(
+        self,
+        engine: EngineClient,
+        limiter: TenantLimiter,
+        prompts: PromptBuilder,
+        *,
+        prefix_cache_per_tenant: bool = True,
+    ):
+        self._engine = engine  # its max_model_len is the context (known once it started)
+        self._limiter = limiter
+        self._prompts = prompts
+        self._defaults = engine.default_sampling()
+        self._prefix_cache_per_tenant = prefix_cache_per_tenant
+
+    @property
+    def model_max_tokens(self) -> int | None:
+        """The model's own completion budget (its max_new_tokens), if it has one."""
+        value = self._defaults.get("max_tokens")
+        return value if isinstance(value, int) and value >= 1 else None
+
+    def options(
+        self,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        caller: Principal,
+        *,
+        default_max_tokens: int | None = None,
+        max_tokens_param: str = "max_tokens",
+    ) -> SamplingOptions:
+        """`default_max_tokens`: the budget when the client sent none (None: all the room);
+        the key's limits bound it as they bound the room. `max_tokens_param`: the field the
+        client sent the budget in, which errors about it name."""
+        budget = self._budget(
+            body, prompts, max_tokens, caller, default_max_tokens, max_tokens_param
+        )
+        if body.min_tokens > budget:
+            raise InvalidRequest(
+                f"min_tokens ({body.min_tokens}) must be at most max_tokens ({budget}).",
+                param="min_tokens",
+            )
+        picked: dict[str, Any] = {
+            name: _first(getattr(body, name), self._defaults.get(name)) for name in MODEL_DEFAULTED
+        }
+        return SamplingOptions(
+            max_tokens=budget,
+            n=body.n,
+            seed=body.seed,
+            stop=body.stop_list(),
+            stop_token_ids=self._prompts.stop_token_ids(body.stop_token_ids),
+            logprobs=logprobs,
+            min_tokens=body.min_tokens,
+            logit_bias=self._prompts.logit_bias(body.logit_bias),
+            ignore_eos=body.ignore_eos,
+            stream=body.stream,
+            cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
+            **picked,
+        )
+
+    def _budget(
+        self,
+        body: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        caller: Principal,
+        default_max_tokens: int | None,
+        max_tokens_param: str,
+    ) -> int:
+        limit = self._engine.max_model_len
+        longest = max(len(p) for p in prompts)
+        if longest >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens; the prompt has {longest}.",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
+        room = limit - longest
+        if max_tokens is None and default_max_tokens is not None:
+            room = min(room, default_max_tokens)
+        elif max_tokens is not None and max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or the completion length.",
+                param=max_tokens_param,
+            )
+        try:
+            return self._limiter.effective_max_tokens(
+                caller.tenant,
+                caller.policy,
+                max_tokens,
+                room,
+                prompt_tokens=sum(len(p) for p in prompts),
+                sequences=len(prompts) * body.n,
+            )
+        except LoraplexError as exc:
+            if exc.param == "max_tokens":  # the limiter knows the field by one name only
+                exc.param = max_tokens_param
+            raise
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
