@@ -22,6 +22,10 @@ a latency bound counts as a request at least that slow (`request_sample`); one t
 earlier counts as nothing.
 The registry call names the version judged and its role, so two replicas deciding at once act
 once and a stale canary verdict never moves the stable that the canary has become.
+A verdict whose registry call fails (the database unreachable, locked, failing over) stays
+pending and is retried with backoff until it acts or the version leaves the role it was judged
+in: the monitor emptied the window at the verdict, so dropping it left a breaching canary its
+traffic until a whole new window of bad requests filled.
 Requests already running keep their version to the end; restoring a fallen-back stable is an
 operator's decision (`loraplex rollout restore`), so traffic never flaps between the two.
 """
@@ -32,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Hashable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.metrics import ROLLBACKS, ROLLOUT_TRANSITIONS
@@ -56,6 +60,10 @@ ACTOR = "rollout-monitor"
 # After a refused fallback (its target breaching too): how long before trying again. Each try
 # writes an audit row; under heavy traffic a window fills in a second.
 FALLBACK_RETRY_S = 60.0
+# After a failed registry call: the first retry's delay, doubled per failure up to
+# ACTION_RETRY_MAX_S (a failover takes seconds to tens of seconds; each try is one connection).
+ACTION_RETRY_S = 0.5
+ACTION_RETRY_MAX_S = 30.0
 
 
 def served_address(adapter: str, version: int | None) -> str:
@@ -89,6 +97,26 @@ def request_sample(recorder: GenerationRecorder, limits: WindowLimits) -> Sample
     return hang_up_sample(ttft, elapsed, limits, streamed=recorder.streamed)
 
 
+@dataclass
+class _PendingVerdict:
+    """A verdict whose registry call failed, kept for the next try."""
+
+    view: RolloutView
+    version: int
+    verdict: Verdict
+    stable: bool
+    failures: int
+
+
+def _role(view: RolloutView, *, stable: bool) -> tuple[object, ...]:
+    """What a verdict was about, as `observe` tells one judged window from the next: when it
+    differs, the version is no longer what the evidence judged (rolled back, restarted, fell
+    back or restored elsewhere), and a pending verdict is dropped."""
+    if stable:
+        return (view.stable_version, view.active_target, view.fallback_event_id)
+    return (view.canary_version, view.rolled_back_at)
+
+
 class RolloutController:
     def __init__(
         self,
@@ -98,15 +126,18 @@ class RolloutController:
         *,
         auto_promote: bool = False,
         fallback_retry_s: float = FALLBACK_RETRY_S,
+        action_retry_s: float = ACTION_RETRY_S,
     ):
         self._runtime = runtime
         self._router = router
         self._defaults = defaults
         self._auto_promote = auto_promote
         self._fallback_retry_s = fallback_retry_s
+        self._action_retry_s = action_retry_s
         self._monitor = RollbackMonitor()
         self._acting: set[str] = set()
         self._retry_at: dict[str, float] = {}
+        self._pending: dict[str, _PendingVerdict] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # adapter -> the canary whose window is being judged (its version, and the previous
         # rollback's time, which tells a restarted canary of the same version apart)
@@ -219,6 +250,10 @@ class RolloutController:
         """Roll the canary back, or (stable=True) move the stable's traffic to its target."""
         key = served_address(view.name, version)
         if key in self._acting or self._retry_at.get(key, 0.0) > time.monotonic():
+            pending = self._pending.get(key)
+            if pending is not None and key not in self._acting:
+                # A new window breached while a failed call waits: retry on the newest evidence.
+                pending.view, pending.verdict = view, verdict
             return
         self._acting.add(key)
         try:
@@ -252,10 +287,41 @@ class RolloutController:
                 self._fallback_retry_s,
             )
         except Exception:
-            logger.exception("automatic %s of %s failed", "fallback" if stable else "rollback", key)
+            previous = self._pending.get(key)
+            failures = 1 if previous is None else previous.failures + 1
+            delay = min(self._action_retry_s * 2 ** (failures - 1), ACTION_RETRY_MAX_S)
+            self._pending[key] = _PendingVerdict(view, version, verdict, stable, failures)
+            self._retry_at[key] = time.monotonic() + delay
+            logger.exception(
+                "automatic %s of %s failed; retrying in %.1f s",
+                "fallback" if stable else "rollback",
+                key,
+                delay,
+            )
+            self._spawn(self._retry(key, delay))
+            return  # the evidence stays: the verdict is pending, not spent
         finally:
             self._acting.discard(key)
-            self._reset(key)
+        self._pending.pop(key, None)
+        self._reset(key)
+
+    async def _retry(self, key: str, delay: float) -> None:
+        """Try a pending verdict again after `delay`, unless its version left the role it was
+        judged in meanwhile (the registry call names the role too; this spares the call)."""
+        await asyncio.sleep(delay)
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        current = self._router.view(pending.view.name)
+        if current is None or _role(current, stable=pending.stable) != _role(
+            pending.view, stable=pending.stable
+        ):
+            del self._pending[key]
+            self._retry_at.pop(key, None)
+            logger.info("pending verdict on %s dropped: its rollout changed meanwhile", key)
+            return
+        self._retry_at.pop(key, None)
+        await self._take_back(current, pending.version, pending.verdict, stable=pending.stable)
 
     def failing_addresses(self) -> set[str]:
         """Every served address whose recent requests breach its thresholds: never a target."""

@@ -9,6 +9,12 @@ the last poll" would miss a write from a replica whose clock lags, or one that c
 replica is thus honoured by all within one poll interval plus a request. Routing itself is in
 memory: `RolloutView.route(caller_key)` hashes the caller into
 a stable bucket, so a caller keeps its version as a canary grows (1 → 10 → 50 %).
+
+A view older than the one held is ignored (`accept`): a replica's own write hands its view over
+after its commit, when a poll may have loaded a newer state already, and the older view then
+stayed until the adapter's next write. One adapter's stamps can be ordered, clocks or not: each
+write reads the last one under the adapter's lock and goes past it
+(registry.service.rollout_log.touch).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class RolloutRouter:
         self._views: dict[str, RolloutView] = {}
         self._generation: datetime | None = None
         self._stamps: dict[str, datetime] = {}  # per adapter, as its view was last read
+        # per adapter, the stamp of the newest view accepted, kept or not (`watched`)
+        self._accepted: dict[str, datetime] = {}
         self._stale_marks = 0  # mark_stale() calls; the stamps are compared when it moved
         self._checked_marks = 0
         self._lock = asyncio.Lock()
@@ -93,7 +101,13 @@ class RolloutRouter:
         return bool(views)
 
     def accept(self, view: RolloutView) -> None:
-        """Take a fresh view (from a poll, or from this replica's own admin write)."""
+        """Take a fresh view (from a poll, or from this replica's own admin write), unless a
+        newer one of that adapter was taken already."""
+        newest = self._accepted.get(view.name)
+        if view.updated_at is not None:
+            if newest is not None and view.updated_at < newest:
+                return
+            self._accepted[view.name] = view.updated_at
         previous = self._views.get(view.name)
         if previous is not None and previous.canary_version not in (None, view.canary_version):
             _forget(ROLLOUT_CANARY_PERCENT, view.name, previous.canary_version)

@@ -4,6 +4,12 @@ Order matters: every check runs first and all their problems are collected; only
 accepted upload is copied into the store and recorded. A refusal stores no artifact and no
 version, only an audit row saying who tried what and why it was refused.
 
+The copy or upload runs before the adapter's lock (on SQLite, the database's write lock), which
+is held only to check again and write the row: it takes as long as the adapter is big, and a
+canary's automatic rollback of the adapter waited for it (on SQLite every write did, and failed
+"database is locked" after busy_timeout). The store is content-addressed, so a version refused
+only then (a concurrent write the first checks could not see) leaves a harmless orphan.
+
 An adapter's first version serves its name at once. A later one does not: registering it pins
 the version the name serves now as the stable (`pin_served_version`), and the new version
 reaches the name through a canary, or callers who ask for `name@N`.
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,39 +100,36 @@ async def register_adapter_version(
     artifact = _with_claims(artifact, card=parsed_card, base_sha256=base_sha256)
     owner = await get_tenant(session, name=tenant)
     base = await get_served_base(session, fingerprint=served_base)
-    adapter = None if invalid else await find_adapter(session, name, for_update=True)
-    if adapter is not None and adapter.tenant_id != owner.id:
-        raise DuplicateAdapter(f"adapter name {name!r} is already taken")
-    if adapter is not None and visibility is not None and adapter.visibility != visibility:
-        problems.append(
-            Problem(
-                ProblemCode.VISIBILITY_MISMATCH,
-                f"adapter {name!r} is {adapter.visibility.value}; a new version cannot change that",
-            )
-        )
-    problems += card_problems
-    problems += _binding_problems(adapter, base)
     limits = EngineLimits(max_lora_rank=max_lora_rank, dtype=engine_dtype)
-    problems += run_gate(artifact, served_base, limits)
-    if parsed_card is not None and not invalid:
-        problems += await rollback_path_problems(
-            session, target=parsed_card.rollback_path, name=name, tenant=owner, base=base
-        )
-    expected = _expected_digest(artifact)
-    if adapter is not None and expected is not None:
-        problems += await _duplicate_artifact(session, adapter, expected)
-    if problems:
-        await _reject(session, actor=actor, name=name, tenant=tenant, problems=problems)
+    upload = _Upload(
+        name=name,
+        named=not invalid,
+        owner=owner,
+        base=base,
+        visibility=visibility,
+        card=parsed_card,
+        early_problems=problems,
+        card_problems=card_problems,
+        gate_problems=run_gate(artifact, served_base, limits),
+        expected=_expected_digest(artifact),
+    )
+    adapter = await find_adapter(session, name) if upload.named else None
+    if refused := await _problems(session, adapter, upload):
+        await _reject(session, actor=actor, name=name, tenant=tenant, problems=refused)
 
+    expected = upload.expected
     assert expected is not None  # the gate refuses artifacts without both files
+    digest = await _put(store, Path(artifact_dir), expected)
+    # Decided again under the lock, on what committed since the first look: a concurrent
+    # registration of the same files, or of the adapter's first version by another tenant.
+    adapter = await find_adapter(session, name, for_update=True)
+    if refused := await _problems(session, adapter, upload):
+        await _reject(session, actor=actor, name=name, tenant=tenant, problems=refused)
     # Until this version's row commits, a delete of another version with the same files
-    # must not remove the object put_dir found already stored.
+    # must not remove the object; one that committed since put_dir may have removed it.
     await lock_artifact(session, expected)
-    digest = await store.put_dir(Path(artifact_dir), files=ARTIFACT_FILES)
-    if digest != expected:
-        # What was stored is not what was inspected. Left in the store rather than deleted: it
-        # may already be another version's artifact, and an orphan is harmless.
-        raise ArtifactError("the adapter files changed between inspection and storage; retry")
+    if not await store.exists(digest):
+        await _put(store, Path(artifact_dir), expected)
     try:
         return await _insert_version(
             session,
@@ -143,6 +146,65 @@ async def register_adapter_version(
     except IntegrityError:
         await session.rollback()
         raise RegistryConflict(f"adapter {name!r} was changed concurrently; retry") from None
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """What a registration is judged on, apart from the adapter's row: checked before storing
+    and again under the adapter's lock (`_problems`)."""
+
+    name: str
+    named: bool  # the name is valid: the adapter's row may exist
+    owner: Tenant
+    base: BaseModel
+    visibility: Visibility | None
+    card: AdaptationCard | None
+    early_problems: list[Problem]  # the name's and the claims'
+    card_problems: list[Problem]
+    gate_problems: list[Problem]
+    expected: str | None  # the digest the inspected files will be stored under
+
+
+async def _problems(
+    session: AsyncSession, adapter: Adapter | None, upload: _Upload
+) -> list[Problem]:
+    """Every reason to refuse `upload` given the adapter's row as read now. Raises
+    DuplicateAdapter when another tenant owns the name."""
+    name = upload.name
+    if adapter is not None and adapter.tenant_id != upload.owner.id:
+        raise DuplicateAdapter(f"adapter name {name!r} is already taken")
+    problems = list(upload.early_problems)
+    visibility = upload.visibility
+    if adapter is not None and visibility is not None and adapter.visibility != visibility:
+        problems.append(
+            Problem(
+                ProblemCode.VISIBILITY_MISMATCH,
+                f"adapter {name!r} is {adapter.visibility.value}; a new version cannot change that",
+            )
+        )
+    problems += upload.card_problems
+    problems += _binding_problems(adapter, upload.base)
+    problems += upload.gate_problems
+    if upload.card is not None and upload.named:
+        problems += await rollback_path_problems(
+            session,
+            target=upload.card.rollback_path,
+            name=name,
+            tenant=upload.owner,
+            base=upload.base,
+        )
+    if adapter is not None and upload.expected is not None:
+        problems += await _duplicate_artifact(session, adapter, upload.expected)
+    return problems
+
+
+async def _put(store: ArtifactStore, artifact_dir: Path, expected: str) -> str:
+    digest = await store.put_dir(artifact_dir, files=ARTIFACT_FILES)
+    if digest != expected:
+        # What was stored is not what was inspected. Left in the store rather than deleted: it
+        # may already be another version's artifact, and an orphan is harmless.
+        raise ArtifactError("the adapter files changed between inspection and storage; retry")
+    return digest
 
 
 async def _base_named(session: AsyncSession, name: str) -> str | None:

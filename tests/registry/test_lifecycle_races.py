@@ -1,8 +1,9 @@
 """Admin writes racing each other as several replicas would send them, on SQLite and on
-PostgreSQL. Each race holds one side's transaction open (a slow commit, or a pause inside
-put_dir) while the other runs: with the adapter's lock taken first by every writer, and the
-artifact's lock by registration and deletion, the second side waits and then decides on what
-the first committed. Found by review; each case failed before the locks."""
+PostgreSQL. Each race holds one side's transaction open (a slow commit) while the other runs:
+with the adapter's lock taken first by every writer, and the artifact's lock by registration
+and deletion, the second side waits and then decides on what the first committed. Found by
+review; each case failed before the locks. A registration paused inside put_dir holds no lock
+(the upload runs before them), so a delete then goes first and the registration re-stores."""
 
 from __future__ import annotations
 
@@ -110,12 +111,14 @@ async def test_the_same_files_registered_twice_at_once_become_one_version(
     assert [v.version for v in await service.list_versions(world.session, name="bot")] == [1, 2]
 
 
-async def test_deleting_the_last_user_of_files_waits_for_their_registration_elsewhere(
+async def test_deleting_the_last_user_of_files_during_their_registration_elsewhere(
     world: World, sessions: async_sessionmaker[AsyncSession], monkeypatch
 ):
     """`other` registers bot@2's files while bot@2 is deleted: put_dir found the object
-    stored, and the delete must not remove it before (or after) `other@1` commits. (bot@1 is
-    the stable, which cannot be deleted.)"""
+    stored, and `other@1` must not commit without it. Storing runs before the registration's
+    locks (test_adapters_upload_lock), so the delete does not wait for it and removes the
+    object; the registration stores it again under the artifact's lock. (bot@1 is the stable,
+    which cannot be deleted.)"""
     await world.register("bot", 2)
     await world.register("bot", 1)
     stored, release = asyncio.Event(), asyncio.Event()
@@ -142,14 +145,10 @@ async def test_deleting_the_last_user_of_files_waits_for_their_registration_else
             )
         )
         await stored.wait()
-        deleting = asyncio.create_task(
-            service.delete_version(b, store=world.store, name="bot", version=2, actor="ops")
-        )
-        await asyncio.sleep(HOLD_S)
-        assert not deleting.done()  # waits for the registration's lock
+        deleting = service.delete_version(b, store=world.store, name="bot", version=2, actor="ops")
+        await asyncio.wait_for(deleting, 20 * HOLD_S)  # no lock is held during the upload
         release.set()
         other = await registering
-        await deleting
     assert await world.store.exists(other.artifact_sha256)
     async with sessions() as check:
         resolved = await service.resolve_adapter(
