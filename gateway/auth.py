@@ -4,6 +4,8 @@ Keys live in the registry as hashes only. A verified key is cached (the same TTL
 resolution) so the hot path makes no database round trip; revoking or editing limits through
 this process's admin API clears the cache at once, other replicas follow within one poll of the
 registry's change generation (gateway/registry_watch.py).
+While the registry is unreachable, a key verified before keeps working past the cache lifetime
+(bounded: gateway/registry_outage.py); an unknown key then gets 503 registry_unavailable.
 Failures never say which part was wrong (unknown, revoked and expired read the same to the
 client); the reason goes to the audit log and the auth-failures metric.
 """
@@ -19,8 +21,9 @@ from typing import Annotated, NoReturn
 from fastapi import Depends, Request
 
 from gateway.audit_log import audit_event
-from gateway.errors import EngineUnavailable, LoraplexError
+from gateway.errors import EngineUnavailable, LoraplexError, RegistryUnavailable
 from gateway.metrics import AUTH_FAILURES
+from gateway.registry_outage import RegistryOutage
 from gateway.registry_runtime import RegistryRuntime
 from gateway.request_metrics import note_caller
 from registry import service
@@ -52,6 +55,7 @@ class KeyAuthenticator:
         self._runtime = runtime
         self._ttl = cache_ttl_s
         self._cache: dict[bytes, _Cached] = {}
+        self._outage = RegistryOutage("api keys", cache_ttl_s, runtime.sessions)
         # Bumped by invalidate(): a key verified before a revocation arrived is not cached
         # after it (the lookup awaits the registry in between).
         self._epoch = 0
@@ -61,15 +65,28 @@ class KeyAuthenticator:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is not None and hit.until > now and not _expired(hit.principal):
+        if hit is not None and _expired(hit.principal):
+            hit = None  # its own expiry needs no registry to be judged
+        if hit is not None and hit.until > now:
             return hit.principal
+        stale = hit if hit is not None and self._outage.usable(hit.until, now) else None
+        if stale is not None and self._outage.skip_registry(now):
+            return stale.principal
         epoch = self._epoch
         try:
             async with self._runtime.sessions() as session:
                 principal = await service.authenticate_api_key(session, presented=presented)
         except InvalidApiKey as exc:
+            self._outage.answered()
             self._cache.pop(digest, None)
             fail(exc.reason, client=client, key_id=exc.key_id)
+        except Exception as exc:
+            if not self._outage.note_failure(exc):
+                raise
+            if stale is not None and epoch == self._epoch:  # not revoked meanwhile
+                return stale.principal
+            raise RegistryUnavailable() from exc
+        self._outage.answered()
         if epoch == self._epoch:
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.clear()

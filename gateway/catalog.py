@@ -2,7 +2,9 @@
 
 The gateway asks a ModelCatalog, never the file system, which adapter a `model` names. The
 registry-backed catalog answers from the database, so a version registered through the admin API
-is servable on the next request and a retired one is gone, without a restart.
+is servable on the next request and a retired one is gone, without a restart. While the
+registry is unreachable, names resolved before keep resolving past the cache lifetime (bounded:
+gateway/registry_outage.py); anything else gets 503 registry_unavailable.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from gateway.adapter_cache import AdapterLoadFailed
 from gateway.engine.client import AdapterHandle
-from gateway.errors import ModelNotFound, ModelUnavailable
+from gateway.errors import ModelNotFound, ModelUnavailable, RegistryUnavailable
+from gateway.registry_outage import RegistryOutage
 from gateway.registry_runtime import RegistryRuntime
 from gateway.rollout_router import RolloutRouter
 from registry import service
-from registry.compat import inspect_adapter, run_gate
+from registry.compat import AdapterArtifact, inspect_adapter, run_gate
+from registry.compat.artifact import ARTIFACT_FILES
 from registry.errors import InvalidName, NotFound
 from registry.naming import parse_address
 from registry.service import Principal, ResolvedAdapter
+from registry.store.digest import Entry, tree_digest
 
 logger = logging.getLogger(__name__)
 # (tenant, name) pairs; bounded so probing many names cannot grow memory.
@@ -103,6 +109,7 @@ class RegistryCatalog:
         # Bumped by invalidate(): a resolution read before a change (it awaits the registry and
         # the gate) must not be cached after it, or it would outlive the change by a TTL.
         self._epoch = 0
+        self._outage = RegistryOutage("model names", cache_ttl_s, runtime.sessions)
 
     async def list_models(self, caller: Principal) -> list[ServedModel]:
         runtime = self._runtime
@@ -180,8 +187,18 @@ class RegistryCatalog:
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
+        stale = cached if cached is not None and self._outage.usable(cached[0], now) else None
+        if stale is not None and self._outage.skip_registry(now):
+            return stale[1]
         epoch = self._epoch
-        served = await self._resolve_uncached(name, caller.tenant)
+        try:
+            served = await self._resolve_uncached(name, caller.tenant)
+        except Exception as exc:
+            if not self._outage.note_failure(exc):
+                raise
+            if stale is not None and epoch == self._epoch:  # not retired meanwhile
+                return stale[1]
+            raise RegistryUnavailable() from exc
         if epoch == self._epoch:  # else a change arrived meanwhile: serve it once, keep nothing
             if len(self._cache) >= MAX_CACHED:
                 self._cache.clear()
@@ -209,15 +226,19 @@ class RegistryCatalog:
                         model=name,
                         tenant=tenant,
                         base_sha256=runtime.base.weights_sha256,
+                        with_path=False,
                     )
-            elif resolved.path is None:
+                self._outage.answered()
+            # Outside the session: a remote store downloads here, and a pooled connection held
+            # meanwhile is one fewer for every other tenant's requests.
+            if resolved.path is None:
                 path = await runtime.store.get_path(resolved.artifact_sha256)
                 resolved = replace(resolved, path=path)
         except (NotFound, InvalidName):
             raise ModelNotFound(name) from None
         if resolved.path is None:
             raise ModelNotFound(name)
-        await self._gate_before_first_load(resolved.version_id, resolved.address, resolved.path)
+        await self._gate_before_first_load(resolved, resolved.path)
         weights = resolved.path / "adapter_model.safetensors"
         handle = AdapterHandle(
             engine_id=resolved.version_id,
@@ -240,8 +261,12 @@ class RegistryCatalog:
         """Every name `tenant` may use → its current version (no files), read in one go
         (`service.list_resolvable`: two queries) and shared by concurrent first requests."""
         held = self._scopes.get(tenant)
-        if held is not None and held[0] > time.monotonic():
+        now = time.monotonic()
+        if held is not None and held[0] > now:
             return held[1]
+        stale = held[1] if held is not None and self._outage.usable(held[0], now) else None
+        if stale is not None and self._outage.skip_registry(now):
+            return stale
         loading = self._scope_loads.get(tenant)
         if loading is None:
             loading = asyncio.ensure_future(self._load_scope(tenant))
@@ -252,7 +277,18 @@ class RegistryCatalog:
                     del self._scope_loads[tenant]
 
             loading.add_done_callback(done)
-        return await asyncio.shield(loading)
+        try:
+            return await asyncio.shield(loading)
+        except Exception as exc:
+            # The name the caller asked for may be in the tenant's last snapshot though not in
+            # the name cache (a first request for it); invalidate() dropped the snapshot if a
+            # change since reached this replica.
+            still = self._scopes.get(tenant)
+            if stale is None or still is None or still[1] is not stale:
+                raise
+            if not self._outage.note_failure(exc):
+                raise
+            return stale
 
     async def _load_scope(self, tenant: str) -> dict[str, ResolvedAdapter]:
         runtime = self._runtime
@@ -264,6 +300,7 @@ class RegistryCatalog:
                 tenant=tenant,
                 base_sha256=runtime.base.weights_sha256,
             )
+        self._outage.answered()
         scope = {r.name: r for r in resolved}
         if self._scope_loads.get(tenant) is asyncio.current_task():  # not invalidated meanwhile
             if len(self._scopes) >= MAX_SCOPES:
@@ -271,22 +308,44 @@ class RegistryCatalog:
             self._scopes[tenant] = (started + self._ttl, scope)
         return scope
 
-    async def _gate_before_first_load(self, version_id: int, address: str, path: Path) -> None:
-        """Re-run the whole gate on the stored files once per version and process: what reaches
-        the engine is what passed, even if the store was tampered with since registration."""
-        if version_id in self._verified:
+    async def _gate_before_first_load(self, resolved: ResolvedAdapter, path: Path) -> None:
+        """Re-run the whole gate on the stored files once per version and process, and check
+        they are the version's registered artifact: what reaches the engine is what passed, even
+        if the store was tampered with since registration (a compatible but different adapter
+        written into its folder would pass the gate)."""
+        if resolved.version_id in self._verified:
             return
         runtime = self._runtime
+        address = resolved.address
         artifact = await asyncio.to_thread(inspect_adapter, path)
         problems = run_gate(artifact, runtime.base, runtime.limits())
         if problems:
             logger.error("refusing to load %s: %s", address, "; ".join(p.message for p in problems))
             raise ModelNotFound(address.split("@")[0])
-        self._verified.add(version_id)
+        stored = _stored_digest(artifact)
+        if stored != resolved.artifact_sha256:
+            logger.error(
+                "refusing to load %s: its files at %s have digest %s, not the registered %s",
+                address,
+                path,
+                stored,
+                resolved.artifact_sha256,
+            )
+            raise AdapterLoadFailed(f"The adapter for `{address.split('@')[0]}` failed to load.")
+        self._verified.add(resolved.version_id)
 
     def forget(self, version_id: int) -> None:
         self._verified.discard(version_id)
         self.invalidate()
+
+
+def _stored_digest(artifact: AdapterArtifact) -> str | None:
+    """The tree digest of the files the gate read, as registration computed it (the gate
+    refuses a folder lacking either file, so None never gets this far)."""
+    digests = artifact.file_digests
+    if not all(name in digests for name in ARTIFACT_FILES):
+        return None
+    return tree_digest({n: Entry(digests[n].size, digests[n].sha256) for n in ARTIFACT_FILES})
 
 
 def _owner_seen_by(owner: str, caller: str) -> str:

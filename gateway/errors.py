@@ -14,9 +14,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import errors as registry_errors
+from registry.db import is_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,21 @@ class EngineUnavailable(LoraplexError):
     status_code = 503
     error_type = "service_unavailable"
     code = "engine_unavailable"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "5"}
+
+
+class RegistryUnavailable(LoraplexError):
+    """The registry database cannot be reached (or did not answer in time) and nothing cached
+    can answer instead: the request may succeed when retried."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "registry_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The adapter registry is unreachable; retry shortly.")
 
     def headers(self) -> dict[str, str] | None:
         return {"Retry-After": "5"}
@@ -182,6 +199,21 @@ def install_error_handlers(app: FastAPI) -> None:
                 for p in problems
             ]
         return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not is_unreachable(exc):
+            return await _unexpected(request, exc)
+        # Routes without a cache to fall back on (admin, /v1/models): the client retries.
+        # The cause only: the statement's parameters (key ids, names) stay out of the log.
+        cause = getattr(exc, "orig", None) or type(exc).__name__
+        logger.warning("registry unreachable in request %s: %r", request_id_of(request), cause)
+        unavailable = RegistryUnavailable()
+        return JSONResponse(
+            typed_error_body(unavailable, request_id_of(request)),
+            status_code=unavailable.status_code,
+            headers=unavailable.headers(),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -151,7 +151,9 @@ class Settings(BaseSettings):
         ge=0,
         description="The longest a model-name resolution or a verified key is reused. Changes "
         "made through any replica drop the caches within rollout_poll_interval_s (the "
-        "registry's change generation, gateway/registry_watch.py); this bounds the rest.",
+        "registry's change generation, gateway/registry_watch.py); this bounds the rest. "
+        "While the registry cannot be reached, entries keep answering up to 10x this (at "
+        "most 600 s) past it (gateway/registry_outage.py); what none answers is a 503.",
     )
     import_roots: list[Path] = Field(
         default_factory=list, description="Local roots adapters may be registered from by path."

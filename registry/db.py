@@ -23,9 +23,12 @@ import fcntl
 from pathlib import Path
 from typing import IO, Any
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect, ExceptionContext
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -37,14 +40,47 @@ from sqlalchemy.pool import NullPool
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same for every process migrating this database.
 _PG_MIGRATION_LOCK = 0x6C6F7261706C6578  # "loraplex"
+# asyncpg's defaults are a 60 s connect timeout and none per statement: with the database host
+# black-holed (failover, partition), every request then hung a minute before failing. These are
+# short enough for a request to fail fast (and the gateway serve from its caches instead), long
+# enough for a loaded server. Migrations run without the statement timeout: a replica waits on
+# the migration lock for as long as another one takes.
+CONNECT_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 10.0
+# The longest a request waits for a pooled connection (SQLAlchemy's default is 30 s).
+POOL_TIMEOUT_S = 10.0
+# Connection-class errors (SQLSTATE 08) and shutdown/start-up refusals (57P01-57P03).
+_PG_UNREACHABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+)
 
 
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An AsyncEngine; SQLite gets foreign keys on, WAL and a busy timeout per connection."""
+def make_engine(
+    url: str, *, command_timeout_s: float | None = COMMAND_TIMEOUT_S, **kwargs: Any
+) -> AsyncEngine:
+    """An AsyncEngine; SQLite gets foreign keys on, WAL and a busy timeout per connection.
+    On PostgreSQL (asyncpg), connecting and each statement are bounded (CONNECT_TIMEOUT_S,
+    `command_timeout_s`), and an unreachable server is reported as OperationalError, whichever
+    way asyncpg noticed (see is_unreachable)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return create_async_engine(url, **kwargs)
+        if kwargs.get("poolclass") is None:
+            kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
+        if parsed.get_driver_name() == "asyncpg":
+            kwargs["connect_args"] = {
+                "timeout": CONNECT_TIMEOUT_S,
+                "command_timeout": command_timeout_s,
+                **kwargs.get("connect_args", {}),
+            }
+        engine = create_async_engine(url, **kwargs)
+        event.listen(engine.sync_engine, "do_connect", _connect_or_operational_error)
+        event.listen(engine.sync_engine, "handle_error", _timeouts_as_operational_errors)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, **kwargs)
@@ -60,6 +96,43 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         cursor.close()
 
     return engine
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached or did not answer in time (a
+    retry later may succeed), as opposed to a refused or failed statement."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True  # the last: no pooled connection came free within the pool timeout
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        # asyncpg's own exception is the cause of the adapted one SQLAlchemy wraps.
+        return isinstance(exc.orig, _PG_UNREACHABLE) or isinstance(
+            getattr(exc.orig, "__cause__", None), _PG_UNREACHABLE
+        )
+    return isinstance(exc, (ConnectionError, TimeoutError, *_PG_UNREACHABLE))
+
+
+def _connect_or_operational_error(
+    dialect: Dialect, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    """asyncpg raises a refused or timed-out connect as a bare OSError/TimeoutError, which
+    SQLAlchemy passes through unwrapped (its handlers only see DBAPI errors): as the DBAPI's
+    OperationalError, it reads like any driver's "server unreachable"."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except OSError as exc:  # TimeoutError included
+        raise dialect.loaded_dbapi.OperationalError(  # type: ignore[attr-defined]
+            f"cannot connect to the database: {exc!r}", exc
+        ) from exc
+
+
+def _timeouts_as_operational_errors(context: ExceptionContext) -> BaseException | None:
+    """A statement past command_timeout, or a socket error mid-statement, also arrives bare."""
+    original = context.original_exception
+    if context.sqlalchemy_exception is None and isinstance(original, OSError):
+        return sa_exc.OperationalError(context.statement, context.parameters, original)
+    return None
 
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -87,7 +160,7 @@ def make_migration_engine(url: str) -> AsyncEngine:
     write fail at once (not wait) when another writer committed meanwhile. No pool: no
     connection in that mode outlives the migration."""
     if make_url(url).get_backend_name() != "sqlite":
-        return make_engine(url, poolclass=NullPool)
+        return make_engine(url, poolclass=NullPool, command_timeout_s=None)
     engine = make_engine(url, poolclass=NullPool)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -107,7 +180,7 @@ async def migrate(url: str | AsyncEngine, *, revision: str = "head") -> None:
     a SQLite file by an exclusive lock on a file beside it. An upgrade that fails or is killed
     half way leaves the schema as it was (see make_migration_engine), so the next start simply
     runs it again."""
-    given = make_engine(url) if isinstance(url, str) else url
+    given = make_engine(url, command_timeout_s=None) if isinstance(url, str) else url
     engine = given
     if _sqlite_lock_path(given) is not None:
         # A file database: a connection of its own with transactional DDL. (An in-memory

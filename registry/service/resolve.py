@@ -12,11 +12,18 @@ admin expects); it ignores canaries and fallbacks. Request routing goes through 
 resolves with `resolve_adapter(model=address, tenant=<the caller's tenant>)`; replicas cache the
 views (registry.service.rollout_views: list_rollouts / rollout_generation).
 `resolve_rollout_version` does both steps in one call for callers without a view cache.
+
+Local files: a remote store (S3) downloads to produce `path`, which can take seconds. A caller
+that holds a pooled connection for other requests passes `with_path=False`, closes its session,
+then calls `store.get_path(resolved.artifact_sha256)`: a download inside the session kept a
+connection idle in transaction for its whole length, and a burst of first requests for pinned or
+canary versions ran the pool dry for every tenant. With the path, a transaction these functions
+began themselves is ended before the download.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,9 +74,12 @@ async def resolve_adapter(
     model: str,
     tenant: str | None = None,
     base_sha256: str | None = None,
+    with_path: bool = True,
 ) -> ResolvedAdapter:
     """Resolve `name` (current servable version) or `name@N` (exactly N). Raises
-    AdapterNotFound for anything unknown, out of scope, on another base or not servable."""
+    AdapterNotFound for anything unknown, out of scope, on another base or not servable.
+    `with_path=False`: `path` is None (see the module's note on local files)."""
+    began = _idle(session)
     try:
         address = parse_address(model)
     except InvalidName:
@@ -85,7 +95,11 @@ async def resolve_adapter(
         row = row if row.state in ADDRESSABLE else None
     if row is None:
         raise AdapterNotFound(f"adapter {model!r} has no servable version")
-    return await _resolved(store, adapter, row, with_path=True)
+    resolved = _resolved(adapter, row)
+    if not with_path:
+        return resolved
+    await _end_read(session, began)
+    return replace(resolved, path=await store.get_path(resolved.artifact_sha256))
 
 
 async def resolve_rollout_version(
@@ -96,6 +110,7 @@ async def resolve_rollout_version(
     caller_key: str,
     tenant: str | None = None,
     base_sha256: str | None = None,
+    with_path: bool = True,
 ) -> ResolvedAdapter | None:
     """What `caller_key`'s request for `model` serves under the adapter's rollout: the canary
     if the caller is in it, else the stable, or the fallback target while the stable is in
@@ -108,8 +123,14 @@ async def resolve_rollout_version(
         raise AdapterNotFound(f"adapter {model[:80]!r} does not exist") from None
     if address.version is not None:
         return await resolve_adapter(
-            session, store=store, model=model, tenant=tenant, base_sha256=base_sha256
+            session,
+            store=store,
+            model=model,
+            tenant=tenant,
+            base_sha256=base_sha256,
+            with_path=with_path,
         )
+    began = _idle(session)
     adapter = await find_adapter(session, address.name, usable_by_tenant=tenant)
     if adapter is None or not _on_base(adapter, base_sha256):
         raise AdapterNotFound(f"adapter {model!r} does not exist")
@@ -118,9 +139,18 @@ async def resolve_rollout_version(
         raise AdapterNotFound(f"adapter {model!r} has no servable version")
     if route.address == "base":
         return None
-    return await resolve_adapter(
-        session, store=store, model=route.address, tenant=tenant, base_sha256=base_sha256
+    resolved = await resolve_adapter(
+        session,
+        store=store,
+        model=route.address,
+        tenant=tenant,
+        base_sha256=base_sha256,
+        with_path=False,
     )
+    if not with_path:
+        return resolved
+    await _end_read(session, began)
+    return replace(resolved, path=await store.get_path(resolved.artifact_sha256))
 
 
 async def list_resolvable(
@@ -163,12 +193,15 @@ async def list_resolvable(
         query = query.where(usable_by(tenant))
     if base_sha256 is not None:
         query = query.where(BaseModel.weights_sha256 == base_sha256)
+    began = _idle(session)
     # current_version's rule: the pinned stable when it is servable, else the newest servable
     current: dict[int, Any] = {}  # adapter id -> its current version's row
     for row in await session.execute(query):
         held = current.get(row.adapter_id)
         if held is None or held.version != row.stable:  # ascending: newest wins unless pinned
             current[row.adapter_id] = row
+    if with_paths:
+        await _end_read(session, began)
     return [
         ResolvedAdapter(
             name=row.name,
@@ -194,9 +227,20 @@ def _on_base(adapter: Adapter, base_sha256: str | None) -> bool:
     return base_sha256 is None or adapter.base_model.weights_sha256 == base_sha256
 
 
-async def _resolved(
-    store: ArtifactStore, adapter: Adapter, row: AdapterVersion, *, with_path: bool
-) -> ResolvedAdapter:
+def _idle(session: AsyncSession) -> bool:
+    """Whether `session` has no transaction and nothing to flush: a transaction begun from
+    here on is this call's own, holding only its reads."""
+    return not session.in_transaction() and not (session.new or session.dirty or session.deleted)
+
+
+async def _end_read(session: AsyncSession, began: bool) -> None:
+    """End the read-only transaction this call began, returning its connection to the pool
+    before a download; one the caller began is the caller's to end."""
+    if began and not (session.new or session.dirty or session.deleted):
+        await session.commit()
+
+
+def _resolved(adapter: Adapter, row: AdapterVersion) -> ResolvedAdapter:
     return ResolvedAdapter(
         name=adapter.name,
         version=row.version,
@@ -211,5 +255,5 @@ async def _resolved(
         rank=row.rank,
         alpha=row.alpha,
         use_rslora=row.use_rslora,
-        path=await store.get_path(row.artifact_sha256) if with_path else None,
+        path=None,
     )

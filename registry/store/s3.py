@@ -3,26 +3,28 @@
 Keys under `prefix`: `trees/<digest>/<file>` for folder contents, `manifests/<digest>.json`
 listing a tree's files (written last, deleted first: it is the commit marker, so `exists` never
 reports a half-uploaded tree), and `blobs/<digest>` for single files. `get_path` downloads into a
-local cache and checks every digest before the folder becomes visible there.
+local cache and checks every digest before the folder becomes visible there; concurrent calls for
+one digest share one download.
 
 boto3 is imported only when no client is given (the optional `s3` extra). The client must offer
 upload_file, download_file, put_object, get_object, head_object and delete_object.
 
-Also here: `parse_s3_uri` (strict `s3://bucket/key` syntax), `make_s3_client` (a boto3 client from
-plain settings) and `open_artifact_store` (a local path or an `s3://bucket/prefix` URL → a store).
+Also here: `make_s3_client` (a boto3 client from plain settings), `open_artifact_store` (a local
+path or an `s3://bucket/prefix` URL → a store) and, re-exported from registry/store/s3_uri.py,
+`parse_s3_uri` (strict `s3://bucket/key` syntax).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,17 +41,25 @@ from registry.store.digest import (
     tree_digest,
 )
 from registry.store.local import LocalArtifactStore
+from registry.store.s3_uri import S3Uri, S3UriError, check_bucket_name, parse_s3_uri
+
+__all__ = [  # the URI helpers live in s3_uri; importers of this module keep finding them here
+    "S3ArtifactStore",
+    "S3Uri",
+    "S3UriError",
+    "check_bucket_name",
+    "make_s3_client",
+    "open_artifact_store",
+    "parse_s3_uri",
+    "s3_error_code",
+]
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-MAX_KEY_BYTES = 1024  # S3's own limit on a key
-MAX_URI_CHARS = len("s3://") + 63 + 1 + MAX_KEY_BYTES
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", "--x-s3", ".mrap")
-# AWS's "safe" key characters plus a few that need no escaping anywhere we pass a key; spaces,
-# `?`, `#`, `%`, backslashes and control characters are refused rather than guessed about.
-_KEY = re.compile(r"^[A-Za-z0-9/!_.*'()=+@,:~-]*$")
+# Staging folders (downloads, deletions) are removed by whoever made them; one older than this
+# was left by a process killed meanwhile, and is swept when a store opens the cache.
+STALE_STAGING_S = 3600.0
+_STAGING_PREFIX = ".tmp-"
 
 
 def s3_error_code(exc: BaseException) -> str | None:
@@ -63,62 +73,6 @@ def s3_error_code(exc: BaseException) -> str | None:
 
 def _is_missing(exc: Exception) -> bool:
     return s3_error_code(exc) in _MISSING_CODES
-
-
-class S3UriError(ValueError):
-    """An `s3://` URI that is malformed; the message says which rule it broke."""
-
-
-@dataclass(frozen=True)
-class S3Uri:
-    bucket: str
-    key: str  # may be "" (the whole bucket) or end with "/" (a prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-
-def parse_s3_uri(uri: str, *, require_key: bool = True) -> S3Uri:
-    """Split `s3://bucket/key` after checking bucket naming rules and refusing empty, `.` and
-    `..` segments and any character outside a conservative set. No percent-decoding: the key is
-    taken literally, as the AWS CLI does."""
-    if not isinstance(uri, str) or len(uri) > MAX_URI_CHARS:
-        raise S3UriError(f"an S3 URI is a string of at most {MAX_URI_CHARS} characters")
-    if not uri.startswith("s3://"):
-        raise S3UriError(f"{uri[:80]!r} is not an s3://bucket/key URI")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    check_bucket_name(bucket)
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise S3UriError(f"the key is longer than S3's {MAX_KEY_BYTES} bytes")
-    if not _KEY.fullmatch(key):
-        bad = next(c for c in key if not _KEY.fullmatch(c))
-        raise S3UriError(f"character {bad!r} is not allowed in an S3 key here")
-    segments = key.split("/")
-    if key.endswith("/"):
-        segments.pop()  # a trailing slash only marks a prefix
-    if key and any(s in ("", ".", "..") for s in segments):
-        raise S3UriError(f"{uri[:200]!r} has an empty, '.' or '..' path segment")
-    if require_key and not key:
-        raise S3UriError(f"{uri[:200]!r} names a whole bucket; name a folder or an object in it")
-    return S3Uri(bucket, key)
-
-
-def check_bucket_name(bucket: str) -> str:
-    """S3's general-purpose bucket naming rules (3-63 lower-case letters, digits, `.` and `-`)."""
-    if not _BUCKET.fullmatch(bucket):
-        raise S3UriError(
-            f"bucket name {bucket[:80]!r} must be 3-63 lower-case letters, digits, '.' or '-', "
-            "starting and ending with a letter or digit"
-        )
-    if ".." in bucket or ".-" in bucket or "-." in bucket:
-        raise S3UriError(f"bucket name {bucket!r} has adjacent '.'/'-' characters")
-    if bucket.startswith(_BUCKET_RESERVED_PREFIXES) or bucket.endswith(_BUCKET_RESERVED_SUFFIXES):
-        raise S3UriError(f"bucket name {bucket!r} uses a prefix or suffix reserved by S3")
-    try:
-        ipaddress.IPv4Address(bucket)
-    except ValueError:
-        return bucket
-    raise S3UriError(f"bucket name {bucket!r} is formatted as an IP address")
 
 
 def _boto3() -> ModuleType:
@@ -203,6 +157,10 @@ class S3ArtifactStore:
         self.cache_dir = Path(cache_dir)
         self._client = client
         self._client_kwargs = client_kwargs  # e.g. endpoint_url, region_name
+        # digest → its download in progress, per event loop: the first request for a cold
+        # adapter downloads it, the others arriving meanwhile wait for that one download.
+        self._downloads: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Future[Path]] = {}
+        self._sweep_staging()
 
     @property
     def client(self) -> Any:
@@ -225,7 +183,20 @@ class S3ArtifactStore:
 
     async def get_path(self, digest: str) -> Path:
         check_digest(digest)
-        return await asyncio.to_thread(self._get_path, digest)
+        key = (asyncio.get_running_loop(), digest)
+        download = self._downloads.get(key)
+        if download is None:
+            download = asyncio.ensure_future(asyncio.to_thread(self._get_path, digest))
+            self._downloads[key] = download
+
+            def done(finished: asyncio.Future[Path]) -> None:
+                del self._downloads[key]
+                if not finished.cancelled():
+                    finished.exception()  # its waiters may all be gone: not "never retrieved"
+
+            download.add_done_callback(done)
+        # Shielded: a waiter that gives up (a client hung up) does not cancel the others' copy.
+        return await asyncio.shield(download)
 
     async def delete(self, digest: str) -> bool:
         check_digest(digest)
@@ -247,8 +218,29 @@ class S3ArtifactStore:
         return found
 
     def _drop_local_copy(self, digest: str) -> None:
-        shutil.rmtree(self.cache_dir / "trees" / digest, ignore_errors=True)
+        tree = self.cache_dir / "trees" / digest
+        if tree.is_dir():
+            # Renamed away first (one atomic step), so a concurrent get_path either finds the
+            # whole folder or none and downloads it again: never a half-deleted one.
+            doomed = self._staging()
+            with contextlib.suppress(FileNotFoundError):  # a concurrent drop got it first
+                os.rename(tree, doomed / "doomed")
+            shutil.rmtree(doomed, ignore_errors=True)
         (self.cache_dir / "blobs" / digest).unlink(missing_ok=True)
+
+    def _staging(self) -> Path:
+        """A new folder beside the cache's trees (same file system: publishing is a rename)."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=_STAGING_PREFIX))
+
+    def _sweep_staging(self) -> None:
+        if not self.cache_dir.is_dir():
+            return
+        cutoff = time.time() - STALE_STAGING_S
+        for folder in self.cache_dir.glob(f"{_STAGING_PREFIX}*"):
+            with contextlib.suppress(OSError):  # removed meanwhile by a process sharing the cache
+                if folder.lstat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _head(self, key: str) -> bool:
         try:
@@ -315,8 +307,7 @@ class S3ArtifactStore:
             return tree
         if blob.is_file():
             return blob
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
+        staging = self._staging()
         try:
             entries = self._manifest(digest)
             if entries is not None:
