@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from gateway.engine.client import AdapterHandle, EngineClient, EngineDead
@@ -76,6 +76,9 @@ class _Entry:
 class _Loading:
     done: asyncio.Event
     size_bytes: int
+    # The loader found no slot in time: the requests waiting on its load get the same answer
+    # (each taking a fresh wait after it made the k-th one wait k times as long).
+    full: AdapterCapacityFull | None = None
 
 
 class HostAdapterCache:
@@ -95,7 +98,9 @@ class HostAdapterCache:
         # Loads past the room check: version id -> bytes. They count against the caps until
         # they are entries (or failed), so concurrent loads make room for each other.
         self._reserved: dict[int, int] = {}
-        self._room: asyncio.Event | None = None  # set when a pin or an entry goes
+        # Loads waiting for a slot, first come first served: a release wakes the head only,
+        # and a newcomer queues behind them (it would otherwise take the slot first).
+        self._waiters: deque[asyncio.Event] = deque()
         self._bytes = 0
         # Retired or deleted version ids: never loaded or pinned again. Version ids are never
         # reused (deleted versions stay as tombstones), so this only grows by retirements.
@@ -108,6 +113,10 @@ class HostAdapterCache:
 
     def resident(self) -> list[int]:
         return list(self._entries)
+
+    def known(self) -> list[int]:
+        """Versions resident or on their way in (loading, or waiting for a slot)."""
+        return [*self._entries, *(v for v in self._loading if v not in self._entries)]
 
     async def acquire(self, adapter: AdapterHandle, labels: tuple[str, str]) -> None:
         """Make `adapter` resident and pin it until `release`. Concurrent first requests for
@@ -126,9 +135,15 @@ class HostAdapterCache:
             if pending is None:
                 break
             await pending.done.wait()  # then pin what it loaded, or try again if it failed
+            if pending.full is not None:
+                raise AdapterCapacityFull(pending.full.message)
         loading = self._loading[version_id] = _Loading(asyncio.Event(), adapter.size_bytes)
         try:
-            await self._make_room(adapter, labels)
+            try:
+                await self._make_room(adapter, labels)
+            except AdapterCapacityFull as full:
+                loading.full = full
+                raise
             try:
                 await self._load(adapter, labels)
             finally:
@@ -167,6 +182,8 @@ class HostAdapterCache:
         """A retired or deleted version: refused from now on, and out of the engine as soon as
         no running request holds it (at once when none does)."""
         self._forgotten.add(version_id)
+        for turn in self._waiters:  # a load of it waiting for a slot gives up now
+            turn.set()
         entry = self._entries.get(version_id)
         if entry is not None and entry.pins > 0:
             return  # release() removes it after the last one
@@ -204,52 +221,75 @@ class HostAdapterCache:
         """Evict until `adapter` fits beside the resident and reserved ones, then reserve it.
         Room is made before vLLM's add_lora, which would otherwise evict vLLM's own least
         recently used adapter, pinned or not. While every resident adapter is pinned the
-        count cannot give: wait for a release, at most `wait_s`."""
+        count cannot give: wait in line for a release, at most `wait_s`. A version forgotten
+        meanwhile is refused before it costs another adapter its place."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
-        while True:
-            await self._evict(reason="capacity", extra=(1, adapter.size_bytes))
-            if not self._over_count(1):
-                break
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        turn: asyncio.Event | None = None
+        try:
+            while True:
+                if turn is None and self._waiters:
+                    turn = self._queue()  # others were first
+                if turn is None or turn is self._waiters[0]:
+                    if not await self._evict(reason="capacity", extra=(1, adapter.size_bytes)):
+                        raise EngineUnavailable("The inference engine is unavailable.")
+                    if adapter.engine_id in self._forgotten:
+                        raise ModelNotFound(labels[0])
+                    if not self._over_count(1):
+                        break
+                    if turn is None:
+                        turn = self._queue()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    logger.warning(
+                        "adapter %s waited %.0f s for a host cache slot: all %d in use",
+                        labels[0],
+                        self._wait_s,
+                        len(self._entries) + len(self._reserved),
+                    )
+                    raise AdapterCapacityFull(
+                        "Every adapter slot of the engine is in use by running requests; "
+                        "retry shortly."
+                    )
+                turn.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(turn.wait(), remaining)
+                if adapter.engine_id in self._forgotten:
+                    raise ModelNotFound(labels[0])
+            if self._over_bytes(adapter.size_bytes):
                 logger.warning(
-                    "adapter %s waited %.0f s for a host cache slot: all %d in use",
-                    labels[0],
-                    self._wait_s,
-                    len(self._entries) + len(self._reserved),
+                    "adapter host cache over budget (%d bytes / %d adapters), all in use",
+                    self._bytes,
+                    len(self._entries),
                 )
-                raise AdapterCapacityFull(
-                    "Every adapter slot of the engine is in use by running requests; retry shortly."
-                )
-            if self._room is None:
-                self._room = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), remaining)
-        if self._over_bytes(adapter.size_bytes):
-            logger.warning(
-                "adapter host cache over budget (%d bytes / %d adapters), all in use",
-                self._bytes,
-                len(self._entries),
-            )
-        self._reserved[adapter.engine_id] = adapter.size_bytes
+            self._reserved[adapter.engine_id] = adapter.size_bytes
+        finally:
+            if turn is not None:
+                self._waiters.remove(turn)
+                self._room_changed()  # the next in line tries now
+
+    def _queue(self) -> asyncio.Event:
+        turn = asyncio.Event()
+        self._waiters.append(turn)
+        return turn
 
     def _room_changed(self) -> None:
-        """Wake the loads waiting for a slot: a pin or an entry went."""
-        if self._room is not None:
-            self._room.set()
-            self._room = None
+        """A pin or an entry went, or the head of the line left: the head tries now."""
+        if self._waiters:
+            self._waiters[0].set()
 
-    async def _evict(self, *, reason: str, extra: tuple[int, int] = (0, 0)) -> None:
+    async def _evict(self, *, reason: str, extra: tuple[int, int] = (0, 0)) -> bool:
         """Remove least recently used unpinned versions while the cache, with `extra`
-        (adapters, bytes) about to come, is over the count or the byte budget."""
+        (adapters, bytes) about to come, is over the count or the byte budget; False when
+        the engine is gone."""
         count, size = extra
         while self._over_count(count) or self._over_bytes(size):
             victim = next((vid for vid, e in self._entries.items() if e.pins == 0), None)
             if victim is None:
-                return  # everything resident is in use: the caller decides
+                return True  # everything resident is in use: the caller decides
             if not await self._remove(victim, reason=reason):
-                return
+                return False
+        return True
 
     async def _remove(self, version_id: int, *, reason: str) -> bool:
         """Out of the cache and the engine; False when the engine is gone."""

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache
 from gateway.catalog import ModelCatalog
 from gateway.engine.client import AdapterHandle, EngineClient, GenerationUpdate, SamplingOptions
 from gateway.faults import FaultInjector
@@ -175,6 +175,10 @@ class ShadowMirror:
             outputs = await self._generate(plan, first)
         except asyncio.CancelledError:
             raise  # shutting down: no verdict on a request that was not allowed to finish
+        except AdapterCapacityFull:
+            # Every adapter slot in use: the engine's state, not the candidate's failure.
+            SHADOW_REQUESTS.labels(plan.adapter, str(plan.version), "dropped").inc()
+            return
         except Exception as exc:
             # The candidate's failure is a finding, not an incident: counted, never raised.
             logger.warning("shadow request to %s failed: %s", plan.address, type(exc).__name__)

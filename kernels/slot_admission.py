@@ -7,8 +7,9 @@ other adapter waits for as long as that traffic lasts (measured: a 4-token reque
 after 45 s, max_loras 2, while 16 of the other tenant's requests ran). There is no aging.
 
 The rule (pure: adapters and times in, the requests to hold back out; `slot_scheduler` applies
-it before each step): once a waiting request for an adapter that is not running has waited
-longer than `max_wait_s`, requests for other adapters are held back, so no new request keeps a
+it before each step, only while the running adapters fill every slot): once a waiting request
+for an adapter that is not running has waited longer than `max_wait_s`, requests for other
+adapters are held back, so no new request keeps a
 running adapter's slot busy; the running ones finish and the aged adapters take the slots, in
 arrival order. Requests without an adapter always pass, as do those for the aged adapters
 themselves (one slot serves them all). Below the wait nothing changes: vLLM's order stands.

@@ -2,8 +2,8 @@
 
 `FairSlotMixin.schedule` asks `kernels.slot_admission.held_back` which waiting requests to keep
 out of this step, takes them out of the waiting queue, runs vLLM's own `schedule()` unchanged,
-and puts them back in arrival order (FCFS). Below the bounded wait it does nothing but one pass
-over the waiting queue.
+and puts them back in arrival order (FCFS). Below the bounded wait, or with a slot free, it
+costs one pass over the waiting queue's arrival times.
 
 How it gets in (`install`, called by the plugin in every vLLM process): the module attributes
 `Scheduler` and `AsyncScheduler` are rebound to subclasses, which is what
@@ -20,6 +20,7 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler as VllmAsyncScheduler
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+from vllm.v1.request import RequestStatus
 
 from kernels.slot_admission import SlotWaiting, held_back
 
@@ -30,7 +31,16 @@ _max_wait_s: float = 10.0  # set by install() in the engine-core process
 
 def _adapter(request: Any) -> int:
     lora = request.lora_request
-    return 0 if lora is None else int(lora.lora_int_id)
+    return 0 if lora is None or lora.lora_int_id <= 0 else int(lora.lora_int_id)
+
+
+# A request in another waiting state (its grammar compiling, remote KV arriving) waits for
+# that, not for a slot: it neither starves nor is held back.
+_SLOT_STATES = frozenset({RequestStatus.WAITING, RequestStatus.PREEMPTED})
+
+
+def _slot_adapter(request: Any) -> int:
+    return _adapter(request) if request.status in _SLOT_STATES else 0
 
 
 class FairSlotMixin:
@@ -45,11 +55,18 @@ class FairSlotMixin:
         schedule = super().schedule  # type: ignore[misc]
         if self.lora_config is None or not self.waiting:
             return schedule(*args, **kwargs)
+        # Cheap exits first: this runs every step, with up to thousands waiting.
+        now = time.time()
+        if now - min(r.arrival_time for r in self.waiting) <= _max_wait_s:
+            return schedule(*args, **kwargs)
+        running = {_adapter(r) for r in self.running} - {0}
+        if len(running) < self.lora_config.max_loras:
+            return schedule(*args, **kwargs)  # a slot is free: vLLM's own rule admits it
         waiting = list(self.waiting)
         held = held_back(
-            {_adapter(r) for r in self.running},
-            [SlotWaiting(r, _adapter(r), r.arrival_time) for r in waiting],
-            time.time(),
+            running,
+            [SlotWaiting(r, _slot_adapter(r), r.arrival_time) for r in waiting],
+            now,
             _max_wait_s,
         )
         if not held:

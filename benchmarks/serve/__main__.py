@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run stopped part way ({aborted.__cause__!r}); what it measured: {partial}")
         raise
     results = {"meta": meta, **measured}
+    (out_dir / "partial-results.json").unlink(missing_ok=True)  # an earlier run's, now stale
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["load_average_end"] = report.machine_info()["load_average"]
     for path in report.write_all(results, out_dir):
@@ -167,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         for phase in data["phases"].values()
     )
     print(f"done in {meta['duration_s']:.0f} s, {errors} failed requests")
+    for sc in results["scenarios"]:
+        for phase, counts in (sc.get("output_agreement") or {}).items():
+            if counts["compared"] and counts["identical"] < counts["compared"] / 2:
+                # Numerics flip some near-tie tokens; most outputs differing is a mix-up.
+                print(
+                    f"WARNING {sc['name']} {phase}: only {counts['identical']} of "
+                    f"{counts['compared']} outputs identical between the systems"
+                )
     return 1 if errors else 0
 
 

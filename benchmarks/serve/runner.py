@@ -139,7 +139,7 @@ def run(
                 finally:
                     progress.step(f"{spec.label()} stopping")
                     stop_server(server)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C too: what was measured is kept
         raise RunAborted({"servers": servers, "scenarios": list(results.values())}) from exc
     for result in results.values():
         result["ratios"] = stats.ratios(result, plan.systems)

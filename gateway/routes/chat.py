@@ -23,13 +23,21 @@ async def create_chat_completion(
 ) -> dict[str, Any] | Response:
     """Create a chat completion with the base model or the adapter named by `model`."""
     key = sticky_key(body.user, request.headers.get("x-session-id"), caller.key_id)
-    job = await service.prepare_chat(
-        body,
-        new_request_id("chatcmpl"),
-        caller,
-        key,
-        note_scope=lambda scope: note_scope(request.state, scope),
-    )
+    try:
+        # Watched too: preparing may wait for an adapter slot (up to 30 s), and a client that
+        # left meanwhile must not take the slot, evict another adapter and run.
+        job = await until_disconnected(
+            request,
+            service.prepare_chat(
+                body,
+                new_request_id("chatcmpl"),
+                caller,
+                key,
+                note_scope=lambda scope: note_scope(request.state, scope),
+            ),
+        )
+    except ClientDisconnected:
+        return Response(status_code=499)
     note_generation(request.state, job.recorder)
     if body.stream:
         try:

@@ -195,7 +195,7 @@ class AdapterAdmin:
         store = self._runtime.store
         copies = await store.local_copies()
         async with self._runtime.sessions() as session:
-            removed = await service.removed_versions(session, self._cache.resident())
+            removed = await service.removed_versions(session, self._cache.known())
             garbage = await service.deleted_artifacts(session, copies)
         for version_id in removed:
             if not self._cache.forgotten(version_id):

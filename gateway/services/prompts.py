@@ -113,9 +113,11 @@ class PromptBuilder:
         pairs = []
         for key, value in (bias or {}).items():
             # ASCII digits only: no sign, no spaces, and not "²" or "١٢", which isdigit() accepts;
-            # and no more digits than the largest id has: int() raises past 4300 of them.
-            plain = key.isascii() and key.isdigit() and len(key) <= len(str(vocab - 1))
-            token = int(key) if plain else -1
+            # and no more digits than the largest id has (leading zeros aside, as int() reads
+            # them): int() raises past 4300 of them.
+            digits = key.lstrip("0") or "0"
+            plain = key.isascii() and key.isdigit() and len(digits) <= len(str(vocab - 1))
+            token = int(digits) if plain else -1
             if not 0 <= token < vocab:
                 shown = key if len(key) <= 32 else f"{key[:32]}..."  # the client's, echoed
                 raise InvalidRequest(

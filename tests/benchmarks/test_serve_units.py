@@ -298,3 +298,19 @@ def test_a_request_records_the_digest_of_the_text_it_streamed() -> None:
     samples = asyncio.run(scenario())
     assert [s.error for s in samples] == [None, None] and [s.index for s in samples] == [0, 1]
     assert samples[0].output_sha == hashlib.sha256(b"ababc").hexdigest()[:16]
+
+
+def test_an_interrupted_run_keeps_what_it_measured_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = next(s for s in scenarios.FULL_SCENARIOS if s.name == "base")
+    plan = runner.RunPlan((base,), scenarios.QUICK_SETTINGS, ("vllm",))
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while a server starts
+
+    monkeypatch.setattr(runner, "start_server", interrupted)
+    fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
+    with pytest.raises(runner.RunAborted) as caught:
+        runner.run(plan, fake, tmp_path)
+    assert isinstance(caught.value.__cause__, KeyboardInterrupt)

@@ -212,12 +212,17 @@ def published(port: str) -> tuple[str, str]:
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_ports_are_published_on_loopback_unless_told(services, name):
     """The defaults are well-known secrets (admin/admin, change-me-*): out of the box nothing
-    may answer beyond this machine. LORAPLEX_BIND_ADDRESS opens the gateway, Prometheus and
-    Grafana once they are set."""
+    may answer beyond this machine. Each service has its own address variable: opening the
+    gateway's must not publish Prometheus (no login, every tenant's series) or Grafana."""
+    own = {
+        "gateway": "LORAPLEX_BIND_ADDRESS",
+        "prometheus": "PROMETHEUS_BIND_ADDRESS",
+        "grafana": "GRAFANA_BIND_ADDRESS",
+    }
     for port in services[name]["ports"]:
         assert published(interpolate(str(port)))[0] == "127.0.0.1", port
-        if name != "postgres":
-            assert str(port).startswith("${LORAPLEX_BIND_ADDRESS:-127.0.0.1}:"), port
+        if name in own:
+            assert str(port).startswith(f"${{{own[name]}:-127.0.0.1}}:"), port
 
 
 def test_prometheus_has_no_lifecycle_or_admin_api(services):
@@ -235,6 +240,8 @@ def test_a_real_model_needs_the_operators_tokens(services):
     for name in ("LORAPLEX_ADMIN_TOKEN", "LORAPLEX_METRICS_TOKEN"):
         assert interpolate(defaults[name]).startswith("change-me")
         assert interpolate(override[name]).startswith(REQUIRED), name
+    grafana = load(OVERRIDES[1])["services"]["grafana"]["environment"]
+    assert interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"]).startswith(REQUIRED)
 
 
 def test_the_demo_context_fits_the_demo_base(services, monkeypatch, tmp_path):

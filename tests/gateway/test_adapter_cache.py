@@ -274,3 +274,65 @@ async def test_a_failed_load_gives_its_slot_to_the_next_waiting_one():
         await failing
     await asyncio.wait_for(third, 1)
     assert cache.resident() == engine.held == [1, 3] and engine.removed == []
+
+
+async def test_requests_waiting_on_a_load_that_found_no_slot_get_its_answer_not_a_new_wait():
+    """Each follower became the next loader with a fresh wait: the k-th waited k x wait_s."""
+    from gateway.adapter_cache import AdapterCapacityFull
+
+    engine = RecordingEngine()
+    cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=0.3)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)  # pinned throughout
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    results = await asyncio.gather(
+        *(cache.acquire(handle(2), LABELS) for _ in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, AdapterCapacityFull) for r in results), results
+    assert loop.time() - started < 0.6
+
+
+async def test_a_slot_goes_to_the_load_that_waited_longest():
+    """A release woke every waiter, and a request arriving in the same turn took the slot."""
+    engine = RecordingEngine()
+    cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=5)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    first = asyncio.create_task(cache.acquire(handle(2), LABELS))
+    await asyncio.sleep(0.02)
+    cache.release(handle(1))
+    later = asyncio.create_task(cache.acquire(handle(3), LABELS))  # right after the release
+    await asyncio.wait_for(first, 1)
+    await asyncio.sleep(0.02)
+    assert not later.done() and engine.loaded == [1, 2]
+    cache.release(handle(2))
+    await asyncio.wait_for(later, 1)
+    assert engine.loaded == [1, 2, 3]
+
+
+async def test_a_version_forgotten_while_it_waits_for_a_slot_is_never_loaded():
+    engine = RecordingEngine()
+    cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=5)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    waiting = asyncio.create_task(cache.acquire(handle(2), LABELS))
+    await asyncio.sleep(0.02)
+    assert cache.known() == [1, 2]  # what a replica checks against the registry
+    await cache.forget(2)  # retired or deleted while its request waits
+    with pytest.raises(ModelNotFound):
+        await asyncio.wait_for(waiting, 1)
+    cache.release(handle(1))
+    assert engine.loaded == [1] and cache.resident() == [1]  # 1 was not evicted for it
+
+
+async def test_a_dead_engine_is_a_503_engine_unavailable_at_once_not_a_wait():
+    from gateway.engine.client import EngineDead
+    from gateway.errors import EngineUnavailable
+
+    class Dead(RecordingEngine):
+        async def remove_adapter(self, engine_id: int) -> None:
+            raise EngineDead("gone")
+
+    cache = HostAdapterCache(Dead(), 10**9, max_adapters=1, wait_s=5)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)
+    cache.release(handle(1))
+    with pytest.raises(EngineUnavailable):
+        await asyncio.wait_for(cache.acquire(handle(2), LABELS), 1)

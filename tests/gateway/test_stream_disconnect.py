@@ -142,3 +142,47 @@ def test_hang_up_mid_stream_aborts_every_fanned_out_request(demo_root):
         assert client.portal.call(scenario).status == 200
         assert sorted(engine.aborted) == sorted(call[0] for call in engine.calls)
         assert len(engine.aborted) == 4 and running(client) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_hangs_up_while_waiting_for_an_adapter_slot_takes_none(tmp_path, path):
+    """Its wait (every slot in use) was not watched: when a slot freed it evicted another
+    adapter, loaded its own and started an engine request for nobody."""
+    from tests.gateway.rollout_helpers import build_demo_root, register
+
+    class Counting(ScriptedEngine):
+        def __init__(self) -> None:
+            super().__init__(["w"] * 40, delay=0.02)  # about 0.8 s a request
+            self.added: list[int] = []
+
+        async def add_adapter(self, adapter) -> None:  # type: ignore[no-untyped-def]
+            self.added.append(adapter.engine_id)
+
+        async def remove_adapter(self, engine_id: int) -> None:
+            pass
+
+    root = build_demo_root(tmp_path)
+    engine = Counting()
+    with client_for(root, engine, max_cpu_loras=1, max_loras=1) as client:
+        register(client, root, "a1", "v1")
+        register(client, root, "a2", "v2")
+        headers = {"Authorization": client.headers["Authorization"]}
+        body = {"max_tokens": 40, "stream": True}
+        body |= {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {}
+        body |= {} if "chat" in path else {"prompt": "x"}
+
+        async def scenario() -> int:
+            holder = asyncio.ensure_future(
+                asgi_post(client.app, path, {**body, "model": "a1"}, headers)
+            )
+            await asyncio.sleep(0.2)  # a1 holds the only slot
+            gone = await asgi_post(
+                client.app, path, {**body, "model": "a2"}, headers, hang_up_after_s=0.1
+            )
+            await holder
+            await asyncio.sleep(0.1)
+            return gone.status
+
+        assert client.portal.call(scenario) == 499
+        assert len(engine.added) == 1  # a2 was never loaded
+        assert [call[1].engine_id for call in engine.calls] == engine.added  # nor run

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+from vllm.v1.request import RequestStatus
 
 from kernels import slot_scheduler
 from kernels.slot_admission import SlotWaiting, held_back
@@ -48,6 +49,7 @@ class FakeRequest:
     request_id: str
     adapter: int
     arrival_time: float = field(default=0.0)
+    status: RequestStatus = RequestStatus.WAITING
 
     @property
     def lora_request(self) -> Any:
@@ -136,3 +138,21 @@ def test_both_of_vllms_schedulers_are_rebound(monkeypatch: pytest.MonkeyPatch):
     assert config.get_scheduler_cls() is FairSlotScheduler
     config.async_scheduling = True
     assert config.get_scheduler_cls() is FairSlotAsyncScheduler
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["a slot is free", "the aged request waits for its grammar, not a slot"],
+)
+def test_nothing_is_held_when_a_slot_would_not_help(
+    vllm_schedule: SlotStandIn, monkeypatch: pytest.MonkeyPatch, case: str
+):
+    running = [FakeRequest("hog-a1", 1)] + ([] if "free" in case else [FakeRequest("b1", 2)])
+    aged = FakeRequest("aged", 3, arrival_time=NOW - 60.0)
+    if "grammar" in case:
+        aged.status = RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    scheduler = scheduler_with(running, [aged, FakeRequest("hog-a2", 1, arrival_time=NOW)])
+    monkeypatch.setattr(slot_scheduler.time, "time", lambda: NOW)
+    scheduler.schedule()
+    assert vllm_schedule.offered[-1] == ["aged", "hog-a2"]  # vLLM's order, nothing held
+    assert scheduler.requests_held_total == 0
