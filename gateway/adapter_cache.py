@@ -252,8 +252,12 @@ class HostAdapterCache:
                         "retry shortly."
                     )
                 turn.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+                # that lands as the wait ends, and a caller whose client hung up would take
+                # the slot and keep its pin with nobody left to release it.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(turn.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await turn.wait()
                 if adapter.engine_id in self._forgotten:
                     raise ModelNotFound(labels[0])
             if self._over_bytes(adapter.size_bytes):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
@@ -49,8 +49,12 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run work; cancel it (aborting engine requests) if the client hangs up first."""
+async def until_disconnected(
+    request: Request, work: Awaitable[T], discard: Callable[[T], None] | None = None
+) -> T:
+    """Run work; cancel it (aborting engine requests) if the client hangs up first. Work
+    that finished anyway as it was cancelled hands its result to `discard` (a prepared job
+    holding an adapter pin and a tenant's lease must be finished by someone)."""
     task: asyncio.Future[Any] = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -70,6 +74,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         return result
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    if discard is not None and not task.cancelled() and task.exception() is None:
+        discard(task.result())
     raise ClientDisconnected()
 
 

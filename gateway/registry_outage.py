@@ -89,3 +89,6 @@ class RegistryOutage:
             self.answered()
         finally:
             self._probe = None
+            # Whatever failed, the next probe waits its turn: an error that is no outage
+            # started one probe per request against a server already in trouble.
+            self._next_probe = time.monotonic() + PROBE_INTERVAL_S

@@ -52,6 +52,7 @@ from gateway.rollback_monitor import (
 )
 from gateway.rollout_router import RolloutRouter
 from registry import service
+from registry.db import is_unreachable
 from registry.errors import RollbackRefused
 from registry.rollout import RolloutView, Thresholds
 
@@ -64,6 +65,9 @@ FALLBACK_RETRY_S = 60.0
 # ACTION_RETRY_MAX_S (a failover takes seconds to tens of seconds; each try is one connection).
 ACTION_RETRY_S = 0.5
 ACTION_RETRY_MAX_S = 30.0
+# Attempts of one verdict's action on an error that is no outage (outages retry until the
+# registry answers or the version leaves its role).
+MAX_ACTION_ATTEMPTS = 4
 
 
 def served_address(adapter: str, version: int | None) -> str:
@@ -286,9 +290,21 @@ class RolloutController:
                 "; ".join(p.message for p in refused.problems),
                 self._fallback_retry_s,
             )
-        except Exception:
+        except Exception as exc:
             previous = self._pending.get(key)
             failures = 1 if previous is None else previous.failures + 1
+            if failures > MAX_ACTION_ATTEMPTS and not is_unreachable(exc):
+                # Not an outage, and it keeps failing: a bug, which retrying every 30 s with a
+                # traceback will not fix. The next breach's verdict tries again.
+                logger.exception(
+                    "automatic action on %s failed %d times; giving up on this verdict",
+                    key,
+                    failures,
+                )
+                self._pending.pop(key, None)
+                self._retry_at.pop(key, None)
+                self._reset(key)
+                return
             delay = min(self._action_retry_s * 2 ** (failures - 1), ACTION_RETRY_MAX_S)
             self._pending[key] = _PendingVerdict(view, version, verdict, stable, failures)
             self._retry_at[key] = time.monotonic() + delay

@@ -49,10 +49,12 @@ CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 10.0
 # The longest a request waits for a pooled connection (SQLAlchemy's default is 30 s).
 POOL_TIMEOUT_S = 10.0
-# Connection-class errors (SQLSTATE 08) and shutdown/start-up refusals (57P01-57P03).
+# Connection-class errors (SQLSTATE 08), shutdown/start-up refusals (57P01-57P03) and a server
+# out of connection slots (53300: what a failover's reconnect storm meets).
 _PG_UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.InterfaceError,

@@ -35,6 +35,7 @@ async def create_completion(
                 key,
                 note_scope=lambda scope: note_scope(request.state, scope),
             ),
+            discard=lambda job: job.finish(),
         )
     except ClientDisconnected:
         return Response(status_code=499)

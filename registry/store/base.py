@@ -21,7 +21,9 @@ class ArtifactStore(Protocol):
         as one tree; returns the tree digest."""
         ...
 
-    async def exists(self, digest: str) -> bool: ...
+    async def exists(self, digest: str) -> bool:
+        """Whether the whole object is there (a tree: its manifest and every file)."""
+        ...
 
     async def get_path(self, digest: str) -> Path:
         """A local path to load from (a folder for trees, a file for blobs). Remote stores

@@ -252,9 +252,13 @@ class S3ArtifactStore:
             raise
 
     def _exists(self, digest: str) -> bool:
-        return self._head(self._key("manifests", f"{digest}.json")) or self._head(
-            self._key("blobs", digest)
-        )
+        """The whole object: for a tree, its manifest and every file it lists. A delete
+        racing a put of the same files (the registration stores them before it locks) can
+        leave the manifest of the put with the delete's removals of its files behind it."""
+        entries = self._manifest(digest)
+        if entries is not None:
+            return all(self._head(self._key("trees", digest, name)) for name in entries)
+        return self._head(self._key("blobs", digest))
 
     def _put_file(self, src: Path) -> str:
         entry = hash_file(src)
@@ -270,9 +274,9 @@ class S3ArtifactStore:
         entries = {name: hash_file(src / name) for name in names}
         digest = tree_digest(entries)
         manifest_key = self._key("manifests", f"{digest}.json")
-        if self._head(manifest_key):
+        if self._head(manifest_key) and self._exists(digest):
             return digest
-        for name in names:
+        for name in names:  # a tree whose files a racing delete removed is stored again too
             self.client.upload_file(str(src / name), self.bucket, self._key("trees", digest, name))
         manifest = {n: {"size": e.size, "sha256": e.sha256} for n, e in entries.items()}
         self.client.put_object(

@@ -336,3 +336,54 @@ async def test_a_dead_engine_is_a_503_engine_unavailable_at_once_not_a_wait():
     cache.release(handle(1))
     with pytest.raises(EngineUnavailable):
         await asyncio.wait_for(cache.acquire(handle(2), LABELS), 1)
+
+
+@pytest.mark.parametrize("depth", range(4))
+@pytest.mark.parametrize("disconnect_first", [True, False])
+async def test_a_client_gone_as_its_slot_frees_leaves_no_pin_behind(depth, disconnect_first):
+    """The hang-up and the release land in the same loop turns: wait_for swallowed the
+    cancellation (Python 3.11), prepare went on to take the slot and its job was dropped with
+    the pin held, a slot lost for good."""
+    from gateway.http_utils import ClientDisconnected, until_disconnected
+
+    loop = asyncio.get_running_loop()
+
+    class Request:
+        def __init__(self) -> None:
+            self.gone: asyncio.Future[None] = loop.create_future()
+
+        async def receive(self) -> dict[str, str]:
+            await self.gone
+            return {"type": "http.disconnect"}
+
+    cache = HostAdapterCache(RecordingEngine(), 10**9, max_adapters=1)  # type: ignore[arg-type]
+    await cache.acquire(handle(1), LABELS)  # every slot in use
+    request = Request()
+
+    async def prepare() -> str:
+        await cache.acquire(handle(2), LABELS)
+        return "job"
+
+    route = asyncio.ensure_future(
+        until_disconnected(request, prepare(), discard=lambda job: cache.release(handle(2)))  # type: ignore[arg-type]
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)  # waiting in line for the slot
+
+    def later(steps: int, act) -> None:  # type: ignore[no-untyped-def]
+        if steps == 0:
+            act()
+        else:
+            loop.call_soon(later, steps - 1, act)
+
+    release = lambda: cache.release(handle(1))  # noqa: E731
+    hang_up = lambda: request.gone.set_result(None)  # noqa: E731
+    first, second = (hang_up, release) if disconnect_first else (release, hang_up)
+    first()
+    later(depth, second)
+    try:
+        assert await route == "job"  # served: the client was still there when it finished
+        cache.release(handle(2))
+    except ClientDisconnected:
+        pass
+    assert all(entry.pins == 0 for entry in cache._entries.values()), cache._entries

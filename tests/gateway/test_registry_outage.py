@@ -202,3 +202,44 @@ def test_registry_errors_on_sqlite_serve_from_cache_or_answer_503(demo_root, tmp
         assert_registry_unavailable(client.get("/v1/models"))
         failing.down = False
         assert complete(client, BASE, never_used).status_code == 200
+
+
+async def test_a_probe_that_fails_on_something_else_still_waits_its_turn():
+    """A probe refused with an error that is no outage left the next-probe time alone, so
+    every request holding a usable entry started another connection attempt (1000 in 1 s)."""
+    import logging
+
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from gateway.registry_outage import RegistryOutage
+
+    attempts = 0
+
+    class Refusing:
+        async def __aenter__(self) -> None:
+            nonlocal attempts
+            attempts += 1
+            raise DBAPIError("SELECT 1", None, Exception("some other refusal"))
+
+        async def __aexit__(self, *exc: object) -> bool:
+            return False
+
+    outage = RegistryOutage("api keys", 30.0, lambda: Refusing())  # type: ignore[arg-type,return-value]
+    outage.note_failure(OperationalError("x", None, ConnectionRefusedError()))
+    outage._next_probe = 0.0  # the probe interval has passed
+    logging.disable(logging.ERROR)
+    try:
+        for _ in range(200):
+            assert outage.skip_registry(time.monotonic())
+            await asyncio.sleep(0.001)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert attempts == 1
+
+
+def test_a_server_out_of_connection_slots_is_an_outage():
+    import asyncpg
+
+    from registry.db import is_unreachable
+
+    assert is_unreachable(asyncpg.TooManyConnectionsError("too many connections for role"))

@@ -130,3 +130,56 @@ def test_stale_staging_folders_are_swept_when_a_store_opens(tmp_path):
     S3ArtifactStore("loraplex-test", cache_dir=cache, client=object())
     assert sorted(p.name for p in cache.iterdir()) == [".tmp-in-progress", "trees"]
     S3ArtifactStore("loraplex-test", cache_dir=tmp_path / "not-yet", client=object())  # no cache
+
+
+async def test_a_put_racing_a_delete_of_the_same_files_is_seen_and_stored_again(tmp_path):
+    """The registration stores its files before it locks; a delete of the same tree that
+    removed the manifest, let the put upload everything, then removed the tree files left a
+    manifest without files: exists() said yes, the version committed, every load failed."""
+    import threading
+
+    from registry.store import S3ArtifactStore
+    from tests.registry.s3_server import moto_server, new_bucket, s3_client
+
+    names = ["adapter_config.json", "adapter_model.safetensors"]
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / names[0]).write_text('{"r": 8}')
+    (src / names[1]).write_bytes(b"w" * 4096)
+
+    class PausingClient:
+        def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
+            self._client, self.hook = client, None
+
+        def delete_object(self, **kw):  # type: ignore[no-untyped-def]
+            response = self._client.delete_object(**kw)
+            if self.hook and kw["Key"].startswith("manifests/"):
+                self.hook()  # between the manifest and the tree files
+            return response
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self._client, name)
+
+    with moto_server() as endpoint:
+        s3 = s3_client(endpoint)
+        bucket = new_bucket(s3)
+        client = PausingClient(s3)
+        deleter = S3ArtifactStore(bucket, cache_dir=tmp_path / "c1", client=client)
+        digest = await deleter.put_dir(src, files=names)
+        manifest_gone, put_done = threading.Event(), threading.Event()
+
+        def pause() -> None:
+            manifest_gone.set()
+            put_done.wait(10)
+
+        client.hook = pause
+        deleting = asyncio.ensure_future(deleter.delete(digest))
+        await asyncio.to_thread(manifest_gone.wait, 10)
+        registrar = S3ArtifactStore(bucket, cache_dir=tmp_path / "c2", client=s3)
+        assert await registrar.put_dir(src, files=names) == digest
+        put_done.set()
+        await deleting
+        assert not await registrar.exists(digest)  # what the registration checks under lock
+        assert await registrar.put_dir(src, files=names) == digest  # ... and so stores again
+        reader = S3ArtifactStore(bucket, cache_dir=tmp_path / "c3", client=s3)
+        assert sorted(p.name for p in (await reader.get_path(digest)).iterdir()) == names
