@@ -5,25 +5,44 @@ vLLM marks a token without an adapter with lora index -1 and its CPU ops gather 
 adapter, base-model tokens in the same batch silently receive the last slot's adapter: one
 tenant's fine-tune applied to another's request (fixed upstream after 0.32, vllm PR #48421).
 
-These versions gather with the index clamped to a valid slot and zero-fill the rows marked -1,
+These versions select with the index clamped to a valid slot and zero-fill the rows marked -1,
 so they contribute exactly zero: filled, not multiplied by a 0/1 mask, since inf or NaN in the
-clamped-to slot 0 times 0 would still be NaN. No data-dependent shapes: the ops stay traceable by
-torch.compile, which vLLM applies to the CPU model.
+clamped-to slot 0 times 0 would still be NaN. With few slots they multiply every token by every
+slot's weights in one batched matmul and keep each token's own row, instead of gathering a
+weight matrix per token as vLLM does (the gather was most of a LoRA step's time on CPU). No
+data-dependent shapes: the ops stay traceable by torch.compile.
 """
 
 from __future__ import annotations
 
 import torch
 
+# Up to this many slots, every token is multiplied by every slot's weights (one batched BLAS
+# matmul) and its own slot's row kept: at 4 slots 6x faster than gathering a weight matrix
+# per token for decode and 30x for a 448-token prefill (measured on 2 CPU cores), since the
+# gather copies a [tokens, out, in] tensor. Beyond it the slots' wasted products cost more.
+MAX_DENSE_SLOTS = 32
 
-def _gather_masked(
-    weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+
+def _lora_products(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[slots, (1,) out, in] weights → [tokens, out, in], zeros for tokens whose index is -1."""
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    return selected.masked_fill((indices < 0).view(-1, 1, 1), 0)
+    """x[t] · W[idx[t]]ᵀ for each token: [tokens, in] x [slots, (1,) out, in] → [tokens, out],
+    exactly zero for tokens whose index is -1."""
+    stacked = weights.squeeze(dim=1) if weights.dim() == 4 else weights
+    x = inputs.to(dtype=dtype)
+    slots, out_dim, in_dim = stacked.shape
+    # Dense only while it also allocates less than the gather ([slots, tokens, out] against
+    # [tokens, out, in]): the smaller of out and in is the rank.
+    if slots <= MAX_DENSE_SLOTS and slots <= max(8, min(out_dim, in_dim)):
+        every = torch.matmul(x, stacked.to(dtype=dtype).transpose(1, 2))  # [slots, tokens, out]
+        rows = torch.arange(x.shape[0], device=x.device)
+        products = every[indices.clamp(min=0), rows]
+    else:
+        selected = stacked[indices.clamp(min=0)].to(dtype=dtype)  # [tokens, out, in]
+        products = torch.einsum("bi, boi -> bo", x, selected)
+    # Filled, not multiplied by a 0/1 mask: inf or NaN in slot 0 times 0 would be NaN.
+    return products.masked_fill_((indices < 0).view(-1, 1), 0)
 
 
 def bgmv_shrink(
@@ -34,8 +53,7 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ) -> None:
     """output[t, :r] = scaling · x[t] · A[idx[t]]ᵀ, zero where idx[t] == -1."""
-    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
@@ -47,8 +65,7 @@ def bgmv_expand(
     add_inputs: bool = True,
 ) -> None:
     """output[t] (+)= h[t] · B[idx[t]]ᵀ, nothing added where idx[t] == -1."""
-    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -70,8 +87,7 @@ def bgmv_expand_slice(
     add_inputs: bool = True,
 ) -> None:
     """output[t, offset:offset+size] (+)= h[t] · B[idx[t]]ᵀ, nothing added where idx[t] == -1."""
-    selected = _gather_masked(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
     else:

@@ -24,8 +24,11 @@ def pristine_upstream_ops():
 SLOTS, TOKENS, HIDDEN, RANK, OUT = 4, 6, 32, 8, 48
 
 
-@pytest.fixture
-def batch():
+@pytest.fixture(params=["dense", "gathered"])
+def batch(request, monkeypatch):
+    """Both ways the ops compute: every slot's products (few slots) or a gather per token."""
+    if request.param == "gathered":
+        monkeypatch.setattr(cpu_lora_ops, "MAX_DENSE_SLOTS", 0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(TOKENS, HIDDEN, generator=gen)
     lora_a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=gen)  # every slot filled
@@ -67,7 +70,7 @@ def test_fixed_ops_match_per_token_reference(batch):
 def test_upstream_ops_leak_the_last_slot_into_base_rows(batch):
     """Documents the vLLM 0.32 bug the plugin exists for; if it ever stops failing, drop it."""
     x, lora_a, lora_b, indices = batch
-    out, _ = run(pristine_upstream_ops(), x, lora_a, lora_b, indices, 0.5)
+    out, _ = run(pristine_upstream_ops(), x, lora_a, lora_b, indices, 0.5)  # (either param)
     leaked = reference(x, lora_a, lora_b, torch.full_like(indices, SLOTS - 1), 0.5)
     torch.testing.assert_close(out[indices < 0], leaked[indices < 0])
 
