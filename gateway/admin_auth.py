@@ -10,13 +10,13 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit_log import audit_event
-from gateway.errors import LoraplexError, request_id_of, typed_error_body
+from gateway.errors import LoraplexError
+from gateway.http_utils import route_path, unread_body_refusal
 from gateway.logging_config import redact_key_paths
 from gateway.metrics import AUTH_FAILURES
 
@@ -99,27 +99,13 @@ class AdminGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _route_path(scope).startswith(ADMIN_PREFIX):
+        if scope["type"] == "http" and route_path(scope).startswith(ADMIN_PREFIX):
             request = Request(scope)
             refusal = admin_refusal(request)
             if refusal is not None:
-                # Else the server reads and discards the unread body to reuse the connection.
-                headers = {**(refusal.headers() or {}), "Connection": "close"}
-                response = JSONResponse(
-                    typed_error_body(refusal, request_id_of(request)),
-                    status_code=refusal.status_code,
-                    headers=headers,
-                )
-                await response(scope, receive, send)
+                await unread_body_refusal(refusal, request)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    # What the router matches: the path below a proxy's root_path.
-    path: str = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def require_metrics_reader(request: Request) -> None:

@@ -51,6 +51,7 @@ from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
 from gateway.shutdown import StartupGuard, watch_engine
+from gateway.tenant_gate import TenantGate
 from registry.compat import safetensors_dtype
 from registry.rollout import Thresholds
 
@@ -105,6 +106,8 @@ def create_app(
         watching: asyncio.Task[None] | None = None
         engine_watch: asyncio.Task[None] | None = None
         controller: RolloutController | None = None
+        catalog: RegistryCatalog | None = None
+        authenticator: KeyAuthenticator | None = None
         mirror: ShadowMirror | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
         served_engine: EngineClient
@@ -233,6 +236,9 @@ def create_app(
                 await mirror.close()  # before the engine stops under its requests
             if controller is not None:
                 await controller.close()
+            for registry_cache in (catalog, authenticator):
+                if registry_cache is not None:
+                    await registry_cache.close()  # its outage probe, before the registry closes
             for name in (
                 "engine",
                 "generation",
@@ -260,7 +266,9 @@ def create_app(
     app.state.demo_api_key = None
     # Last added runs first. The request id comes first, so every answer carries it (a 413,
     # an early admin refusal); an anonymous /admin/* call is answered before its body is read;
-    # a body over its limit is refused before metrics label it or any route reads it.
+    # a body over its limit is refused before metrics label it or any route reads it; a /v1
+    # call's key is verified before its body is read, and its 401 counted as the route's was.
+    app.add_middleware(TenantGate)
     app.add_middleware(RequestMetricsMiddleware)
     app.add_middleware(
         BodySizeLimit,

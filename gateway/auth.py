@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from gateway.audit_log import audit_event
 from gateway.errors import EngineUnavailable, LoraplexError, RegistryUnavailable
@@ -33,6 +34,8 @@ from registry.service import Principal
 MAX_KEY_CHARS = 256
 # Bound the cache so a flood of distinct valid keys cannot grow memory without limit.
 MAX_CACHED_KEYS = 10_000
+# Where gateway.tenant_gate leaves the principal it verified, in the request's state.
+PRINCIPAL_STATE = "tenant_principal"
 
 
 class InvalidApiKeyError(LoraplexError):
@@ -93,9 +96,27 @@ class KeyAuthenticator:
             self._cache[digest] = _Cached(principal, now + self._ttl)
         return principal
 
+    async def close(self) -> None:
+        """At shutdown, before the registry's engine is disposed (see RegistryOutage.close)."""
+        await self._outage.close()
+
+    @property
+    def epoch(self) -> int:
+        """Moves with every revocation or limit change seen (here or by the registry watch)."""
+        return self._epoch
+
     def invalidate(self) -> None:
         self._epoch += 1
         self._cache.clear()
+
+
+@dataclass(frozen=True)
+class VerifiedAhead:
+    """What gateway.tenant_gate leaves in the request's state: the principal, and the
+    authenticator's epoch from before it was verified."""
+
+    principal: Principal
+    epoch: int
 
 
 def _expired(principal: Principal) -> bool:
@@ -110,7 +131,9 @@ def fail(reason: str, *, client: str | None, key_id: str | None = None) -> NoRet
     )
 
 
-async def require_tenant(request: Request) -> Principal:
+async def authenticate_request(request: HTTPConnection) -> Principal:
+    """The tenant of the request's bearer key, else the error its caller gets: 401 (the failure
+    counted and audited), or 503 while the gateway starts or the registry cannot answer."""
     authenticator: KeyAuthenticator | None = getattr(request.app.state, "authenticator", None)
     if authenticator is None:
         raise EngineUnavailable("The gateway is starting; try again shortly.")
@@ -121,7 +144,34 @@ async def require_tenant(request: Request) -> Principal:
         fail("missing", client=client)
     if scheme.lower() != "bearer" or len(supplied) > MAX_KEY_CHARS:
         fail("malformed", client=client)
-    principal = await authenticator.authenticate(supplied, client=client)
+    return await authenticator.authenticate(supplied, client=client)
+
+
+async def authenticate_ahead(request: HTTPConnection) -> None:
+    """Verify the request's key before its body is read (gateway.tenant_gate), for
+    `require_tenant` to take up; raises as authenticate_request does."""
+    authenticator: KeyAuthenticator | None = getattr(request.app.state, "authenticator", None)
+    epoch = authenticator.epoch if authenticator is not None else -1
+    principal = await authenticate_request(request)
+    setattr(request.state, PRINCIPAL_STATE, VerifiedAhead(principal, epoch))
+
+
+async def require_tenant(request: Request) -> Principal:
+    # gateway.tenant_gate verified the key before the body was read. It still holds if nothing
+    # was revoked or changed since (a body can take its time to arrive, and a key revoked
+    # meanwhile was served before this check) and the key has not expired; else, and where the
+    # gate did not run (GET /v1/models, an app or a test without the gate), verify it here.
+    ahead: VerifiedAhead | None = getattr(request.state, PRINCIPAL_STATE, None)
+    authenticator: KeyAuthenticator | None = getattr(request.app.state, "authenticator", None)
+    if (
+        ahead is not None
+        and authenticator is not None
+        and ahead.epoch == authenticator.epoch
+        and not _expired(ahead.principal)
+    ):
+        principal = ahead.principal
+    else:
+        principal = await authenticate_request(request)
     note_caller(request.state, principal.tenant)
     return principal
 

@@ -8,7 +8,8 @@ the declared Content-Length at once, and counts the bytes of one without it (chu
 LORAPLEX_UPLOAD_MAX_BYTES plus room for the multipart framing, for the admin only (anyone else
 could make the gateway spool gigabytes before the route's own auth ran); every other request's
 is LORAPLEX_MAX_REQUEST_BYTES (JSON requests: prompts, admin calls). gateway.admin_auth.AdminGate,
-ahead of this layer, answers /admin/* without reading the body when the admin token is missing.
+ahead of this layer, answers /admin/* without reading the body when the admin token is missing,
+and gateway.tenant_gate.TenantGate, behind it, answers /v1/* so when the tenant key is wrong.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admin_auth import holds_admin_token
+from gateway.http_utils import route_path
 
 # Multipart boundaries, part headers and the small form fields beside the files.
 MULTIPART_SLACK_BYTES = 1024 * 1024
@@ -109,10 +111,9 @@ def limits_by_route(
     upload = upload_max_bytes + MULTIPART_SLACK_BYTES
 
     def limit_for(scope: Scope) -> int:
-        path = scope.get("path", "")
         if (
             scope.get("method") == "POST"
-            and path.rstrip("/") == "/admin/v1/adapters"
+            and route_path(scope).rstrip("/") == "/admin/v1/adapters"
             and holds_admin_token(HTTPConnection(scope), admin_token)
         ):
             return upload

@@ -106,6 +106,9 @@ class RegistryCatalog:
         # queued one two-query resolution each on the registry connection.
         self._scopes: dict[str, tuple[float, dict[str, ResolvedAdapter]]] = {}
         self._scope_loads: dict[str, asyncio.Future[dict[str, ResolvedAdapter]]] = {}
+        # Every scope load still running, shared or not (invalidate() forgets the shared ones):
+        # a caller that hung up leaves its load running, which close() must not outlive.
+        self._running_loads: set[asyncio.Future[dict[str, ResolvedAdapter]]] = set()
         # Bumped by invalidate(): a resolution read before a change (it awaits the registry and
         # the gate) must not be cached after it, or it would outlive the change by a TTL.
         self._epoch = 0
@@ -205,6 +208,15 @@ class RegistryCatalog:
             self._cache[key] = (now + self._ttl, served)
         return served
 
+    async def close(self) -> None:
+        """At shutdown, before the registry's engine is disposed (see RegistryOutage.close):
+        the outage probe and every scope load still running are cancelled and awaited."""
+        await self._outage.close()
+        loads = list(self._running_loads)
+        for load in loads:
+            load.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+
     def invalidate(self) -> None:
         self._epoch += 1
         self._cache.clear()
@@ -271,6 +283,8 @@ class RegistryCatalog:
         if loading is None:
             loading = asyncio.ensure_future(self._load_scope(tenant))
             self._scope_loads[tenant] = loading
+            self._running_loads.add(loading)
+            loading.add_done_callback(self._running_loads.discard)
 
             def done(task: asyncio.Future[dict[str, ResolvedAdapter]]) -> None:
                 if self._scope_loads.get(tenant) is task:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import errors as registry_errors
-from registry.db import is_unreachable
+from registry.db import is_contention, is_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,21 @@ class RegistryUnavailable(LoraplexError):
 
     def headers(self) -> dict[str, str] | None:
         return {"Retry-After": "5"}
+
+
+class RegistryBusy(LoraplexError):
+    """A registry statement gave up waiting on other transactions (a lock past its timeout, a
+    deadlock, SQLite's busy timeout): the server answers, and a retry may well succeed."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "registry_busy"
+
+    def __init__(self) -> None:
+        super().__init__("The adapter registry is busy with other changes; retry shortly.")
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": "1"}
 
 
 # Registry refusals → HTTP status; the registry itself knows nothing about HTTP.
@@ -202,6 +217,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SQLAlchemyError)
     async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if is_contention(exc):  # before is_unreachable, which takes SQLite's busy for one
+            busy = RegistryBusy()
+            logger.warning(
+                "registry busy in request %s: %r", request_id_of(request), getattr(exc, "orig", exc)
+            )
+            return JSONResponse(
+                typed_error_body(busy, request_id_of(request)),
+                status_code=busy.status_code,
+                headers=busy.headers(),
+            )
         if not is_unreachable(exc):
             return await _unexpected(request, exc)
         # Routes without a cache to fall back on (admin, /v1/models): the client retries.

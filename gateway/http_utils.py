@@ -1,4 +1,5 @@
-"""Small HTTP plumbing shared by routes: request ids, SSE responses, disconnect-aware waits."""
+"""Small HTTP plumbing shared by routes and middlewares: request ids, route paths, answers given
+before a body is read, SSE responses, disconnect-aware waits."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import LoraplexError, request_id_of, typed_error_body
 
 T = TypeVar("T")
 REQUEST_ID_HEADER = "x-request-id"
@@ -43,6 +46,29 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: the path below the root path (a proxy's prefix, a mount),
+    by Starlette's own rule (its router's get_route_path), so that a gate in front of the router
+    sees every request the way the router will."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :]
+    return path
+
+
+def unread_body_refusal(error: LoraplexError, request: Request) -> JSONResponse:
+    """A typed error's response (as the app's handler renders it) given before the request's
+    body was read. The connection is closed after it: else the server goes on reading, and
+    dropping, whatever the client still sends of the body, to reuse the connection."""
+    headers = {**(error.headers() or {}), "Connection": "close"}
+    return JSONResponse(
+        typed_error_body(error, request_id_of(request)),
+        status_code=error.status_code,
+        headers=headers,
+    )
 
 
 class ClientDisconnected(Exception):

@@ -3,8 +3,9 @@ from expired entries while the database cannot be reached (stale-if-error), for 
 
 Without it, every request failed once the cache lifetime ended, base-model requests from keys
 verified a second earlier included. An expired entry is used only when asking the registry
-failed for connectivity (registry.db.is_unreachable); a revocation or retirement still drops it
-at the first successful change poll (the caches' invalidate), exactly as before.
+failed for connectivity (registry.db.is_unreachable), never for contention (a lock held too
+long: registry.db.is_contention); a revocation or retirement still drops it at the first
+successful change poll (the caches' invalidate), exactly as before.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from registry.db import is_unreachable
+from registry.db import is_contention, is_unreachable
 
 logger = logging.getLogger(__name__)
 # How long past its lifetime an entry may answer for the registry: 10 lifetimes, at most 10 min.
@@ -38,6 +39,7 @@ class RegistryOutage:
         self._down_since: float | None = None
         self._next_probe = 0.0
         self._probe: asyncio.Task[None] | None = None
+        self._closed = False
 
     def usable(self, expires_at: float, now: float) -> bool:
         """Whether an entry that expired at `expires_at` may answer while the registry is down."""
@@ -48,14 +50,25 @@ class RegistryOutage:
         it at once, and a background probe finds out when the registry is back."""
         if self._down_since is None:
             return False
-        if self._probe is None and now >= self._next_probe:
+        if self._probe is None and now >= self._next_probe and not self._closed:
             self._probe = asyncio.ensure_future(self._check())
         return True
+
+    async def close(self) -> None:
+        """Cancel the probe in flight and start no more (at shutdown): one left pending was
+        destroyed with the event loop, or connected through the engine disposed after this."""
+        self._closed = True
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
 
     def note_failure(self, exc: BaseException) -> bool:
         """Whether a failed registry read failed for connectivity (and is recorded so); False
         for any other error, which the caller re-raises."""
-        if not is_unreachable(exc):
+        if not is_unreachable(exc) or is_contention(exc):
+            # A lock held too long (one slow admin write, a busy SQLite writer) is no outage:
+            # as one, every cache answered from expired entries, unasked, until a probe passed.
             return False
         now = time.monotonic()
         self._next_probe = now + PROBE_INTERVAL_S

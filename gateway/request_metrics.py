@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.http_utils import route_path
 from gateway.metrics import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
@@ -119,7 +120,9 @@ class RequestMetricsMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
+        # Below the root path, as the router matches it: behind a proxy's prefix (uvicorn
+        # --root-path) the raw path never started with /v1/ and nothing was counted.
+        path = route_path(scope) if scope["type"] == "http" else ""
         if scope["type"] != "http" or not path.startswith("/v1/"):
             await self.app(scope, receive, send)
             return

@@ -52,7 +52,7 @@ from gateway.rollback_monitor import (
 )
 from gateway.rollout_router import RolloutRouter
 from registry import service
-from registry.db import is_unreachable
+from registry.db import is_contention, is_unreachable
 from registry.errors import RollbackRefused
 from registry.rollout import RolloutView, Thresholds
 
@@ -293,9 +293,9 @@ class RolloutController:
         except Exception as exc:
             previous = self._pending.get(key)
             failures = 1 if previous is None else previous.failures + 1
-            if failures > MAX_ACTION_ATTEMPTS and not is_unreachable(exc):
-                # Not an outage, and it keeps failing: a bug, which retrying every 30 s with a
-                # traceback will not fix. The next breach's verdict tries again.
+            if failures > MAX_ACTION_ATTEMPTS and not (is_unreachable(exc) or is_contention(exc)):
+                # Not an outage nor a lock wait, and it keeps failing: a bug, which retrying
+                # every 30 s with a traceback will not fix. The next breach's verdict tries again.
                 logger.exception(
                     "automatic action on %s failed %d times; giving up on this verdict",
                     key,

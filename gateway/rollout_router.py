@@ -10,11 +10,11 @@ replica is thus honoured by all within one poll interval plus a request. Routing
 memory: `RolloutView.route(caller_key)` hashes the caller into
 a stable bucket, so a caller keeps its version as a canary grows (1 → 10 → 50 %).
 
-A view older than the one held is ignored (`accept`): a replica's own write hands its view over
-after its commit, when a poll may have loaded a newer state already, and the older view then
-stayed until the adapter's next write. One adapter's stamps can be ordered, clocks or not: each
-write reads the last one under the adapter's lock and goes past it
-(registry.service.rollout_log.touch).
+A view older than the one held is ignored (`accept`), one without a stamp included: a replica's
+own write hands its view over after its commit, when a poll may have loaded a newer state
+already, and the older view then stayed until the adapter's next write. One adapter's stamps
+can be ordered, clocks or not: each write reads the last one under the adapter's lock and goes
+past it (registry.service.rollout_log.touch).
 """
 
 from __future__ import annotations
@@ -104,9 +104,11 @@ class RolloutRouter:
         """Take a fresh view (from a poll, or from this replica's own admin write), unless a
         newer one of that adapter was taken already."""
         newest = self._accepted.get(view.name)
+        # No stamp: read before the adapter's first rollout write (stamps are never cleared),
+        # so older than any view with one.
+        if newest is not None and (view.updated_at is None or view.updated_at < newest):
+            return
         if view.updated_at is not None:
-            if newest is not None and view.updated_at < newest:
-                return
             self._accepted[view.name] = view.updated_at
         previous = self._views.get(view.name)
         if previous is not None and previous.canary_version not in (None, view.canary_version):

@@ -60,6 +60,16 @@ _PG_UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
 )
 
+# A statement that gave up waiting on other transactions: a server-side statement_timeout or a
+# cancel (57014), lock_timeout (55P03), a deadlock's victim (40P01). The server answered.
+_PG_CONTENTION: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.DeadlockDetectedError,
+)
+# SQLite's primary result codes for a lock another connection held past busy_timeout.
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
 
 def make_engine(
     url: str, *, command_timeout_s: float | None = COMMAND_TIMEOUT_S, **kwargs: Any
@@ -113,6 +123,20 @@ def is_unreachable(exc: BaseException) -> bool:
             getattr(exc.orig, "__cause__", None), _PG_UNREACHABLE
         )
     return isinstance(exc, (ConnectionError, TimeoutError, *_PG_UNREACHABLE))
+
+
+def is_contention(exc: BaseException) -> bool:
+    """Whether `exc` is a statement that gave up waiting on other transactions: a lock held
+    past lock_timeout or SQLite's busy_timeout ("database is locked"), a deadlock, a server-side
+    statement_timeout or cancel. The server answers and a retry may succeed, but it is no
+    outage. (asyncpg's command_timeout is: the server did not answer at all.) SQLite's busy is
+    also an OperationalError, so is_unreachable counts it; ask this to tell them apart."""
+    orig = getattr(exc, "orig", None) or exc
+    # asyncpg's exception is the cause of the adapted one SQLAlchemy wraps.
+    if isinstance(orig, _PG_CONTENTION) or isinstance(orig.__cause__, _PG_CONTENTION):
+        return True
+    code = getattr(orig, "sqlite_errorcode", None)  # extended codes keep the primary in 8 bits
+    return isinstance(code, int) and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
 def _connect_or_operational_error(

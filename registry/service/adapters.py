@@ -4,11 +4,12 @@ Order matters: every check runs first and all their problems are collected; only
 accepted upload is copied into the store and recorded. A refusal stores no artifact and no
 version, only an audit row saying who tried what and why it was refused.
 
-The copy or upload runs before the adapter's lock (on SQLite, the database's write lock), which
-is held only to check again and write the row: it takes as long as the adapter is big, and a
-canary's automatic rollback of the adapter waited for it (on SQLite every write did, and failed
-"database is locked" after busy_timeout). The store is content-addressed, so a version refused
-only then (a concurrent write the first checks could not see) leaves a harmless orphan.
+The copy or upload runs outside any transaction, before the adapter's lock (on SQLite, the
+database's write lock), which is held only to check again and write the row: it takes as long
+as the adapter is big, and a canary's automatic rollback of the adapter waited for it (on
+SQLite every write did, and failed "database is locked" after busy_timeout). The store is
+content-addressed, so a version refused only then (a concurrent write the first checks could
+not see) leaves a harmless orphan.
 
 An adapter's first version serves its name at once. A later one does not: registering it pins
 the version the name serves now as the stable (`pin_served_version`), and the new version
@@ -119,6 +120,11 @@ async def register_adapter_version(
 
     expected = upload.expected
     assert expected is not None  # the gate refuses artifacts without both files
+    # An upload takes minutes (up to 2 GiB to S3): a transaction left open meanwhile holds its
+    # pooled connection idle in transaction (and on PostgreSQL a snapshot), so a few uploads
+    # at once starved every request of connections. Only reads happened; committing (not
+    # rolling back) ends it without expiring the rows read, or the caller's (see _reject).
+    await session.commit()
     digest = await _put(store, Path(artifact_dir), expected)
     # Decided again under the lock, on what committed since the first look: a concurrent
     # registration of the same files, or of the adapter's first version by another tenant.

@@ -243,3 +243,17 @@ def test_a_server_out_of_connection_slots_is_an_outage():
     from registry.db import is_unreachable
 
     assert is_unreachable(asyncpg.TooManyConnectionsError("too many connections for role"))
+
+
+async def test_a_locked_sqlite_database_is_no_outage(tmp_path):
+    """A write that waited out busy_timeout behind another writer: the registry answers, so
+    the caches stay fresh. It counted as an outage: after one busy writer, every cache answered
+    from expired entries without asking the registry until a probe passed."""
+    from gateway.registry_outage import RegistryOutage
+    from tests.registry.test_db_contention import sqlite_busy_error
+
+    outage = RegistryOutage("api keys", 30.0, None)  # type: ignore[arg-type]
+    assert not outage.note_failure(await sqlite_busy_error(tmp_path))
+    assert not outage.skip_registry(time.monotonic())
+    assert outage.note_failure(OperationalError("SELECT 1", None, ConnectionRefusedError()))
+    assert outage.skip_registry(time.monotonic())

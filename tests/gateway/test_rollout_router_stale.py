@@ -103,3 +103,34 @@ async def test_the_same_or_a_newer_view_is_taken(sessions, world):
     router.accept(promoted.view)  # before any poll
     view = router.view(NAME)
     assert view is not None and view.canary_percent == 10
+
+
+async def test_a_view_read_before_any_rollout_write_is_older_than_every_stamped_one(
+    sessions, world
+):
+    """A view without a stamp was read before the adapter's first rollout write (stamps are
+    never cleared). It was taken unconditionally: a no-op call's view landing after the poll
+    had loaded another replica's new canary dropped the canary from this replica until the
+    adapter's next write."""
+    await world.register(NAME, 1)
+    await world.evaluated(NAME, 2)
+    router = await router_for(sessions)
+    async with sessions() as s:  # a verdict that finds nothing to do: its view, unstamped
+        unchanged = await service.rollback(
+            s,
+            name=NAME,
+            actor="rollout-monitor",
+            reason="breach",
+            automatic=True,
+            version=2,
+            role="canary",
+        )
+    assert not unchanged.acted and unchanged.view.updated_at is None
+    async with sessions() as s:  # meanwhile another replica starts a canary
+        await service.start_rollout(s, name=NAME, version=2, actor="op", percent=50)
+    await router.refresh()
+    router.accept(unchanged.view)
+    for _ in range(2):
+        await router.refresh()
+    view = router.view(NAME)
+    assert view is not None and view.canary_version == 2

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from registry import service
@@ -22,11 +23,22 @@ HOLD_S = 0.5
 
 
 def slow_commit(session: AsyncSession) -> None:
-    """The session's next commits wait HOLD_S first: its locks are held that long."""
+    """The session's next commits of a transaction that wrote wait HOLD_S first: its locks are
+    held that long. A read-only one (a registration's, ended before its upload) holds none, and
+    slowing it only let the other side take the locks first."""
     commit = session.commit
+    flushed = False
+
+    @event.listens_for(session.sync_session, "after_flush")
+    def wrote(*_: Any) -> None:
+        nonlocal flushed
+        flushed = True
 
     async def held() -> None:
-        await asyncio.sleep(HOLD_S)
+        nonlocal flushed
+        if flushed or session.new or session.dirty or session.deleted:
+            await asyncio.sleep(HOLD_S)
+        flushed = False
         await commit()
 
     session.commit = held  # type: ignore[method-assign]
