@@ -19,6 +19,7 @@ from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
 from gateway.errors import install_error_handlers
 from gateway.faults import FaultInjector
+from gateway.feedback_ids import ResponseIds
 from gateway.http_utils import RequestIdMiddleware
 from gateway.limits import TenantLimiter
 from gateway.metrics import ENGINE_UP
@@ -40,11 +41,13 @@ from gateway.routes import (
     admin_tenants,
     chat,
     completions,
+    feedback,
     health,
     metrics,
     models,
 )
 from gateway.services.adapter_admin import AdapterAdmin, S3Import
+from gateway.services.feedback import FeedbackService
 from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
@@ -189,11 +192,16 @@ def create_app(
                 margin_ms=settings.rollout_margin_ms,
                 max_p95_ttft_ms=settings.rollout_max_p95_ttft_ms,
                 max_p95_e2e_ms=settings.rollout_max_p95_e2e_ms,
+                min_task_success=settings.rollout_min_task_success,
             )
             controller = RolloutController(
                 registry, router, defaults, auto_promote=settings.rollout_auto_promote
             )
             app.state.rollout_admin = RolloutAdmin(registry, router, controller)
+            response_ids = _response_ids(settings)
+            app.state.feedback = FeedbackService(
+                response_ids, registry, controller, model_name, settings.feedback_max_age_s
+            )
             faults = FaultInjector() if settings.enable_faults else None
             app.state.faults = faults
             mirror = ShadowMirror(
@@ -215,6 +223,7 @@ def create_app(
                 faults,
                 mirror,
                 prefix_cache_per_tenant=settings.prefix_cache_scope == "tenant",
+                response_ids=response_ids,
             )
             app.state.engine = served_engine
             freeze_startup_heap()
@@ -247,6 +256,7 @@ def create_app(
                 "authenticator",
                 "tenant_admin",
                 "rollout_admin",
+                "feedback",
                 "registry",
             ):
                 setattr(app.state, name, None)
@@ -282,6 +292,7 @@ def create_app(
     routers = (
         chat.router,
         completions.router,
+        feedback.router,
         models.router,
         health.router,
         admin_adapters.router,
@@ -295,3 +306,14 @@ def create_app(
     if settings.enable_faults:
         app.include_router(admin_faults.router)
     return app
+
+
+def _response_ids(settings: Settings) -> ResponseIds:
+    secret = settings.feedback_secret
+    if secret is None:
+        logger.warning(
+            "LORAPLEX_FEEDBACK_SECRET is unset: response ids are signed with a random key, so "
+            "POST /v1/feedback accepts only this process's responses, until it restarts"
+        )
+        return ResponseIds()
+    return ResponseIds(secret.get_secret_value().encode())

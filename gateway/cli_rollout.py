@@ -115,6 +115,10 @@ def rollout_thresholds(
     max_p95_e2e_ms: Annotated[
         float | None, typer.Option(help="Absolute bound.", callback=finite)
     ] = None,
+    min_task_success: Annotated[
+        float | None,
+        typer.Option(help="Lowest share of successful feedback, e.g. 0.9.", callback=finite),
+    ] = None,
     clear: Annotated[bool, typer.Option(help="Remove the override.")] = False,
 ) -> None:
     """Override the rollback thresholds judging NAME's versions (only the options given)."""
@@ -126,6 +130,7 @@ def rollout_thresholds(
         "margin_ms": margin_ms,
         "max_p95_ttft_ms": max_p95_ttft_ms,
         "max_p95_e2e_ms": max_p95_e2e_ms,
+        "min_task_success": min_task_success,
     }
     body = {k: v for k, v in given.items() if v is not None}
     if clear == bool(body):

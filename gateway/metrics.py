@@ -146,8 +146,17 @@ ROLLOUT_TRANSITIONS = Counter(
 )
 ROLLBACKS = Counter(
     "loraplex_rollbacks",
-    "Automatic and manual rollbacks (reason: ttft_p95, latency_p95, error_rate, manual).",
+    "Automatic and manual rollbacks (reason: ttft_p95, latency_p95, error_rate, task_success, "
+    "safety_incident, manual).",
     ["adapter", "version", "reason"],
+)
+
+FEEDBACK = Counter(
+    "loraplex_feedback",
+    "Callers' verdicts on served responses (POST /v1/feedback), by the version that served "
+    "them; outcome: success, failure, human_override, user_correction, schema_failure, "
+    "false_refusal, safety_incident.",
+    [*SCOPE, "outcome"],
 )
 
 # --- shadow (a candidate version mirrored the stable's requests; its output discarded) ----

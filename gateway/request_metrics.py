@@ -42,6 +42,7 @@ ROUTES = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/models": "models",
+    "/v1/feedback": "feedback",
 }
 GENERATION_ROUTES = frozenset({"chat", "completions"})
 CLIENT_CLOSED = 499

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Protocol, TypedDict
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,16 @@ class WindowLimits:
     margin_ms: float = 15.0
     max_p95_ttft_ms: float | None = None  # absolute bounds, SLA or not
     max_p95_e2e_ms: float | None = None
+    # Judged on callers' feedback (gateway.outcome_monitor), not on this window's requests.
+    min_task_success: float | None = 0.9
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError("window must be at least 1 request")
         if not 0 <= self.max_error_rate < 1:
             raise ValueError("max_error_rate must be in [0, 1)")
+        if self.min_task_success is not None and not 0 <= self.min_task_success <= 1:
+            raise ValueError("min_task_success must be in [0, 1]")
 
     @property
     def ttft_bound_ms(self) -> float | None:
@@ -73,11 +77,22 @@ class WindowFigures:
         }
 
 
+class Figures(Protocol):
+    """What a verdict was reached on, as the rollback's registry event records it."""
+
+    def as_dict(self) -> Mapping[str, float | int | str | None]: ...
+
+
 @dataclass(frozen=True)
 class Verdict:
-    reason: str  # "error_rate" | "ttft_p95" | "latency_p95": bounded metric label values
-    figures: WindowFigures
+    # "error_rate" | "ttft_p95" | "latency_p95" | "task_success" | "safety_incident": bounded
+    # metric label values
+    reason: str
+    figures: Figures
     detail: str
+    # Never dropped while its version keeps the role it was judged in: retried after a refused
+    # fallback or a failing call, as a safety incident is reported once, not once a window.
+    persistent: bool = False
 
 
 def p95(values: list[float]) -> float | None:

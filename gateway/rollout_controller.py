@@ -26,6 +26,10 @@ A verdict whose registry call fails (the database unreachable, locked, failing o
 pending and is retried with backoff until it acts or the version leaves the role it was judged
 in: the monitor emptied the window at the verdict, so dropping it left a breaching canary its
 traffic until a whole new window of bad requests filled.
+Callers' feedback (POST /v1/feedback, gateway/outcome_monitor.py) judges the same versions on
+the same terms, from the adapter owner's responses only: a full window of success/failure
+verdicts under `min_task_success` is a verdict (reason task_success), and one safety incident is
+one at once (reason safety_incident). A canary is rolled back; an armed stable falls back.
 Requests already running keep their version to the end; restoring a fallen-back stable is an
 operator's decision (`loraplex rollout restore`), so traffic never flaps between the two.
 """
@@ -33,6 +37,7 @@ operator's decision (`loraplex rollout restore`), so traffic never flaps between
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Coroutine, Hashable
@@ -40,6 +45,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.metrics import ROLLBACKS, ROLLOUT_TRANSITIONS
+from gateway.outcome_monitor import (
+    TASK_OUTCOMES,
+    Outcome,
+    OutcomeWindows,
+    judge_task_success,
+    safety_verdict,
+)
 from gateway.registry_runtime import RegistryRuntime
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollback_monitor import (
@@ -139,6 +151,7 @@ class RolloutController:
         self._fallback_retry_s = fallback_retry_s
         self._action_retry_s = action_retry_s
         self._monitor = RollbackMonitor()
+        self._outcomes = OutcomeWindows()
         self._acting: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._pending: dict[str, _PendingVerdict] = {}
@@ -217,6 +230,68 @@ class RolloutController:
         else:
             self._monitor.record(key, limits, **sample.fields())
 
+    def role_tag(self, adapter: str, version: int | None) -> int:
+        """A 32-bit digest of the role `adapter@version` serves in now (`_role`: a canary's
+        start, a stable's fallbacks and restores), signed into each response's id; 0 for
+        a version in no rollout role. Every replica computes the same from the same view."""
+        if not adapter or version is None:
+            return 0
+        view = self._router.view(adapter)
+        if view is None:
+            return 0
+        if version == view.canary_version:
+            role: tuple[object, ...] = ("canary", *_role(view, stable=False))
+        elif version == view.stable_version:
+            role = ("stable", *_role(view, stable=True))
+        else:
+            return 0
+        digest = hashlib.blake2b(repr(role).encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "big") or 1
+
+    def feedback(
+        self,
+        adapter: str,
+        version: int | None,
+        outcome: Outcome,
+        response_id: str,
+        *,
+        judged: bool,
+        role_tag: int,
+    ) -> None:
+        """One caller's verdict on a response `adapter@version` served. Judges only a canary or
+        an armed stable, on feedback from the requests that judge it (`judged`, as in
+        `observe`): a tenant an adapter is shared with could otherwise roll back its owner's
+        version. Only feedback on responses served in the version's current role counts
+        (`role_tag`): a report, or a client's late resend, about a canary before its restart or
+        a stable before its restore must not take the new one back."""
+        if not judged or version is None or not adapter:
+            return
+        view = self._router.view(adapter)
+        if view is None or role_tag == 0 or role_tag != self.role_tag(adapter, version):
+            return
+        if version == view.canary_version:
+            stable = False
+        elif version == view.stable_version and view.auto_fallback and not view.in_fallback:
+            stable = True
+        else:
+            return  # nothing to take it back from: counted in metrics only
+        limits = self._limits(view, version)
+        key = ("outcomes", served_address(adapter, version), _role(view, stable=stable))
+        verdict: Verdict | None
+        if outcome is Outcome.SAFETY_INCIDENT:
+            verdict = safety_verdict(response_id)
+        elif outcome in TASK_OUTCOMES:
+            figures = self._outcomes.record(key, TASK_OUTCOMES[outcome], limits.window)
+            if not self._outcomes.full(key):
+                return
+            verdict = judge_task_success(figures, limits.min_task_success)
+        else:
+            return
+        if verdict is None:
+            return
+        self._outcomes.reset(key)  # the next verdict needs a whole new window
+        self._spawn(self._take_back(view, version, verdict, stable=stable))
+
     def _reset(self, key: str) -> None:
         """Empty both windows of `key`: its owner's, and every caller's errors."""
         self._monitor.reset(key)
@@ -255,8 +330,14 @@ class RolloutController:
         key = served_address(view.name, version)
         if key in self._acting or self._retry_at.get(key, 0.0) > time.monotonic():
             pending = self._pending.get(key)
-            if pending is not None and key not in self._acting:
-                # A new window breached while a failed call waits: retry on the newest evidence.
+            if verdict.persistent and not (pending is not None and pending.verdict.persistent):
+                # A safety incident is reported once: it waits its turn, it is not dropped.
+                failures = 0 if pending is None else pending.failures
+                self._pending[key] = _PendingVerdict(view, version, verdict, stable, failures)
+                self._spawn(self._retry(key, self._delay_before_retry(key)))
+            elif pending is not None and key not in self._acting and not pending.verdict.persistent:
+                # A new window breached while a failed call waits: retry on the newest evidence
+                # (an incident waiting keeps its place).
                 pending.view, pending.verdict = view, verdict
             return
         self._acting.add(key)
@@ -281,6 +362,13 @@ class RolloutController:
                 logger.warning("%s of %s: %s", action, key, verdict.detail)
         except RollbackRefused as refused:
             self._retry_at[key] = time.monotonic() + self._fallback_retry_s
+            pending = self._pending.get(key)
+            if verdict.persistent or (pending is not None and pending.verdict.persistent):
+                # Tried again after the wait, until it acts or the version leaves its role.
+                if pending is None or not pending.verdict.persistent:
+                    self._pending[key] = _PendingVerdict(view, version, verdict, stable, 0)
+                self._spawn(self._retry(key, self._fallback_retry_s))
+                return
             ROLLOUT_TRANSITIONS.labels(view.name, str(version), "fallback_refused").inc()
             logger.warning(
                 "stable %s breached (%s) but its fallback was refused (%s); it keeps serving, "
@@ -293,7 +381,10 @@ class RolloutController:
         except Exception as exc:
             previous = self._pending.get(key)
             failures = 1 if previous is None else previous.failures + 1
-            if failures > MAX_ACTION_ATTEMPTS and not (is_unreachable(exc) or is_contention(exc)):
+            if previous is not None and previous.verdict.persistent:
+                view, verdict = previous.view, previous.verdict  # the incident waiting outranks
+            retryable = is_unreachable(exc) or is_contention(exc) or verdict.persistent
+            if failures > MAX_ACTION_ATTEMPTS and not retryable:
                 # Not an outage nor a lock wait, and it keeps failing: a bug, which retrying
                 # every 30 s with a traceback will not fix. The next breach's verdict tries again.
                 logger.exception(
@@ -320,6 +411,11 @@ class RolloutController:
             self._acting.discard(key)
         self._pending.pop(key, None)
         self._reset(key)
+
+    def _delay_before_retry(self, key: str) -> float:
+        """Until the wait after a refusal or failure ends, or a short while when an action on
+        `key` is in flight now."""
+        return max(self._retry_at.get(key, 0.0) - time.monotonic(), self._action_retry_s)
 
     async def _retry(self, key: str, delay: float) -> None:
         """Try a pending verdict again after `delay`, unless its version left the role it was

@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     rollout_margin_ms: float = Field(15.0, ge=0, description="Allowed p95 above the card's SLA.")
     rollout_max_p95_ttft_ms: float | None = Field(None, gt=0, description="Absolute bound.")
     rollout_max_p95_e2e_ms: float | None = Field(None, gt=0, description="Absolute bound.")
+    rollout_min_task_success: float | None = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Roll back below this share of successful feedback over a window "
+        "(seed: 90 %); empty or 0: feedback only counts.",
+    )
     rollout_auto_promote: bool = Field(
         False, description="Promote a canary one stage after each healthy full window."
     )
@@ -243,9 +250,27 @@ class Settings(BaseSettings):
         description="Bearer token Prometheus sends for /metrics (the admin token works too); "
         "with neither set, /metrics is open.",
     )
+    feedback_secret: SecretStr | None = Field(
+        None,
+        description="Signs response ids so POST /v1/feedback knows which adapter version "
+        f"served a response; the same on every replica ({MIN_TOKEN_CHARS}+ visible ASCII "
+        "characters). Unset: a random one per process, and feedback is accepted only by the "
+        "replica that answered, until it restarts.",
+    )
+    feedback_max_age_s: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        description="Feedback on a response older than this is refused (default 7 days).",
+    )
 
     @field_validator(
-        "admin_token", "metrics_token", "demo_api_key", "import_api_key", mode="before"
+        "admin_token",
+        "metrics_token",
+        "feedback_secret",
+        "demo_api_key",
+        "import_api_key",
+        "rollout_min_task_success",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -256,7 +281,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("admin_token", "metrics_token")
+    @field_validator("admin_token", "metrics_token", "feedback_secret")
     @classmethod
     def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -299,7 +324,7 @@ class Settings(BaseSettings):
     def _no_placeholder_tokens(self) -> Settings:
         if self.demo:
             return self
-        for name in ("admin_token", "metrics_token"):
+        for name in ("admin_token", "metrics_token", "feedback_secret"):
             token: SecretStr | None = getattr(self, name)
             if token is not None and token.get_secret_value().startswith(PLACEHOLDER_TOKEN_PREFIX):
                 raise ValueError(

@@ -114,6 +114,8 @@ class RollbackTriggers(_Strict):
     margin_ms: float | None = Field(None, ge=0, le=600_000)
     error_rate: float | None = Field(None, gt=0, le=1)
     window_requests: int = Field(100, ge=10, le=100_000)
+    # Rolls back when the share of successful feedback verdicts over a window falls below it.
+    task_success_min: float | None = Field(None, ge=0, le=1)
 
 
 class DatasetRef(_Strict):

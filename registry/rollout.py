@@ -96,6 +96,9 @@ class Thresholds:
     margin_ms: float = 15.0  # a breach is p95 > SLA + margin
     max_p95_ttft_ms: float | None = None  # absolute bounds, SLA or not
     max_p95_e2e_ms: float | None = None
+    # The lowest share of `success` among the last `window` success/failure feedback verdicts
+    # (POST /v1/feedback); None: feedback never rolls back.
+    min_task_success: float | None = 0.9
 
 
 THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))
@@ -114,6 +117,7 @@ class _Override(BaseModel):
     margin_ms: float = Field(15.0, ge=0, le=600_000)
     max_p95_ttft_ms: float | None = Field(None, gt=0, le=600_000)
     max_p95_e2e_ms: float | None = Field(None, gt=0, le=3_600_000)
+    min_task_success: float | None = Field(None, ge=0, le=1)
 
 
 def validate_threshold_override(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,6 +146,7 @@ _CARD_PATHS: dict[str, tuple[str, str]] = {
     "margin_ms": ("rollback", "margin_ms"),
     "max_error_rate": ("rollback", "error_rate"),
     "window": ("rollback", "window_requests"),
+    "min_task_success": ("rollback", "task_success_min"),
 }
 
 

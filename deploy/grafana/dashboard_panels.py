@@ -133,10 +133,12 @@ def quantiles(
 
 
 def error_ratio(by: str, labels: str) -> str:
+    # Feedback calls are about a version, not served by it (as in LoraplexAdapterErrorRate).
+    served = f'{labels}, route!="feedback"'
     return (
-        f'sum by ({by}) (rate(loraplex_requests_total{{{labels}, status=~"5.."}}'
+        f'sum by ({by}) (rate(loraplex_requests_total{{{served}, status=~"5.."}}'
         f"[$__rate_interval])) / sum by ({by}) "
-        f"(rate(loraplex_requests_total{{{labels}}}[$__rate_interval]))"
+        f"(rate(loraplex_requests_total{{{served}}}[$__rate_interval]))"
     )
 
 

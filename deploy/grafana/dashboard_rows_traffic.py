@@ -361,10 +361,49 @@ def adapter_row() -> list[Member]:
         ),
         *shadow_panels(adapter_filter),
         (
+            timeseries(
+                "Feedback by outcome",
+                "Callers' verdicts (POST /v1/feedback) per version: success, failure, "
+                "human_override, user_correction, schema_failure, false_refusal, "
+                "safety_incident.",
+                [
+                    (
+                        "sum by (adapter, version, outcome) "
+                        f"(rate(loraplex_feedback_total{{{adapter_filter}}}[$__rate_interval]))",
+                        "{{adapter}} v{{version}} {{outcome}}",
+                    )
+                ],
+                unit="reqps",
+                stack=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Task success (feedback)",
+                "Share of success among success and failure verdicts per version over the "
+                "last hour (LoraplexTaskSuccessLow: under 90 % of at least 100).",
+                [
+                    (
+                        "sum by (adapter, version) (increase(loraplex_feedback_total"
+                        f'{{{adapter_filter}, outcome="success"}}[1h])) / '
+                        "sum by (adapter, version) (increase(loraplex_feedback_total"
+                        f'{{{adapter_filter}, outcome=~"success|failure"}}[1h]))',
+                        "{{adapter}} v{{version}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+        (
             table(
                 "Rollbacks by reason",
                 "Rollbacks since the gateway started, per version and reason (ttft_p95, "
-                "latency_p95, error_rate: automatic; manual: an operator).",
+                "latency_p95, error_rate, task_success, safety_incident: automatic; manual: "
+                "an operator).",
                 f"sum by (adapter, version, reason) (loraplex_rollbacks_total{{{adapter_filter}}})",
                 {"adapter": "adapter", "version": "version", "reason": "reason"},
             ),

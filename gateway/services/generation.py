@@ -8,6 +8,7 @@ then either streams the job's updates or collects them into final choices.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -28,6 +29,7 @@ from gateway.errors import (
     LoraplexError,
 )
 from gateway.faults import FaultInjector
+from gateway.feedback_ids import ResponseIds
 from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
@@ -65,8 +67,10 @@ class GenerationService:
         faults: FaultInjector | None = None,
         shadow: ShadowMirror | None = None,
         prefix_cache_per_tenant: bool = True,
+        response_ids: ResponseIds | None = None,
     ):
         self._engine = engine
+        self._response_ids = response_ids
         self._catalog = catalog
         self._prompts = PromptBuilder(tokenizer, engine)
         self._limiter = limiter
@@ -97,6 +101,7 @@ class GenerationService:
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
+        request_id = self._with_receipt(request_id, served, caller)
         prompt = await self._prompts.chat([m.for_template() for m in body.messages])
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._sampling.options(
@@ -130,6 +135,7 @@ class GenerationService:
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
+        request_id = self._with_receipt(request_id, served, caller)
         prompts = await self._prompts.completion(body.prompt)
         options = self._sampling.options(
             body,
@@ -154,6 +160,23 @@ class GenerationService:
             copies=copies,
         )
         return await self._admit(job, caller, caller_key)
+
+    def _with_receipt(self, request_id: str, served: ServedModel, caller: Principal) -> str:
+        """The response id, signed with the version that serves it (for POST /v1/feedback)."""
+        if self._response_ids is None:
+            return request_id
+        judged = served.judged_by(caller.tenant)
+        role_tag = 0
+        if judged and self._controller is not None:
+            role_tag = self._controller.role_tag(served.adapter_name, served.version)
+        return self._response_ids.sign(
+            request_id,
+            version_id=served.adapter.engine_id if served.adapter is not None else None,
+            judged=judged,
+            tenant_id=caller.tenant_id,
+            now=time.time(),
+            role_tag=role_tag,
+        )
 
     async def _admit(self, job: GenerationJob, caller: Principal, caller_key: str) -> GenerationJob:
         sequences = len(job.prompts) * job.options.n

@@ -34,6 +34,7 @@ from registry.service.queries import (
     list_adapters,
     list_versions,
     rank_profile,
+    version_address,
 )
 from registry.service.resolve import (
     ResolvedAdapter,
@@ -117,4 +118,5 @@ __all__ = [
     "stop_shadow",
     "unshare_adapter",
     "update_tenant_policy",
+    "version_address",
 ]

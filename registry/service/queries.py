@@ -147,6 +147,19 @@ async def get_version(
     return row
 
 
+async def version_address(session: AsyncSession, *, version_id: int) -> tuple[str, int] | None:
+    """The adapter name and version number of version row `version_id`, whatever its state
+    (retired and deleted versions keep their rows); None when no such row exists."""
+    row = (
+        await session.execute(
+            select(Adapter.name, AdapterVersion.version)
+            .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+            .where(AdapterVersion.id == version_id)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 async def current_version(session: AsyncSession, adapter: Adapter) -> AdapterVersion | None:
     """The version `name` resolves to: the rollout's stable pointer when set and servable,
     otherwise the newest servable version."""

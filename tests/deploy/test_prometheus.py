@@ -51,7 +51,10 @@ MUTATIONS = {
     "e2e SLA 10 s → 20 s": (") > 10", ") > 20"),
     "e2e SLA 10 s → 9 s": (") > 10", ") > 9"),
     "TTFT SLA 2 s → 3 s": (") > 2", ") > 3"),
-    "4xx counted as errors": ('{status=~"5.."}[5m]))\n', '{status=~"[45].."}[5m]))\n'),
+    "4xx counted as errors": (
+        '{route!="feedback", status=~"5.."}[5m]))\n',
+        '{route!="feedback", status=~"[45].."}[5m]))\n',
+    ),
     "rollback: increase() only": (
         "loraplex_rollbacks_total > 0\n            unless",
         "(vector(0) == 1)\n            unless",
@@ -100,6 +103,25 @@ MUTATIONS = {
         "sum by (adapter, version, le) (\n              rate(loraplex_request_duration",
     ),
     "e2e p95 of every outcome (errors too)": ('_bucket{outcome=~"ok|client_closed"}', "_bucket"),
+    "task success 90 % → 88 %": (") < 0.9", ") < 0.88"),
+    "task success 90 % → 92 %": (") < 0.9", ") < 0.92"),
+    "task feedback minimum 100 → 80": (">= 100", ">= 80"),
+    "task success counts every outcome": (
+        '{outcome=~"success|failure"}[1h]))\n          ) < 0.9',
+        "[1h]))\n          ) < 0.9",
+    ),
+    "safety incident: increase() only": (
+        'loraplex_feedback_total{outcome="safety_incident"} > 0\n            unless',
+        "(vector(0) == 1)\n            unless",
+    ),
+    "safety incident: new series only": (
+        '(increase(loraplex_feedback_total{outcome="safety_incident"}[10m]) > 0)',
+        "(vector(0) == 1)",
+    ),
+    "safety incident: any feedback": (
+        '(increase(loraplex_feedback_total{outcome="safety_incident"}[10m]) > 0)',
+        "(increase(loraplex_feedback_total[10m]) > 0)",
+    ),
     "e2e p95 of successes only (abandoned unseen)": (
         '_bucket{outcome=~"ok|client_closed"}',
         '_bucket{outcome="ok"}',
@@ -147,7 +169,21 @@ SCOPED_MUTATIONS = {
         'route=~"chat|completions", ',
         "",
     ),
+    "feedback calls counted in the error ratio": (
+        "LoraplexAdapterErrorRate",
+        'route!="feedback", ',
+        "",
+    ),
+    "feedback calls counted in the error ratio's denominator": (
+        "LoraplexAdapterErrorRate",
+        '{route!="feedback"}[5m]',
+        "[5m]",
+    ),
     "rollback window 5m → 1h": ("LoraplexRollbackFired", "[5m]", "[1h]"),
+    "safety incident window 10m → 1h": ("LoraplexSafetyIncident", "[10m]", "[1h]"),
+    "safety incident window 10m → 2m": ("LoraplexSafetyIncident", "[10m]", "[2m]"),
+    "task success window 1h → 10m": ("LoraplexTaskSuccessLow", "[1h]", "[10m]"),
+    "task success window 1h → 2h": ("LoraplexTaskSuccessLow", "[1h]", "[2h]"),
     "load failure window 10m → 1h": ("LoraplexAdapterLoadFailures", "[10m]", "[1h]"),
     "load failure window 10m → 2m": ("LoraplexAdapterLoadFailures", "[10m]", "[2m]"),
     "rate-limit surge for 10m → 9m": ("LoraplexRateLimitedSurge", "for: 10m", "for: 9m"),

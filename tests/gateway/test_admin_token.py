@@ -27,15 +27,17 @@ def demo_root(tmp_path_factory):
 
 @pytest.mark.parametrize("blank", ["", "   ", "\n"])
 def test_blank_tokens_from_the_environment_are_unset(monkeypatch, blank):
-    for name in ("ADMIN_TOKEN", "METRICS_TOKEN", "DEMO_API_KEY", "IMPORT_API_KEY"):
+    names = ("ADMIN_TOKEN", "METRICS_TOKEN", "FEEDBACK_SECRET", "DEMO_API_KEY", "IMPORT_API_KEY")
+    for name in names:
         monkeypatch.setenv(f"LORAPLEX_{name}", blank)
     settings = Settings()
     assert settings.admin_token is None and settings.metrics_token is None
+    assert settings.feedback_secret is None
     assert settings.demo_api_key is None and settings.import_api_key is None
 
 
 def test_short_tokens_are_refused_and_long_ones_kept_without_surrounding_space():
-    for field in ("admin_token", "metrics_token"):
+    for field in ("admin_token", "metrics_token", "feedback_secret"):
         with pytest.raises(ValidationError, match=f"at least {MIN_TOKEN_CHARS} characters"):
             Settings(**{field: "x" * (MIN_TOKEN_CHARS - 1)})
     settings = Settings(admin_token="  a-long-enough-admin-token\n")
@@ -92,7 +94,11 @@ def test_a_refused_token_is_not_echoed_in_the_error():
     assert "short-secret" not in str(refused.value)
 
 
-PLACEHOLDERS = {"admin_token": "change-me-admin-token", "metrics_token": "change-me-metrics-token"}
+PLACEHOLDERS = {
+    "admin_token": "change-me-admin-token",
+    "metrics_token": "change-me-metrics-token",
+    "feedback_secret": "change-me-feedback-secret",
+}
 
 
 @pytest.mark.parametrize("field", sorted(PLACEHOLDERS))
@@ -123,7 +129,7 @@ def test_the_shipped_placeholder_tokens_are_refused_outside_demo_mode(monkeypatc
     ],
 )
 def test_tokens_outside_visible_ascii_are_refused(token):
-    for field in ("admin_token", "metrics_token"):
+    for field in ("admin_token", "metrics_token", "feedback_secret"):
         with pytest.raises(ValidationError, match="visible ASCII") as refused:
             Settings(**{field: token})
         assert token not in str(refused.value)

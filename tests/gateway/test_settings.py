@@ -207,3 +207,9 @@ def test_the_rollout_window_has_the_range_of_the_card_and_the_override(window):
         "override": _accepts(lambda: validate_threshold_override({"window": window})),
     }
     assert set(accepted.values()) == {10 <= window <= 100_000}, accepted
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), ("  ", None), ("0.8", 0.8)])
+def test_an_empty_task_success_minimum_turns_the_feedback_rule_off(monkeypatch, value, expected):
+    monkeypatch.setenv("LORAPLEX_ROLLOUT_MIN_TASK_SUCCESS", value)
+    assert Settings().rollout_min_task_success == expected

@@ -294,3 +294,14 @@ def test_shadow_thresholds_use_its_card():
     candidate = shadowed(10, shadow_card={"sla": {"p95_ttft_ms": 70}})
     assert candidate.thresholds(3, Thresholds()).sla_p95_ttft_ms == 70
     assert candidate.thresholds(1, Thresholds()).sla_p95_ttft_ms is None
+
+
+def test_the_task_success_minimum_comes_from_the_card_the_override_or_the_defaults():
+    card = {"rollback": {"task_success_min": 0.8, "window_requests": 100}}
+    assert effective_thresholds(card, None, DEFAULTS).min_task_success == 0.8
+    assert effective_thresholds(card, {"min_task_success": 0.95}, DEFAULTS).min_task_success == 0.95
+    # An explicit null: feedback only counts, it never rolls this adapter back.
+    assert effective_thresholds(card, {"min_task_success": None}, DEFAULTS).min_task_success is None
+    assert effective_thresholds(None, None, DEFAULTS).min_task_success == 0.9
+    with pytest.raises(InvalidThresholds):
+        validate_threshold_override({"min_task_success": 1.5})
