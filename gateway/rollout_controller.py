@@ -37,6 +37,7 @@ operator's decision (`loraplex rollout restore`), so traffic never flaps between
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -155,6 +156,7 @@ class RolloutController:
         self._acting: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._pending: dict[str, _PendingVerdict] = {}
+        self._retries: dict[str, asyncio.Task[None]] = {}  # at most one retry per key
         self._tasks: set[asyncio.Task[None]] = set()
         # adapter -> the canary whose window is being judged (its version, and the previous
         # rollback's time, which tells a restarted canary of the same version apart)
@@ -329,16 +331,7 @@ class RolloutController:
         """Roll the canary back, or (stable=True) move the stable's traffic to its target."""
         key = served_address(view.name, version)
         if key in self._acting or self._retry_at.get(key, 0.0) > time.monotonic():
-            pending = self._pending.get(key)
-            if verdict.persistent and not (pending is not None and pending.verdict.persistent):
-                # A safety incident is reported once: it waits its turn, it is not dropped.
-                failures = 0 if pending is None else pending.failures
-                self._pending[key] = _PendingVerdict(view, version, verdict, stable, failures)
-                self._spawn(self._retry(key, self._delay_before_retry(key)))
-            elif pending is not None and key not in self._acting and not pending.verdict.persistent:
-                # A new window breached while a failed call waits: retry on the newest evidence
-                # (an incident waiting keeps its place).
-                pending.view, pending.verdict = view, verdict
+            self._wait_turn(key, view, version, verdict, stable)
             return
         self._acting.add(key)
         try:
@@ -362,13 +355,6 @@ class RolloutController:
                 logger.warning("%s of %s: %s", action, key, verdict.detail)
         except RollbackRefused as refused:
             self._retry_at[key] = time.monotonic() + self._fallback_retry_s
-            pending = self._pending.get(key)
-            if verdict.persistent or (pending is not None and pending.verdict.persistent):
-                # Tried again after the wait, until it acts or the version leaves its role.
-                if pending is None or not pending.verdict.persistent:
-                    self._pending[key] = _PendingVerdict(view, version, verdict, stable, 0)
-                self._spawn(self._retry(key, self._fallback_retry_s))
-                return
             ROLLOUT_TRANSITIONS.labels(view.name, str(version), "fallback_refused").inc()
             logger.warning(
                 "stable %s breached (%s) but its fallback was refused (%s); it keeps serving, "
@@ -378,12 +364,20 @@ class RolloutController:
                 "; ".join(p.message for p in refused.problems),
                 self._fallback_retry_s,
             )
+            if verdict.persistent:
+                # Tried again after the wait, until it acts or the version leaves its role.
+                self._keep_pending(key, _PendingVerdict(view, version, verdict, stable, 0))
+            if self._pending_incident(key):
+                self._schedule_retry(key)
+                return
         except Exception as exc:
             previous = self._pending.get(key)
             failures = 1 if previous is None else previous.failures + 1
+            pending = _PendingVerdict(view, version, verdict, stable, failures)
             if previous is not None and previous.verdict.persistent:
-                view, verdict = previous.view, previous.verdict  # the incident waiting outranks
-            retryable = is_unreachable(exc) or is_contention(exc) or verdict.persistent
+                # An incident reported while this call ran outranks it (and is the newer).
+                pending = dataclasses.replace(previous, failures=failures)
+            retryable = is_unreachable(exc) or is_contention(exc) or pending.verdict.persistent
             if failures > MAX_ACTION_ATTEMPTS and not retryable:
                 # Not an outage nor a lock wait, and it keeps failing: a bug, which retrying
                 # every 30 s with a traceback will not fix. The next breach's verdict tries again.
@@ -397,7 +391,7 @@ class RolloutController:
                 self._reset(key)
                 return
             delay = min(self._action_retry_s * 2 ** (failures - 1), ACTION_RETRY_MAX_S)
-            self._pending[key] = _PendingVerdict(view, version, verdict, stable, failures)
+            self._pending[key] = pending
             self._retry_at[key] = time.monotonic() + delay
             logger.exception(
                 "automatic %s of %s failed; retrying in %.1f s",
@@ -405,22 +399,68 @@ class RolloutController:
                 key,
                 delay,
             )
-            self._spawn(self._retry(key, delay))
+            self._schedule_retry(key)
             return  # the evidence stays: the verdict is pending, not spent
         finally:
             self._acting.discard(key)
-        self._pending.pop(key, None)
+        if self._pending_incident(key, other_than=verdict):
+            self._schedule_retry(key)  # an incident reported while this call ran: its turn now
+        else:
+            self._pending.pop(key, None)
         self._reset(key)
 
-    def _delay_before_retry(self, key: str) -> float:
-        """Until the wait after a refusal or failure ends, or a short while when an action on
-        `key` is in flight now."""
-        return max(self._retry_at.get(key, 0.0) - time.monotonic(), self._action_retry_s)
+    def _wait_turn(
+        self, key: str, view: RolloutView, version: int, verdict: Verdict, stable: bool
+    ) -> None:
+        """A verdict on `key` while an action on it runs, or waits after a refusal or a failed
+        call. A latency verdict refreshes a failed call's pending one (the newest evidence) or
+        is dropped: the next window judges again. A safety incident is reported once: it
+        waits its turn, never dropped."""
+        pending = self._pending.get(key)
+        if verdict.persistent:
+            failures = 0 if pending is None else pending.failures
+            self._keep_pending(key, _PendingVerdict(view, version, verdict, stable, failures))
+            if key not in self._acting:  # else the call in flight hands over when it ends
+                self._schedule_retry(key)
+        elif pending is not None and key not in self._acting and not pending.verdict.persistent:
+            pending.view, pending.verdict = view, verdict
+
+    def _keep_pending(self, key: str, incident: _PendingVerdict) -> None:
+        """Keep `incident` pending unless an incident about the same role already is: the one
+        about a newer role (the stable restored, the canary restarted) replaces it, as the
+        retry drops whatever is about a role that ended."""
+        pending = self._pending.get(key)
+        if (
+            pending is None
+            or not pending.verdict.persistent
+            or _role(pending.view, stable=pending.stable)
+            != _role(incident.view, stable=incident.stable)
+        ):
+            self._pending[key] = incident
+
+    def _pending_incident(self, key: str, other_than: Verdict | None = None) -> bool:
+        pending = self._pending.get(key)
+        return (
+            pending is not None and pending.verdict.persistent and pending.verdict is not other_than
+        )
+
+    def _schedule_retry(self, key: str) -> None:
+        """One retry per key at a time, at the end of its wait (`_retry_at`) or shortly: two
+        loops for one key doubled the registry calls and skipped the wait after a refusal."""
+        retrying = self._retries.get(key)
+        if retrying is not None and not retrying.done():
+            return
+        delay = max(self._retry_at.get(key, 0.0) - time.monotonic(), self._action_retry_s)
+        task = asyncio.ensure_future(self._retry(key, delay))
+        self._retries[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retry(self, key: str, delay: float) -> None:
         """Try a pending verdict again after `delay`, unless its version left the role it was
         judged in meanwhile (the registry call names the role too; this spares the call)."""
         await asyncio.sleep(delay)
+        self._retries.pop(key, None)  # this one: a new wait from here schedules a new retry
         pending = self._pending.get(key)
         if pending is None:
             return
@@ -431,6 +471,9 @@ class RolloutController:
             del self._pending[key]
             self._retry_at.pop(key, None)
             logger.info("pending verdict on %s dropped: its rollout changed meanwhile", key)
+            return
+        if self._retry_at.get(key, 0.0) > time.monotonic() or key in self._acting:
+            self._schedule_retry(key)  # a later wait began meanwhile: honour it
             return
         self._retry_at.pop(key, None)
         await self._take_back(current, pending.version, pending.verdict, stable=pending.stable)

@@ -16,8 +16,9 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import authenticate_ahead
-from gateway.errors import LoraplexError
+from gateway.errors import LoraplexError, RegistryBusy
 from gateway.http_utils import route_path, unread_body_refusal
+from registry.db import is_contention
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,11 @@ async def _verify(request: Request) -> Response | None:
         await authenticate_ahead(request)
     except LoraplexError as refusal:
         return unread_body_refusal(refusal, request)
-    except Exception:
+    except Exception as exc:
+        if is_contention(exc):
+            # A lock or busy timeout: the route would wait it out again, doubling the load on
+            # a database already contended, before the same 503.
+            return unread_body_refusal(RegistryBusy(), request)
         # The app's own handlers answer what is not typed (a 500 with its request id): the
         # route verifies again, after the body, as it did before the gate.
         logger.warning("verifying a key ahead of its route failed", exc_info=True)

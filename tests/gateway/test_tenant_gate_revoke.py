@@ -1,12 +1,13 @@
-"""A key revoked while its request's body is still arriving is refused, gate or not (found by
-review): the gate verifies the key when the headers arrive, and the route took that verdict
-however long the body then took, so a slow upload outlived its key's revocation."""
+"""A key revoked, or expiring, while its request's body is still arriving is refused, gate or
+not (found by review): the gate verifies the key when the headers arrive, and the route took
+that verdict however long the body then took, so a slow upload outlived its key."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,5 +81,29 @@ def test_a_key_revoked_while_the_body_arrives_is_refused(demo_root, gated):
             {"authorization": key},
             json.dumps(PROMPT).encode(),
             revoke,
+        )
+        assert status == 401
+
+
+def test_a_key_that_expires_while_the_body_arrives_is_refused(demo_root):
+    client = app_client(demo_root, "expiring")
+    with client:
+        expires = datetime.now(UTC) + timedelta(seconds=1.5)
+        issued = client.post(
+            f"/admin/v1/tenants/{client.tenant}/keys",
+            json={"expires_at": expires.isoformat()},
+            headers=ADMIN,
+        )
+        assert issued.status_code == 201, issued.text
+        key = f"Bearer {issued.json()['key']}"
+        headers = {"authorization": key}
+        assert client.post(COMPLETIONS, json=PROMPT, headers=headers).status_code == 200
+
+        async def expire() -> None:
+            await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)
+
+        assert client.portal is not None
+        status = client.portal.call(
+            post_revoking_before_the_body, client.app, headers, json.dumps(PROMPT).encode(), expire
         )
         assert status == 401
