@@ -199,9 +199,15 @@ def _agreement_table(results: dict[str, Any]) -> list[str]:
     ]
     for name, phase, counts in rows:
         compared, identical = counts["compared"], counts["identical"]
-        share = f" ({identical / compared:.0%})" if compared else ""
+        share = f" ({agreement_share(identical, compared)})" if compared else ""
         lines.append(f"| {name} | {phase} | {compared} | {identical}{share} |")
     return [*lines, ""]
+
+
+def agreement_share(identical: int, compared: int) -> str:
+    """Rounded down to 0.1 %: 199 of 200 identical read "(100%)" when rounded to the nearest."""
+    tenths = identical * 1000 // compared
+    return f"{tenths // 10}%" if tenths % 10 == 0 else f"{tenths / 10:.1f}%"
 
 
 def _cold_table(results: dict[str, Any]) -> list[str]:

@@ -314,3 +314,14 @@ def test_an_interrupted_run_keeps_what_it_measured_too(
     with pytest.raises(runner.RunAborted) as caught:
         runner.run(plan, fake, tmp_path)
     assert isinstance(caught.value.__cause__, KeyboardInterrupt)
+
+
+def test_the_agreement_share_never_rounds_a_difference_away():
+    from benchmarks.serve.report import agreement_share
+
+    assert agreement_share(200, 200) == "100%"
+    assert agreement_share(199, 200) == "99.5%"
+    assert agreement_share(1999, 2000) == "99.9%"
+    assert agreement_share(19999, 20000) == "99.9%"
+    assert agreement_share(100, 200) == "50%"
+    assert agreement_share(0, 3) == "0%"
