@@ -6,7 +6,7 @@ Every finished request is one observation in its version's sliding window
   window's figures recorded); a healthy full window may promote it one stage;
 - an armed stable's verdict (a rollback path set by an admin or its card) moves its traffic to
   that path, unless the target is breaching too: then the refusal is audited once and retried
-  only after FALLBACK_RETRY_S, and the stable keeps serving;
+  only after FALLBACK_RETRY_S (gateway/rollout_takeback.py), and the stable keeps serving;
 - every other version's window is evidence about it as a possible fallback target;
 - a shadow candidate's mirrored requests (gateway/shadow.py) fill a shadow window of their own
   (`shadow_key`), recorded and never judged: it serves nobody, so there is nothing to roll
@@ -24,8 +24,8 @@ The registry call names the version judged and its role, so two replicas decidin
 once and a stale canary verdict never moves the stable that the canary has become.
 A verdict whose registry call fails (the database unreachable, locked, failing over) stays
 pending and is retried with backoff until it acts or the version leaves the role it was judged
-in: the monitor emptied the window at the verdict, so dropping it left a breaching canary its
-traffic until a whole new window of bad requests filled.
+in (gateway/rollout_takeback.py): the monitor emptied the window at the verdict, so dropping it
+left a breaching canary its traffic until a whole new window of bad requests filled.
 Callers' feedback (POST /v1/feedback, gateway/outcome_monitor.py) judges the same versions on
 the same terms, from the adapter owner's responses only: a full window of success/failure
 verdicts under `min_task_success` is a verdict (reason task_success), and one safety incident is
@@ -37,15 +37,13 @@ operator's decision (`loraplex rollout restore`), so traffic never flaps between
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Coroutine, Hashable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-from gateway.metrics import ROLLBACKS, ROLLOUT_TRANSITIONS
+from gateway.metrics import ROLLOUT_TRANSITIONS
 from gateway.outcome_monitor import (
     TASK_OUTCOMES,
     Outcome,
@@ -64,28 +62,18 @@ from gateway.rollback_monitor import (
     hang_up_sample,
 )
 from gateway.rollout_router import RolloutRouter
+from gateway.rollout_takeback import (
+    ACTION_RETRY_S,
+    ACTOR,
+    FALLBACK_RETRY_S,
+    TakeBacks,
+    judged_role,
+    served_address,
+)
 from registry import service
-from registry.db import is_contention, is_unreachable
-from registry.errors import RollbackRefused
 from registry.rollout import RolloutView, Thresholds
 
 logger = logging.getLogger(__name__)
-ACTOR = "rollout-monitor"
-# After a refused fallback (its target breaching too): how long before trying again. Each try
-# writes an audit row; under heavy traffic a window fills in a second.
-FALLBACK_RETRY_S = 60.0
-# After a failed registry call: the first retry's delay, doubled per failure up to
-# ACTION_RETRY_MAX_S (a failover takes seconds to tens of seconds; each try is one connection).
-ACTION_RETRY_S = 0.5
-ACTION_RETRY_MAX_S = 30.0
-# Attempts of one verdict's action on an error that is no outage (outages retry until the
-# registry answers or the version leaves its role).
-MAX_ACTION_ATTEMPTS = 4
-
-
-def served_address(adapter: str, version: int | None) -> str:
-    """The monitor's key for what served a request: "name@N", or "base" for the base model."""
-    return "base" if not adapter or version is None else f"{adapter}@{version}"
 
 
 def errors_key(address: str) -> tuple[str, str]:
@@ -114,26 +102,6 @@ def request_sample(recorder: GenerationRecorder, limits: WindowLimits) -> Sample
     return hang_up_sample(ttft, elapsed, limits, streamed=recorder.streamed)
 
 
-@dataclass
-class _PendingVerdict:
-    """A verdict whose registry call failed, kept for the next try."""
-
-    view: RolloutView
-    version: int
-    verdict: Verdict
-    stable: bool
-    failures: int
-
-
-def _role(view: RolloutView, *, stable: bool) -> tuple[object, ...]:
-    """What a verdict was about, as `observe` tells one judged window from the next: when it
-    differs, the version is no longer what the evidence judged (rolled back, restarted, fell
-    back or restored elsewhere), and a pending verdict is dropped."""
-    if stable:
-        return (view.stable_version, view.active_target, view.fallback_event_id)
-    return (view.canary_version, view.rolled_back_at)
-
-
 class RolloutController:
     def __init__(
         self,
@@ -149,15 +117,18 @@ class RolloutController:
         self._router = router
         self._defaults = defaults
         self._auto_promote = auto_promote
-        self._fallback_retry_s = fallback_retry_s
-        self._action_retry_s = action_retry_s
         self._monitor = RollbackMonitor()
         self._outcomes = OutcomeWindows()
-        self._acting: set[str] = set()
-        self._retry_at: dict[str, float] = {}
-        self._pending: dict[str, _PendingVerdict] = {}
-        self._retries: dict[str, asyncio.Task[None]] = {}  # at most one retry per key
         self._tasks: set[asyncio.Task[None]] = set()
+        self._take_backs = TakeBacks(
+            runtime,
+            router,
+            spawn=self._spawn,
+            reset=self._reset,
+            failing=self.failing_addresses,
+            fallback_retry_s=fallback_retry_s,
+            action_retry_s=action_retry_s,
+        )
         # adapter -> the canary whose window is being judged (its version, and the previous
         # rollback's time, which tells a restarted canary of the same version apart)
         self._canary_judged: dict[str, tuple[int, object]] = {}
@@ -205,7 +176,7 @@ class RolloutController:
                 self._canary_judged[adapter] = canary
             verdict = self._monitor.observe(key, limits, **sample.fields())
             if verdict is not None:
-                self._spawn(self._take_back(view, version, verdict, stable=False))
+                self._spawn(self._take_backs.take_back(view, version, verdict, stable=False))
             elif (
                 judged
                 and self._auto_promote
@@ -228,12 +199,12 @@ class RolloutController:
                 return
             verdict = self._monitor.observe(key, limits, **sample.fields())
             if verdict is not None:
-                self._spawn(self._take_back(view, version, verdict, stable=True))
+                self._spawn(self._take_backs.take_back(view, version, verdict, stable=True))
         else:
             self._monitor.record(key, limits, **sample.fields())
 
     def role_tag(self, adapter: str, version: int | None) -> int:
-        """A 32-bit digest of the role `adapter@version` serves in now (`_role`: a canary's
+        """A 32-bit digest of the role `adapter@version` serves in now (`judged_role`: a canary's
         start, a stable's fallbacks and restores), signed into each response's id; 0 for
         a version in no rollout role. Every replica computes the same from the same view."""
         if not adapter or version is None:
@@ -242,9 +213,9 @@ class RolloutController:
         if view is None:
             return 0
         if version == view.canary_version:
-            role: tuple[object, ...] = ("canary", *_role(view, stable=False))
+            role: tuple[object, ...] = ("canary", *judged_role(view, stable=False))
         elif version == view.stable_version:
-            role = ("stable", *_role(view, stable=True))
+            role = ("stable", *judged_role(view, stable=True))
         else:
             return 0
         digest = hashlib.blake2b(repr(role).encode(), digest_size=4).digest()
@@ -278,7 +249,7 @@ class RolloutController:
         else:
             return  # nothing to take it back from: counted in metrics only
         limits = self._limits(view, version)
-        key = ("outcomes", served_address(adapter, version), _role(view, stable=stable))
+        key = ("outcomes", served_address(adapter, version), judged_role(view, stable=stable))
         verdict: Verdict | None
         if outcome is Outcome.SAFETY_INCIDENT:
             verdict = safety_verdict(response_id)
@@ -292,7 +263,7 @@ class RolloutController:
         if verdict is None:
             return
         self._outcomes.reset(key)  # the next verdict needs a whole new window
-        self._spawn(self._take_back(view, version, verdict, stable=stable))
+        self._spawn(self._take_backs.take_back(view, version, verdict, stable=stable))
 
     def _reset(self, key: str) -> None:
         """Empty both windows of `key`: its owner's, and every caller's errors."""
@@ -320,163 +291,13 @@ class RolloutController:
         fields["max_error_rate"] = min(fields["max_error_rate"], 0.999)
         return WindowLimits(**fields)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` in the background, where `close` cancels it; the task is returned so
+        that TakeBacks can tell a retry still running from one that ended."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _take_back(
-        self, view: RolloutView, version: int, verdict: Verdict, *, stable: bool
-    ) -> None:
-        """Roll the canary back, or (stable=True) move the stable's traffic to its target."""
-        key = served_address(view.name, version)
-        if key in self._acting or self._retry_at.get(key, 0.0) > time.monotonic():
-            self._wait_turn(key, view, version, verdict, stable)
-            return
-        self._acting.add(key)
-        try:
-            async with self._runtime.sessions() as session:
-                change = await service.rollback(
-                    session,
-                    name=view.name,
-                    actor=ACTOR,
-                    reason=verdict.detail,
-                    automatic=True,
-                    figures=verdict.figures.as_dict(),
-                    version=version,
-                    role="stable" if stable else "canary",
-                    failing=self.failing_addresses() if stable else (),
-                )
-            self._router.accept(change.view)
-            if change.acted:
-                action = change.action or "rollback"
-                ROLLBACKS.labels(view.name, str(version), verdict.reason).inc()
-                ROLLOUT_TRANSITIONS.labels(view.name, str(version), action).inc()
-                logger.warning("%s of %s: %s", action, key, verdict.detail)
-        except RollbackRefused as refused:
-            self._retry_at[key] = time.monotonic() + self._fallback_retry_s
-            ROLLOUT_TRANSITIONS.labels(view.name, str(version), "fallback_refused").inc()
-            logger.warning(
-                "stable %s breached (%s) but its fallback was refused (%s); it keeps serving, "
-                "next try in %.0f s",
-                key,
-                verdict.detail,
-                "; ".join(p.message for p in refused.problems),
-                self._fallback_retry_s,
-            )
-            if verdict.persistent:
-                # Tried again after the wait, until it acts or the version leaves its role.
-                self._keep_pending(key, _PendingVerdict(view, version, verdict, stable, 0))
-            if self._pending_incident(key):
-                self._schedule_retry(key)
-                return
-        except Exception as exc:
-            previous = self._pending.get(key)
-            failures = 1 if previous is None else previous.failures + 1
-            pending = _PendingVerdict(view, version, verdict, stable, failures)
-            if previous is not None and previous.verdict.persistent:
-                # An incident reported while this call ran outranks it (and is the newer).
-                pending = dataclasses.replace(previous, failures=failures)
-            retryable = is_unreachable(exc) or is_contention(exc) or pending.verdict.persistent
-            if failures > MAX_ACTION_ATTEMPTS and not retryable:
-                # Not an outage nor a lock wait, and it keeps failing: a bug, which retrying
-                # every 30 s with a traceback will not fix. The next breach's verdict tries again.
-                logger.exception(
-                    "automatic action on %s failed %d times; giving up on this verdict",
-                    key,
-                    failures,
-                )
-                self._pending.pop(key, None)
-                self._retry_at.pop(key, None)
-                self._reset(key)
-                return
-            delay = min(self._action_retry_s * 2 ** (failures - 1), ACTION_RETRY_MAX_S)
-            self._pending[key] = pending
-            self._retry_at[key] = time.monotonic() + delay
-            logger.exception(
-                "automatic %s of %s failed; retrying in %.1f s",
-                "fallback" if stable else "rollback",
-                key,
-                delay,
-            )
-            self._schedule_retry(key)
-            return  # the evidence stays: the verdict is pending, not spent
-        finally:
-            self._acting.discard(key)
-        if self._pending_incident(key, other_than=verdict):
-            self._schedule_retry(key)  # an incident reported while this call ran: its turn now
-        else:
-            self._pending.pop(key, None)
-        self._reset(key)
-
-    def _wait_turn(
-        self, key: str, view: RolloutView, version: int, verdict: Verdict, stable: bool
-    ) -> None:
-        """A verdict on `key` while an action on it runs, or waits after a refusal or a failed
-        call. A latency verdict refreshes a failed call's pending one (the newest evidence) or
-        is dropped: the next window judges again. A safety incident is reported once: it
-        waits its turn, never dropped."""
-        pending = self._pending.get(key)
-        if verdict.persistent:
-            failures = 0 if pending is None else pending.failures
-            self._keep_pending(key, _PendingVerdict(view, version, verdict, stable, failures))
-            if key not in self._acting:  # else the call in flight hands over when it ends
-                self._schedule_retry(key)
-        elif pending is not None and key not in self._acting and not pending.verdict.persistent:
-            pending.view, pending.verdict = view, verdict
-
-    def _keep_pending(self, key: str, incident: _PendingVerdict) -> None:
-        """Keep `incident` pending unless an incident about the same role already is: the one
-        about a newer role (the stable restored, the canary restarted) replaces it, as the
-        retry drops whatever is about a role that ended."""
-        pending = self._pending.get(key)
-        if (
-            pending is None
-            or not pending.verdict.persistent
-            or _role(pending.view, stable=pending.stable)
-            != _role(incident.view, stable=incident.stable)
-        ):
-            self._pending[key] = incident
-
-    def _pending_incident(self, key: str, other_than: Verdict | None = None) -> bool:
-        pending = self._pending.get(key)
-        return (
-            pending is not None and pending.verdict.persistent and pending.verdict is not other_than
-        )
-
-    def _schedule_retry(self, key: str) -> None:
-        """One retry per key at a time, at the end of its wait (`_retry_at`) or shortly: two
-        loops for one key doubled the registry calls and skipped the wait after a refusal."""
-        retrying = self._retries.get(key)
-        if retrying is not None and not retrying.done():
-            return
-        delay = max(self._retry_at.get(key, 0.0) - time.monotonic(), self._action_retry_s)
-        task = asyncio.ensure_future(self._retry(key, delay))
-        self._retries[key] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _retry(self, key: str, delay: float) -> None:
-        """Try a pending verdict again after `delay`, unless its version left the role it was
-        judged in meanwhile (the registry call names the role too; this spares the call)."""
-        await asyncio.sleep(delay)
-        self._retries.pop(key, None)  # this one: a new wait from here schedules a new retry
-        pending = self._pending.get(key)
-        if pending is None:
-            return
-        current = self._router.view(pending.view.name)
-        if current is None or _role(current, stable=pending.stable) != _role(
-            pending.view, stable=pending.stable
-        ):
-            del self._pending[key]
-            self._retry_at.pop(key, None)
-            logger.info("pending verdict on %s dropped: its rollout changed meanwhile", key)
-            return
-        if self._retry_at.get(key, 0.0) > time.monotonic() or key in self._acting:
-            self._schedule_retry(key)  # a later wait began meanwhile: honour it
-            return
-        self._retry_at.pop(key, None)
-        await self._take_back(current, pending.version, pending.verdict, stable=pending.stable)
+        return task
 
     def failing_addresses(self) -> set[str]:
         """Every served address whose recent requests breach its thresholds: never a target."""

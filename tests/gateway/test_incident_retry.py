@@ -15,7 +15,8 @@ from typing import Any
 
 from gateway.outcome_monitor import Outcome, OutcomeFigures
 from gateway.rollback_monitor import Verdict
-from gateway.rollout_controller import MAX_ACTION_ATTEMPTS, RolloutController
+from gateway.rollout_controller import RolloutController
+from gateway.rollout_takeback import MAX_ACTION_ATTEMPTS
 from registry import service
 from registry.compat.problems import Problem, ProblemCode
 from registry.errors import RollbackRefused
@@ -89,7 +90,9 @@ async def test_an_incident_reported_while_a_latency_call_fails_takes_its_place(m
     router = Router(STABLE_ARMED)
     made, registry = make(router), Registry(router, [RuntimeError("a bug")], hold_s=0.1)
     monkeypatch.setattr(service, "rollback", registry.rollback)
-    acting = asyncio.ensure_future(made._take_back(STABLE_ARMED, 2, LATENCY, stable=True))
+    acting = asyncio.ensure_future(
+        made._take_backs.take_back(STABLE_ARMED, 2, LATENCY, stable=True)
+    )
     await asyncio.sleep(0.02)  # the latency call is in flight
     feed(made, 2, [Outcome.SAFETY_INCIDENT])
     await acting

@@ -54,7 +54,7 @@ def test_a_window_is_judged_only_when_full_and_below_the_minimum():
 def test_a_safety_incident_takes_the_canary_back_at_once():
     made, spawned = controller(Router(CANARY), auto_promote=False)
     feed(made, 3, [Outcome.SAFETY_INCIDENT])
-    assert spawned == ["_take_back"]
+    assert spawned == ["take_back"]
 
 
 def test_task_failures_take_the_canary_back_after_a_full_window():
@@ -65,7 +65,7 @@ def test_task_failures_take_the_canary_back_after_a_full_window():
     feed(made, 3, [Outcome.FAILURE] * 2)  # 90 % of the window: holds
     assert spawned == []
     feed(made, 3, [Outcome.FAILURE])
-    assert spawned == ["_take_back"]
+    assert spawned == ["take_back"]
 
 
 @pytest.mark.parametrize("outcome", [Outcome.SAFETY_INCIDENT, Outcome.FAILURE])
@@ -79,7 +79,7 @@ def test_unjudged_feedback_and_versions_with_nothing_to_fall_back_to_never_act(o
 def test_an_armed_stable_falls_back_on_an_incident():
     made, spawned = controller(Router(STABLE_ARMED), auto_promote=False)
     feed(made, 2, [Outcome.SAFETY_INCIDENT])
-    assert spawned == ["_take_back"]
+    assert spawned == ["take_back"]
 
 
 def test_feedback_on_a_response_served_before_the_canary_restarted_never_acts():
@@ -95,7 +95,7 @@ def test_feedback_on_a_response_served_before_the_canary_restarted_never_acts():
     feed(made, 3, [Outcome.FAILURE] * (WINDOW - 1))  # a window of its own, not yet full
     assert spawned == []
     feed(made, 3, [Outcome.FAILURE])
-    assert spawned == ["_take_back"]
+    assert spawned == ["take_back"]
 
 
 def test_role_tags_are_the_same_on_every_replica_and_zero_outside_a_role():
@@ -130,7 +130,7 @@ async def test_an_incident_during_a_refused_fallbacks_wait_is_retried_not_droppe
 
     monkeypatch.setattr(service, "rollback", rollback)
     latency = Verdict("latency_p95", OutcomeFigures(0, None), "p95 latency over the bound")
-    await made._take_back(STABLE_ARMED, 2, latency, stable=True)
+    await made._take_backs.take_back(STABLE_ARMED, 2, latency, stable=True)
     assert len(reasons) == 1  # refused: the next try waits 0.3 s
     feed(made, 2, [Outcome.SAFETY_INCIDENT])
     async with asyncio.timeout(3):

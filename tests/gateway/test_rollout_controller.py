@@ -204,7 +204,7 @@ def test_a_restored_stable_is_judged_only_on_requests_after_the_restore(saw_the_
     assert spawned == []  # a full, healthy window after the restore
     for _ in range(20):
         made.observe("bot", 2, request(0.5))
-    assert spawned == ["_take_back"]  # new evidence still judges it
+    assert spawned == ["take_back"]  # new evidence still judges it
 
 
 def test_a_canary_every_client_gives_up_on_is_rolled_back():
@@ -216,7 +216,7 @@ def test_a_canary_every_client_gives_up_on_is_rolled_back():
         made.observe("bot", 3, hang_up(0.3))  # SLA 100 ms + 15 ms margin: gone after 300 ms
     assert spawned == [] and made.figures("bot", 3).samples == 19  # type: ignore[union-attr]
     made.observe("bot", 3, hang_up(0.3))
-    assert spawned == ["_take_back"]
+    assert spawned == ["take_back"]
 
 
 def test_a_hang_up_before_any_bound_counts_as_nothing():
@@ -253,7 +253,7 @@ def test_a_verdict_names_the_role_it_judged(monkeypatch, view, version, stable):
         Thresholds(sla_p95_e2e_ms=100, window=20),
     )
     verdict = Verdict("latency_p95", WindowFigures(20, 5.0, 500.0, 0.0), "slow")
-    asyncio.run(made._take_back(view, version, verdict, stable=stable))
+    asyncio.run(made._take_backs.take_back(view, version, verdict, stable=stable))
     assert [(c["version"], c["role"]) for c in calls] == [
         (version, "stable" if stable else "canary")
     ]

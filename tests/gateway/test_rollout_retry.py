@@ -136,14 +136,14 @@ async def test_a_pending_verdict_is_dropped_once_its_canary_is_gone(sessions, wo
     async with sessions() as s:
         events = await service.list_rollout_events(s, name=NAME)
     assert [e.automatic for e in events if e.action == "rollback"] == [False]
-    assert made._pending == {} and made._retry_at == {}
+    assert made._take_backs._pending == {} and made._take_backs._retry_at == {}
     await made.close()
 
 
 async def test_an_error_that_is_no_outage_is_tried_a_few_times_then_given_up(sessions, world):
     """Retrying a bug (not a dropped connection) every 30 s with a traceback, forever, helps
     nobody: after MAX_ACTION_ATTEMPTS the verdict is dropped; outages retry until they end."""
-    from gateway.rollout_controller import MAX_ACTION_ATTEMPTS
+    from gateway.rollout_takeback import MAX_ACTION_ATTEMPTS
 
     class Broken(FlakySessions):
         @contextlib.asynccontextmanager
@@ -158,5 +158,5 @@ async def test_an_error_that_is_no_outage_is_tried_a_few_times_then_given_up(ses
         made.observe(NAME, 2, slow_request())
     await settle(made)
     assert broken.calls == MAX_ACTION_ATTEMPTS + 1
-    assert made._pending == {} and made._retry_at == {}
+    assert made._take_backs._pending == {} and made._take_backs._retry_at == {}
     await made.close()
