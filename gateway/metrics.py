@@ -2,7 +2,8 @@
 
 Labels are bounded by construction: `tenant`, `adapter` and `version` come from the registry
 (names validated by regex, a few thousand at most), `route`, `status`, `reason`, `limit`,
-`tier`, `result`, `operation` and `outcome` from small fixed sets in code. Never a prompt, a
+`tier`, `result`, `operation`, `outcome`, `kind` and `finish_reason` from small fixed sets in
+code. Never a prompt, a
 request id or a joined list. Requests for the base model carry adapter="" and version="".
 
 Several workers: when PROMETHEUS_MULTIPROC_DIR is set, prometheus-client writes every value to
@@ -157,6 +158,15 @@ FEEDBACK = Counter(
     "them; outcome: success, failure, human_override, user_correction, schema_failure, "
     "false_refusal, safety_incident.",
     [*SCOPE, "outcome"],
+)
+
+# --- structured outputs ------------------------------------------------------------------
+CONSTRAINED_OUTPUTS = Counter(
+    "loraplex_constrained_outputs",
+    "Sequences generated under a structured-output constraint, by how they ended. kind: json, "
+    "json_object, regex, choice, grammar. finish_reason stop: the constrained text is whole; "
+    "length: max_tokens cut it, so it does not match (a JSON document left open).",
+    [*SCOPE, "kind", "finish_reason"],
 )
 
 # --- shadow (a candidate version mirrored the stable's requests; its output discarded) ----

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.http_utils import route_path
 from gateway.metrics import (
     COMPLETION_TOKENS,
+    CONSTRAINED_OUTPUTS,
     PROMPT_TOKENS,
     REQUEST_DURATION,
     REQUESTS,
@@ -111,6 +112,10 @@ class GenerationRecorder:
         if self.first_token_at is not None and per_sequence > 1:
             per_token = (self.finished_at - self.first_token_at) / (per_sequence - 1)
             TIME_PER_OUTPUT_TOKEN.labels(*self._labels()).observe(per_token)
+
+    def constrained_end(self, kind: str, finish_reason: str) -> None:
+        """One sequence under a structured-output constraint ended so."""
+        CONSTRAINED_OUTPUTS.labels(*self._labels(), kind, finish_reason).inc()
 
     def _labels(self) -> tuple[str, str, str]:
         return self.scope.tenant, self.scope.adapter, self.scope.version

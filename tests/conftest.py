@@ -186,7 +186,14 @@ def bearer(key: str) -> dict[str, str]:
 def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     """One engine for the session; its adapters arrive through the admin API after start-up,
     so every adapter test also proves registration → first token without a restart."""
-    running = start_gateway(demo, tmp_path_factory.mktemp("gateway"), LORAPLEX_ENABLE_FAULTS="1")
+    running = start_gateway(
+        demo,
+        tmp_path_factory.mktemp("gateway"),
+        LORAPLEX_ENABLE_FAULTS="1",
+        # Compact JSON: the demo's random weights would pad JSON with whitespace to max_tokens.
+        LORAPLEX_STRUCTURED_OUTPUTS_BACKEND="xgrammar",
+        LORAPLEX_STRUCTURED_OUTPUTS_COMPACT_JSON="1",
+    )
     try:
         running.api_key = register_demo_adapters(running, demo)
         yield running

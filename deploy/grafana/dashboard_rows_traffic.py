@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dashboard_outcomes import outcome_panels
 from dashboard_panels import (
     SCOPE,
     TENANT_ADAPTER,
@@ -360,44 +361,7 @@ def adapter_row() -> list[Member]:
             8,
         ),
         *shadow_panels(adapter_filter),
-        (
-            timeseries(
-                "Feedback by outcome",
-                "Callers' verdicts (POST /v1/feedback) per version: success, failure, "
-                "human_override, user_correction, schema_failure, false_refusal, "
-                "safety_incident.",
-                [
-                    (
-                        "sum by (adapter, version, outcome) "
-                        f"(rate(loraplex_feedback_total{{{adapter_filter}}}[$__rate_interval]))",
-                        "{{adapter}} v{{version}} {{outcome}}",
-                    )
-                ],
-                unit="reqps",
-                stack=True,
-            ),
-            8,
-            8,
-        ),
-        (
-            timeseries(
-                "Task success (feedback)",
-                "Share of success among success and failure verdicts per version over the "
-                "last hour (LoraplexTaskSuccessLow: under 90 % of at least 100).",
-                [
-                    (
-                        "sum by (adapter, version) (increase(loraplex_feedback_total"
-                        f'{{{adapter_filter}, outcome="success"}}[1h])) / '
-                        "sum by (adapter, version) (increase(loraplex_feedback_total"
-                        f'{{{adapter_filter}, outcome=~"success|failure"}}[1h]))',
-                        "{{adapter}} v{{version}}",
-                    )
-                ],
-                unit="percentunit",
-            ),
-            8,
-            8,
-        ),
+        *outcome_panels(adapter_filter),
         (
             table(
                 "Rollbacks by reason",

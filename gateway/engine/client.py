@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 
 class EngineError(Exception):
@@ -58,6 +58,19 @@ class AdapterHandle:
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """What every output token must keep the text within (vLLM's structured outputs)."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    # json: the schema as JSON text; regex, grammar: the pattern; choice: the options;
+    # json_object: None (any JSON object).
+    spec: str | tuple[str, ...] | None
+    # The request field it came from ("response_format", "structured_outputs"): an error about
+    # the constraint names it.
+    param: str
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int
     # None: the engine's own default.
@@ -83,6 +96,7 @@ class SamplingOptions:
     # with the same salt (vLLM's cache_salt). The gateway sets the tenant, so how fast a prompt
     # starts cannot tell one tenant what another has sent.
     cache_salt: str | None = None
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True)

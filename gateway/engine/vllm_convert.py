@@ -11,6 +11,7 @@ from gateway.engine.client import (
     AdapterHandle,
     ChoiceDelta,
     GenerationUpdate,
+    OutputConstraint,
     SamplingOptions,
     TokenLogprob,
 )
@@ -56,7 +57,25 @@ def sampling_params(options: SamplingOptions) -> Any:
         value = getattr(options, name)
         if value is not None:
             kwargs[name] = value
+    if options.constraint is not None:
+        kwargs["structured_outputs"] = structured_outputs(options.constraint)
     return SamplingParams(**kwargs)
+
+
+def structured_outputs(constraint: OutputConstraint) -> Any:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    spec = constraint.spec
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=list(spec or ()))
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    assert isinstance(spec, str), f"a {constraint.kind} constraint is text, got {spec!r}"
+    if constraint.kind == "json":
+        return StructuredOutputsParams(json=spec)
+    if constraint.kind == "regex":
+        return StructuredOutputsParams(regex=spec)
+    return StructuredOutputsParams(grammar=spec)
 
 
 def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:

@@ -42,6 +42,9 @@ T = TypeVar("T")
 # What building or encoding a request raises for values vLLM cannot take (an int beyond
 # int64 fails msgpack with OverflowError): the client's request, refused, not an engine fault.
 REJECTED_ERRORS = (ValueError, OverflowError, TypeError)
+# Where vLLM 0.32 checks a request's structured-output constraint (SamplingParams.verify
+# compiles its grammar): an error raised in there is about the constraint.
+STRUCTURED_CHECKS = frozenset({"_validate_structured_outputs"})
 
 
 def paged_environment_for(
@@ -58,6 +61,16 @@ def paged_environment_for(
         max_oversubscription=settings.paged_max_oversubscription,
         demand=demand if settings.paged_split == "demand" else (),
     )
+
+
+def _raised_in(exc: BaseException, functions: frozenset[str]) -> bool:
+    """Whether `exc` was raised inside a function of one of these names (its traceback)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name in functions:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _cuda_available() -> bool:
@@ -83,6 +96,7 @@ class EmbeddedVLLM:
 
     def _engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
 
         s = self._settings
         utilization = s.gpu_memory_utilization or (
@@ -100,6 +114,10 @@ class EmbeddedVLLM:
             dtype=s.dtype,
             gpu_memory_utilization=utilization,
             enforce_eager=s.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig(
+                backend=s.structured_outputs_backend,
+                disable_any_whitespace=s.structured_outputs_compact_json,
+            ),
             seed=s.seed,
         )
 
@@ -217,7 +235,10 @@ class EmbeddedVLLM:
         except EngineDeadError as exc:
             raise EngineDead("the inference engine stopped") from exc
         except VLLMValidationError as exc:
-            raise EngineRejected(str(exc)) from exc
+            param = None
+            if options.constraint is not None and _raised_in(exc, STRUCTURED_CHECKS):
+                param = options.constraint.param  # vLLM's error names no field for these
+            raise EngineRejected(str(exc), param=param) from exc
         except REJECTED_ERRORS as exc:
             if produced:  # not the request: reading the engine's output failed
                 raise EngineError(f"generation failed: {exc}") from exc

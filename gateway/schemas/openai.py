@@ -1,6 +1,7 @@
 """OpenAI wire schemas for requests. Unknown fields are accepted (and ignored) as OpenAI does;
-known fields loraplex cannot honour yet (structured outputs, tools) are refused, never ignored:
-a client that asked for JSON or a tool call must not get plain text with a 200."""
+known fields loraplex cannot honour yet (tools) are refused, never ignored: a client that asked
+for a tool call must not get plain text with a 200. Structured outputs are in
+gateway.schemas.structured."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from gateway.engine.client import OutputConstraint
+from gateway.schemas.structured import ResponseFormat, StructuredOutputs
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -144,7 +148,7 @@ class SamplingFields(OpenAIModel):
     stream: FalseIfNull = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     # vLLM server extensions, bounded as vLLM's SamplingParams checks them. ignore_eos: load
     # generators use it to get fixed-length outputs.
     ignore_eos: FalseIfNull = False
@@ -153,7 +157,7 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)  # at most max_tokens: the service's check
     stop_token_ids: list[StrictInt] | None = None  # in the vocabulary: the service's check
-    structured_outputs: Any = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -176,19 +180,26 @@ class SamplingFields(OpenAIModel):
             )
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise _unsupported(f"response_format of type {value.get('type')!r} (only 'text')")
-        return value
-
     @field_validator("structured_outputs")
     @classmethod
-    def _no_structured_outputs(cls, value: Any) -> Any:
-        if value is not None:
-            raise _unsupported("structured_outputs")
+    def _one_way_to_constrain(
+        cls, value: StructuredOutputs | None, info: ValidationInfo
+    ) -> StructuredOutputs | None:
+        given = info.data.get("response_format")
+        if value is not None and given is not None and given.type != "text":
+            raise PydanticCustomError(
+                "two_constraints",
+                "Send either response_format or structured_outputs, not both.",
+            )
         return value
+
+    def output_constraint(self) -> OutputConstraint | None:
+        """What the output must match, from whichever field the client set."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        if self.response_format is not None:
+            return self.response_format.constraint()
+        return None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -228,13 +228,7 @@ class GenerationService:
                     if update.cached_prompt_tokens is not None:
                         job.cached_by_prompt[index] = update.cached_prompt_tokens
                     if recorder is not None:
-                        recorder.tokens(
-                            sum(len(d.token_ids) for d in update.choices),
-                            produced_at=update.first_token_at,
-                            # A non-streamed request's one update comes at its end, not
-                            # when its first token was made: only the engine can say that.
-                            timed=job.options.stream or not update.finished,
-                        )
+                        _record(recorder, job, update)
                     if job.shadow is not None:
                         job.shadow.observe(index, update)
                     yield index, update
@@ -309,6 +303,7 @@ class GenerationService:
     ) -> AsyncGenerator[GenerationUpdate]:
         request_id = job.sub_request_id(prompt_index)
         finished = False
+        tokens = 0
         generation = self._engine.generate(
             request_id, job.prompts[prompt_index], job.options, job.served.adapter
         )
@@ -316,6 +311,9 @@ class GenerationService:
             async with aclosing(generation):
                 async for update in generation:
                     finished = update.finished
+                    tokens += sum(len(choice.token_ids) for choice in update.choices)
+                    if any(choice.finish_reason == "error" for choice in update.choices):
+                        raise _ended_in_error(job, tokens)
                     yield update
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
@@ -345,6 +343,36 @@ class GenerationService:
                     if delta.finish_reason:
                         choice.finish_reason = delta.finish_reason
         return [choices[i] for i in sorted(choices)]
+
+
+def _record(recorder: GenerationRecorder, job: GenerationJob, update: GenerationUpdate) -> None:
+    recorder.tokens(
+        sum(len(d.token_ids) for d in update.choices),
+        produced_at=update.first_token_at,
+        # A non-streamed request's one update comes at its end, not when its first token was
+        # made: only the engine can say that.
+        timed=job.options.stream or not update.finished,
+    )
+    constraint = job.options.constraint
+    if constraint is not None:
+        for delta in update.choices:
+            if delta.finish_reason:
+                recorder.constrained_end(constraint.kind, delta.finish_reason)
+
+
+def _ended_in_error(job: GenerationJob, tokens: int) -> LoraplexError:
+    """vLLM ends a request it failed with finish_reason "error" (never a client's answer). In
+    vLLM 0.32, with no KV connector, a constrained request that ends so before its first token
+    is one whose grammar the backend could not compile after the front end's check passed:
+    the client's constraint, a 400 that no version is blamed for. Anything else is the
+    engine's failure."""
+    constraint = job.options.constraint
+    if constraint is not None and tokens == 0:
+        return InvalidRequest(
+            "The engine could not compile this structured output constraint.",
+            param=constraint.param,
+        )
+    return GenerationFailed("The engine failed while generating the response.")
 
 
 def new_request_id(prefix: str) -> str:

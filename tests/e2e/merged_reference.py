@@ -38,3 +38,35 @@ def greedy_tokens(
         )
     tokens: list[int] = out[0, len(prompt_ids) :].tolist()
     return tokens
+
+
+def constrained_greedy_tokens(
+    base: Path, adapter: Path | None, prompt_ids: list[int], regex: str, max_new_tokens: int
+) -> list[int]:
+    """Greedy decoding where, at every step, only tokens that keep the text within `regex`
+    (or end it, once it matches) may win: xgrammar's matcher over one sequence, no batching,
+    so it is what vLLM's structured outputs must give each request of a mixed batch."""
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    model = merged_model(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_regex(regex))
+    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    ids = list(prompt_ids)
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[:, -1, :].float()
+            matcher.fill_next_token_bitmask(bitmask)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            token = int(logits.argmax(dim=-1))
+            if not matcher.accept_token(token):
+                raise AssertionError(f"the matcher refused its own argmax {token}")
+            if matcher.is_terminated():  # the stop token: vLLM ends the request here
+                break
+            tokens.append(token)
+            ids.append(token)
+    return tokens

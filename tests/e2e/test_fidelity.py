@@ -18,7 +18,7 @@ from tests.conftest import (
     start_gateway,
     stop_gateway,
 )
-from tests.e2e.merged_reference import greedy_tokens
+from tests.e2e.merged_reference import constrained_greedy_tokens, greedy_tokens
 from tests.paged_budget import GROUP_MEMBERS, PAGE_SIZE, group_row_bytes, pages, pool_bytes
 
 pytestmark = pytest.mark.engine
@@ -26,6 +26,9 @@ pytestmark = pytest.mark.engine
 MODELS = [BASE_NAME, *(spec.name for spec in DEMO_ADAPTERS)]
 PROMPTS = ["The gateway serves", "Hello world, what is the rank of"]
 MAX_TOKENS = 24
+# A constraint that leaves each model room to differ (measured: five different outputs).
+CONSTRAINT = r"[a-z ]{1,30}\."
+CONSTRAINED_MAX_TOKENS = 48  # room for 31 characters in any tokenization: each ends by itself
 
 
 # The paged gateway's pool: every demo adapter at once would need Σ pages = 15 if each were
@@ -80,16 +83,35 @@ def tokenizer(demo):
     return AutoTokenizer.from_pretrained(demo.base)
 
 
-@pytest.fixture(scope="module")
-def references(demo, tokenizer):
-    """(model, prompt) → reference text from HF with the adapter merged."""
+def reference_texts(demo, tokenizer, decode) -> dict[tuple[str, str], str]:
+    """(model, prompt) → the text `decode(base, adapter, prompt ids)` gives."""
     out = {}
     for model in MODELS:
         adapter = None if model == BASE_NAME else demo.adapters[model]
         for prompt in PROMPTS:
-            tokens = greedy_tokens(demo.base, adapter, tokenizer.encode(prompt), MAX_TOKENS)
+            tokens = decode(demo.base, adapter, tokenizer.encode(prompt))
             out[model, prompt] = visible_text(tokenizer, tokens)
     return out
+
+
+@pytest.fixture(scope="module")
+def references(demo, tokenizer):
+    """From HF with the adapter merged."""
+    return reference_texts(
+        demo, tokenizer, lambda base, adapter, ids: greedy_tokens(base, adapter, ids, MAX_TOKENS)
+    )
+
+
+@pytest.fixture(scope="module")
+def constrained_references(demo, tokenizer):
+    """The same under CONSTRAINT."""
+    return reference_texts(
+        demo,
+        tokenizer,
+        lambda base, adapter, ids: constrained_greedy_tokens(
+            base, adapter, ids, CONSTRAINT, CONSTRAINED_MAX_TOKENS
+        ),
+    )
 
 
 def test_demo_adapters_cover_required_shapes():
@@ -150,6 +172,38 @@ async def test_full_slot_mixed_burst_serves_each_request_its_own_adapter(served,
         for (model, prompt), got in zip(jobs, results, strict=True)
         if got != references[model, prompt]
     ]
+    assert not wrong, wrong
+    await client.close()
+
+
+async def test_constrained_requests_in_mixed_bursts_get_their_own_adapter_and_mask(
+    served, references, constrained_references
+):
+    """Structured outputs mask each row of a batch by its own request's grammar: constrained
+    and free requests of every model (all slots busy) in the same batches, and each output is
+    its own adapter's reference under its own constraint, or none."""
+    distinct = {constrained_references[m, PROMPTS[0]] for m in MODELS}
+    assert len(distinct) == len(MODELS), constrained_references
+    client = openai.AsyncOpenAI(base_url=served.v1, api_key=served.api_key)
+    jobs = [(m, p, c) for p in PROMPTS for m in MODELS for c in (True, False)]
+
+    async def one(model: str, prompt: str, constrained: bool) -> tuple[str, str | None]:
+        extra = {"structured_outputs": {"regex": CONSTRAINT}} if constrained else {}
+        response = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=CONSTRAINED_MAX_TOKENS if constrained else MAX_TOKENS,
+            temperature=0,
+            extra_body=extra,
+        )
+        return response.choices[0].text, response.choices[0].finish_reason
+
+    results = await asyncio.gather(*(one(*job) for job in jobs))
+    wrong = []
+    for (model, prompt, constrained), (text, finish) in zip(jobs, results, strict=True):
+        expected = (constrained_references if constrained else references)[model, prompt]
+        if text != expected or (constrained and finish != "stop"):
+            wrong.append((model, prompt, constrained, text, finish))
     assert not wrong, wrong
     await client.close()
 

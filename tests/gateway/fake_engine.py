@@ -32,6 +32,7 @@ class ScriptedEngine:
     max_model_len = 256
     lora_dtype: str | None = None  # a test sets it to play an engine of that dtype
     cached_prompt_tokens: int | None = None  # reported on every update when set
+    finish_reason = "length"  # how every choice ends ("error": as vLLM ends a failed request)
 
     def __init__(
         self,
@@ -92,7 +93,7 @@ class ScriptedEngine:
                         token_ids=[
                             i if i < len(self.words) and words[i] == self.words[i] else 1000 + i
                         ],
-                        finish_reason="length" if last else None,
+                        finish_reason=self.finish_reason if last else None,
                     )
                     for c in range(options.n)
                 ],

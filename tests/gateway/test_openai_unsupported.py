@@ -1,10 +1,9 @@
 """Features loraplex does not honour yet are refused with a 400 naming the field, never
-silently ignored: a client that asked for JSON or a required tool call got a 200 with plain
-text. Structured outputs need the real engine to test, so they wait; plain text stays served."""
+silently ignored: a client that asked for a required tool call got a 200 with plain text.
+Plain text stays served. (Structured outputs are served: test_openai_structured.py.)"""
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 from tests.gateway.fake_engine import (
@@ -15,7 +14,6 @@ from tests.gateway.fake_engine import (
 )
 
 CHAT = [{"role": "user", "content": "hi"}]
-SCHEMA = {"name": "answer", "schema": {"type": "object"}}
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
@@ -41,9 +39,6 @@ def refused_with(response, param: str) -> dict:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": SCHEMA}}, "response_format"),
-        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
@@ -59,23 +54,6 @@ def test_a_chat_feature_loraplex_cannot_honour_is_refused_not_ignored(ctx, extra
     )
     refused_with(response, param)  # was a 200 with plain text
     assert len(engine.calls) == before
-
-
-def test_the_openai_client_asking_for_json_gets_a_400(ctx):
-    _, sdk, _ = ctx
-    with pytest.raises(openai.BadRequestError) as caught:
-        sdk.chat.completions.create(
-            model=BASE, messages=CHAT, max_tokens=2, response_format={"type": "json_object"}
-        )
-    assert caught.value.body["param"] == "response_format"
-    with pytest.raises(openai.BadRequestError) as caught:
-        sdk.completions.create(
-            model=BASE,
-            prompt="x",
-            max_tokens=2,
-            extra_body={"response_format": {"type": "json_object"}},
-        )
-    assert caught.value.body["param"] == "response_format"
 
 
 @pytest.mark.parametrize(

@@ -213,3 +213,20 @@ def test_the_rollout_window_has_the_range_of_the_card_and_the_override(window):
 def test_an_empty_task_success_minimum_turns_the_feedback_rule_off(monkeypatch, value, expected):
     monkeypatch.setenv("LORAPLEX_ROLLOUT_MIN_TASK_SUCCESS", value)
     assert Settings().rollout_min_task_success == expected
+
+
+def test_structured_outputs_settings_reach_the_engine_and_compact_json_needs_a_backend():
+    """vLLM refuses compact JSON with its auto backend only when the engine starts (seconds
+    in): the settings refuse it at once, and what they allow reaches the engine's config."""
+    from gateway.engine.vllm_embedded import EmbeddedVLLM
+
+    with pytest.raises(ValidationError, match="structured_outputs_backend"):
+        Settings(structured_outputs_compact_json=True)
+    with pytest.raises(ValidationError, match="structured_outputs_backend"):
+        Settings(structured_outputs_backend="outlines")
+    for backend, compact in (("auto", False), ("xgrammar", True), ("guidance", True)):
+        settings = Settings(
+            structured_outputs_backend=backend, structured_outputs_compact_json=compact
+        )
+        config = EmbeddedVLLM(settings, "/nowhere", "m")._engine_args().structured_outputs_config
+        assert (config.backend, config.disable_any_whitespace) == (backend, compact)

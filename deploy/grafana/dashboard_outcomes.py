@@ -1,0 +1,69 @@
+"""Dashboard panels about what callers got: their verdicts (POST /v1/feedback) and whether
+constrained outputs came out whole."""
+
+from __future__ import annotations
+
+from dashboard_panels import Member, timeseries
+
+
+def outcome_panels(adapter_filter: str) -> list[Member]:
+    return [
+        (
+            timeseries(
+                "Feedback by outcome",
+                "Callers' verdicts (POST /v1/feedback) per version: success, failure, "
+                "human_override, user_correction, schema_failure, false_refusal, "
+                "safety_incident.",
+                [
+                    (
+                        "sum by (adapter, version, outcome) "
+                        f"(rate(loraplex_feedback_total{{{adapter_filter}}}[$__rate_interval]))",
+                        "{{adapter}} v{{version}} {{outcome}}",
+                    )
+                ],
+                unit="reqps",
+                stack=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Task success (feedback)",
+                "Share of success among success and failure verdicts per version over the "
+                "last hour (LoraplexTaskSuccessLow: under 90 % of at least 100).",
+                [
+                    (
+                        "sum by (adapter, version) (increase(loraplex_feedback_total"
+                        f'{{{adapter_filter}, outcome="success"}}[1h])) / '
+                        "sum by (adapter, version) (increase(loraplex_feedback_total"
+                        f'{{{adapter_filter}, outcome=~"success|failure"}}[1h]))',
+                        "{{adapter}} v{{version}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Structured outputs cut by max_tokens",
+                "Share of sequences under a structured-output constraint (response_format, "
+                "structured_outputs) that max_tokens ended before the constraint did: their "
+                "text does not match it (a JSON document left open).",
+                [
+                    (
+                        "sum by (adapter, version, kind) (rate(loraplex_constrained_outputs_total"
+                        f'{{{adapter_filter}, finish_reason="length"}}[$__rate_interval])) / '
+                        "sum by (adapter, version, kind) (rate(loraplex_constrained_outputs_total"
+                        f"{{{adapter_filter}}}[$__rate_interval]))",
+                        "{{adapter}} v{{version}} {{kind}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+    ]
