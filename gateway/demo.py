@@ -14,12 +14,19 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Llama 3 style chat template: header tokens frame each role, <|eot_id|> ends a turn.
+# Llama 3 style chat template: header tokens frame each role, <|eot_id|> ends a turn. Tools
+# (transformers' `tools=`) go in a system turn first, as JSON; an assistant's earlier tool calls
+# are written as {"name", "parameters"} objects, and a tool's answer is a "tool" turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nYou may call these functions:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|eot_id|>{% endif %}"
     "{% for message in messages %}"
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>"
+    "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
+    "{{ {'name': call['function']['name'], 'parameters': call['function']['arguments']}"
+    " | tojson }}{% endfor %}"
+    "{% else %}{{ message['content'] | trim }}{% endif %}<|eot_id|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )

@@ -2,9 +2,9 @@
 
 Labels are bounded by construction: `tenant`, `adapter` and `version` come from the registry
 (names validated by regex, a few thousand at most), `route`, `status`, `reason`, `limit`,
-`tier`, `result`, `operation`, `outcome`, `kind` and `finish_reason` from small fixed sets in
-code. Never a prompt, a
-request id or a joined list. Requests for the base model carry adapter="" and version="".
+`tier`, `result`, `operation`, `outcome`, `kind` and `ended` from small fixed sets in code.
+Never a prompt, a request id or a joined list. Requests for the base model carry adapter=""
+and version="".
 
 Several workers: when PROMETHEUS_MULTIPROC_DIR is set, prometheus-client writes every value to
 per-process files and /metrics aggregates them (see routes/metrics.py); gauges declare how.
@@ -163,10 +163,11 @@ FEEDBACK = Counter(
 # --- structured outputs ------------------------------------------------------------------
 CONSTRAINED_OUTPUTS = Counter(
     "loraplex_constrained_outputs",
-    "Sequences generated under a structured-output constraint, by how they ended. kind: json, "
-    "json_object, regex, choice, grammar. finish_reason stop: the constrained text is whole; "
-    "length: max_tokens cut it, so it does not match (a JSON document left open).",
-    [*SCOPE, "kind", "finish_reason"],
+    "Sequences generated under a structured-output constraint (response_format, "
+    "structured_outputs, a forced tool call), by how they ended. kind: json, json_object, regex, "
+    "choice, grammar. ended: complete (the constraint's end: the text matches it), max_tokens "
+    "or stop_sequence (cut before it: the text does not match), other.",
+    [*SCOPE, "kind", "ended"],
 )
 
 # --- shadow (a candidate version mirrored the stable's requests; its output discarded) ----

@@ -113,9 +113,9 @@ class GenerationRecorder:
             per_token = (self.finished_at - self.first_token_at) / (per_sequence - 1)
             TIME_PER_OUTPUT_TOKEN.labels(*self._labels()).observe(per_token)
 
-    def constrained_end(self, kind: str, finish_reason: str) -> None:
-        """One sequence under a structured-output constraint ended so."""
-        CONSTRAINED_OUTPUTS.labels(*self._labels(), kind, finish_reason).inc()
+    def constrained_end(self, kind: str, ended: str) -> None:
+        """One sequence under a structured-output constraint ended so (CONSTRAINED_OUTPUTS)."""
+        CONSTRAINED_OUTPUTS.labels(*self._labels(), kind, ended).inc()
 
     def _labels(self) -> tuple[str, str, str]:
         return self.scope.tenant, self.scope.adapter, self.scope.version

@@ -188,18 +188,18 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     enforce_eager: bool = False
     seed: int = 0
-    # Structured outputs (response_format, structured_outputs): vLLM's grammar backend and
-    # whether JSON may carry free whitespace. vLLM's defaults; a weak or small model can emit
-    # whitespace until max_tokens under "any whitespace", compact JSON cannot.
-    structured_outputs_backend: Literal["auto", "xgrammar", "guidance"] = Field(
-        "auto",
-        description="vLLM's grammar backend: auto picks xgrammar, else guidance for what "
-        "xgrammar cannot compile.",
+    # Structured outputs (response_format, structured_outputs, forced tool calls): one grammar
+    # backend. Not vLLM's "auto": its front end picks a backend per request, but the engine core
+    # builds only the first request's and compiles every later constraint with it, which
+    # silently dropped keywords one backend cannot enforce, or failed every later request.
+    structured_outputs_backend: Literal["xgrammar", "guidance"] = Field(
+        "xgrammar",
+        description="vLLM's grammar backend; a constraint it cannot enforce is a 400.",
     )
     structured_outputs_compact_json: bool = Field(
         False,
-        description="JSON outputs without whitespace between tokens (needs backend xgrammar "
-        "or guidance, as vLLM requires).",
+        description="JSON outputs without free whitespace between tokens (a small or weak "
+        "model can otherwise pad JSON with whitespace up to max_tokens).",
     )
     engine_start_timeout_s: float = Field(600, gt=0)
 
@@ -326,15 +326,6 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
         return value
-
-    @model_validator(mode="after")
-    def _compact_json_has_a_backend(self) -> Settings:
-        if self.structured_outputs_compact_json and self.structured_outputs_backend == "auto":
-            raise ValueError(
-                "structured_outputs_compact_json needs structured_outputs_backend xgrammar or "
-                "guidance (vLLM refuses it with auto)"
-            )
-        return self
 
     @model_validator(mode="after")
     def _paged_pool_sized(self) -> Settings:

@@ -191,7 +191,6 @@ def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         tmp_path_factory.mktemp("gateway"),
         LORAPLEX_ENABLE_FAULTS="1",
         # Compact JSON: the demo's random weights would pad JSON with whitespace to max_tokens.
-        LORAPLEX_STRUCTURED_OUTPUTS_BACKEND="xgrammar",
         LORAPLEX_STRUCTURED_OUTPUTS_COMPACT_JSON="1",
     )
     try:

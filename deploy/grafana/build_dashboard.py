@@ -3,11 +3,11 @@
     python deploy/grafana/build_dashboard.py          # rewrite the JSON
     python deploy/grafana/build_dashboard.py --check  # exit 1 if the JSON is stale
 
-Edit the panels in dashboard_rows_traffic.py, dashboard_rows_engine.py and dashboard_outcomes.py
-(builders and filters in dashboard_panels.py), not in the JSON: tests/deploy checks that the committed JSON
-equals what this script writes, that every query parses and that it names only series the
-gateway exports. Panels use the provisioned Prometheus datasource (uid in dashboard_panels.py,
-see provisioning/datasources).
+Edit the panels in dashboard_rows_traffic.py, dashboard_rows_engine.py and
+dashboard_outcomes.py (builders and filters in dashboard_panels.py), not in the JSON:
+tests/deploy checks that the committed JSON equals what this script writes, that every query
+parses and that it names only series the gateway exports. Panels use the provisioned
+Prometheus datasource (uid in dashboard_panels.py, see provisioning/datasources).
 """
 
 from __future__ import annotations

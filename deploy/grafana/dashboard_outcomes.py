@@ -48,14 +48,15 @@ def outcome_panels(adapter_filter: str) -> list[Member]:
         ),
         (
             timeseries(
-                "Structured outputs cut by max_tokens",
+                "Structured outputs cut short",
                 "Share of sequences under a structured-output constraint (response_format, "
-                "structured_outputs) that max_tokens ended before the constraint did: their "
-                "text does not match it (a JSON document left open).",
+                "structured_outputs, forced tool calls) that max_tokens or a stop sequence "
+                "ended before the constraint did: their text does not match it.",
                 [
                     (
                         "sum by (adapter, version, kind) (rate(loraplex_constrained_outputs_total"
-                        f'{{{adapter_filter}, finish_reason="length"}}[$__rate_interval])) / '
+                        f'{{{adapter_filter}, ended=~"max_tokens|stop_sequence"}}'
+                        "[$__rate_interval])) / "
                         "sum by (adapter, version, kind) (rate(loraplex_constrained_outputs_total"
                         f"{{{adapter_filter}}}[$__rate_interval]))",
                         "{{adapter}} v{{version}} {{kind}}",

@@ -115,6 +115,9 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    # What stopped it, when finish_reason is "stop": the stop string or token id that matched
+    # (vLLM's stop_reason); None for the model's end-of-sequence.
+    stop_reason: str | int | None = None
 
 
 @dataclass

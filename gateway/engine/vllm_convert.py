@@ -105,6 +105,7 @@ def generation_update(output: Any, prompt_tokens: int, top_k: int | None) -> Gen
             token_ids=list(completion.token_ids),
             logprobs=_logprobs(completion, top_k),
             finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason if completion.finish_reason else None,
         )
         for completion in output.outputs
     ]

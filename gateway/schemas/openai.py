@@ -1,7 +1,7 @@
 """OpenAI wire schemas for requests. Unknown fields are accepted (and ignored) as OpenAI does;
-known fields loraplex cannot honour yet (tools) are refused, never ignored: a client that asked
-for a tool call must not get plain text with a 200. Structured outputs are in
-gateway.schemas.structured."""
+known fields loraplex cannot honour yet are refused, never ignored: a client that asked for a
+tool call must not get plain text with a 200. Structured outputs: gateway.schemas.structured;
+tools: gateway.schemas.tools."""
 
 from __future__ import annotations
 
@@ -13,14 +13,25 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from gateway.engine.client import OutputConstraint
 from gateway.schemas.structured import ResponseFormat, StructuredOutputs
+from gateway.schemas.tools import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+    forced_call_constraint,
+    forced_call_schema,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -83,26 +94,23 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    # "tool" is known (so that refusing it can say why) but refused, like tool_calls: the
-    # gateway cannot yet render a tool conversation the way the model's template expects.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    @field_validator("role")
-    @classmethod
-    def _no_tool_role(cls, value: str) -> str:
-        if value == "tool":
-            raise _unsupported("tool messages")
-        return value
-
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:  # an empty list is no call: vLLM drops it too
-            raise _unsupported("assistant messages with tool_calls")
-        return value
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError(
+                "tool_calls_role", "Only assistant messages carry tool_calls."
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError(
+                "tool_call_id_missing", "A tool message needs the tool_call_id it answers."
+            )
+        return self
 
     @field_validator("content")
     @classmethod
@@ -124,9 +132,14 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, str]:
-        """The message as the chat template sees it (vLLM passes `name` through too)."""
-        message = {"role": self.role, "content": self.text()}
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it (vLLM passes `name` through too; an
+        empty tool_calls list is no call, and vLLM drops it too)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
         return message
@@ -216,26 +229,98 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: FalseIfNull = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    parallel_tool_calls: bool | None = None  # before tool_choice: its check reads it
+    # Validated even when left out: with tools, OpenAI's default is "auto".
+    tool_choice: ToolChoice | None = Field(None, validate_default=True)
     # OpenAI's deprecated forms of tools and tool_choice.
     functions: list[Any] | None = None
     function_call: Any = None
+    _forced_call: OutputConstraint | None = PrivateAttr(None)
 
-    @field_validator("tools", "functions")
+    @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+    def _distinct_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in value or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("duplicate_tool", "Tool names must be distinct.")
+        return value or None  # an empty list is no tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_call_loraplex_can_make(
+        cls, value: ToolChoice | None, info: ValidationInfo
+    ) -> ToolChoice | None:
+        tools: list[ToolDefinition] | None = info.data.get("tools")
+        if value in (None, "auto"):
+            if tools:
+                raise PydanticCustomError(
+                    "unsupported",
+                    "loraplex does not support tool_choice 'auto' (the default with tools) "
+                    "yet: a call in free text needs the model's own tool-call parser. Set "
+                    "tool_choice to 'required', a named function, or 'none'.",
+                )
+            return value
+        if value == "none":
+            return value
+        if not tools:
+            raise PydanticCustomError(
+                "tool_choice_without_tools", "tool_choice asks for a call but tools is empty."
+            )
+        if isinstance(value, NamedToolChoice) and value.function.name not in {
+            t.function.name for t in tools
+        }:
+            raise PydanticCustomError(
+                "unknown_tool",
+                "tool_choice names the function {name!r}, which is not in tools.",
+                {"name": value.function.name},
+            )
+        given = info.data.get("response_format")
+        if info.data.get("structured_outputs") is not None or (
+            given is not None and given.type != "text"
+        ):
+            raise PydanticCustomError(
+                "two_constraints",
+                "A forced tool call is already constrained to the tools' schema: send no "
+                "response_format or structured_outputs with it.",
+            )
+        # Here, not only in the model's check, so that an error about it names the field.
+        schema = forced_call_schema(tools, value, info.data.get("parallel_tool_calls"))
+        forced_call_constraint(schema or {})
+        return value
+
+    @field_validator("functions")
+    @classmethod
+    def _no_functions(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
-            raise _unsupported(info.field_name or "tools")
+            raise _unsupported("functions (deprecated: send tools)")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        # "none" asks for no call; "auto" without tools can make none. Anything else asks for one.
+    def _no_function_call(cls, value: Any) -> Any:
         if value not in (None, "none", "auto"):
-            raise _unsupported(f"{info.field_name} other than 'none' or 'auto'")
+            raise _unsupported("function_call (deprecated: send tool_choice)")
         return value
+
+    @model_validator(mode="after")
+    def _forced_call_schema(self) -> ChatCompletionRequest:
+        schema = forced_call_schema(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+        if schema is not None:
+            self._forced_call = forced_call_constraint(schema)
+        return self
+
+    def forced_call(self) -> NamedToolChoice | Literal["required"] | None:
+        """The call the request forces: a named function, any of the tools, or none."""
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice
+        return None
+
+    def output_constraint(self) -> OutputConstraint | None:
+        return self._forced_call or super().output_constraint()
+
+    def tools_for_template(self) -> list[dict[str, Any]] | None:
+        return [tool.for_template() for tool in self.tools] if self.tools else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -17,11 +17,13 @@ from typing import Any
 from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
+    ChoiceDelta,
     EngineClient,
     EngineDead,
     EngineError,
     EngineRejected,
     GenerationUpdate,
+    SamplingOptions,
 )
 from gateway.errors import (
     EngineUnavailable,
@@ -34,6 +36,7 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
+from gateway.schemas.tools import NamedToolChoice
 from gateway.services.generation_job import (
     ChoiceResult,
     GenerationJob,
@@ -42,6 +45,7 @@ from gateway.services.generation_job import (
 )
 from gateway.services.prompts import PromptBuilder
 from gateway.services.sampling import SamplingResolver
+from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
@@ -102,7 +106,9 @@ class GenerationService:
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
         request_id = self._with_receipt(request_id, served, caller)
-        prompt = await self._prompts.chat([m.for_template() for m in body.messages])
+        prompt = await self._prompts.chat(
+            [m.for_template() for m in body.messages], body.tools_for_template()
+        )
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._sampling.options(
             body,
@@ -115,7 +121,14 @@ class GenerationService:
         )
         prompts, options, copies = fan_out_greedy([prompt], options)
         job = GenerationJob(
-            request_id, "chat.completion", body.model, served, prompts, options, copies=copies
+            request_id,
+            "chat.completion",
+            body.model,
+            served,
+            prompts,
+            options,
+            copies=copies,
+            forced_call=_forced_call(body),
         )
         return await self._admit(job, caller, caller_key)
 
@@ -303,7 +316,6 @@ class GenerationService:
     ) -> AsyncGenerator[GenerationUpdate]:
         request_id = job.sub_request_id(prompt_index)
         finished = False
-        tokens = 0
         generation = self._engine.generate(
             request_id, job.prompts[prompt_index], job.options, job.served.adapter
         )
@@ -311,9 +323,8 @@ class GenerationService:
             async with aclosing(generation):
                 async for update in generation:
                     finished = update.finished
-                    tokens += sum(len(choice.token_ids) for choice in update.choices)
                     if any(choice.finish_reason == "error" for choice in update.choices):
-                        raise _ended_in_error(job, tokens)
+                        raise _ended_in_error(job)
                     yield update
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
@@ -345,6 +356,13 @@ class GenerationService:
         return [choices[i] for i in sorted(choices)]
 
 
+def _forced_call(body: ChatCompletionRequest) -> ForcedCall | None:
+    forced = body.forced_call()
+    if forced is None:
+        return None
+    return ForcedCall(forced.function.name if isinstance(forced, NamedToolChoice) else None)
+
+
 def _record(recorder: GenerationRecorder, job: GenerationJob, update: GenerationUpdate) -> None:
     recorder.tokens(
         sum(len(d.token_ids) for d in update.choices),
@@ -357,19 +375,34 @@ def _record(recorder: GenerationRecorder, job: GenerationJob, update: Generation
     if constraint is not None:
         for delta in update.choices:
             if delta.finish_reason:
-                recorder.constrained_end(constraint.kind, delta.finish_reason)
+                recorder.constrained_end(constraint.kind, _ending(delta, job.options))
 
 
-def _ended_in_error(job: GenerationJob, tokens: int) -> LoraplexError:
+def _ending(delta: ChoiceDelta, options: SamplingOptions) -> str:
+    """How a constrained sequence ended, for CONSTRAINED_OUTPUTS: a stop string or stop token
+    the client sent cuts the text before the constraint's end, as max_tokens does; any other
+    stop (the end-of-sequence the constraint allows only once it is whole) completes it."""
+    if delta.finish_reason == "length":
+        return "max_tokens"
+    if delta.finish_reason != "stop":
+        return "other"
+    if delta.stop_reason in options.stop or delta.stop_reason in options.stop_token_ids:
+        return "stop_sequence"
+    return "complete"
+
+
+def _ended_in_error(job: GenerationJob) -> LoraplexError:
     """vLLM ends a request it failed with finish_reason "error" (never a client's answer). In
-    vLLM 0.32, with no KV connector, a constrained request that ends so before its first token
-    is one whose grammar the backend could not compile after the front end's check passed:
-    the client's constraint, a 400 that no version is blamed for. Anything else is the
-    engine's failure."""
+    vLLM 0.32, with no KV connector, a constrained request ends so when its grammar could not
+    be compiled after the front end's check passed, or when its output reached a point where
+    the grammar allows no token at all (a regex no text matches, `root ::= root`): the
+    client's constraint, a 400 no version is blamed for (a tenant could otherwise roll any
+    canary it can reach back). Anything else is the engine's failure."""
     constraint = job.options.constraint
-    if constraint is not None and tokens == 0:
+    if constraint is not None:
         return InvalidRequest(
-            "The engine could not compile this structured output constraint.",
+            "The engine could not compile this structured output constraint, or the output "
+            "reached a point where it allows no token.",
             param=constraint.param,
         )
     return GenerationFailed("The engine failed while generating the response.")

@@ -14,6 +14,7 @@ from gateway.engine.client import GenerationUpdate, SamplingOptions, TokenLogpro
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
+from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowPlan
 
 
@@ -29,6 +30,8 @@ class GenerationJob:
     echo_texts: list[str] | None = None  # completions with echo=true
     # >1 when greedy n was fanned out: each prompt appears `copies` times in a row with n=1.
     copies: int = 1
+    # Chat with a forced tool call: its output is returned as tool_calls, not content.
+    forced_call: ForcedCall | None = None
     # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.
     lease: Lease | None = None
     recorder: GenerationRecorder | None = None

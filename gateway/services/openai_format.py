@@ -11,6 +11,7 @@ from typing import Any
 from gateway.engine.client import ChoiceDelta, GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, typed_error_body, unexpected_error_body
 from gateway.services.generation_job import ChoiceResult, GenerationJob
+from gateway.services.tool_calls import ToolCallStream, message_and_finish
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +79,23 @@ def _envelope(job: GenerationJob, object_name: str) -> dict[str, Any]:
 
 
 def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str, Any]:
-    return {
-        **_envelope(job, "chat.completion"),
-        "choices": [
+    body_choices = []
+    for c in choices:
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish_reason = c.finish_reason
+        if job.forced_call is not None:
+            message, finish_reason = message_and_finish(job.forced_call, c.text, finish_reason)
+        body_choices.append(
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": _chat_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
             }
-            for c in choices
-        ],
+        )
+    return {
+        **_envelope(job, "chat.completion"),
+        "choices": body_choices,
         "usage": usage(job, sum(len(c.token_ids) for c in choices)),
     }
 
@@ -116,9 +123,35 @@ async def chat_stream(
     job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
 ) -> AsyncGenerator[str]:
     """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
+    choice_count = len(job.prompts) * job.options.n
+    if job.forced_call is not None:
+        calls = ToolCallStream(job.forced_call)
+        opening = [_chat_choice(index, calls.opening(index)) for index in range(choice_count)]
+
+        def call_choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+            choices = []
+            for body, logprobs, finish_reason in calls.deltas(index, delta):
+                choice = _chat_choice(index, body, finish_reason=finish_reason)
+                choice["logprobs"] = _chat_logprobs(logprobs)
+                choices.append(choice)
+            return choices
+
+        async with aclosing(
+            _event_stream(
+                job,
+                updates,
+                include_usage,
+                request_id,
+                "chat.completion.chunk",
+                opening,
+                call_choices_of,
+            )
+        ) as events:
+            async for event in events:
+                yield event
+        return
     opening = [
-        _chat_choice(index, {"role": "assistant", "content": ""})
-        for index in range(len(job.prompts) * job.options.n)
+        _chat_choice(index, {"role": "assistant", "content": ""}) for index in range(choice_count)
     ]
 
     def choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ which every other stream would stall.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,14 +26,18 @@ class PromptBuilder:
         self._tokenizer = tokenizer
         self._engine = engine  # its max_model_len is the context (known once it started)
 
-    async def chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """`tools`: the function definitions the template renders (transformers' `tools=`)."""
         template = getattr(self._tokenizer, "chat_template", None)
         if template is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
-        self._refuse_far_too_long([sum(len(m["content"]) for m in messages)], "messages")
+        size = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages)
+        self._refuse_far_too_long([size + len(json.dumps(tools or ""))], "messages")
         if not _knows_developer_role(template):
             messages = _developer_as_system(messages)
-        return await asyncio.to_thread(self._chat_ids, messages)
+        return await asyncio.to_thread(self._chat_ids, messages, tools)
 
     async def completion(
         self, prompt: str | list[str] | list[int] | list[list[int]]
@@ -41,13 +46,15 @@ class PromptBuilder:
         self._refuse_far_too_long([len(t) for t in texts if isinstance(t, str)], "prompt")
         return await asyncio.to_thread(self._completion_prompts, prompt)
 
-    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
         # transformers renders chat templates with jinja2, which it imports only to do so.
         from jinja2 import TemplateError, TemplateSyntaxError
 
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
             )
         except TemplateSyntaxError:
             raise  # the model's template is broken: the server's fault, a 500
@@ -135,7 +142,7 @@ def _knows_developer_role(template: str | dict[str, str]) -> bool:
     return '"developer"' in text or "'developer'" in text
 
 
-def _developer_as_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+def _developer_as_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What vLLM's server does for a template without the `developer` role: developer messages
     become system messages, then every system message is merged into one at the start (some
     templates, Qwen's among them, take a system message only first)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import openai
 import pytest
 from sqlalchemy import make_url
 
@@ -34,3 +35,12 @@ def postgres_database():
         yield make_url(postgres_url()).set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def aclient(gateway):
+    """The official async client on the session gateway, with tenant `demo`'s key."""
+    async with openai.AsyncOpenAI(
+        base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=120
+    ) as client:
+        yield client

@@ -64,6 +64,8 @@ def served(request, gateway, demo, tmp_path_factory):
         LORAPLEX_PAGED_PAGE_SIZE=str(PAGE_SIZE),
         LORAPLEX_ADAPTER_DIR=str(demo.root / ADAPTERS_DIR_NAME),
         LORAPLEX_IMPORT_TENANT=DEMO_TENANT,
+        # The other grammar backend: the constrained fidelity test holds it to the same masks.
+        LORAPLEX_STRUCTURED_OUTPUTS_BACKEND="guidance",
     )
     try:
         running.api_key = issue_key(running, DEMO_TENANT)

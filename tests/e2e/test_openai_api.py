@@ -18,14 +18,6 @@ def client(gateway):
     return openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60)
 
 
-@pytest.fixture
-async def aclient(gateway):
-    async with openai.AsyncOpenAI(
-        base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=60
-    ) as c:
-        yield c
-
-
 def test_models_lists_base_and_every_demo_adapter(client, demo):
     listed = client.models.list().data
     ids = [m.id for m in listed]

@@ -9,7 +9,6 @@ import asyncio
 import json
 
 import httpx
-import openai
 import pytest
 
 from gateway.demo import DEMO_ADAPTERS
@@ -39,14 +38,6 @@ def is_verdict(text: str) -> bool:
         and value["confidence"] in ("low", "medium", "high")
         and isinstance(value["ready"], bool)
     )
-
-
-@pytest.fixture
-async def aclient(gateway):
-    async with openai.AsyncOpenAI(
-        base_url=gateway.v1, api_key=gateway.api_key, max_retries=0, timeout=120
-    ) as client:
-        yield client
 
 
 async def test_every_model_answers_in_the_schema_in_one_mixed_batch(aclient):

@@ -52,6 +52,7 @@ class ScriptedEngine:
         self.tokens_produced = 0
         self.aborted: list[str] = []
         self.calls: list[tuple[str, AdapterHandle | None, SamplingOptions]] = []
+        self.prompts: list[list[int]] = []  # each call's prompt token ids
         # Other words for some adapter versions (by engine id): token i is i where the word
         # equals words[i], else 1000 + i, so outputs share exactly their common prefix.
         self.words_for: dict[int, list[str]] = {}
@@ -73,6 +74,7 @@ class ScriptedEngine:
         adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationUpdate]:
         self.calls.append((request_id, adapter, options))
+        self.prompts.append(list(prompt_token_ids))
         words = self.words_for.get(adapter.engine_id, self.words) if adapter else self.words
         count = min(options.max_tokens, len(words))
         for i in range(count):

@@ -162,6 +162,23 @@ LARGE_SCHEMA = {"type": "object", "description": LARGE}
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"structured_outputs": {"choice": [LARGE]}}, "structured_outputs.choice"),
+        (  # each choice is a branch of the grammar, however short (measured: seconds each)
+            {"structured_outputs": {"choice": [""] * MAX_CONSTRAINT_CHARS}},
+            "structured_outputs.choice",
+        ),
+        (  # nested deeper than Python's JSON decoder goes (was a 500)
+            {"structured_outputs": {"json": "[" * 5000 + "]" * 5000}},
+            "structured_outputs.json",
+        ),
+        (  # the schema under its attribute's name, not the wire's: no schema
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "json_schema": SCHEMA},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"structured_outputs": {"grammar": ""}}, "structured_outputs.grammar"),
         ({"structured_outputs": {"regex": LARGE}}, "structured_outputs.regex"),
         ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
@@ -226,7 +243,10 @@ class FailingEngine(ScriptedEngine):
         (0, {"response_format": {"type": "json_object"}}, 400, "response_format"),
         (0, {"structured_outputs": {"regex": "a"}}, 400, "structured_outputs"),
         (0, {}, 500, None),  # no constraint: the engine's failure
-        (2, {"structured_outputs": {"regex": "a+"}}, 500, None),  # failed mid-output
+        (2, {}, 500, None),
+        # Reached a point where the grammar allows no token (measured: a regex no text
+        # matches, `root ::= root`): the client's constraint, never the version's failure.
+        (2, {"structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
     ],
 )
 def test_a_request_the_engine_ended_in_error_is_never_a_200(
@@ -236,31 +256,60 @@ def test_a_request_the_engine_ended_in_error_is_never_a_200(
         response = chat(client, stream=stream, **extra)
     if stream and tokens:  # the 200 went out with the first token: the stream ends in error
         assert response.status_code == 200
-        assert '"code":"generation_failed"' in response.text, response.text
+        error = json.loads(response.text.split("data: ")[-2])["error"]
+        assert error["param"] == param and ("invalid_request" in error["type"]) == (status == 400)
         assert '"finish_reason":"error"' not in response.text
         return
     assert response.status_code == status, response.text  # was a 200, finish_reason "error"
     assert response.json()["error"]["param"] == param
 
 
+class StoppingEngine(ScriptedEngine):
+    """Ends every choice with finish_reason "stop" and the given stop_reason (vLLM's: the stop
+    string or token id that matched; None for the end-of-sequence)."""
+
+    def __init__(self, stop_reason):
+        super().__init__(["a"])
+        self.stop_reason = stop_reason
+
+    async def generate(self, request_id, prompt_token_ids, options, adapter) -> AsyncIterator:
+        self.calls.append((request_id, adapter, options))
+        delta = ChoiceDelta(
+            index=0, text="a", token_ids=[7], finish_reason="stop", stop_reason=self.stop_reason
+        )
+        yield GenerationUpdate(prompt_tokens=len(prompt_token_ids), choices=[delta], finished=True)
+
+
+def constrained_count(tenant: str, kind: str, ended: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"tenant": tenant, "adapter": "", "version": "", "kind": kind, "ended": ended}
+    return REGISTRY.get_sample_value("loraplex_constrained_outputs_total", labels) or 0.0
+
+
 def test_constrained_sequences_are_counted_by_how_they_ended(ctx):
     """A constrained output cut by max_tokens does not match its constraint: operators see
     how many, per version and kind (loraplex_constrained_outputs_total)."""
-    from prometheus_client import REGISTRY
-
     client, _, _ = ctx
-    labels = {
-        "tenant": client.tenant,
-        "adapter": "",
-        "version": "",
-        "kind": "regex",
-        "finish_reason": "length",
-    }
-
-    def counted() -> float:
-        return REGISTRY.get_sample_value("loraplex_constrained_outputs_total", labels) or 0.0
-
-    before = counted()
+    before = constrained_count(client.tenant, "regex", "max_tokens")
     assert chat(client, n=3, temperature=1, structured_outputs={"regex": "a+"}).is_success
     assert chat(client).is_success  # unconstrained: not counted
-    assert counted() == before + 3
+    assert constrained_count(client.tenant, "regex", "max_tokens") == before + 3
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "extra", "ended"),
+    [
+        (None, {}, "complete"),  # the end-of-sequence: the grammar allowed it, the text is whole
+        ("a", {"stop": ["a"]}, "stop_sequence"),  # the client's stop string cut it
+        (5, {"stop_token_ids": [5]}, "stop_sequence"),
+        (9, {}, "complete"),  # a stop token of the model's (generation_config), not the client's
+    ],
+)
+def test_a_constrained_output_a_stop_sequence_cut_is_not_counted_complete(
+    demo_root, stop_reason, extra, ended
+):
+    with openai_context(demo_root, StoppingEngine(stop_reason)) as (client, _, _):
+        response = chat(client, structured_outputs={"choice": ["a", "b"]}, **extra)
+        assert response.status_code == 200, response.text
+        assert constrained_count(client.tenant, "choice", ended) == 1

@@ -215,16 +215,16 @@ def test_an_empty_task_success_minimum_turns_the_feedback_rule_off(monkeypatch, 
     assert Settings().rollout_min_task_success == expected
 
 
-def test_structured_outputs_settings_reach_the_engine_and_compact_json_needs_a_backend():
-    """vLLM refuses compact JSON with its auto backend only when the engine starts (seconds
-    in): the settings refuse it at once, and what they allow reaches the engine's config."""
+def test_structured_outputs_settings_reach_the_engine_with_one_backend():
+    """No "auto": vLLM's engine core compiles every constraint with the backend of the first
+    it saw, whatever backend its front end checked a later one with."""
     from gateway.engine.vllm_embedded import EmbeddedVLLM
 
-    with pytest.raises(ValidationError, match="structured_outputs_backend"):
-        Settings(structured_outputs_compact_json=True)
-    with pytest.raises(ValidationError, match="structured_outputs_backend"):
-        Settings(structured_outputs_backend="outlines")
-    for backend, compact in (("auto", False), ("xgrammar", True), ("guidance", True)):
+    assert Settings().structured_outputs_backend == "xgrammar"
+    for refused in ("auto", "outlines"):
+        with pytest.raises(ValidationError, match="structured_outputs_backend"):
+            Settings(structured_outputs_backend=refused)
+    for backend, compact in (("xgrammar", False), ("xgrammar", True), ("guidance", True)):
         settings = Settings(
             structured_outputs_backend=backend, structured_outputs_compact_json=compact
         )

@@ -1,0 +1,141 @@
+"""Tool calling on the wire (OpenAI's chat `tools`, `tool_choice`, tool messages) and the
+constraint that makes a forced call well-formed.
+
+A forced call (`tool_choice` "required" or a named function) is generated under a JSON schema
+built from the tools (as vLLM's server builds it), so its arguments match the function's
+`parameters` by construction, whatever the model or adapter. "auto" would need the model's own
+tool-call syntax parsed out of free text (a per-model parser): refused until loraplex has one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from gateway.engine.client import OutputConstraint
+from gateway.schemas.structured import MAX_CONSTRAINT_CHARS
+
+# OpenAI's limits: at most 128 tools, names of letters, digits, _ and - up to 64.
+MAX_TOOLS = 128
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI's unknown fields are ignored
+
+
+class FunctionDefinition(WireModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # enforced either way, as for response_format
+
+
+class ToolDefinition(WireModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def for_template(self) -> dict[str, Any]:
+        """As chat templates take tools (transformers' apply_chat_template(tools=...))."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class FunctionName(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        """Arguments as a dict: what tool-use chat templates expect. Text that is not a JSON
+        object becomes {}, as vLLM's server does: the call is history, and refusing it would
+        fail every later turn of the conversation."""
+        try:
+            arguments = json.loads(self.function.arguments) if self.function.arguments else {}
+        except json.JSONDecodeError:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            arguments = {}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": arguments},
+        }
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def forced_call_schema(
+    tools: list[ToolDefinition], choice: ToolChoice | None, parallel: bool | None
+) -> dict[str, Any] | None:
+    """The JSON schema a forced call is generated under; None when no call is forced.
+
+    Named: the function's parameters (any object when it has none). Required: an array of at
+    least one {"name", "parameters"} object, each name with its own parameters (at most one
+    call when parallel_tool_calls is false). Each tool's `$defs` move to the root, where
+    their `#/$defs/...` references point once the parameters are nested."""
+    if isinstance(choice, NamedToolChoice):
+        wanted = next(t for t in tools if t.function.name == choice.function.name)
+        return wanted.function.parameters or dict(EMPTY_PARAMETERS)
+    if choice != "required":
+        return None
+    definitions: dict[str, Any] = {}
+    calls = []
+    for tool in tools:
+        parameters = copy.deepcopy(tool.function.parameters) or dict(EMPTY_PARAMETERS)
+        for name, definition in (parameters.pop("$defs", None) or {}).items():
+            if definitions.setdefault(name, definition) != definition:
+                raise PydanticCustomError(
+                    "conflicting_defs",
+                    "Two tools define $defs/{name} differently; one call schema cannot hold both.",
+                    {"name": name},
+                )
+        calls.append(
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.function.name]},
+                    "parameters": parameters,
+                },
+                "required": ["name", "parameters"],
+            }
+        )
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "object", "anyOf": calls},
+    }
+    if parallel is False:
+        schema["maxItems"] = 1
+    if definitions:
+        schema["$defs"] = definitions
+    return schema
+
+
+def forced_call_constraint(schema: dict[str, Any]) -> OutputConstraint:
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text) > MAX_CONSTRAINT_CHARS:
+        raise PydanticCustomError(
+            "constraint_too_large",
+            "The tools' call schema is {size} characters; at most {limit} are allowed.",
+            {"size": len(text), "limit": MAX_CONSTRAINT_CHARS},
+        )
+    return OutputConstraint("json", text, "tools")
