@@ -224,6 +224,7 @@ def create_app(
                 mirror,
                 prefix_cache_per_tenant=settings.prefix_cache_scope == "tenant",
                 response_ids=response_ids,
+                loop_guard=settings.loop_guard(),
             )
             app.state.engine = served_engine
             freeze_startup_heap()

@@ -170,6 +170,13 @@ CONSTRAINED_OUTPUTS = Counter(
     [*SCOPE, "kind", "ended"],
 )
 
+LOOP_STOPS = Counter(
+    "loraplex_loop_stops",
+    "Sequences the loop guard ended (finish_reason repetition: the same token n-gram repeated "
+    "min_count times in a row), by the version that generated them.",
+    SCOPE,
+)
+
 # --- shadow (a candidate version mirrored the stable's requests; its output discarded) ----
 # Divergence: 0 = the candidate generated the stable's tokens exactly, 1 = from the first token.
 DIVERGENCE_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)

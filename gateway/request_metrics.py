@@ -29,6 +29,7 @@ from gateway.http_utils import route_path
 from gateway.metrics import (
     COMPLETION_TOKENS,
     CONSTRAINED_OUTPUTS,
+    LOOP_STOPS,
     PROMPT_TOKENS,
     REQUEST_DURATION,
     REQUESTS,
@@ -116,6 +117,10 @@ class GenerationRecorder:
     def constrained_end(self, kind: str, ended: str) -> None:
         """One sequence under a structured-output constraint ended so (CONSTRAINED_OUTPUTS)."""
         CONSTRAINED_OUTPUTS.labels(*self._labels(), kind, ended).inc()
+
+    def loop_stopped(self) -> None:
+        """The loop guard ended one of this request's sequences."""
+        LOOP_STOPS.labels(*self._labels()).inc()
 
     def _labels(self) -> tuple[str, str, str]:
         return self.scope.tenant, self.scope.adapter, self.scope.version

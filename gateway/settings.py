@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.engine.client import LoopGuard
+from gateway.schemas.loop_guard import MAX_LOOP_COUNT, MAX_LOOP_PATTERN
 from kernels.vllm_plugin import (
     ADMISSION_ENV,
     DEFAULT_KERNEL,
@@ -201,6 +203,13 @@ class Settings(BaseSettings):
         description="JSON outputs without free whitespace between tokens (a small or weak "
         "model can otherwise pad JSON with whitespace up to max_tokens).",
     )
+    # Loop guard (gateway.schemas.loop_guard): an output repeating one n-gram of up to
+    # loop_guard_max_pattern tokens loop_guard_min_count times in a row ends with
+    # finish_reason "repetition". Off (0) by default: a table or a list repeats by design.
+    loop_guard_max_pattern: int = Field(
+        0, ge=0, le=MAX_LOOP_PATTERN, description="Longest repeated n-gram in tokens; 0 = off."
+    )
+    loop_guard_min_count: int = Field(8, ge=2, le=MAX_LOOP_COUNT)
     engine_start_timeout_s: float = Field(600, gt=0)
 
     # Paged adapter pool inside vLLM (kernels/README.md): adapter weights live in pages bounded
@@ -326,6 +335,12 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
         return value
+
+    def loop_guard(self) -> LoopGuard | None:
+        """The deployment's loop guard for requests that send none; None when off."""
+        if self.loop_guard_max_pattern == 0:
+            return None
+        return LoopGuard(self.loop_guard_max_pattern, 0, self.loop_guard_min_count)
 
     @model_validator(mode="after")
     def _paged_pool_sized(self) -> Settings:

@@ -1,5 +1,5 @@
-"""Dashboard panels about what callers got: their verdicts (POST /v1/feedback) and whether
-constrained outputs came out whole."""
+"""Dashboard panels about what callers got: their verdicts (POST /v1/feedback), whether
+constrained outputs came out whole, and loops the guard stopped."""
 
 from __future__ import annotations
 
@@ -63,6 +63,23 @@ def outcome_panels(adapter_filter: str) -> list[Member]:
                     )
                 ],
                 unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Loops stopped",
+                "Sequences the loop guard ended (finish_reason repetition: one token n-gram "
+                "repeated min_count times in a row) per version: an adapter that loops.",
+                [
+                    (
+                        "sum by (adapter, version) "
+                        f"(rate(loraplex_loop_stops_total{{{adapter_filter}}}[$__rate_interval]))",
+                        "{{adapter}} v{{version}}",
+                    )
+                ],
+                unit="reqps",
             ),
             8,
             8,

@@ -71,6 +71,16 @@ class OutputConstraint:
 
 
 @dataclass(frozen=True)
+class LoopGuard:
+    """End an output that repeats one n-gram of `min_pattern`..`max_pattern` tokens
+    `min_count` times in a row (vLLM's repetition detection; finish_reason "repetition")."""
+
+    max_pattern: int
+    min_pattern: int
+    min_count: int
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int
     # None: the engine's own default.
@@ -97,6 +107,7 @@ class SamplingOptions:
     # starts cannot tell one tenant what another has sent.
     cache_salt: str | None = None
     constraint: OutputConstraint | None = None
+    loop_guard: LoopGuard | None = None
 
 
 @dataclass(frozen=True)

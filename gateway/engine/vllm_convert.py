@@ -59,6 +59,15 @@ def sampling_params(options: SamplingOptions) -> Any:
             kwargs[name] = value
     if options.constraint is not None:
         kwargs["structured_outputs"] = structured_outputs(options.constraint)
+    if options.loop_guard is not None:
+        from vllm.sampling_params import RepetitionDetectionParams
+
+        guard = options.loop_guard
+        kwargs["repetition_detection"] = RepetitionDetectionParams(
+            max_pattern_size=guard.max_pattern,
+            min_pattern_size=guard.min_pattern,
+            min_count=guard.min_count,
+        )
     return SamplingParams(**kwargs)
 
 

@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from gateway.engine.client import OutputConstraint
+from gateway.schemas.loop_guard import RepetitionDetection
 from gateway.schemas.structured import ResponseFormat, StructuredOutputs
 from gateway.schemas.tools import (
     MAX_TOOLS,
@@ -171,6 +172,7 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)  # at most max_tokens: the service's check
     stop_token_ids: list[StrictInt] | None = None  # in the vocabulary: the service's check
     structured_outputs: StructuredOutputs | None = None
+    repetition_detection: RepetitionDetection | None = None  # None: the deployment's guard
 
     @field_validator("stop")
     @classmethod

@@ -23,6 +23,7 @@ from gateway.engine.client import (
     EngineError,
     EngineRejected,
     GenerationUpdate,
+    LoopGuard,
     SamplingOptions,
 )
 from gateway.errors import (
@@ -72,6 +73,7 @@ class GenerationService:
         shadow: ShadowMirror | None = None,
         prefix_cache_per_tenant: bool = True,
         response_ids: ResponseIds | None = None,
+        loop_guard: LoopGuard | None = None,
     ):
         self._engine = engine
         self._response_ids = response_ids
@@ -83,7 +85,11 @@ class GenerationService:
         self._faults = faults
         self._shadow = shadow
         self._sampling = SamplingResolver(
-            engine, limiter, self._prompts, prefix_cache_per_tenant=prefix_cache_per_tenant
+            engine,
+            limiter,
+            self._prompts,
+            prefix_cache_per_tenant=prefix_cache_per_tenant,
+            loop_guard=loop_guard,
         )
 
     # ---- preparing -------------------------------------------------------------------------
@@ -372,10 +378,11 @@ def _record(recorder: GenerationRecorder, job: GenerationJob, update: Generation
         timed=job.options.stream or not update.finished,
     )
     constraint = job.options.constraint
-    if constraint is not None:
-        for delta in update.choices:
-            if delta.finish_reason:
-                recorder.constrained_end(constraint.kind, _ending(delta, job.options))
+    for delta in update.choices:
+        if delta.finish_reason == "repetition":
+            recorder.loop_stopped()
+        if delta.finish_reason and constraint is not None:
+            recorder.constrained_end(constraint.kind, _ending(delta, job.options))
 
 
 def _ending(delta: ChoiceDelta, options: SamplingOptions) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.engine.client import EngineClient, SamplingOptions
+from gateway.engine.client import EngineClient, LoopGuard, SamplingOptions
 from gateway.errors import ContextLengthExceeded, InvalidRequest, LoraplexError
 from gateway.limits import TenantLimiter
 from gateway.schemas.openai import ChatCompletionRequest, SamplingFields
@@ -34,7 +34,10 @@ class SamplingResolver:
         prompts: PromptBuilder,
         *,
         prefix_cache_per_tenant: bool = True,
+        loop_guard: LoopGuard | None = None,
     ):
+        """`loop_guard`: the deployment's, for requests that send no repetition_detection."""
+        self._loop_guard = loop_guard
         self._engine = engine  # its max_model_len is the context (known once it started)
         self._limiter = limiter
         self._prompts = prompts
@@ -88,6 +91,11 @@ class SamplingResolver:
             stream=body.stream,
             cache_salt=caller.tenant if self._prefix_cache_per_tenant else None,
             constraint=constraint,
+            loop_guard=(
+                body.repetition_detection.guard()
+                if body.repetition_detection is not None
+                else self._loop_guard
+            ),
             **picked,
         )
 
