@@ -166,7 +166,8 @@ CONSTRAINED_OUTPUTS = Counter(
     "Sequences generated under a structured-output constraint (response_format, "
     "structured_outputs, a forced tool call), by how they ended. kind: json, json_object, regex, "
     "choice, grammar. ended: complete (the constraint's end: the text matches it), max_tokens "
-    "or stop_sequence (cut before it: the text does not match), other.",
+    "or stop_sequence (a stop string the client sent: cut before it, the text does not "
+    "match), other.",
     [*SCOPE, "kind", "ended"],
 )
 

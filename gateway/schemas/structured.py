@@ -140,7 +140,11 @@ class StructuredOutputs(BaseModel):
         # Each choice is one branch of the grammar however short: millions of empty strings
         # took the engine seconds per request. Counted as the JSON list they are.
         if value is not None:
-            size = sum(len(json.dumps(choice)) + 1 for choice in value)
+            # Two quotes and a comma each, before encoding anything: one dumps of millions
+            # of items held the event loop for seconds.
+            if 3 * len(value) > MAX_CONSTRAINT_CHARS:
+                raise _too_large(3 * len(value))
+            size = len(json.dumps(value))
             if size > MAX_CONSTRAINT_CHARS:
                 raise _too_large(size)
         return value

@@ -9,11 +9,10 @@ tool-call syntax parsed out of free text (a per-model parser): refused until lor
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.engine.client import OutputConstraint
@@ -23,6 +22,12 @@ from gateway.schemas.structured import MAX_CONSTRAINT_CHARS
 MAX_TOOLS = 128
 FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+# Where JSON Schema keeps the definitions that "#/$defs/..." (2019+) and "#/definitions/..."
+# (draft 7: zod-to-json-schema, older pydantic) references point to: the root.
+DEFINITION_KEYS = ("$defs", "definitions")
+# vLLM's nesting limit for schemas (check_json_nesting). Replayed call arguments nested deeper
+# are not rendered either: the chat template's tojson recurses once per level.
+MAX_SCHEMA_DEPTH = MAX_ARGUMENT_DEPTH = 64
 
 
 class WireModel(BaseModel):
@@ -34,6 +39,31 @@ class FunctionDefinition(WireModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # enforced either way, as for response_format
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if _deeper_than(value, MAX_SCHEMA_DEPTH):  # vLLM's limit for schemas, checked early
+            raise PydanticCustomError(
+                "parameters_too_deep",
+                "A function's parameters may nest at most {limit} levels deep.",
+                {"limit": MAX_SCHEMA_DEPTH},
+            )
+        # OpenAI's arguments are a JSON object: a string schema made string arguments.
+        if value.get("type", "object") != "object":
+            raise PydanticCustomError(
+                "parameters_not_object", "A function's parameters must describe a JSON object."
+            )
+        for key in DEFINITION_KEYS:
+            if not isinstance(value.get(key, {}), dict):
+                raise PydanticCustomError(
+                    "definitions_not_object",
+                    "{key} in a function's parameters must be an object.",
+                    {"key": key},
+                )
+        return value
 
 
 class ToolDefinition(WireModel):
@@ -56,7 +86,8 @@ class NamedToolChoice(WireModel):
 
 class FunctionCall(WireModel):
     name: str
-    arguments: str  # JSON text, as OpenAI sends and returns it
+    # JSON text, as OpenAI sends and returns it; an object or null, as some clients replay it.
+    arguments: str | dict[str, Any] | None = None
 
 
 class ToolCall(WireModel):
@@ -65,14 +96,17 @@ class ToolCall(WireModel):
     function: FunctionCall
 
     def for_template(self) -> dict[str, Any]:
-        """Arguments as a dict: what tool-use chat templates expect. Text that is not a JSON
-        object becomes {}, as vLLM's server does: the call is history, and refusing it would
-        fail every later turn of the conversation."""
-        try:
-            arguments = json.loads(self.function.arguments) if self.function.arguments else {}
-        except json.JSONDecodeError:
-            arguments = {}
-        if not isinstance(arguments, dict):
+        """Arguments as a dict: what tool-use chat templates expect. Anything that is not a
+        JSON object (nested at most MAX_ARGUMENT_DEPTH deep) becomes {}, as vLLM's server does
+        with what is not JSON: the call is history, and refusing it would fail every later
+        turn of the conversation."""
+        arguments: Any = self.function.arguments or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError):  # not JSON; nested past the decoder's limit
+                arguments = {}
+        if not isinstance(arguments, dict) or _deeper_than(arguments, MAX_ARGUMENT_DEPTH):
             arguments = {}
         return {
             "id": self.id,
@@ -91,24 +125,26 @@ def forced_call_schema(
 
     Named: the function's parameters (any object when it has none). Required: an array of at
     least one {"name", "parameters"} object, each name with its own parameters (at most one
-    call when parallel_tool_calls is false). Each tool's `$defs` move to the root, where
-    their `#/$defs/...` references point once the parameters are nested."""
+    call when parallel_tool_calls is false). Each tool's `$defs` and
+    `definitions` move to the root, where their references point once the parameters are nested."""
     if isinstance(choice, NamedToolChoice):
         wanted = next(t for t in tools if t.function.name == choice.function.name)
         return wanted.function.parameters or dict(EMPTY_PARAMETERS)
     if choice != "required":
         return None
-    definitions: dict[str, Any] = {}
+    definitions: dict[str, dict[str, Any]] = {}
     calls = []
     for tool in tools:
-        parameters = copy.deepcopy(tool.function.parameters) or dict(EMPTY_PARAMETERS)
-        for name, definition in (parameters.pop("$defs", None) or {}).items():
-            if definitions.setdefault(name, definition) != definition:
-                raise PydanticCustomError(
-                    "conflicting_defs",
-                    "Two tools define $defs/{name} differently; one call schema cannot hold both.",
-                    {"name": name},
-                )
+        parameters = dict(tool.function.parameters or EMPTY_PARAMETERS)  # what moves is popped
+        for key in DEFINITION_KEYS:
+            for name, definition in (parameters.pop(key, None) or {}).items():
+                if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
+                    raise PydanticCustomError(
+                        "conflicting_defs",
+                        "Two tools define {key}/{name} differently; one call schema for all "
+                        "the tools cannot hold both.",
+                        {"key": key, "name": name},
+                    )
         calls.append(
             {
                 "properties": {
@@ -125,9 +161,23 @@ def forced_call_schema(
     }
     if parallel is False:
         schema["maxItems"] = 1
-    if definitions:
-        schema["$defs"] = definitions
+    schema.update(definitions)
     return schema
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests lists or objects more than `limit` deep (iteratively: what
+    is too deep for recursion is exactly what this must measure)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return False
 
 
 def forced_call_constraint(schema: dict[str, Any]) -> OutputConstraint:

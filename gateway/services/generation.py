@@ -260,6 +260,8 @@ class GenerationService:
         except Exception as exc:
             if recorder is not None:
                 recorder.failed = _the_versions_fault(exc)
+                if isinstance(exc, LoraplexError) and exc.status_code < 500:
+                    recorder.refused_status = exc.status_code
             if not received:  # the client got none of its output
                 job.ran = False
             raise
@@ -386,14 +388,15 @@ def _record(recorder: GenerationRecorder, job: GenerationJob, update: Generation
 
 
 def _ending(delta: ChoiceDelta, options: SamplingOptions) -> str:
-    """How a constrained sequence ended, for CONSTRAINED_OUTPUTS: a stop string or stop token
-    the client sent cuts the text before the constraint's end, as max_tokens does; any other
-    stop (the end-of-sequence the constraint allows only once it is whole) completes it."""
+    """How a constrained sequence ended, for CONSTRAINED_OUTPUTS: a stop string the client
+    sent cuts the text wherever it matches, as max_tokens does. A stop token cannot: vLLM
+    hands every stop token to the grammar as its end (xgrammar's override_stop_tokens), so it
+    is sampled only where the constrained text is whole, as the end-of-sequence is."""
     if delta.finish_reason == "length":
         return "max_tokens"
     if delta.finish_reason != "stop":
         return "other"
-    if delta.stop_reason in options.stop or delta.stop_reason in options.stop_token_ids:
+    if isinstance(delta.stop_reason, str) and delta.stop_reason in options.stop:
         return "stop_sequence"
     return "complete"
 

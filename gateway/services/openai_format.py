@@ -230,7 +230,13 @@ async def _event_stream(
                 return
             index, delta = item
             completion_tokens += len(delta.token_ids)
-            for choice in choices_of(index, delta):
+            try:
+                choices = choices_of(index, delta)
+            except Exception:  # a bug in shaping the chunk: end the stream as any failure does
+                logger.exception("could not shape a chunk of request %s", request_id)
+                yield sse(unexpected_error_body(request_id)) + DONE
+                return
+            for choice in choices:
                 yield sse({**envelope, **extra, "choices": [choice]})
     if include_usage:
         yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})

@@ -41,7 +41,7 @@ def parse_required(text: str) -> list[tuple[str, str]] | None:
     (cut by max_tokens or a stop sequence)."""
     try:
         calls = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # cut short; nested or a number past the decoder
         return None
     if not isinstance(calls, list) or not calls:
         return None

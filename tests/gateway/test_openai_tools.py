@@ -314,3 +314,88 @@ def test_a_tool_request_loraplex_cannot_honour_is_a_400_before_the_engine(
     assert (error["type"], error["param"]) == ("invalid_request_error", param), error
     assert ("loraplex does not support" in error["message"]) == unsupported, error
     assert engine.calls == []
+
+
+DEEP = "[" * 5000 + "]" * 5000
+HUGE = '{"n":' + "1" * 4400 + "}"  # past Python's int-from-text digit limit
+
+
+@pytest.mark.parametrize("arguments", [DEEP, HUGE, '{"a":' * 65 + "1" + "}" * 65, "[1]", None])
+def test_replayed_arguments_that_are_no_renderable_object_become_empty(demo_root, arguments):
+    """As vLLM's server does with arguments that are not JSON: the call is history (a 500
+    here failed every later turn, and counted against the version)."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    tokenizer = AutoTokenizer.from_pretrained(demo_root / "base")
+    with openai_context(demo_root, engine_writing("ok")) as (client, _, engine):
+        response = chat(client, messages=messages)
+    assert response.status_code == 200, response.text
+    assert '{"name": "f", "parameters": {}}' in tokenizer.decode(engine.prompts[-1])
+
+
+def test_replayed_arguments_as_an_object_are_rendered(demo_root):
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    tokenizer = AutoTokenizer.from_pretrained(demo_root / "base")
+    with openai_context(demo_root, engine_writing("ok")) as (client, _, engine):
+        assert chat(client, messages=messages).status_code == 200
+    assert '{"name": "f", "parameters": {"x": 1}}' in tokenizer.decode(engine.prompts[-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("output", [DEEP, '[{"name":"get_time","parameters":' + HUGE + "}]"])
+def test_a_required_output_past_the_json_decoder_is_text_not_a_500(demo_root, output, stream):
+    with openai_context(demo_root, engine_writing(output)) as (client, _, _):
+        response = chat(client, tools=[TIME], tool_choice="required", stream=stream)
+    assert response.status_code == 200, response.text
+    if stream:
+        deltas = [c["choices"][0] for c in sse_chunks(response)]
+        assert deltas[1]["delta"] == {"content": output} and deltas[2]["finish_reason"] == "stop"
+    else:
+        assert response.json()["choices"][0]["message"] == {"role": "assistant", "content": output}
+
+
+def test_draft_7_definitions_move_to_the_root_of_the_required_schema(demo_root):
+    ref = {"$ref": "#/definitions/city"}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"where": ref},
+                "definitions": {"city": {"type": "string"}},
+            },
+        },
+    }
+    with openai_context(demo_root, engine_writing("[]")) as (client, _, engine):
+        assert chat(client, tools=[tool], tool_choice="required").status_code == 200
+    schema = json.loads(engine.calls[-1][2].constraint.spec)
+    assert schema["definitions"] == {"city": {"type": "string"}} and "$defs" not in schema
+    parameters = schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert parameters == {"type": "object", "properties": {"where": ref}}
+
+
+def nested(depth: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "object", "$defs": [1]},  # was a 500 (AttributeError)
+        {"type": "object", "definitions": "x"},
+        nested(200),  # was a 500 (RecursionError) deeper still
+        {"type": "string"},  # OpenAI's arguments are an object
+    ],
+)
+def test_parameters_that_cannot_make_an_object_call_are_a_400(demo_root, parameters):
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    with openai_context(demo_root, engine_writing("x")) as (client, _, engine):
+        response = chat(client, tools=[tool], tool_choice="required")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tools.0.function.parameters"
+    assert engine.calls == []
