@@ -225,6 +225,7 @@ def create_app(
                 prefix_cache_per_tenant=settings.prefix_cache_scope == "tenant",
                 response_ids=response_ids,
                 loop_guard=settings.loop_guard(),
+                grammar_ends_at_stop_tokens=settings.structured_outputs_backend == "xgrammar",
             )
             app.state.engine = served_engine
             freeze_startup_heap()

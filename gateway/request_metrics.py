@@ -72,9 +72,10 @@ class GenerationRecorder:
     finished: bool = False
     completed: bool = False  # the engine finished every sequence (not aborted, not failed)
     failed: bool = False  # an error ended it after the response had started
-    # The client's error (a 4xx) ended it after the response had started, e.g. its constraint
-    # allowing no token: recorded with that status, not as a client that left.
-    refused_status: int | None = None
+    # The status of the error that ended it after the response had started (a constraint
+    # allowing no token: 400; a chunk the gateway could not shape: 500): recorded with it, not
+    # as a client that left. Whether it is the version's fault is `failed`.
+    error_status: int | None = None
     finished_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -157,7 +158,7 @@ class RequestMetricsMiddleware:
             recorder: GenerationRecorder | None = state.get("generation")
             if recorder is not None and status == 200 and not recorder.completed:
                 # A stream that started with 200 and ended early: failed, or the client left.
-                status = recorder.refused_status or (500 if recorder.failed else CLIENT_CLOSED)
+                status = recorder.error_status or (500 if recorder.failed else CLIENT_CLOSED)
             labels: MetricScope = state.get("metric_scope") or MetricScope()
             REQUESTS.labels(labels.tenant, labels.adapter, labels.version, route, str(status)).inc()
             outcome = duration_outcome(status)

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.engine.client import LoopGuard
-from gateway.schemas.loop_guard import MAX_LOOP_COUNT, MAX_LOOP_PATTERN
+from gateway.schemas.loop_guard import MAX_LOOP_COUNT, MAX_LOOP_PATTERN, check_loop_work
 from kernels.vllm_plugin import (
     ADMISSION_ENV,
     DEFAULT_KERNEL,
@@ -335,6 +335,12 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _loop_guard_bounded(self) -> Settings:
+        if self.loop_guard_max_pattern:
+            check_loop_work(self.loop_guard_max_pattern, self.loop_guard_min_count)
+        return self
 
     def loop_guard(self) -> LoopGuard | None:
         """The deployment's loop guard for requests that send none; None when off."""

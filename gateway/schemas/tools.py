@@ -25,9 +25,6 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 # Where JSON Schema keeps the definitions that "#/$defs/..." (2019+) and "#/definitions/..."
 # (draft 7: zod-to-json-schema, older pydantic) references point to: the root.
 DEFINITION_KEYS = ("$defs", "definitions")
-# vLLM's nesting limit for schemas (check_json_nesting). Replayed call arguments nested deeper
-# are not rendered either: the chat template's tojson recurses once per level.
-MAX_SCHEMA_DEPTH = MAX_ARGUMENT_DEPTH = 64
 
 
 class WireModel(BaseModel):
@@ -45,19 +42,14 @@ class FunctionDefinition(WireModel):
     def _an_object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return value
-        if _deeper_than(value, MAX_SCHEMA_DEPTH):  # vLLM's limit for schemas, checked early
-            raise PydanticCustomError(
-                "parameters_too_deep",
-                "A function's parameters may nest at most {limit} levels deep.",
-                {"limit": MAX_SCHEMA_DEPTH},
-            )
         # OpenAI's arguments are a JSON object: a string schema made string arguments.
-        if value.get("type", "object") != "object":
+        kind = value.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
             raise PydanticCustomError(
                 "parameters_not_object", "A function's parameters must describe a JSON object."
             )
         for key in DEFINITION_KEYS:
-            if not isinstance(value.get(key, {}), dict):
+            if not isinstance(value.get(key) or {}, dict):
                 raise PydanticCustomError(
                     "definitions_not_object",
                     "{key} in a function's parameters must be an object.",
@@ -97,16 +89,16 @@ class ToolCall(WireModel):
 
     def for_template(self) -> dict[str, Any]:
         """Arguments as a dict: what tool-use chat templates expect. Anything that is not a
-        JSON object (nested at most MAX_ARGUMENT_DEPTH deep) becomes {}, as vLLM's server does
-        with what is not JSON: the call is history, and refusing it would fail every later
-        turn of the conversation."""
+        JSON object becomes {}, as vLLM's server does with what is not JSON: the call is
+        history, and refusing it would fail every later turn of the conversation."""
         arguments: Any = self.function.arguments or {}
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except (ValueError, RecursionError):  # not JSON; nested past the decoder's limit
                 arguments = {}
-        if not isinstance(arguments, dict) or _deeper_than(arguments, MAX_ARGUMENT_DEPTH):
+        # What the decoder read, the template's tojson writes back: no depth check needed.
+        if not isinstance(arguments, dict):
             arguments = {}
         return {
             "id": self.id,
@@ -163,21 +155,6 @@ def forced_call_schema(
         schema["maxItems"] = 1
     schema.update(definitions)
     return schema
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether JSON `value` nests lists or objects more than `limit` deep (iteratively: what
-    is too deep for recursion is exactly what this must measure)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return False
 
 
 def forced_call_constraint(schema: dict[str, Any]) -> OutputConstraint:

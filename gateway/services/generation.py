@@ -74,7 +74,11 @@ class GenerationService:
         prefix_cache_per_tenant: bool = True,
         response_ids: ResponseIds | None = None,
         loop_guard: LoopGuard | None = None,
+        grammar_ends_at_stop_tokens: bool = True,
     ):
+        """`grammar_ends_at_stop_tokens`: the grammar backend allows a stop token only where
+        the constrained text may end (vLLM's xgrammar backend; guidance does not)."""
+        self._grammar_ends_at_stop_tokens = grammar_ends_at_stop_tokens
         self._engine = engine
         self._response_ids = response_ids
         self._catalog = catalog
@@ -247,7 +251,7 @@ class GenerationService:
                     if update.cached_prompt_tokens is not None:
                         job.cached_by_prompt[index] = update.cached_prompt_tokens
                     if recorder is not None:
-                        _record(recorder, job, update)
+                        _record(recorder, job, update, self._grammar_ends_at_stop_tokens)
                     if job.shadow is not None:
                         job.shadow.observe(index, update)
                     yield index, update
@@ -260,8 +264,7 @@ class GenerationService:
         except Exception as exc:
             if recorder is not None:
                 recorder.failed = _the_versions_fault(exc)
-                if isinstance(exc, LoraplexError) and exc.status_code < 500:
-                    recorder.refused_status = exc.status_code
+                recorder.error_status = exc.status_code if isinstance(exc, LoraplexError) else 500
             if not received:  # the client got none of its output
                 job.ran = False
             raise
@@ -371,7 +374,12 @@ def _forced_call(body: ChatCompletionRequest) -> ForcedCall | None:
     return ForcedCall(forced.function.name if isinstance(forced, NamedToolChoice) else None)
 
 
-def _record(recorder: GenerationRecorder, job: GenerationJob, update: GenerationUpdate) -> None:
+def _record(
+    recorder: GenerationRecorder,
+    job: GenerationJob,
+    update: GenerationUpdate,
+    grammar_ends_at_stop_tokens: bool,
+) -> None:
     recorder.tokens(
         sum(len(d.token_ids) for d in update.choices),
         produced_at=update.first_token_at,
@@ -384,19 +392,23 @@ def _record(recorder: GenerationRecorder, job: GenerationJob, update: Generation
         if delta.finish_reason == "repetition":
             recorder.loop_stopped()
         if delta.finish_reason and constraint is not None:
-            recorder.constrained_end(constraint.kind, _ending(delta, job.options))
+            ending = _ending(delta, job.options, grammar_ends_at_stop_tokens)
+            recorder.constrained_end(constraint.kind, ending)
 
 
-def _ending(delta: ChoiceDelta, options: SamplingOptions) -> str:
+def _ending(delta: ChoiceDelta, options: SamplingOptions, grammar_ends_at_stop_tokens: bool) -> str:
     """How a constrained sequence ended, for CONSTRAINED_OUTPUTS: a stop string the client
-    sent cuts the text wherever it matches, as max_tokens does. A stop token cannot: vLLM
-    hands every stop token to the grammar as its end (xgrammar's override_stop_tokens), so it
-    is sampled only where the constrained text is whole, as the end-of-sequence is."""
-    if delta.finish_reason == "length":
-        return "max_tokens"
+    sent cuts the text wherever it matches, as max_tokens and the loop guard do. A stop token
+    the client sent cuts it too, except where vLLM hands stop tokens to the grammar as its end
+    (xgrammar's override_stop_tokens: sampled only where the text is whole, as the
+    end-of-sequence is)."""
+    if delta.finish_reason in ("length", "repetition"):
+        return "max_tokens" if delta.finish_reason == "length" else "repetition"
     if delta.finish_reason != "stop":
         return "other"
     if isinstance(delta.stop_reason, str) and delta.stop_reason in options.stop:
+        return "stop_sequence"
+    if not grammar_ends_at_stop_tokens and delta.stop_reason in options.stop_token_ids:
         return "stop_sequence"
     return "complete"
 

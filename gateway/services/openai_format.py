@@ -234,6 +234,8 @@ async def _event_stream(
                 choices = choices_of(index, delta)
             except Exception:  # a bug in shaping the chunk: end the stream as any failure does
                 logger.exception("could not shape a chunk of request %s", request_id)
+                if job.recorder is not None:  # the gateway's fault, not the version's
+                    job.recorder.error_status = 500
                 yield sse(unexpected_error_body(request_id)) + DONE
                 return
             for choice in choices:

@@ -11,7 +11,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.engine.client import ChoiceDelta, GenerationUpdate, LoopGuard
-from gateway.schemas.loop_guard import MAX_LOOP_COUNT, MAX_LOOP_PATTERN
+from gateway.schemas.loop_guard import (
+    MAX_LOOP_COUNT,
+    MAX_LOOP_PATTERN,
+    MAX_LOOP_WORK,
+    RepetitionDetection,
+    loop_work,
+)
 from gateway.settings import Settings
 from tests.gateway.fake_engine import BASE, ScriptedEngine, built_demo_root, client_for
 
@@ -54,6 +60,9 @@ def test_the_deployments_guard_applies_unless_a_request_sends_its_own(demo_root)
         assert engine.calls[-1][2].loop_guard == LoopGuard(4, 2, 3)
         assert chat(c, completion=None).status_code == 200  # unknown fields change nothing
         assert engine.calls[-1][2].loop_guard == LoopGuard(16, 0, 6)
+        for off in ({"max_pattern_size": 0}, {"max_pattern_size": 0, "min_count": 0}):
+            assert chat(c, repetition_detection=off).status_code == 200  # vLLM's "off"
+            assert engine.calls[-1][2].loop_guard is None
     with client_for(demo_root, engine) as c:  # off by default
         assert chat(c).status_code == 200
         assert engine.calls[-1][2].loop_guard is None
@@ -62,17 +71,20 @@ def test_the_deployments_guard_applies_unless_a_request_sends_its_own(demo_root)
 @pytest.mark.parametrize(
     ("guard", "param"),
     [
-        ({"max_pattern_size": 0, "min_count": 4}, "repetition_detection.max_pattern_size"),
+        ({"max_pattern_size": -1, "min_count": 4}, "repetition_detection.max_pattern_size"),
+        # Work per sequence and step past 16/16's (measured 0.4-1.1 ms at 64/64 at worst).
+        ({"max_pattern_size": 64, "min_count": 64}, "repetition_detection"),
+        ({"max_pattern_size": 17, "min_count": 16}, "repetition_detection"),
         (
             {"max_pattern_size": MAX_LOOP_PATTERN + 1, "min_count": 4},
             "repetition_detection.max_pattern_size",
         ),
-        ({"max_pattern_size": 4, "min_count": 1}, "repetition_detection.min_count"),
+        ({"max_pattern_size": 4, "min_count": 1}, "repetition_detection"),
         (
             {"max_pattern_size": 4, "min_count": MAX_LOOP_COUNT + 1},
             "repetition_detection.min_count",
         ),
-        ({"max_pattern_size": 4}, "repetition_detection.min_count"),
+        ({"max_pattern_size": 4}, "repetition_detection"),
         (
             {"max_pattern_size": 4, "min_pattern_size": 5, "min_count": 4},
             "repetition_detection",
@@ -96,6 +108,7 @@ def test_a_guard_out_of_bounds_is_a_400_before_the_engine(demo_root, guard, para
         {"loop_guard_max_pattern": MAX_LOOP_PATTERN + 1},
         {"loop_guard_min_count": 1},
         {"loop_guard_min_count": MAX_LOOP_COUNT + 1},
+        {"loop_guard_max_pattern": 64, "loop_guard_min_count": 64},
     ],
 )
 def test_the_deployments_guard_is_bounded_as_a_requests(bad):
@@ -109,3 +122,10 @@ def test_sequences_the_guard_ended_are_counted_per_version_and_returned(demo_roo
         response = chat(client, n=2, temperature=1)
     assert [c["finish_reason"] for c in response.json()["choices"]] == ["repetition"] * 2
     assert REGISTRY.get_sample_value("loraplex_loop_stops_total", labels) == 2
+
+
+def test_the_largest_guards_allowed_are_within_the_work_bound():
+    for size, count in ((16, 16), (32, 4), (8, 32), (63, 2), (1, 64)):
+        RepetitionDetection(max_pattern_size=size, min_count=count)
+        Settings(loop_guard_max_pattern=size, loop_guard_min_count=count)
+    assert loop_work(16, 16) <= MAX_LOOP_WORK < loop_work(17, 16)

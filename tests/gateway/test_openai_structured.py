@@ -12,7 +12,13 @@ import pytest
 
 from gateway.engine.client import ChoiceDelta, GenerationUpdate, OutputConstraint
 from gateway.schemas.structured import MAX_CONSTRAINT_CHARS
-from tests.gateway.fake_engine import BASE, ScriptedEngine, built_demo_root, openai_context
+from tests.gateway.fake_engine import (
+    BASE,
+    ScriptedEngine,
+    built_demo_root,
+    client_for,
+    openai_context,
+)
 
 CHAT = [{"role": "user", "content": "hi"}]
 SCHEMA = {
@@ -311,20 +317,24 @@ def test_constrained_sequences_are_counted_by_how_they_ended(ctx):
 
 
 @pytest.mark.parametrize(
-    ("stop_reason", "extra", "ended"),
+    ("backend", "stop_reason", "extra", "ended"),
     [
-        (None, {}, "complete"),  # the end-of-sequence: the grammar allowed it, the text is whole
-        ("a", {"stop": ["a"]}, "stop_sequence"),  # the client's stop string cut it
-        # A stop token ends the text only where the grammar allows its end: vLLM hands every
-        # stop token to it as one (measured: 653 stop tokens, the JSON came out whole).
-        (5, {"stop_token_ids": [5]}, "complete"),
-        (9, {}, "complete"),  # a stop token of the model's (generation_config)
+        # The end-of-sequence: the grammar allowed it, the text is whole.
+        ("xgrammar", None, {}, "complete"),
+        ("xgrammar", "a", {"stop": ["a"]}, "stop_sequence"),  # the client's stop string cut it
+        # xgrammar allows a stop token only where the text may end: vLLM hands stop tokens to
+        # it as its end (measured: 653 stop tokens, the JSON came out whole). guidance does
+        # not (measured: ',' allowed after '[1' as a client stop token).
+        ("xgrammar", 5, {"stop_token_ids": [5]}, "complete"),
+        ("guidance", 5, {"stop_token_ids": [5]}, "stop_sequence"),
+        ("guidance", 9, {}, "complete"),  # a stop token of the model's (generation_config)
     ],
 )
 def test_a_constrained_output_a_stop_sequence_cut_is_not_counted_complete(
-    demo_root, stop_reason, extra, ended
+    demo_root, backend, stop_reason, extra, ended
 ):
-    with openai_context(demo_root, StoppingEngine(stop_reason)) as (client, _, _):
+    engine = StoppingEngine(stop_reason)
+    with client_for(demo_root, engine, structured_outputs_backend=backend) as client:
         response = chat(client, structured_outputs={"choice": ["a", "b"]}, **extra)
         assert response.status_code == 200, response.text
         assert constrained_count(client.tenant, "choice", ended) == 1
