@@ -14,17 +14,15 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache
+from gateway.adapter_cache import HostAdapterCache
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
-    ChoiceDelta,
     EngineClient,
     EngineDead,
     EngineError,
     EngineRejected,
     GenerationUpdate,
     LoopGuard,
-    SamplingOptions,
 )
 from gateway.errors import (
     EngineUnavailable,
@@ -44,6 +42,12 @@ from gateway.services.generation_job import (
     Primed,
     fan_out_greedy,
 )
+from gateway.services.generation_outcome import (
+    GenerationFailed,
+    ended_in_error,
+    record_update,
+    the_versions_fault,
+)
 from gateway.services.prompts import PromptBuilder
 from gateway.services.sampling import SamplingResolver
 from gateway.services.tool_calls import ForcedCall
@@ -52,12 +56,6 @@ from registry.service import Principal
 
 # OpenAI's default for /v1/completions when the client leaves max_tokens out.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-
-
-class GenerationFailed(LoraplexError):
-    status_code = 500
-    error_type = "server_error"
-    code = "generation_failed"
 
 
 class GenerationService:
@@ -227,7 +225,7 @@ class GenerationService:
                     served.adapter, (served.adapter_name, served.version_label)
                 )
             except BaseException as exc:
-                job.recorder.failed = _the_versions_fault(exc)
+                job.recorder.failed = the_versions_fault(exc)
                 job.ran = False  # refunded: the engine produced nothing
                 job.finish()
                 raise
@@ -251,7 +249,7 @@ class GenerationService:
                     if update.cached_prompt_tokens is not None:
                         job.cached_by_prompt[index] = update.cached_prompt_tokens
                     if recorder is not None:
-                        _record(recorder, job, update, self._grammar_ends_at_stop_tokens)
+                        record_update(recorder, job, update, self._grammar_ends_at_stop_tokens)
                     if job.shadow is not None:
                         job.shadow.observe(index, update)
                     yield index, update
@@ -263,7 +261,7 @@ class GenerationService:
                 self._shadow.submit(job.shadow)
         except Exception as exc:
             if recorder is not None:
-                recorder.failed = _the_versions_fault(exc)
+                recorder.failed = the_versions_fault(exc)
                 recorder.error_status = exc.status_code if isinstance(exc, LoraplexError) else 500
             if not received:  # the client got none of its output
                 job.ran = False
@@ -335,7 +333,7 @@ class GenerationService:
                 async for update in generation:
                     finished = update.finished
                     if any(choice.finish_reason == "error" for choice in update.choices):
-                        raise _ended_in_error(job)
+                        raise ended_in_error(job)
                     yield update
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
@@ -374,62 +372,6 @@ def _forced_call(body: ChatCompletionRequest) -> ForcedCall | None:
     return ForcedCall(forced.function.name if isinstance(forced, NamedToolChoice) else None)
 
 
-def _record(
-    recorder: GenerationRecorder,
-    job: GenerationJob,
-    update: GenerationUpdate,
-    grammar_ends_at_stop_tokens: bool,
-) -> None:
-    recorder.tokens(
-        sum(len(d.token_ids) for d in update.choices),
-        produced_at=update.first_token_at,
-        # A non-streamed request's one update comes at its end, not when its first token was
-        # made: only the engine can say that.
-        timed=job.options.stream or not update.finished,
-    )
-    constraint = job.options.constraint
-    for delta in update.choices:
-        if delta.finish_reason == "repetition":
-            recorder.loop_stopped()
-        if delta.finish_reason and constraint is not None:
-            ending = _ending(delta, job.options, grammar_ends_at_stop_tokens)
-            recorder.constrained_end(constraint.kind, ending)
-
-
-def _ending(delta: ChoiceDelta, options: SamplingOptions, grammar_ends_at_stop_tokens: bool) -> str:
-    """How a constrained sequence ended, for CONSTRAINED_OUTPUTS: a stop string the client
-    sent cuts the text wherever it matches, as max_tokens and the loop guard do. A stop token
-    the client sent cuts it too, except where vLLM hands stop tokens to the grammar as its end
-    (xgrammar's override_stop_tokens: sampled only where the text is whole, as the
-    end-of-sequence is)."""
-    if delta.finish_reason in ("length", "repetition"):
-        return "max_tokens" if delta.finish_reason == "length" else "repetition"
-    if delta.finish_reason != "stop":
-        return "other"
-    if isinstance(delta.stop_reason, str) and delta.stop_reason in options.stop:
-        return "stop_sequence"
-    if not grammar_ends_at_stop_tokens and delta.stop_reason in options.stop_token_ids:
-        return "stop_sequence"
-    return "complete"
-
-
-def _ended_in_error(job: GenerationJob) -> LoraplexError:
-    """vLLM ends a request it failed with finish_reason "error" (never a client's answer). In
-    vLLM 0.32, with no KV connector, a constrained request ends so when its grammar could not
-    be compiled after the front end's check passed, or when its output reached a point where
-    the grammar allows no token at all (a regex no text matches, `root ::= root`): the
-    client's constraint, a 400 no version is blamed for (a tenant could otherwise roll any
-    canary it can reach back). Anything else is the engine's failure."""
-    constraint = job.options.constraint
-    if constraint is not None:
-        return InvalidRequest(
-            "The engine could not compile this structured output constraint, or the output "
-            "reached a point where it allows no token.",
-            param=constraint.param,
-        )
-    return GenerationFailed("The engine failed while generating the response.")
-
-
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -437,15 +379,3 @@ def new_request_id(prefix: str) -> str:
 def _scope_of(served: ServedModel, caller: Principal) -> MetricScope:
     """Who asked for what, as the request metrics label it."""
     return MetricScope(caller.tenant, served.adapter_name, served.version_label)
-
-
-def _the_versions_fault(exc: BaseException) -> bool:
-    """Whether a request that ended in `exc` counts as a failure of the version that served
-    it: server-side errors do; a request the engine refused as invalid (400), or a
-    cancellation, says nothing about the version; nor does a request that found every
-    adapter slot in use (a full engine would otherwise roll healthy canaries back)."""
-    if isinstance(exc, AdapterCapacityFull):
-        return False
-    if isinstance(exc, LoraplexError):
-        return exc.status_code >= 500
-    return isinstance(exc, Exception)

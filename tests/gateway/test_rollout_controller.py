@@ -144,16 +144,16 @@ def test_only_server_side_errors_count_against_the_version():
     """A request the engine refused as invalid (400) is the client's doing; it used to be
     recorded as a failure of the version, and could roll a canary back (review)."""
     from gateway.errors import EngineUnavailable, InvalidRequest, ModelNotFound
-    from gateway.services.generation import GenerationFailed, _the_versions_fault
+    from gateway.services.generation_outcome import GenerationFailed, the_versions_fault
 
-    assert not _the_versions_fault(InvalidRequest("bad stop sequence"))
-    assert not _the_versions_fault(ModelNotFound("x"))
-    assert _the_versions_fault(GenerationFailed("engine failed"))
-    assert _the_versions_fault(EngineUnavailable("down"))
-    assert _the_versions_fault(RuntimeError("corrupt weights"))
+    assert not the_versions_fault(InvalidRequest("bad stop sequence"))
+    assert not the_versions_fault(ModelNotFound("x"))
+    assert the_versions_fault(GenerationFailed("engine failed"))
+    assert the_versions_fault(EngineUnavailable("down"))
+    assert the_versions_fault(RuntimeError("corrupt weights"))
     from gateway.adapter_cache import AdapterCapacityFull
 
-    assert not _the_versions_fault(AdapterCapacityFull("every slot in use"))  # the engine's
+    assert not the_versions_fault(AdapterCapacityFull("every slot in use"))  # the engine's
 
 
 def test_a_mirror_that_ends_after_the_canary_started_never_reaches_its_window():
