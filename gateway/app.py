@@ -17,6 +17,7 @@ from gateway.auth import KeyAuthenticator
 from gateway.body_limit import BodySizeLimit, limits_by_route
 from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
+from gateway.engine.tool_parsing import ToolCallParsing
 from gateway.errors import install_error_handlers
 from gateway.faults import FaultInjector
 from gateway.feedback_ids import ResponseIds
@@ -135,6 +136,19 @@ def create_app(
                 )
             if embedded is not None and settings.paged_lora:
                 embedded.paged_demand = await adapter_demand(registry)
+            # Before the engine: a parser the tokenizer cannot serve stops start-up at once.
+            tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
+            tool_parsing = (
+                await asyncio.to_thread(
+                    ToolCallParsing,
+                    settings.tool_call_parser,
+                    tokenizer,
+                    structural_tags=settings.structured_outputs_backend == "xgrammar",
+                    compact_json=settings.structured_outputs_compact_json,
+                )
+                if settings.tool_call_parser
+                else None
+            )
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
             if startup is None:
                 await served_engine.start()
@@ -179,7 +193,6 @@ def create_app(
             except Exception:  # the registry was just used: a blip, which run() retries
                 logger.warning("first registry change poll failed", exc_info=True)
             watching = asyncio.create_task(watch.run(), name="registry-watch")
-            tokenizer = await asyncio.to_thread(_load_tokenizer, base_path)
             app.state.registry = registry
             app.state.catalog = catalog
             app.state.rollout_router = router  # tests replay a lagging replica's view
@@ -226,6 +239,7 @@ def create_app(
                 response_ids=response_ids,
                 loop_guard=settings.loop_guard(),
                 grammar_ends_at_stop_tokens=settings.structured_outputs_backend == "xgrammar",
+                tool_parsing=tool_parsing,
             )
             app.state.engine = served_engine
             freeze_startup_heap()

@@ -164,8 +164,10 @@ FEEDBACK = Counter(
 CONSTRAINED_OUTPUTS = Counter(
     "loraplex_constrained_outputs",
     "Sequences generated under a structured-output constraint (response_format, "
-    "structured_outputs, a forced tool call), by how they ended. kind: json, json_object, regex, "
-    "choice, grammar. ended: complete (the constraint's end: the text matches it); "
+    "structured_outputs, a forced tool call, tool_choice auto's tag for strict tools or one "
+    "call), by how they "
+    "ended. kind: json, json_object, regex, choice, grammar, structural_tag. ended: complete "
+    "(the constraint's end: the text matches it); "
     "max_tokens, stop_sequence (a stop string or, with the guidance backend, a stop token "
     "the client sent) or repetition (the loop guard): cut before it, the text does not "
     "match; other.",

@@ -203,6 +203,14 @@ class Settings(BaseSettings):
         description="JSON outputs without free whitespace between tokens (a small or weak "
         "model can otherwise pad JSON with whitespace up to max_tokens).",
     )
+    # tool_choice "auto" (the default with tools): vLLM's parser for the model's own call
+    # syntax (vLLM's --tool-call-parser names: hermes, llama3_json, mistral, pythonic, ...).
+    # None: such requests are refused; forced calls ("required", named) need no parser.
+    tool_call_parser: str | None = Field(
+        None,
+        min_length=1,
+        description="vLLM tool-call parser for tool_choice 'auto'; unset refuses 'auto'.",
+    )
     # Loop guard (gateway.schemas.loop_guard): an output repeating one n-gram of up to
     # loop_guard_max_pattern tokens loop_guard_min_count times in a row ends with
     # finish_reason "repetition". Off (0) by default: a table or a list repeats by design.
@@ -292,6 +300,7 @@ class Settings(BaseSettings):
         "demo_api_key",
         "import_api_key",
         "rollout_min_task_success",
+        "tool_call_parser",
         mode="before",
     )
     @classmethod

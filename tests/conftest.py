@@ -192,6 +192,7 @@ def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         LORAPLEX_ENABLE_FAULTS="1",
         # Compact JSON: the demo's random weights would pad JSON with whitespace to max_tokens.
         LORAPLEX_STRUCTURED_OUTPUTS_COMPACT_JSON="1",
+        LORAPLEX_TOOL_CALL_PARSER="hermes",  # tool_choice "auto" (tests/e2e/test_tool_calls.py)
     )
     try:
         running.api_key = register_demo_adapters(running, demo)

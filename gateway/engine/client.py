@@ -61,9 +61,10 @@ class AdapterHandle:
 class OutputConstraint:
     """What every output token must keep the text within (vLLM's structured outputs)."""
 
-    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    kind: Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
     # json: the schema as JSON text; regex, grammar: the pattern; choice: the options;
-    # json_object: None (any JSON object).
+    # json_object: None (any JSON object); structural_tag: xgrammar's structural tag as JSON
+    # text (tool_choice "auto" with strict tools: gateway.engine.tool_parsing).
     spec: str | tuple[str, ...] | None
     # The request field it came from ("response_format", "structured_outputs"): an error about
     # the constraint names it.
@@ -108,6 +109,9 @@ class SamplingOptions:
     cache_salt: str | None = None
     constraint: OutputConstraint | None = None
     loop_guard: LoopGuard | None = None
+    # False: special tokens stay in the output text (a tool-call parser whose markers are
+    # special tokens must see them).
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True)

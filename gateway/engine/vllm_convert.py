@@ -51,6 +51,7 @@ def sampling_params(options: SamplingOptions) -> Any:
         "logprobs": options.logprobs,
         "logit_bias": dict(options.logit_bias) or None,
         "ignore_eos": options.ignore_eos,
+        "skip_special_tokens": options.skip_special_tokens,
         "output_kind": RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
     }
     for name in _LEFT_TO_VLLM:
@@ -84,6 +85,8 @@ def structured_outputs(constraint: OutputConstraint) -> Any:
         return StructuredOutputsParams(json=spec)
     if constraint.kind == "regex":
         return StructuredOutputsParams(regex=spec)
+    if constraint.kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=spec)
     return StructuredOutputsParams(grammar=spec)
 
 

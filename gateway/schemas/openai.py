@@ -254,16 +254,7 @@ class ChatCompletionRequest(SamplingFields):
         cls, value: ToolChoice | None, info: ValidationInfo
     ) -> ToolChoice | None:
         tools: list[ToolDefinition] | None = info.data.get("tools")
-        if value in (None, "auto"):
-            if tools:
-                raise PydanticCustomError(
-                    "unsupported",
-                    "loraplex does not support tool_choice 'auto' (the default with tools) "
-                    "yet: a call in free text needs the model's own tool-call parser. Set "
-                    "tool_choice to 'required', a named function, or 'none'.",
-                )
-            return value
-        if value == "none":
+        if value in (None, "auto", "none"):  # "auto" with tools: the service's parser
             return value
         if not tools:
             raise PydanticCustomError(
@@ -317,6 +308,10 @@ class ChatCompletionRequest(SamplingFields):
         if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice
         return None
+
+    def wants_auto_calls(self) -> bool:
+        """Tools the model may call or not, as it decides (OpenAI's default with tools)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def output_constraint(self) -> OutputConstraint | None:
         return self._forced_call or super().output_constraint()

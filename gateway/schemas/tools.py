@@ -3,8 +3,8 @@ constraint that makes a forced call well-formed.
 
 A forced call (`tool_choice` "required" or a named function) is generated under a JSON schema
 built from the tools (as vLLM's server builds it), so its arguments match the function's
-`parameters` by construction, whatever the model or adapter. "auto" would need the model's own
-tool-call syntax parsed out of free text (a per-model parser): refused until loraplex has one.
+`parameters` by construction, whatever the model or adapter. "auto" leaves the call to the
+model, in its own syntax, which the deployment's parser finds (gateway.engine.tool_parsing).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
@@ -23,7 +24,9 @@ from gateway.engine.client import (
     EngineRejected,
     GenerationUpdate,
     LoopGuard,
+    OutputConstraint,
 )
+from gateway.engine.tool_parsing import AutoToolPlan, ToolCallParsing, ToolsRefused
 from gateway.errors import (
     EngineUnavailable,
     InvalidRequest,
@@ -35,6 +38,7 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
+from gateway.schemas.structured import MAX_CONSTRAINT_CHARS
 from gateway.schemas.tools import NamedToolChoice
 from gateway.services.generation_job import (
     ChoiceResult,
@@ -49,7 +53,7 @@ from gateway.services.generation_outcome import (
     the_versions_fault,
 )
 from gateway.services.prompts import PromptBuilder
-from gateway.services.sampling import SamplingResolver
+from gateway.services.sampling import SamplingResolver, check_constrainable
 from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
@@ -73,10 +77,13 @@ class GenerationService:
         response_ids: ResponseIds | None = None,
         loop_guard: LoopGuard | None = None,
         grammar_ends_at_stop_tokens: bool = True,
+        tool_parsing: ToolCallParsing | None = None,
     ):
         """`grammar_ends_at_stop_tokens`: the grammar backend allows a stop token only where
-        the constrained text may end (vLLM's xgrammar backend; guidance does not)."""
+        the constrained text may end (vLLM's xgrammar backend; guidance does not).
+        `tool_parsing`: the deployment's tool-call parser; None refuses tool_choice "auto"."""
         self._grammar_ends_at_stop_tokens = grammar_ends_at_stop_tokens
+        self._tool_parsing = tool_parsing
         self._engine = engine
         self._response_ids = response_ids
         self._catalog = catalog
@@ -110,6 +117,14 @@ class GenerationService:
     ) -> GenerationJob:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if body.wants_auto_calls() and self._tool_parsing is None:
+            raise InvalidRequest(
+                "loraplex does not support tool_choice 'auto' (the default with tools) on this "
+                "deployment: a call in free text needs the model's tool-call parser, which "
+                "its operator sets with LORAPLEX_TOOL_CALL_PARSER. Set tool_choice to "
+                "'required', a named function, or 'none'.",
+                param="tool_choice",
+            )
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
@@ -127,6 +142,13 @@ class GenerationService:
             default_max_tokens=self._sampling.model_max_tokens,
             max_tokens_param=body.max_tokens_param(),
         )
+        auto_calls = await self._auto_call_plan(body, options.constraint)
+        if auto_calls is not None:
+            options = replace(
+                options,
+                constraint=auto_calls.constraint,
+                skip_special_tokens=auto_calls.skip_special_tokens,
+            )
         prompts, options, copies = fan_out_greedy([prompt], options)
         job = GenerationJob(
             request_id,
@@ -137,6 +159,7 @@ class GenerationService:
             options,
             copies=copies,
             forced_call=_forced_call(body),
+            auto_calls=auto_calls,
         )
         return await self._admit(job, caller, caller_key)
 
@@ -181,6 +204,37 @@ class GenerationService:
             copies=copies,
         )
         return await self._admit(job, caller, caller_key)
+
+    async def _auto_call_plan(
+        self, body: ChatCompletionRequest, constraint: OutputConstraint | None
+    ) -> AutoToolPlan | None:
+        if not body.wants_auto_calls() or self._tool_parsing is None:
+            return None
+        try:
+            # In a thread: vLLM checks a client's format beside strict tools by compiling it
+            # (tens of ms for a large schema), which every stream would otherwise wait for.
+            plan = await asyncio.to_thread(
+                self._tool_parsing.plan,
+                body.tools_for_template() or [],
+                body.parallel_tool_calls,
+                constraint,
+            )
+        except ToolsRefused as exc:
+            raise InvalidRequest(
+                f"The tools cannot be given to the tool-call parser: {exc}", param="tools"
+            ) from exc
+        tag = plan.constraint
+        if tag is not None and tag.kind == "structural_tag":
+            # The engine core compiles it on the one thread every tenant's grammars share: the
+            # same bound as any constraint (a forced call's schema is refused past it too).
+            if len(tag.spec or "") > MAX_CONSTRAINT_CHARS:
+                raise InvalidRequest(
+                    f"The strict tools' call grammar is {len(tag.spec or '')} characters; at "
+                    f"most {MAX_CONSTRAINT_CHARS} are allowed.",
+                    param="tools",
+                )
+            check_constrainable(body)  # the grammar may end the output (one call at most)
+        return plan
 
     def _with_receipt(self, request_id: str, served: ServedModel, caller: Principal) -> str:
         """The response id, signed with the version that serves it (for POST /v1/feedback)."""

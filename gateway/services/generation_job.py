@@ -11,6 +11,7 @@ from typing import Any
 from gateway.adapter_cache import HostAdapterCache
 from gateway.catalog import ServedModel
 from gateway.engine.client import GenerationUpdate, SamplingOptions, TokenLogprob
+from gateway.engine.tool_parsing import AutoToolPlan
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
@@ -32,6 +33,8 @@ class GenerationJob:
     copies: int = 1
     # Chat with a forced tool call: its output is returned as tool_calls, not content.
     forced_call: ForcedCall | None = None
+    # Chat with tools and tool_choice "auto": calls the parser finds become tool_calls.
+    auto_calls: AutoToolPlan | None = None
     # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.
     lease: Lease | None = None
     recorder: GenerationRecorder | None = None

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.engine.client import ChoiceDelta, GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, typed_error_body, unexpected_error_body
+from gateway.services import auto_tool_calls
 from gateway.services.generation_job import ChoiceResult, GenerationJob
 from gateway.services.tool_calls import ToolCallStream, message_and_finish
 
@@ -85,6 +86,10 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
         finish_reason = c.finish_reason
         if job.forced_call is not None:
             message, finish_reason = message_and_finish(job.forced_call, c.text, finish_reason)
+        elif job.auto_calls is not None:
+            message, finish_reason = auto_tool_calls.message_and_finish(
+                job.auto_calls, c.text, c.token_ids, finish_reason
+            )
         body_choices.append(
             {
                 "index": c.index,
@@ -124,11 +129,18 @@ async def chat_stream(
 ) -> AsyncGenerator[str]:
     """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
     choice_count = len(job.prompts) * job.options.n
+    calls: ToolCallStream | auto_tool_calls.AutoCallStream | None = None
     if job.forced_call is not None:
         calls = ToolCallStream(job.forced_call)
+    elif job.auto_calls is not None:
+        calls = auto_tool_calls.AutoCallStream(
+            job.auto_calls, lambda index: job.prompts[index // job.options.n]
+        )
+    if calls is not None:
         opening = [_chat_choice(index, calls.opening(index)) for index in range(choice_count)]
 
         def call_choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+            assert calls is not None
             choices = []
             for body, logprobs, finish_reason in calls.deltas(index, delta):
                 choice = _chat_choice(index, body, finish_reason=finish_reason)

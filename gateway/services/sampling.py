@@ -74,7 +74,7 @@ class SamplingResolver:
             )
         constraint = body.output_constraint()
         if constraint is not None:
-            _check_constrainable(body)
+            check_constrainable(body)
         picked: dict[str, Any] = {
             name: _first(getattr(body, name), self._defaults.get(name)) for name in MODEL_DEFAULTED
         }
@@ -140,7 +140,7 @@ class SamplingResolver:
             raise
 
 
-def _check_constrainable(body: SamplingFields) -> None:
+def check_constrainable(body: SamplingFields) -> None:
     """Options that would let the output break its constraint are refused (vLLM's server takes
     them): measured on vLLM 0.32, ignore_eos generated free text after the constrained part, and
     min_tokens was silently ignored once the constraint ended the output."""

@@ -239,11 +239,14 @@ def built_demo_root(tmp_path_factory: Any, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def openai_context(demo_root: Path, engine: Any) -> Iterator[tuple[KeyedClient, Any, Any]]:
-    """The app over `engine`, its keyed test client, and the official openai client on it."""
+def openai_context(
+    demo_root: Path, engine: Any, **overrides: Any
+) -> Iterator[tuple[KeyedClient, Any, Any]]:
+    """The app over `engine` (settings `overrides`), its keyed test client, and the official
+    openai client on it."""
     import openai
 
-    with client_for(demo_root, engine) as client:
+    with client_for(demo_root, engine, **overrides) as client:
         key = client.headers["Authorization"].removeprefix("Bearer ")
         sdk = openai.OpenAI(
             api_key=key, base_url="http://testserver/v1", http_client=client, max_retries=0

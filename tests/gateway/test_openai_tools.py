@@ -1,8 +1,9 @@
 """Tool calling through the gateway's seams (scripted engine): a forced call (tool_choice
 "required" or a named function) reaches the engine as the tools' JSON schema and comes back as
 OpenAI's tool_calls, whole and streamed; tool conversations reach the chat template; what
-loraplex cannot honour ("auto" with tools) and malformed tool requests are 400s naming the
-field. The real engine making the calls: tests/e2e/test_tool_calls.py."""
+loraplex cannot honour ("auto" with tools where no parser is set) and malformed tool requests
+are 400s naming the field. "auto" with a parser: test_openai_auto_tools.py. The real engine
+making the calls: tests/e2e/test_tool_calls.py."""
 
 from __future__ import annotations
 

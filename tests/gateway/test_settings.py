@@ -230,3 +230,10 @@ def test_structured_outputs_settings_reach_the_engine_with_one_backend():
         )
         config = EmbeddedVLLM(settings, "/nowhere", "m")._engine_args().structured_outputs_config
         assert (config.backend, config.disable_any_whitespace) == (backend, compact)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), (" ", None), ("hermes", "hermes")])
+def test_an_empty_tool_call_parser_leaves_auto_tool_choice_off(monkeypatch, value, expected):
+    """The model compose file passes LORAPLEX_TOOL_CALL_PARSER through, empty by default."""
+    monkeypatch.setenv("LORAPLEX_TOOL_CALL_PARSER", value)
+    assert Settings().tool_call_parser == expected
