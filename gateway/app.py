@@ -206,6 +206,7 @@ def create_app(
                 max_p95_ttft_ms=settings.rollout_max_p95_ttft_ms,
                 max_p95_e2e_ms=settings.rollout_max_p95_e2e_ms,
                 min_task_success=settings.rollout_min_task_success,
+                min_tool_call_validity=settings.rollout_min_tool_call_validity,
             )
             controller = RolloutController(
                 registry, router, defaults, auto_promote=settings.rollout_auto_promote

@@ -119,6 +119,13 @@ def rollout_thresholds(
         float | None,
         typer.Option(help="Lowest share of successful feedback, e.g. 0.9.", callback=finite),
     ] = None,
+    min_tool_call_validity: Annotated[
+        float | None,
+        typer.Option(
+            help="Lowest share of valid tool calls (tool_choice auto), e.g. 0.95.",
+            callback=finite,
+        ),
+    ] = None,
     clear: Annotated[bool, typer.Option(help="Remove the override.")] = False,
 ) -> None:
     """Override the rollback thresholds judging NAME's versions (only the options given)."""
@@ -131,6 +138,7 @@ def rollout_thresholds(
         "max_p95_ttft_ms": max_p95_ttft_ms,
         "max_p95_e2e_ms": max_p95_e2e_ms,
         "min_task_success": min_task_success,
+        "min_tool_call_validity": min_tool_call_validity,
     }
     body = {k: v for k, v in given.items() if v is not None}
     if clear == bool(body):

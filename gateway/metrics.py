@@ -174,6 +174,15 @@ CONSTRAINED_OUTPUTS = Counter(
     [*SCOPE, "kind", "ended"],
 )
 
+TOOL_CALLS = Counter(
+    "loraplex_tool_calls",
+    "Calls the model wrote under tool_choice auto, as the tool-call parser found them, by "
+    "outcome: valid (a function it was given, arguments a JSON object matching its "
+    "parameters), unknown_function, invalid_arguments, malformed (a call marker the parser "
+    "read no call from). Calls the bounded judge could not decide are not counted.",
+    [*SCOPE, "outcome"],
+)
+
 LOOP_STOPS = Counter(
     "loraplex_loop_stops",
     "Sequences the loop guard ended (finish_reason repetition: the same token n-gram repeated "

@@ -1,6 +1,8 @@
 """Per judged version: a sliding window of its callers' task verdicts (`POST /v1/feedback`) and
 the rules that roll it back on them (seed §8: task success under 90 % over 100 → the frozen
-baseline; a safety incident → immediate rollback).
+baseline; a safety incident → immediate rollback); and a window of the tool calls it wrote
+under tool_choice "auto", judged valid or not by the gateway (seed §8: tool-call success under
+95 %; §7: a schema failure rolls back).
 
 Pure state like the rollback monitor: the feedback service feeds it, the rollout controller
 acts on the verdicts. Only success and failure fill the window; the other outcomes (overrides,
@@ -55,14 +57,18 @@ class OutcomeWindows:
         self._max_windows = max_windows
 
     def record(self, key: Hashable, succeeded: bool, size: int) -> OutcomeFigures:
+        return OutcomeFigures(*self.share(key, succeeded, size))
+
+    def share(self, key: Hashable, good: bool, size: int) -> tuple[int, float]:
+        """Record one outcome; (outcomes in the window, the share of good ones)."""
         window = self._windows.get(key)
         if window is None or window.maxlen != size:
             window = self._windows[key] = deque(maxlen=size)
             while len(self._windows) > self._max_windows:
                 self._windows.popitem(last=False)
         self._windows.move_to_end(key)
-        window.append(succeeded)
-        return OutcomeFigures(len(window), sum(window) / len(window))
+        window.append(good)
+        return len(window), sum(window) / len(window)
 
     def full(self, key: Hashable) -> bool:
         window = self._windows.get(key)
@@ -81,6 +87,27 @@ def judge_task_success(figures: OutcomeFigures, min_rate: float | None) -> Verdi
         "task_success",
         figures,
         f"task success {rate:.1%} < {min_rate:.1%} over {figures.feedback} feedback verdicts",
+    )
+
+
+@dataclass(frozen=True)
+class ToolCallFigures:
+    tool_calls: int  # calls in the window
+    tool_call_validity: float  # the share of valid ones
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return {"tool_calls": self.tool_calls, "tool_call_validity": self.tool_call_validity}
+
+
+def judge_tool_calls(figures: ToolCallFigures, min_rate: float | None) -> Verdict | None:
+    """A full window's verdict: None while the valid share holds (or no minimum is set)."""
+    rate = figures.tool_call_validity
+    if min_rate is None or rate >= min_rate:
+        return None
+    return Verdict(
+        "tool_calls",
+        figures,
+        f"valid tool calls {rate:.1%} < {min_rate:.1%} over {figures.tool_calls} calls",
     )
 
 

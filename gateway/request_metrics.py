@@ -37,6 +37,7 @@ from gateway.metrics import (
     REQUESTS_QUEUED,
     TIME_PER_OUTPUT_TOKEN,
     TIME_TO_FIRST_TOKEN,
+    TOOL_CALLS,
 )
 
 # Path → route label; anything else under /v1 is "other" (bounded label values).
@@ -121,6 +122,10 @@ class GenerationRecorder:
     def constrained_end(self, kind: str, ended: str) -> None:
         """One sequence under a structured-output constraint ended so (CONSTRAINED_OUTPUTS)."""
         CONSTRAINED_OUTPUTS.labels(*self._labels(), kind, ended).inc()
+
+    def tool_call(self, outcome: str) -> None:
+        """One call the model wrote under tool_choice auto, judged (TOOL_CALLS)."""
+        TOOL_CALLS.labels(*self._labels(), outcome).inc()
 
     def loop_stopped(self) -> None:
         """The loop guard ended one of this request's sequences."""

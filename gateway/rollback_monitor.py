@@ -36,6 +36,8 @@ class WindowLimits:
     max_p95_e2e_ms: float | None = None
     # Judged on callers' feedback (gateway.outcome_monitor), not on this window's requests.
     min_task_success: float | None = 0.9
+    # Judged on the tool calls the version wrote (gateway.outcome_monitor), likewise.
+    min_tool_call_validity: float | None = 0.95
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -44,6 +46,8 @@ class WindowLimits:
             raise ValueError("max_error_rate must be in [0, 1)")
         if self.min_task_success is not None and not 0 <= self.min_task_success <= 1:
             raise ValueError("min_task_success must be in [0, 1]")
+        if self.min_tool_call_validity is not None and not 0 <= self.min_tool_call_validity <= 1:
+            raise ValueError("min_tool_call_validity must be in [0, 1]")
 
     @property
     def ttft_bound_ms(self) -> float | None:
@@ -85,7 +89,8 @@ class Figures(Protocol):
 
 @dataclass(frozen=True)
 class Verdict:
-    # "error_rate" | "ttft_p95" | "latency_p95" | "task_success" | "safety_incident": bounded
+    # "error_rate" | "ttft_p95" | "latency_p95" | "task_success" | "tool_calls" |
+    # "safety_incident": bounded
     # metric label values
     reason: str
     figures: Figures

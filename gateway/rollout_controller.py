@@ -29,7 +29,10 @@ left a breaching canary its traffic until a whole new window of bad requests fil
 Callers' feedback (POST /v1/feedback, gateway/outcome_monitor.py) judges the same versions on
 the same terms, from the adapter owner's responses only: a full window of success/failure
 verdicts under `min_task_success` is a verdict (reason task_success), and one safety incident is
-one at once (reason safety_incident). A canary is rolled back; an armed stable falls back.
+one at once (reason safety_incident). So are the tool calls a version wrote under tool_choice
+"auto" (gateway.services.tool_call_checks): a full window of them under
+`min_tool_call_validity` valid is a verdict (reason tool_calls). A canary is rolled back; an
+armed stable falls back.
 Requests already running keep their version to the end; restoring a fallen-back stable is an
 operator's decision (`loraplex rollout restore`), so traffic never flaps between the two.
 """
@@ -40,7 +43,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Coroutine, Hashable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.metrics import ROLLOUT_TRANSITIONS
@@ -48,7 +51,9 @@ from gateway.outcome_monitor import (
     TASK_OUTCOMES,
     Outcome,
     OutcomeWindows,
+    ToolCallFigures,
     judge_task_success,
+    judge_tool_calls,
     safety_verdict,
 )
 from gateway.registry_runtime import RegistryRuntime
@@ -100,6 +105,17 @@ def request_sample(recorder: GenerationRecorder, limits: WindowLimits) -> Sample
     if recorder.completed or recorder.failed:
         return Sample(ttft, elapsed, recorder.failed)
     return hang_up_sample(ttft, elapsed, limits, streamed=recorder.streamed)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """Where one piece of outcome evidence about a version in a rollout role goes."""
+
+    view: RolloutView
+    version: int
+    stable: bool  # an armed stable (else the canary)
+    key: Hashable  # its outcome window
+    limits: WindowLimits
 
 
 class RolloutController:
@@ -237,19 +253,10 @@ class RolloutController:
         version. Only feedback on responses served in the version's current role counts
         (`role_tag`): a report, or a client's late resend, about a canary before its restart or
         a stable before its restore must not take the new one back."""
-        if not judged or version is None or not adapter:
+        judging = self._judging("outcomes", adapter, version, judged=judged, role_tag=role_tag)
+        if judging is None:
             return
-        view = self._router.view(adapter)
-        if view is None or role_tag == 0 or role_tag != self.role_tag(adapter, version):
-            return
-        if version == view.canary_version:
-            stable = False
-        elif version == view.stable_version and view.auto_fallback and not view.in_fallback:
-            stable = True
-        else:
-            return  # nothing to take it back from: counted in metrics only
-        limits = self._limits(view, version)
-        key = ("outcomes", served_address(adapter, version), judged_role(view, stable=stable))
+        key, limits = judging.key, judging.limits
         verdict: Verdict | None
         if outcome is Outcome.SAFETY_INCIDENT:
             verdict = safety_verdict(response_id)
@@ -260,10 +267,51 @@ class RolloutController:
             verdict = judge_task_success(figures, limits.min_task_success)
         else:
             return
+        self._act(judging, verdict)
+
+    def tool_call(
+        self, adapter: str, version: int | None, valid: bool, *, judged: bool, role_tag: int
+    ) -> None:
+        """One call `adapter@version` wrote under tool_choice "auto", valid or not
+        (gateway.services.tool_call_checks). Judged as feedback is: a canary or an armed stable,
+        on its owner's routed requests, in the role the request was served in; a full window
+        under `min_tool_call_validity` takes it back (reason tool_calls)."""
+        judging = self._judging("tool_calls", adapter, version, judged=judged, role_tag=role_tag)
+        if judging is None:
+            return
+        calls, validity = self._outcomes.share(judging.key, valid, judging.limits.window)
+        if self._outcomes.full(judging.key):
+            figures = ToolCallFigures(calls, validity)
+            self._act(judging, judge_tool_calls(figures, judging.limits.min_tool_call_validity))
+
+    def _judging(
+        self, kind: str, adapter: str, version: int | None, *, judged: bool, role_tag: int
+    ) -> Judging | None:
+        """Where evidence of `kind` about `adapter@version` in the role `role_tag` names goes,
+        when it may act: the owner's routed requests (`judged`) about a canary, or an armed
+        stable not in fallback; None otherwise (counted in metrics only)."""
+        if not judged or version is None or not adapter:
+            return None
+        view = self._router.view(adapter)
+        if view is None or role_tag == 0 or role_tag != self.role_tag(adapter, version):
+            return None
+        if version == view.canary_version:
+            stable = False
+        elif version == view.stable_version and view.auto_fallback and not view.in_fallback:
+            stable = True
+        else:
+            return None  # nothing to take it back from
+        key = (kind, served_address(adapter, version), judged_role(view, stable=stable))
+        return Judging(view, version, stable, key, self._limits(view, version))
+
+    def _act(self, judging: Judging, verdict: Verdict | None) -> None:
         if verdict is None:
             return
-        self._outcomes.reset(key)  # the next verdict needs a whole new window
-        self._spawn(self._take_backs.take_back(view, version, verdict, stable=stable))
+        self._outcomes.reset(judging.key)  # the next verdict needs a whole new window
+        take_back = self._take_backs.take_back(
+            judging.view, judging.version, verdict, stable=judging.stable
+        )
+        self._spawn(take_back)
 
     def _reset(self, key: str) -> None:
         """Empty both windows of `key`: its owner's, and every caller's errors."""

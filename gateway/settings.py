@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         description="Roll back below this share of successful feedback over a window "
         "(seed: 90 %); empty or 0: feedback only counts.",
     )
+    rollout_min_tool_call_validity: float | None = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Roll back below this share of valid tool calls (tool_choice auto) over "
+        "a window (seed: tool < 95 %); empty or 0: only counted.",
+    )
     rollout_auto_promote: bool = Field(
         False, description="Promote a canary one stage after each healthy full window."
     )
@@ -300,6 +307,7 @@ class Settings(BaseSettings):
         "demo_api_key",
         "import_api_key",
         "rollout_min_task_success",
+        "rollout_min_tool_call_validity",
         "tool_call_parser",
         mode="before",
     )

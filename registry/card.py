@@ -116,6 +116,9 @@ class RollbackTriggers(_Strict):
     window_requests: int = Field(100, ge=10, le=100_000)
     # Rolls back when the share of successful feedback verdicts over a window falls below it.
     task_success_min: float | None = Field(None, ge=0, le=1)
+    # Rolls back when the share of valid tool calls (tool_choice "auto") over a window falls
+    # below it.
+    tool_call_validity_min: float | None = Field(None, ge=0, le=1)
 
 
 class DatasetRef(_Strict):

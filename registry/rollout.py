@@ -99,6 +99,10 @@ class Thresholds:
     # The lowest share of `success` among the last `window` success/failure feedback verdicts
     # (POST /v1/feedback); None: feedback never rolls back.
     min_task_success: float | None = 0.9
+    # The lowest share of valid calls (a given function, arguments matching its parameters)
+    # among the last `window` tool calls the version wrote under tool_choice "auto"; None:
+    # tool calls never roll back.
+    min_tool_call_validity: float | None = 0.95
 
 
 THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))
@@ -118,6 +122,7 @@ class _Override(BaseModel):
     max_p95_ttft_ms: float | None = Field(None, gt=0, le=600_000)
     max_p95_e2e_ms: float | None = Field(None, gt=0, le=3_600_000)
     min_task_success: float | None = Field(None, ge=0, le=1)
+    min_tool_call_validity: float | None = Field(None, ge=0, le=1)
 
 
 def validate_threshold_override(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,6 +152,7 @@ _CARD_PATHS: dict[str, tuple[str, str]] = {
     "max_error_rate": ("rollback", "error_rate"),
     "window": ("rollback", "window_requests"),
     "min_task_success": ("rollback", "task_success_min"),
+    "min_tool_call_validity": ("rollback", "tool_call_validity_min"),
 }
 
 

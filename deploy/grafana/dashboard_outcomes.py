@@ -1,5 +1,6 @@
 """Dashboard panels about what callers got: their verdicts (POST /v1/feedback), whether
-constrained outputs came out whole, and loops the guard stopped."""
+constrained outputs came out whole, whether the tool calls models wrote were valid, and loops
+the guard stopped."""
 
 from __future__ import annotations
 
@@ -60,6 +61,27 @@ def outcome_panels(adapter_filter: str) -> list[Member]:
                         "sum by (adapter, version, kind) (rate(loraplex_constrained_outputs_total"
                         f"{{{adapter_filter}}}[$__rate_interval]))",
                         "{{adapter}} v{{version}} {{kind}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Tool calls valid",
+                "Share of the calls each version wrote under tool_choice auto that name a "
+                "function the caller gave with arguments matching its parameters "
+                "(LoraplexToolCallsInvalid: under 95 % of at least 100 in an hour).",
+                [
+                    (
+                        # 1 - invalid share: a version with no valid call has no valid series.
+                        "1 - sum by (adapter, version) (rate(loraplex_tool_calls_total"
+                        f'{{{adapter_filter}, outcome!="valid"}}[$__rate_interval])) / '
+                        "sum by (adapter, version) (rate(loraplex_tool_calls_total"
+                        f"{{{adapter_filter}}}[$__rate_interval]))",
+                        "{{adapter}} v{{version}}",
                     )
                 ],
                 unit="percentunit",

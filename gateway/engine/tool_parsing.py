@@ -73,6 +73,12 @@ class ToolCallParsing:
         self._compact_json = compact_json
         self._parser_cls = parser_cls
         self._tokenizer = tokenizer
+        tool_parser = parser_cls(tokenizer).tool_parser
+        # What opens a call in this format (Hermes' <tool_call>, Llama's <|python_tag|>): an
+        # output holding it that the parser read no call from wrote a malformed call.
+        self.marker: str | None = getattr(tool_parser, "tool_call_start_token", None) or getattr(
+            tool_parser, "bot_token", None
+        )
         self._try_out()
 
     def _try_out(self) -> None:

@@ -115,5 +115,6 @@ class ThresholdsOverride(Payload):
     max_p95_ttft_ms: float | None = Field(None, gt=0)
     max_p95_e2e_ms: float | None = Field(None, gt=0)
     min_task_success: float | None = Field(None, ge=0, le=1)
+    min_tool_call_validity: float | None = Field(None, ge=0, le=1)
 
     model_config = example({"sla_p95_e2e_ms": 800, "margin_ms": 15, "max_error_rate": 0.001})

@@ -24,9 +24,8 @@ from gateway.engine.client import (
     EngineRejected,
     GenerationUpdate,
     LoopGuard,
-    OutputConstraint,
 )
-from gateway.engine.tool_parsing import AutoToolPlan, ToolCallParsing, ToolsRefused
+from gateway.engine.tool_parsing import ToolCallParsing
 from gateway.errors import (
     EngineUnavailable,
     InvalidRequest,
@@ -38,8 +37,8 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
-from gateway.schemas.structured import MAX_CONSTRAINT_CHARS
 from gateway.schemas.tools import NamedToolChoice
+from gateway.services.auto_tool_calls import auto_call_plan, refuse_auto_without_parser
 from gateway.services.generation_job import (
     ChoiceResult,
     GenerationJob,
@@ -53,7 +52,8 @@ from gateway.services.generation_outcome import (
     the_versions_fault,
 )
 from gateway.services.prompts import PromptBuilder
-from gateway.services.sampling import SamplingResolver, check_constrainable
+from gateway.services.sampling import SamplingResolver
+from gateway.services.tool_call_checks import CallChecker
 from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
@@ -117,14 +117,7 @@ class GenerationService:
     ) -> GenerationJob:
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        if body.wants_auto_calls() and self._tool_parsing is None:
-            raise InvalidRequest(
-                "loraplex does not support tool_choice 'auto' (the default with tools) on this "
-                "deployment: a call in free text needs the model's tool-call parser, which "
-                "its operator sets with LORAPLEX_TOOL_CALL_PARSER. Set tool_choice to "
-                "'required', a named function, or 'none'.",
-                param="tool_choice",
-            )
+        refuse_auto_without_parser(body, self._tool_parsing)
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
@@ -142,7 +135,7 @@ class GenerationService:
             default_max_tokens=self._sampling.model_max_tokens,
             max_tokens_param=body.max_tokens_param(),
         )
-        auto_calls = await self._auto_call_plan(body, options.constraint)
+        auto_calls = await auto_call_plan(self._tool_parsing, body, options.constraint)
         if auto_calls is not None:
             options = replace(
                 options,
@@ -160,6 +153,7 @@ class GenerationService:
             copies=copies,
             forced_call=_forced_call(body),
             auto_calls=auto_calls,
+            call_checker=CallChecker(body.tools_for_template() or []) if auto_calls else None,
         )
         return await self._admit(job, caller, caller_key)
 
@@ -205,53 +199,25 @@ class GenerationService:
         )
         return await self._admit(job, caller, caller_key)
 
-    async def _auto_call_plan(
-        self, body: ChatCompletionRequest, constraint: OutputConstraint | None
-    ) -> AutoToolPlan | None:
-        if not body.wants_auto_calls() or self._tool_parsing is None:
-            return None
-        try:
-            # In a thread: vLLM checks a client's format beside strict tools by compiling it
-            # (tens of ms for a large schema), which every stream would otherwise wait for.
-            plan = await asyncio.to_thread(
-                self._tool_parsing.plan,
-                body.tools_for_template() or [],
-                body.parallel_tool_calls,
-                constraint,
-            )
-        except ToolsRefused as exc:
-            raise InvalidRequest(
-                f"The tools cannot be given to the tool-call parser: {exc}", param="tools"
-            ) from exc
-        tag = plan.constraint
-        if tag is not None and tag.kind == "structural_tag":
-            # The engine core compiles it on the one thread every tenant's grammars share: the
-            # same bound as any constraint (a forced call's schema is refused past it too).
-            if len(tag.spec or "") > MAX_CONSTRAINT_CHARS:
-                raise InvalidRequest(
-                    f"The strict tools' call grammar is {len(tag.spec or '')} characters; at "
-                    f"most {MAX_CONSTRAINT_CHARS} are allowed.",
-                    param="tools",
-                )
-            check_constrainable(body)  # the grammar may end the output (one call at most)
-        return plan
-
     def _with_receipt(self, request_id: str, served: ServedModel, caller: Principal) -> str:
         """The response id, signed with the version that serves it (for POST /v1/feedback)."""
         if self._response_ids is None:
             return request_id
-        judged = served.judged_by(caller.tenant)
-        role_tag = 0
-        if judged and self._controller is not None:
-            role_tag = self._controller.role_tag(served.adapter_name, served.version)
         return self._response_ids.sign(
             request_id,
             version_id=served.adapter.engine_id if served.adapter is not None else None,
-            judged=judged,
+            judged=served.judged_by(caller.tenant),
             tenant_id=caller.tenant_id,
             now=time.time(),
-            role_tag=role_tag,
+            role_tag=self._role_tag(served, caller),
         )
+
+    def _role_tag(self, served: ServedModel, caller: Principal) -> int:
+        """The rollout role `served` is in for a request that judges it; 0 for one that does
+        not (RolloutController.role_tag)."""
+        if not served.judged_by(caller.tenant) or self._controller is None:
+            return 0
+        return self._controller.role_tag(served.adapter_name, served.version)
 
     async def _admit(self, job: GenerationJob, caller: Principal, caller_key: str) -> GenerationJob:
         sequences = len(job.prompts) * job.options.n
@@ -273,6 +239,7 @@ class GenerationService:
             streamed=job.options.stream,
         )
         job.controller = self._controller
+        job.role_tag = self._role_tag(served, caller)
         if served.adapter is not None:
             try:
                 await self._cache.acquire(
@@ -416,6 +383,7 @@ class GenerationService:
                         choice.logprobs = (choice.logprobs or []) + delta.logprobs
                     if delta.finish_reason:
                         choice.finish_reason = delta.finish_reason
+                        choice.stop_reason = delta.stop_reason
         return [choices[i] for i in sorted(choices)]
 
 

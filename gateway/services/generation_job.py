@@ -3,6 +3,7 @@ while running (the tenant's limits lease, the adapter pin, its metrics and monit
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
@@ -15,8 +16,14 @@ from gateway.engine.tool_parsing import AutoToolPlan
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
+from gateway.services.tool_call_checks import CallChecker
 from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowPlan
+
+logger = logging.getLogger(__name__)
+
+# A choice's first calls judged (a client's schema on the event loop: bounded work per choice).
+MAX_JUDGED_CALLS = 16
 
 
 @dataclass
@@ -35,6 +42,9 @@ class GenerationJob:
     forced_call: ForcedCall | None = None
     # Chat with tools and tool_choice "auto": calls the parser finds become tool_calls.
     auto_calls: AutoToolPlan | None = None
+    call_checker: CallChecker | None = None  # judges those calls for loraplex_tool_calls
+    # The rollout role the version served in, for a request that judges it (0: none).
+    role_tag: int = 0
     # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.
     lease: Lease | None = None
     recorder: GenerationRecorder | None = None
@@ -69,6 +79,34 @@ class GenerationJob:
             self.cache.release(self.served.adapter)
             self.cache = None  # released once
 
+    def judge_tool_calls(self, index: int, calls: list[tuple[str, str]], malformed: bool) -> None:
+        """The calls choice `index` wrote under tool_choice auto (auto_tool_calls.calls_to_judge):
+        each counted by outcome (at most MAX_JUDGED_CALLS), and the choice one piece of evidence
+        about the version for its rollout (RolloutController.tool_call): valid when every call
+        judged is. A greedy choice's copies (fan_out_greedy) are judged once."""
+        if self.call_checker is None or self.recorder is None:
+            return
+        if self.copies > 1 and (index // self.options.n) % self.copies:
+            return
+        try:
+            judged = [self.call_checker.outcome(*call) for call in calls[:MAX_JUDGED_CALLS]]
+        except Exception:  # judging must never cost the client its answer
+            logger.exception("could not judge the tool calls of %s", self.request_id)
+            return
+        outcomes = [outcome for outcome in judged if outcome is not None]
+        if malformed:
+            outcomes.append("malformed")
+        for outcome in outcomes:
+            self.recorder.tool_call(outcome)
+        if outcomes and self.controller is not None:
+            self.controller.tool_call(
+                self.served.adapter_name,
+                self.served.version,
+                all(outcome == "valid" for outcome in outcomes),
+                judged=self.served.judged_by(self.recorder.scope.tenant),
+                role_tag=self.role_tag,
+            )
+
     def sub_request_id(self, prompt_index: int) -> str:
         return f"{self.request_id}-{prompt_index}"
 
@@ -99,6 +137,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # what stopped it (ChoiceDelta.stop_reason)
 
 
 class Primed(AsyncGenerator[tuple[int, GenerationUpdate], None]):

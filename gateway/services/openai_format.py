@@ -87,8 +87,16 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
         if job.forced_call is not None:
             message, finish_reason = message_and_finish(job.forced_call, c.text, finish_reason)
         elif job.auto_calls is not None:
+            plan = job.auto_calls
+            parsed = auto_tool_calls.parse_whole(plan, c.text, c.token_ids)
             message, finish_reason = auto_tool_calls.message_and_finish(
-                job.auto_calls, c.text, c.token_ids, finish_reason
+                plan, parsed, c.text, finish_reason
+            )
+            job.judge_tool_calls(
+                c.index,
+                *auto_tool_calls.calls_to_judge(
+                    plan, parsed, c.text, c.finish_reason, c.stop_reason
+                ),
             )
         body_choices.append(
             {
@@ -134,7 +142,7 @@ async def chat_stream(
         calls = ToolCallStream(job.forced_call)
     elif job.auto_calls is not None:
         calls = auto_tool_calls.AutoCallStream(
-            job.auto_calls, lambda index: job.prompts[index // job.options.n]
+            job.auto_calls, lambda index: job.prompts[index // job.options.n], job.judge_tool_calls
         )
     if calls is not None:
         opening = [_chat_choice(index, calls.opening(index)) for index in range(choice_count)]

@@ -11,6 +11,7 @@ import asyncio
 import json
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from gateway.demo import DEMO_ADAPTERS
@@ -158,7 +159,20 @@ HERMES_CALL = (
 ANSWER = r"It is (sunny|cold)\."
 
 
-async def test_under_auto_every_model_s_call_and_answer_come_back_apart_in_one_batch(aclient):
+def valid_calls_counted(gateway) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(gateway.metrics_text())
+        for sample in family.samples
+        if sample.name == "loraplex_tool_calls_total" and sample.labels["outcome"] == "valid"
+    )
+
+
+async def test_under_auto_every_model_s_call_and_answer_come_back_apart_in_one_batch(
+    aclient, gateway
+):
+    before = valid_calls_counted(gateway)
+
     async def one(model: str, pattern: str, stream: bool):
         request = {
             "model": model,
@@ -200,6 +214,8 @@ async def test_under_auto_every_model_s_call_and_answer_come_back_apart_in_one_b
         assert not content and finish == "tool_calls", (job, content, finish)
         ((name, arguments),) = calls
         assert name == "get_weather" and weather_arguments_ok(arguments), (job, arguments)
+    # Each call judged valid for its version (loraplex_tool_calls_total), streamed or not.
+    assert valid_calls_counted(gateway) == before + len(MODELS) * 2
 
 
 @pytest.mark.parametrize("model", [BASE_NAME, "demo-all-r16"])

@@ -344,3 +344,90 @@ def test_once_a_call_opened_deltas_reach_the_parser_in_growing_batches(demo_root
     assert all(json.loads(c["arguments"]) == {"city": "Oslo"} for c in calls.values())
     assert sum(handed) == len(text)  # every character, once
     assert len(handed) < 120, len(handed)  # 4000 one-character deltas without batching
+
+
+def tool_calls_counted(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    total = 0.0
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name == "loraplex_tool_calls_total" and sample.labels["outcome"] == outcome:
+                total += sample.value
+    return total
+
+
+STRICT_ARGUMENTS = {
+    "type": "function",
+    "function": {
+        "name": "book",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "pattern": {"type": "string", "pattern": "^a+$"},  # a property so named
+                "code": {"type": "string", "pattern": "^(a|aa)+$"},  # backtracks
+                "seats": {"type": "integer", "minimum": 1},
+            },
+            "required": ["seats"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def call(name: str, arguments: str) -> str:
+    return f'<tool_call>{{"name": "{name}", "arguments": {arguments}}}</tool_call>'
+
+
+OUTCOMES = ("valid", "invalid_arguments", "unknown_function", "malformed")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_call_is_counted_by_whether_the_client_can_make_it(demo_root, stream):
+    text = (
+        call("book", '{"seats": 2, "pattern": "aaaa"}')
+        + call("book", '{"seats": 2, "pattern": "ab"}')  # does not match its pattern
+        + call("book", '{"seats": 0}')  # below its minimum
+        + call("book", '{"seats": 2, "extra": true}')  # additionalProperties false
+        + call("book", "[2]")  # not an object
+        + call("book", '{"seats": 2, "code": "' + "a" * 5000 + 'b"}')  # past the budget
+        + call("get_weather", '{"city": "Oslo"}')
+        + call("fly", "{}")  # never given
+    )
+    before = {o: tool_calls_counted(o) for o in OUTCOMES}
+    with openai_context(demo_root, engine_writing(text, pieces=40)) as (client, _, _):
+        response = chat(client, stream=stream, tools=[STRICT_ARGUMENTS, WEATHER])
+        assert response.status_code == 200
+        if stream:
+            _, calls, _ = accumulate(sse_chunks(response))
+            assert len(calls) == 8
+    counted = {o: tool_calls_counted(o) - before[o] for o in OUTCOMES}
+    # The backtracking pattern ran out of the judge's budget: that call is not judged.
+    assert counted == {"valid": 2, "invalid_arguments": 4, "unknown_function": 1, "malformed": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("text", "finish", "counted"),
+    [
+        # Hermes reads no call from broken JSON: the model wrote a malformed call.
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": }</tool_call>', "stop", 1),
+        # Cut by max_tokens: the half call is not the model's to answer for (and Hermes then
+        # returns the whole output as text, the whole call before it too).
+        (OSLO + OSLO[:40], "length", 0),
+    ],
+)
+def test_malformed_calls_are_counted_alike_whole_and_streamed_and_cut_ones_not(
+    demo_root, stream, text, finish, counted
+):
+    before = {o: tool_calls_counted(o) for o in OUTCOMES}
+    engine = engine_writing(text, pieces=20, finish=finish)
+    with openai_context(demo_root, engine) as (client, _, _):
+        assert chat(client, stream=stream, tools=[WEATHER]).status_code == 200
+    after = {o: tool_calls_counted(o) - before[o] for o in OUTCOMES}
+    assert after == {
+        "valid": 0,
+        "invalid_arguments": 0,
+        "unknown_function": 0,
+        "malformed": counted,
+    }

@@ -144,3 +144,31 @@ async def test_an_incident_during_a_refused_fallbacks_wait_is_retried_not_droppe
 @contextlib.asynccontextmanager
 async def no_session() -> AsyncIterator[None]:
     yield None
+
+
+def call(made, version: int, valid: list[bool], *, judged: bool = True) -> None:
+    role_tag = made.role_tag("bot", version)
+    for ok in valid:
+        made.tool_call("bot", version, ok, judged=judged, role_tag=role_tag)
+
+
+def test_tool_calls_take_the_canary_back_after_a_full_window_under_the_minimum():
+    made, spawned = controller(Router(CANARY), auto_promote=False)
+    call(made, 3, [True] * WINDOW)
+    call(made, 3, [False])  # 95 % of the window: holds
+    assert spawned == []
+    call(made, 3, [False], judged=False)  # a consumer's: never acts
+    call(made, 2, [False] * WINDOW)  # the canary's stable, unarmed
+    assert spawned == []
+    call(made, 3, [False])
+    assert spawned == ["take_back"]
+
+
+def test_a_tool_call_verdict_names_its_figures_and_no_minimum_never_judges():
+    from gateway.outcome_monitor import ToolCallFigures, judge_tool_calls
+
+    verdict = judge_tool_calls(ToolCallFigures(100, 0.9), 0.95)
+    assert verdict is not None and verdict.reason == "tool_calls"
+    assert verdict.figures.as_dict() == {"tool_calls": 100, "tool_call_validity": 0.9}
+    assert judge_tool_calls(ToolCallFigures(100, 0.95), 0.95) is None
+    assert judge_tool_calls(ToolCallFigures(100, 0.0), None) is None

@@ -210,9 +210,10 @@ def test_the_rollout_window_has_the_range_of_the_card_and_the_override(window):
 
 
 @pytest.mark.parametrize(("value", "expected"), [("", None), ("  ", None), ("0.8", 0.8)])
-def test_an_empty_task_success_minimum_turns_the_feedback_rule_off(monkeypatch, value, expected):
-    monkeypatch.setenv("LORAPLEX_ROLLOUT_MIN_TASK_SUCCESS", value)
-    assert Settings().rollout_min_task_success == expected
+@pytest.mark.parametrize("setting", ["rollout_min_task_success", "rollout_min_tool_call_validity"])
+def test_an_empty_outcome_minimum_turns_its_rule_off(monkeypatch, setting, value, expected):
+    monkeypatch.setenv(f"LORAPLEX_{setting.upper()}", value)
+    assert getattr(Settings(), setting) == expected
 
 
 def test_structured_outputs_settings_reach_the_engine_with_one_backend():

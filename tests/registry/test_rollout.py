@@ -305,3 +305,15 @@ def test_the_task_success_minimum_comes_from_the_card_the_override_or_the_defaul
     assert effective_thresholds(None, None, DEFAULTS).min_task_success == 0.9
     with pytest.raises(InvalidThresholds):
         validate_threshold_override({"min_task_success": 1.5})
+
+
+def test_the_tool_call_validity_minimum_comes_from_the_card_the_override_or_the_defaults():
+    card = {"rollback": {"tool_call_validity_min": 0.8, "window_requests": 100}}
+    assert effective_thresholds(card, None, DEFAULTS).min_tool_call_validity == 0.8
+    override = {"min_tool_call_validity": 0.99}
+    assert effective_thresholds(card, override, DEFAULTS).min_tool_call_validity == 0.99
+    off = {"min_tool_call_validity": None}
+    assert effective_thresholds(card, off, DEFAULTS).min_tool_call_validity is None
+    assert effective_thresholds(None, None, DEFAULTS).min_tool_call_validity == 0.95
+    with pytest.raises(InvalidThresholds):
+        validate_threshold_override({"min_tool_call_validity": 1.5})
