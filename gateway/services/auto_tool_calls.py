@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,15 +125,18 @@ def calls_to_judge(
     text: str,
     finish_reason: str | None,
     stop_reason: str | int | None,
+    client_stops: Collection[str | int],
 ) -> tuple[list[tuple[str, str]], bool]:
     """(name, arguments) of each call a choice returned that is the model's to answer for,
     and whether it wrote a call the parser could not read (malformed). An output something
-    else ended (max_tokens, the loop guard, the client's stop string or token) may end in
-    half a call: that one, or text that is not a whole call, is not held against the model.
-    The same for whole bodies and streams (a stream is judged on its whole text)."""
+    else ended (max_tokens, the loop guard, the client's stop string or token: `client_stops`)
+    may end in half a call: that one, or text that is not a whole call, is not held against
+    the model (the model's own end-of-sequence tokens, which vLLM also reports as a
+    stop_reason, are its end). The same for whole bodies and streams: a stream is judged on
+    its whole text, as a whole body would return it."""
     if parsed is None:
         return [], False
-    cut = finish_reason != "stop" or stop_reason is not None
+    cut = finish_reason != "stop" or (stop_reason is not None and stop_reason in client_stops)
     calls = [(call.name, call.arguments) for call in _returned(plan, parsed)]
     if cut:
         return calls[:-1], False
@@ -157,6 +160,7 @@ class AutoCallStream:
     # Called with each choice's index, its calls and whether one was malformed (calls_to_judge)
     # once the choice has ended.
     judge: Callable[[int, list[tuple[str, str]], bool], None] | None = None
+    client_stops: Collection[str | int] = ()  # the request's stop strings and token ids
     _parsers: dict[int, ChoiceParser] = field(default_factory=dict)
     _called: set[int] = field(default_factory=set)
     _text: dict[int, str] = field(default_factory=dict)  # each choice's output so far
@@ -207,9 +211,8 @@ class AutoCallStream:
             if self.judge is not None:
                 ids = self._token_ids.pop(index, [])
                 parsed = parse_whole(self.plan, text, ids)
-                self.judge(
-                    index, *calls_to_judge(self.plan, parsed, text, finish, delta.stop_reason)
-                )
+                ending = (finish, delta.stop_reason, self.client_stops)
+                self.judge(index, *calls_to_judge(self.plan, parsed, text, *ending))
         return out
 
     def _parsed(self, index: int, delta: ChoiceDelta, text: str, finished: bool) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
             job.judge_tool_calls(
                 c.index,
                 *auto_tool_calls.calls_to_judge(
-                    plan, parsed, c.text, c.finish_reason, c.stop_reason
+                    plan, parsed, c.text, c.finish_reason, c.stop_reason, client_stops(job)
                 ),
             )
         body_choices.append(
@@ -111,6 +111,12 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
         "choices": body_choices,
         "usage": usage(job, sum(len(c.token_ids) for c in choices)),
     }
+
+
+def client_stops(job: GenerationJob) -> frozenset[str | int]:
+    """The stop strings and token ids the client sent (vLLM reports the model's own
+    end-of-sequence tokens as stop reasons too)."""
+    return frozenset((*job.options.stop, *job.options.stop_token_ids))
 
 
 def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str, Any]:
@@ -142,7 +148,10 @@ async def chat_stream(
         calls = ToolCallStream(job.forced_call)
     elif job.auto_calls is not None:
         calls = auto_tool_calls.AutoCallStream(
-            job.auto_calls, lambda index: job.prompts[index // job.options.n], job.judge_tool_calls
+            job.auto_calls,
+            lambda index: job.prompts[index // job.options.n],
+            job.judge_tool_calls,
+            client_stops(job),
         )
     if calls is not None:
         opening = [_chat_choice(index, calls.opening(index)) for index in range(choice_count)]

@@ -5,29 +5,51 @@ the tool). Counted per version in loraplex_tool_calls_total, and evidence for it
 fine-tune that writes broken calls shows before any caller's feedback does.
 
 The judge runs on the event loop every stream shares, over a client's schema and a model's
-output, so its work is bounded: each check has JUDGE_BUDGET_S (schemas whose `anyOf`/`$ref`
-chains explode, or regular expressions that backtrack, end it unjudged); `pattern`s run under
-the `regex` module's timeout; `patternProperties` (whose regexes jsonschema runs with Python's
-`re` inside other keywords, beyond any timeout) and references outside the schema (never
-fetched) leave a call unjudged once its name and JSON-object form pass. Unjudged calls are
-neither counted nor evidence.
+output, so it is its own small JSON Schema checker with bounded work, not a general validator
+(jsonschema fetched remote `$ref`s, exploded on `anyOf`/`$ref` chains and `unevaluated*`,
+went quadratic on `uniqueItems`, and its regular expressions could take the machine's memory):
+- it checks the keywords that describe a call's shape: type, enum, const, properties,
+  required, additionalProperties, min/maxProperties, items, prefixItems, min/maxItems,
+  min/maxLength, minimum, maximum, exclusiveMinimum/Maximum, allOf, anyOf, local $ref;
+- every other keyword is not checked, and only ever in the direction of "valid": `oneOf` is
+  read as `anyOf`, `not` and `if` are skipped (with looser branches they could only wrongly
+  fail), no `pattern` runs, and `additionalProperties` is not enforced beside
+  `patternProperties`. "valid" means no checked keyword failed;
+- one request's checks share JUDGE_STEPS schema steps; past them, calls are unjudged (neither
+  counted nor evidence), as are references outside the schema (never fetched).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import math
 from typing import Any, Literal
-
-import regex
 
 Outcome = Literal["valid", "unknown_function", "invalid_arguments", "malformed"]
 
-JUDGE_BUDGET_S = 0.02
+# Schema nodes visited (and enum members compared) by one request's checks, all choices.
+JUDGE_STEPS = 20_000
+
+_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and v.is_integer())
+    ),
+}
 
 
-class _OverBudget(Exception):
+class _Unjudged(Exception):
     pass
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: strict JSON clients refuse them
 
 
 class CallChecker:
@@ -36,83 +58,160 @@ class CallChecker:
         self._parameters = {
             tool["function"]["name"]: tool["function"].get("parameters") for tool in tools
         }
-        self._validators: dict[str, Any] = {}
-        self._deadline = 0.0
+        self._steps_left = JUDGE_STEPS
 
     def outcome(self, name: str, arguments: str) -> Outcome | None:
         """The call's outcome; None when it cannot be judged within the bounds above."""
         if name not in self._parameters:
             return "unknown_function"
         try:
-            value = json.loads(arguments)
-        except (ValueError, RecursionError):
+            value = json.loads(arguments, parse_constant=_no_constants)
+        except (ValueError, RecursionError):  # a number past the int limit is a ValueError
             return "invalid_arguments"
         if not isinstance(value, dict):
             return "invalid_arguments"
         schema = self._parameters[name]
-        if not schema:
-            return "valid"  # no parameters: any object
+        if not schema or self._steps_left <= 0:
+            return "valid" if not schema else None
         try:
-            validator = self._validator(name)
-            if validator is None:
-                return None
-            self._deadline = time.perf_counter() + JUDGE_BUDGET_S
-            error = next(validator.iter_errors(value), None)
-        except Exception:  # over budget, a reference outside the schema, recursion
+            return "valid" if self._fits(value, schema, schema) else "invalid_arguments"
+        except (_Unjudged, RecursionError):
             return None
-        return "valid" if error is None else "invalid_arguments"
 
-    def _validator(self, name: str) -> Any:
-        if name not in self._validators:
-            self._validators[name] = self._validator_for(self._parameters[name])
-        return self._validators[name]
+    def _step(self, count: int = 1) -> None:
+        self._steps_left -= count
+        if self._steps_left < 0:
+            raise _Unjudged
 
-    def _validator_for(self, schema: dict[str, Any]) -> Any:
-        import jsonschema
-        from referencing import Registry
+    def _fits(self, value: Any, schema: Any, root: dict[str, Any]) -> bool:
+        self._step()
+        if schema is True or schema is False:
+            return schema
+        if not isinstance(schema, dict):
+            return True  # not a schema: nothing checked
+        if "$ref" in schema and not self._fits(value, self._resolve(schema["$ref"], root), root):
+            return False
+        kinds = schema.get("type")
+        if kinds is not None:
+            names = kinds if isinstance(kinds, list) else [kinds]
+            known = [_TYPES[k] for k in names if isinstance(k, str) and k in _TYPES]
+            if len(known) == len(names) and not any(check(value) for check in known):
+                return False
+        members = schema.get("enum")
+        if isinstance(members, list) and not any(self._same(value, m) for m in members):
+            return False
+        if "const" in schema and not self._same(value, schema["const"]):
+            return False
+        every = schema.get("allOf")
+        for sub in every if isinstance(every, list) else ():
+            if not self._fits(value, sub, root):
+                return False
+        for key in ("anyOf", "oneOf"):  # oneOf read as anyOf: never wrongly "not exactly one"
+            options = schema.get(key)
+            if (
+                isinstance(options, list)
+                and options
+                and not any(self._fits(value, sub, root) for sub in options)
+            ):
+                return False
+        if isinstance(value, dict):
+            return self._fits_object(value, schema, root)
+        if isinstance(value, list):
+            return self._fits_array(value, schema, root)
+        if isinstance(value, str):
+            return _within(len(value), schema.get("minLength"), schema.get("maxLength"))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return _fits_number(value, schema)
+        return True
 
-        if _has_key(schema, "patternProperties"):
-            return None
-        try:
-            cls = jsonschema.validators.validator_for(schema)
-            cls.check_schema(schema)
-        except Exception:  # invalid JSON Schema: the engine was given it as the client sent it
-            return None
-        keywords = {name: self._timed(check) for name, check in cls.VALIDATORS.items()}
-        keywords["pattern"] = self._timed(self._pattern)
-        bounded = jsonschema.validators.extend(cls, keywords)
-        # An empty registry: a reference outside the schema is unresolvable, never fetched
-        # (jsonschema's default retrieves URLs, file:// ones too, without a timeout).
-        return bounded(schema, registry=Registry())
+    def _fits_object(self, value: dict[str, Any], schema: dict[str, Any], root: Any) -> bool:
+        required = schema.get("required")
+        if isinstance(required, list) and any(
+            isinstance(key, str) and key not in value for key in required
+        ):
+            return False
+        if not _within(len(value), schema.get("minProperties"), schema.get("maxProperties")):
+            return False
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        for key, item in value.items():
+            if key in properties:
+                if not self._fits(item, properties[key], root):
+                    return False
+            elif "patternProperties" not in schema:  # may have admitted it: not checked
+                extra = schema.get("additionalProperties", True)
+                if not self._fits(item, extra, root):
+                    return False
+        return True
 
-    def _timed(self, check: Any) -> Any:
-        def timed(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
-            if time.perf_counter() > self._deadline:
-                raise _OverBudget
-            yield from check(validator, value, instance, schema) or ()
+    def _fits_array(self, value: list[Any], schema: dict[str, Any], root: Any) -> bool:
+        if not _within(len(value), schema.get("minItems"), schema.get("maxItems")):
+            return False
+        prefix = schema.get("prefixItems")
+        items = schema.get("items")
+        if isinstance(items, list):  # draft 7's tuple form
+            prefix, items = items, schema.get("additionalItems")
+        prefix = prefix if isinstance(prefix, list) else []
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else items
+            if sub is not None and not self._fits(item, sub, root):
+                return False
+        return True
 
-        return timed
+    def _same(self, value: Any, expected: Any) -> bool:
+        """JSON equality (1 == 1.0, but true is not 1), each node compared one step: an
+        enum of large objects costs what it compares."""
+        self._step()
+        if isinstance(value, bool) or isinstance(expected, bool):
+            return type(value) is type(expected) and value == expected
+        if isinstance(value, dict) and isinstance(expected, dict):
+            return value.keys() == expected.keys() and all(
+                self._same(value[key], expected[key]) for key in value
+            )
+        if isinstance(value, list) and isinstance(expected, list):
+            return len(value) == len(expected) and all(map(self._same, value, expected))
+        if isinstance(value, dict | list) or isinstance(expected, dict | list):
+            return False
+        return bool(value == expected)
 
-    def _pattern(self, validator: Any, pattern: Any, instance: Any, schema: Any) -> Any:
-        import jsonschema
+    def _resolve(self, ref: Any, root: dict[str, Any]) -> Any:
+        """A reference inside the schema ("#", "#/$defs/x", "#/definitions/x", any JSON
+        pointer); anything else is unjudged: never fetched."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _Unjudged
+        node: Any = root
+        for part in ref[1:].split("/")[1:]:
+            key = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+            else:
+                raise _Unjudged
+        return node
 
-        if not validator.is_type(instance, "string"):
-            return
-        left = self._deadline - time.perf_counter()
-        if left <= 0:
-            raise _OverBudget
-        try:
-            matched = regex.search(pattern, instance, timeout=left)
-        except TimeoutError as exc:
-            raise _OverBudget from exc
-        if not matched:
-            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+def _within(size: int, low: Any, high: Any) -> bool:
+    if _is_number(low) and size < low:
+        return False
+    return not (_is_number(high) and size > high)
 
 
-def _has_key(node: Any, key: str) -> bool:
-    """Whether `key` is a keyword anywhere in the schema (or a name: erring on unjudged)."""
-    if isinstance(node, list):
-        return any(_has_key(item, key) for item in node)
-    if isinstance(node, dict):
-        return key in node or any(_has_key(value, key) for value in node.values())
-    return False
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _fits_number(value: float, schema: dict[str, Any]) -> bool:
+    if not math.isfinite(value):
+        return False
+    bounds = (
+        ("minimum", lambda b: value >= b),
+        ("maximum", lambda b: value <= b),
+        ("exclusiveMinimum", lambda b: value > b),  # draft 4's boolean form is not checked
+        ("exclusiveMaximum", lambda b: value < b),
+    )
+    for key, holds in bounds:
+        bound = schema.get(key)
+        if _is_number(bound) and not holds(bound):
+            return False
+    return True

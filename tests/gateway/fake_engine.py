@@ -33,6 +33,7 @@ class ScriptedEngine:
     lora_dtype: str | None = None  # a test sets it to play an engine of that dtype
     cached_prompt_tokens: int | None = None  # reported on every update when set
     finish_reason = "length"  # how every choice ends ("error": as vLLM ends a failed request)
+    stop_reason: str | int | None = None  # what ended it, with finish_reason "stop"
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class ScriptedEngine:
                             i if i < len(self.words) and words[i] == self.words[i] else 1000 + i
                         ],
                         finish_reason=self.finish_reason if last else None,
+                        stop_reason=self.stop_reason if last else None,
                     )
                     for c in range(options.n)
                 ],

@@ -1,6 +1,7 @@
-"""The judge of the calls a model writes under tool_choice "auto": JSON Schema semantics kept
-(regular expressions run, under a timeout), and bounded work on the event loop: nothing
-fetched, exploding schemas and backtracking patterns end unjudged, not in a stall."""
+"""The judge of the calls a model writes under tool_choice "auto": the keywords that describe
+a call's shape are checked, every other one only ever towards "valid", and the work is bounded
+(one request's steps), since it runs a client's schema on the event loop every stream shares:
+nothing fetched, no regular expression run, exploding schemas end unjudged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from gateway.services.tool_call_checks import CallChecker
+from gateway.services.tool_call_checks import JUDGE_STEPS, CallChecker
 
 
 def judged(parameters: dict, arguments: dict | str) -> str | None:
@@ -17,84 +18,126 @@ def judged(parameters: dict, arguments: dict | str) -> str | None:
     return CallChecker([tool]).outcome("f", text)
 
 
-def string_property(**schema) -> dict:
-    return {"type": "object", "properties": {"s": {"type": "string", **schema}}}
+def prop(**schema) -> dict:
+    return {"type": "object", "properties": {"s": schema}}
 
 
-@pytest.mark.parametrize(
-    ("parameters", "arguments", "expected"),
-    [
-        (string_property(pattern="^a+$"), {"s": "aaa"}, "valid"),
-        (string_property(pattern="^a+$"), {"s": "ab"}, "invalid_arguments"),
-        # Regexes are run, not stripped: under not, oneOf and if they keep their meaning.
-        (string_property(**{"not": {"pattern": "^x"}}), {"s": "abc"}, "valid"),
-        (string_property(**{"not": {"pattern": "^x"}}), {"s": "xyz"}, "invalid_arguments"),
-        (
-            string_property(oneOf=[{"pattern": "^a"}, {"pattern": "^b"}]),
-            {"s": "ax"},
-            "valid",
-        ),
-        (
-            {
-                "type": "object",
-                "if": {"properties": {"id": {"pattern": "^u"}}},
-                "then": {"required": ["user"]},
-            },
-            {"id": "x1"},
-            "valid",
-        ),
-        (
-            {"type": "object", "properties": {"pattern": {"type": "string"}}},
-            {"pattern": "p"},
-            "valid",
-        ),
-        (string_property(), "[1]", "invalid_arguments"),
-        (string_property(), "{broken", "invalid_arguments"),
-        # Unjudged: a pattern that backtracks past the budget, patternProperties (jsonschema
-        # runs those with Python's re inside other keywords), an invalid schema.
-        (string_property(pattern="^(a|aa)+$"), {"s": "a" * 5000 + "b"}, None),
-        ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}, {"xa": 1}, None),
-        ({"type": "object", "properties": {"s": {"type": 5}}}, {"s": 1}, None),
-    ],
-)
-def test_the_judge_keeps_json_schema_semantics(parameters, arguments, expected):
+CHECKED = [
+    (prop(type="string"), {"s": "a"}, "valid"),
+    (prop(type="string"), {"s": 1}, "invalid_arguments"),
+    (prop(type="integer"), {"s": 1.0}, "valid"),  # JSON Schema: 1.0 is an integer
+    (prop(type="integer"), {"s": True}, "invalid_arguments"),  # a boolean is not
+    (prop(type=["string", "null"]), {"s": None}, "valid"),
+    (prop(enum=["a", 1]), {"s": 1.0}, "valid"),
+    (prop(enum=[1]), {"s": True}, "invalid_arguments"),
+    (prop(const={"k": [1]}), {"s": {"k": [1]}}, "valid"),
+    (prop(minimum=1, exclusiveMaximum=3), {"s": 3}, "invalid_arguments"),
+    (prop(minLength=2, maxLength=3), {"s": "abcd"}, "invalid_arguments"),
+    (prop(items={"type": "integer"}, minItems=1), {"s": [1, "x"]}, "invalid_arguments"),
+    (prop(prefixItems=[{"type": "string"}], items=False), {"s": ["a", 1]}, "invalid_arguments"),
+    (prop(items=[{"type": "string"}], additionalItems=False), {"s": ["a"]}, "valid"),  # draft 7
+    ({"type": "object", "required": ["s"]}, {}, "invalid_arguments"),
+    ({"type": "object", "additionalProperties": False}, {"x": 1}, "invalid_arguments"),
+    ({"type": "object", "maxProperties": 1}, {"x": 1, "y": 2}, "invalid_arguments"),
+    (prop(anyOf=[{"type": "string"}, {"type": "integer"}]), {"s": 2}, "valid"),
+    (prop(allOf=[{"type": "integer"}, {"minimum": 5}]), {"s": 2}, "invalid_arguments"),
+    (
+        {
+            "type": "object",
+            "properties": {"s": {"$ref": "#/$defs/d"}},
+            "$defs": {"d": {"type": "string"}},
+        },
+        {"s": 1},
+        "invalid_arguments",
+    ),
+    (
+        {"properties": {"s": {"$ref": "#/definitions/d"}}, "definitions": {"d": {"enum": [1]}}},
+        {"s": 1},
+        "valid",
+    ),
+    (prop(type="string"), "[1]", "invalid_arguments"),  # not an object
+    (prop(type="string"), "{broken", "invalid_arguments"),
+    (prop(type="number"), '{"s": NaN}', "invalid_arguments"),  # strict JSON has no NaN
+    ({"type": "object", "properties": {"pattern": {"type": "string"}}}, {"pattern": "p"}, "valid"),
+]
+
+NOT_CHECKED = [
+    # No regular expression is run (jsonschema's could take the machine's memory: a{4294967294}).
+    (prop(pattern="^a+$"), {"s": "b"}),
+    (prop(pattern="^a{4294967294}$"), {"s": "a"}),
+    # Keywords that could only wrongly fail with looser branches: skipped or read as anyOf.
+    (prop(**{"not": {"pattern": "^x"}}), {"s": "xyz"}),
+    (prop(oneOf=[{"type": "string"}, {"type": "string"}]), {"s": "a"}),
+    ({"if": {"properties": {"s": {"const": 1}}}, "then": {"required": ["t"]}}, {"s": 1}),
+    # patternProperties may admit what additionalProperties false would refuse.
+    (
+        {"type": "object", "patternProperties": {"^x": {}}, "additionalProperties": False},
+        {"xa": 1},
+    ),
+    # Quadratic or exploding in jsonschema: uniqueItems, unevaluated*, $dynamicRef.
+    (prop(type="array", uniqueItems=True), {"s": ["x", *range(6000)]}),
+    (
+        {
+            "type": "object",
+            "unevaluatedProperties": False,
+            "$ref": "#/$defs/d0",
+            "$defs": {f"d{i}": {"$dynamicRef": f"#/$defs/d{i + 1}"} for i in range(30)},
+        },
+        {"x": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize(("parameters", "arguments", "expected"), CHECKED)
+def test_the_keywords_of_a_call_s_shape_are_checked(parameters, arguments, expected):
     assert judged(parameters, arguments) == expected
 
 
+@pytest.mark.parametrize(("parameters", "arguments"), NOT_CHECKED)
+def test_other_keywords_never_make_a_call_invalid(parameters, arguments):
+    assert judged(parameters, arguments) == "valid"
+
+
 def test_unknown_functions_and_tools_without_parameters():
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    assert CallChecker(tools).outcome("g", "{}") == "unknown_function"
-    assert CallChecker(tools).outcome("f", '{"any": 1}') == "valid"
+    checker = CallChecker([{"type": "function", "function": {"name": "f"}}])
+    assert checker.outcome("g", "{}") == "unknown_function"
+    assert checker.outcome("f", '{"any": 1}') == "valid"
 
 
-def test_a_reference_outside_the_schema_is_never_fetched(monkeypatch):
-    """jsonschema's default registry retrieves URLs (file:// too) with no timeout, on the
-    event loop: one tenant's schema could stall every stream or read the gateway's files."""
+def test_a_reference_outside_the_schema_is_unjudged_and_never_fetched(monkeypatch):
     import urllib.request
 
     fetched = []
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: fetched.append(a))
-    for ref in ("http://127.0.0.1:9/s.json", "file:///etc/hostname"):
+    for ref in ("http://127.0.0.1:9/s.json", "file:///etc/hostname", "#/$defs/missing"):
         assert judged({"type": "object", "properties": {"s": {"$ref": ref}}}, {"s": 1}) is None
     assert fetched == []
 
 
 def exploding(depth: int) -> dict:
-    """Each level anyOf two references to the next: 2**depth paths to a tiny argument."""
+    """Each level anyOf two references to the next: 2**depth paths when every one fails."""
     defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(depth)}
     defs[f"d{depth}"] = {"type": "string"}
     return {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
 
 
-def test_work_that_explodes_ends_unjudged_within_the_budget():
-    assert judged(exploding(3), {"x": "s"}) == "valid"  # references inside the schema resolve
+def test_one_request_s_checks_share_a_bounded_number_of_steps():
+    """jsonschema took 137 s of the event loop on exploding(20), per call (found by review)."""
+    assert judged(exploding(3), {"x": "s"}) == "valid"
     assert judged(exploding(3), {"x": 1}) == "invalid_arguments"
-    # Unbounded, depth 20 took 137 s of the event loop (found by review).
-    assert judged(exploding(20), {"x": 1}) is None
+    assert judged(exploding(30), {"x": "s"}) == "valid"  # the first path holds
+    tool = {"type": "function", "function": {"name": "f", "parameters": exploding(30)}}
+    checker = CallChecker([tool])
+    assert checker.outcome("f", '{"x": 1}') is None  # every path fails: over the steps
+    # The request's steps are spent: its later calls are unjudged without any work.
+    assert checker.outcome("f", '{"x": "s"}') is None
+    big_enum = prop(enum=[{"k": list(range(100))}] * (JUDGE_STEPS // 50))
+    near = {"s": {"k": [*range(99), -1]}}  # compared to its last node with every member
+    assert judged(big_enum, near) is None  # each node compared is a step
 
 
 def test_a_schema_nested_past_the_interpreter_s_limit_is_unjudged_not_an_error():
     schema: dict = {"type": "object"}
-    for _ in range(2000):
-        schema = {"anyOf": [schema]}
+    for _ in range(5000):
+        schema = {"allOf": [schema]}
     assert judged(schema, {"a": 1}) is None
