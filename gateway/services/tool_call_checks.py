@@ -15,8 +15,12 @@ went quadratic on `uniqueItems`, and its regular expressions could take the mach
   read as `anyOf`, `not` and `if` are skipped (with looser branches they could only wrongly
   fail), no `pattern` runs, and `additionalProperties` is not enforced beside
   `patternProperties`. "valid" means no checked keyword failed;
-- one request's checks share JUDGE_STEPS schema steps; past them, calls are unjudged (neither
-  counted nor evidence), as are references outside the schema (never fetched).
+- `$schema` draft 4-7 keeps its rules where they are looser ($ref's siblings ignored; no
+  prefixItems before 2020-12), and OpenAPI's `nullable: true` admits null;
+- one request's checks share JUDGE_STEPS steps (schema nodes, list entries, pointer parts,
+  enum nodes compared); past them, calls are unjudged (neither counted nor evidence), as are
+  references that are not a JSON pointer into the root resource (never fetched) and numbers
+  Python's parser cannot hold (1e400, 5000 digits).
 """
 
 from __future__ import annotations
@@ -59,22 +63,31 @@ class CallChecker:
             tool["function"]["name"]: tool["function"].get("parameters") for tool in tools
         }
         self._steps_left = JUDGE_STEPS
+        self._root: dict[str, Any] = {}
+        self._before_2020 = False  # the schema's $schema is draft 4-7 or 2019-09
 
     def outcome(self, name: str, arguments: str) -> Outcome | None:
         """The call's outcome; None when it cannot be judged within the bounds above."""
         if name not in self._parameters:
             return "unknown_function"
         try:
-            value = json.loads(arguments, parse_constant=_no_constants)
-        except (ValueError, RecursionError):  # a number past the int limit is a ValueError
+            value = json.loads(arguments, parse_constant=_no_constants, parse_int=_int)
+        except (_Unjudged, RecursionError):  # JSON, but past what Python's parser takes
+            return None
+        except ValueError:
             return "invalid_arguments"
         if not isinstance(value, dict):
             return "invalid_arguments"
         schema = self._parameters[name]
-        if not schema or self._steps_left <= 0:
-            return "valid" if not schema else None
+        if not schema:
+            return "valid"
+        if self._steps_left <= 0 or not isinstance(schema, dict):
+            return None
+        self._root = schema
+        dialect = schema.get("$schema")
+        self._before_2020 = isinstance(dialect, str) and ("draft-0" in dialect or "2019" in dialect)
         try:
-            return "valid" if self._fits(value, schema, schema) else "invalid_arguments"
+            return "valid" if self._fits(value, schema) else "invalid_arguments"
         except (_Unjudged, RecursionError):
             return None
 
@@ -83,17 +96,29 @@ class CallChecker:
         if self._steps_left < 0:
             raise _Unjudged
 
-    def _fits(self, value: Any, schema: Any, root: dict[str, Any]) -> bool:
+    def _fits(self, value: Any, schema: Any, local: bool = True) -> bool:
+        """`local`: references resolve from the root (no `$id` on the way down changed the
+        base they resolve from)."""
         self._step()
         if schema is True or schema is False:
             return schema
         if not isinstance(schema, dict):
             return True  # not a schema: nothing checked
-        if "$ref" in schema and not self._fits(value, self._resolve(schema["$ref"], root), root):
-            return False
+        if schema is not self._root and "$id" in schema:
+            local = False
+        if schema.get("nullable") is True and value is None:
+            return True  # OpenAPI's spelling of "or null", as some clients send it
+        if "$ref" in schema:
+            if not local:
+                raise _Unjudged
+            if not self._fits(value, self._resolve(schema["$ref"]), local):
+                return False
+            if self._before_2020 and "draft-0" in str(self._root.get("$schema")):
+                return True  # up to draft 7, a $ref's siblings are ignored
         kinds = schema.get("type")
         if kinds is not None:
             names = kinds if isinstance(kinds, list) else [kinds]
+            self._step(len(names))
             known = [_TYPES[k] for k in names if isinstance(k, str) and k in _TYPES]
             if len(known) == len(names) and not any(check(value) for check in known):
                 return False
@@ -104,28 +129,30 @@ class CallChecker:
             return False
         every = schema.get("allOf")
         for sub in every if isinstance(every, list) else ():
-            if not self._fits(value, sub, root):
+            if not self._fits(value, sub, local):
                 return False
         for key in ("anyOf", "oneOf"):  # oneOf read as anyOf: never wrongly "not exactly one"
             options = schema.get(key)
             if (
                 isinstance(options, list)
                 and options
-                and not any(self._fits(value, sub, root) for sub in options)
+                and not any(self._fits(value, sub, local) for sub in options)
             ):
                 return False
         if isinstance(value, dict):
-            return self._fits_object(value, schema, root)
+            return self._fits_object(value, schema, local)
         if isinstance(value, list):
-            return self._fits_array(value, schema, root)
+            return self._fits_array(value, schema, local)
         if isinstance(value, str):
             return _within(len(value), schema.get("minLength"), schema.get("maxLength"))
         if isinstance(value, int | float) and not isinstance(value, bool):
             return _fits_number(value, schema)
         return True
 
-    def _fits_object(self, value: dict[str, Any], schema: dict[str, Any], root: Any) -> bool:
+    def _fits_object(self, value: dict[str, Any], schema: dict[str, Any], local: bool) -> bool:
         required = schema.get("required")
+        if isinstance(required, list):
+            self._step(len(required))
         if isinstance(required, list) and any(
             isinstance(key, str) and key not in value for key in required
         ):
@@ -136,25 +163,25 @@ class CallChecker:
         properties = properties if isinstance(properties, dict) else {}
         for key, item in value.items():
             if key in properties:
-                if not self._fits(item, properties[key], root):
+                if not self._fits(item, properties[key], local):
                     return False
             elif "patternProperties" not in schema:  # may have admitted it: not checked
                 extra = schema.get("additionalProperties", True)
-                if not self._fits(item, extra, root):
+                if not self._fits(item, extra, local):
                     return False
         return True
 
-    def _fits_array(self, value: list[Any], schema: dict[str, Any], root: Any) -> bool:
+    def _fits_array(self, value: list[Any], schema: dict[str, Any], local: bool) -> bool:
         if not _within(len(value), schema.get("minItems"), schema.get("maxItems")):
             return False
-        prefix = schema.get("prefixItems")
+        prefix = None if self._before_2020 else schema.get("prefixItems")
         items = schema.get("items")
         if isinstance(items, list):  # draft 7's tuple form
             prefix, items = items, schema.get("additionalItems")
         prefix = prefix if isinstance(prefix, list) else []
         for i, item in enumerate(value):
             sub = prefix[i] if i < len(prefix) else items
-            if sub is not None and not self._fits(item, sub, root):
+            if sub is not None and not self._fits(item, sub, local):
                 return False
         return True
 
@@ -174,21 +201,36 @@ class CallChecker:
             return False
         return bool(value == expected)
 
-    def _resolve(self, ref: Any, root: dict[str, Any]) -> Any:
-        """A reference inside the schema ("#", "#/$defs/x", "#/definitions/x", any JSON
-        pointer); anything else is unjudged: never fetched."""
-        if not isinstance(ref, str) or not ref.startswith("#"):
+    def _resolve(self, ref: Any) -> Any:
+        """A JSON pointer inside the schema ("#", "#/$defs/x", "#/definitions/x", ...); anything
+        else (another document, never fetched; an anchor) is unjudged. Its length is steps."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise _Unjudged
-        node: Any = root
-        for part in ref[1:].split("/")[1:]:
+        parts = ref[1:].split("/")[1:]
+        self._step(len(parts) + len(ref) // 256)
+        node: Any = self._root
+        for part in parts:
             key = part.replace("~1", "/").replace("~0", "~")
             if isinstance(node, dict) and key in node:
                 node = node[key]
-            elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-                node = node[int(key)]
+            elif isinstance(node, list) and _index(key) < len(node):
+                node = node[_index(key)]
             else:
                 raise _Unjudged
         return node
+
+
+def _int(text: str) -> int:
+    if len(text) > 4000:  # Python's int-from-text limit is 4300 digits: valid JSON all the same
+        raise _Unjudged
+    return int(text)
+
+
+def _index(key: str) -> int:
+    """A JSON pointer's array index; past any list when it is none ("01", "²", 5000 digits)."""
+    if key.isascii() and key.isdigit() and len(key) < 19 and (key == "0" or key[0] != "0"):
+        return int(key)
+    return 1 << 62
 
 
 def _within(size: int, low: Any, high: Any) -> bool:
@@ -202,8 +244,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _fits_number(value: float, schema: dict[str, Any]) -> bool:
-    if not math.isfinite(value):
-        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Unjudged  # 1e400: valid JSON that Python reads as infinity
+    # An int is compared with the bounds exactly (no float conversion: 400 digits overflow).
     bounds = (
         ("minimum", lambda b: value >= b),
         ("maximum", lambda b: value <= b),
