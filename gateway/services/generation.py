@@ -37,7 +37,6 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
-from gateway.schemas.tools import NamedToolChoice
 from gateway.services.auto_tool_calls import auto_call_plan, refuse_auto_without_parser
 from gateway.services.generation_job import (
     ChoiceResult,
@@ -54,7 +53,7 @@ from gateway.services.generation_outcome import (
 from gateway.services.prompts import PromptBuilder
 from gateway.services.sampling import SamplingResolver
 from gateway.services.tool_call_checks import CallChecker
-from gateway.services.tool_calls import ForcedCall
+from gateway.services.tool_calls import forced_call_of
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
@@ -121,7 +120,8 @@ class GenerationService:
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
-        request_id = self._with_receipt(request_id, served, caller)
+        role_tag = self._role_tag(served, caller)
+        request_id = self._with_receipt(request_id, served, caller, role_tag)
         prompt = await self._prompts.chat(
             [m.for_template() for m in body.messages], body.tools_for_template()
         )
@@ -151,9 +151,10 @@ class GenerationService:
             prompts,
             options,
             copies=copies,
-            forced_call=_forced_call(body),
+            forced_call=forced_call_of(body),
             auto_calls=auto_calls,
             call_checker=CallChecker(body.tools_for_template() or []) if auto_calls else None,
+            role_tag=role_tag,
         )
         return await self._admit(job, caller, caller_key)
 
@@ -173,7 +174,8 @@ class GenerationService:
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
-        request_id = self._with_receipt(request_id, served, caller)
+        role_tag = self._role_tag(served, caller)
+        request_id = self._with_receipt(request_id, served, caller, role_tag)
         prompts = await self._prompts.completion(body.prompt)
         options = self._sampling.options(
             body,
@@ -196,10 +198,13 @@ class GenerationService:
             options,
             echo_texts=echo,
             copies=copies,
+            role_tag=role_tag,
         )
         return await self._admit(job, caller, caller_key)
 
-    def _with_receipt(self, request_id: str, served: ServedModel, caller: Principal) -> str:
+    def _with_receipt(
+        self, request_id: str, served: ServedModel, caller: Principal, role_tag: int
+    ) -> str:
         """The response id, signed with the version that serves it (for POST /v1/feedback)."""
         if self._response_ids is None:
             return request_id
@@ -209,7 +214,7 @@ class GenerationService:
             judged=served.judged_by(caller.tenant),
             tenant_id=caller.tenant_id,
             now=time.time(),
-            role_tag=self._role_tag(served, caller),
+            role_tag=role_tag,
         )
 
     def _role_tag(self, served: ServedModel, caller: Principal) -> int:
@@ -239,7 +244,6 @@ class GenerationService:
             streamed=job.options.stream,
         )
         job.controller = self._controller
-        job.role_tag = self._role_tag(served, caller)
         if served.adapter is not None:
             try:
                 await self._cache.acquire(
@@ -385,13 +389,6 @@ class GenerationService:
                         choice.finish_reason = delta.finish_reason
                         choice.stop_reason = delta.stop_reason
         return [choices[i] for i in sorted(choices)]
-
-
-def _forced_call(body: ChatCompletionRequest) -> ForcedCall | None:
-    forced = body.forced_call()
-    if forced is None:
-        return None
-    return ForcedCall(forced.function.name if isinstance(forced, NamedToolChoice) else None)
 
 
 def new_request_id(prefix: str) -> str:

@@ -16,11 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.engine.client import ChoiceDelta, TokenLogprob
+from gateway.schemas.openai import ChatCompletionRequest
+from gateway.schemas.tools import NamedToolChoice
 
 
 @dataclass(frozen=True)
 class ForcedCall:
     function: str | None  # the named function; None: any of the tools ("required")
+
+
+def forced_call_of(body: ChatCompletionRequest) -> ForcedCall | None:
+    """The call a chat request forces, if any (tool_choice "required" or a named function)."""
+    forced = body.forced_call()
+    if forced is None:
+        return None
+    return ForcedCall(forced.function.name if isinstance(forced, NamedToolChoice) else None)
 
 
 def new_call_id() -> str:

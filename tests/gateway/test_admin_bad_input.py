@@ -34,6 +34,8 @@ CASES = [
     ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"window": -5}, 400),
     ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"min_task_success": 1.5}, 400),
     ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"min_task_success": "high"}, 400),
+    ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"min_tool_call_validity": 1.5}, 400),
+    ("PUT", "/admin/v1/rollouts/nothing/thresholds", {"min_tool_call_validity": "x"}, 400),
     ("POST", "/admin/v1/rollouts/nothing/rollback", {}, 404),
     ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 10}, 404),
     ("POST", "/admin/v1/rollouts/nothing/shadow", {"version": 2, "percent": 0}, 400),

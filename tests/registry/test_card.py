@@ -42,6 +42,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown nested field", {"sla": {"p99_ms": 3}}, "sla.p99_ms"),
     ("negative threshold", {"rollback": {"p95_ttft_abs_ms": -1}}, "rollback.p95_ttft_abs_ms"),
     ("error rate above 1", {"rollback": {"error_rate": 1.5}}, "rollback.error_rate"),
+    (
+        "tool-call validity above 1",
+        {"rollback": {"tool_call_validity_min": 1.5}},
+        "rollback.tool_call_validity_min",
+    ),
     ("bad objective", {"objective": "vibes"}, "objective"),
     ("bad dataset hash", {"datasets": [{"name": "d", "sha256": "abc"}]}, "datasets.0.sha256"),
     ("traversal rollback", {"rollback_path": "../x"}, "rollback_path"),
