@@ -17,6 +17,7 @@ from gateway.auth import KeyAuthenticator
 from gateway.body_limit import BodySizeLimit, limits_by_route
 from gateway.catalog import RegistryCatalog
 from gateway.engine.client import EngineClient
+from gateway.engine.reasoning_parsing import ReasoningParsing
 from gateway.engine.tool_parsing import ToolCallParsing
 from gateway.errors import install_error_handlers
 from gateway.faults import FaultInjector
@@ -64,8 +65,12 @@ logger = logging.getLogger(__name__)
 
 def _load_tokenizer(path: str):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
+    from vllm.tokenizers.hf import get_cached_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    # vLLM's own proxy, as its server uses: the vocabulary and special ids read once.
+    # Reasoning and tool-call parsers are built per choice and read get_vocab() as they are:
+    # with a 151k-token vocabulary each build took 77 ms of the event loop, 0.02 ms cached.
+    return get_cached_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
 def freeze_startup_heap() -> None:
@@ -147,6 +152,16 @@ def create_app(
                     compact_json=settings.structured_outputs_compact_json,
                 )
                 if settings.tool_call_parser
+                else None
+            )
+            reasoning_parsing = (
+                await asyncio.to_thread(
+                    ReasoningParsing,
+                    settings.reasoning_parser,
+                    tokenizer,
+                    tool_call_parser=settings.tool_call_parser,
+                )
+                if settings.reasoning_parser
                 else None
             )
             logger.info("starting engine for %s (served as %s)", base_path, model_name)
@@ -241,6 +256,7 @@ def create_app(
                 loop_guard=settings.loop_guard(),
                 grammar_ends_at_stop_tokens=settings.structured_outputs_backend == "xgrammar",
                 tool_parsing=tool_parsing,
+                reasoning_parsing=reasoning_parsing,
             )
             app.state.engine = served_engine
             freeze_startup_heap()

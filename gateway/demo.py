@@ -28,7 +28,9 @@ CHAT_TEMPLATE = (
     " | tojson }}{% endfor %}"
     "{% else %}{{ message['content'] | trim }}{% endif %}<|eot_id|>"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n"
+    "{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -39,6 +41,12 @@ SPECIAL_TOKENS = [
     "<|eot_id|>",
 ]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A reasoning model's markers (DeepSeek R1 and Qwen3 write them): ordinary added tokens, kept in
+# detokenized text, so vLLM's reasoning parsers (LORAPLEX_REASONING_PARSER=qwen3, deepseek_r1)
+# find them. As Qwen3's template does, the demo's closes an empty reasoning section in the
+# prompt unless `enable_thinking` (a chat_template_kwargs key, or reasoning_effort) is true,
+# when the prompt opens one for the model to fill: random weights answer at once otherwise.
+THINK_TOKENS = ["<think>", "</think>"]
 BASE_DIR_NAME = "base"
 ADAPTERS_DIR_NAME = "adapters"
 
@@ -138,7 +146,15 @@ def _training_corpus(seed: int, lines: int = 4000) -> list[str]:
 
 def build_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> int:
     """Train a byte-level BPE locally, save it as a HF fast tokenizer; returns its vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -151,6 +167,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> int:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_corpus(seed), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     # Like Llama's tokenizer: plain encode() prepends BOS; the chat template writes its own.
     bos = SPECIAL_TOKENS[0]
     tokenizer.post_processor = processors.TemplateProcessing(

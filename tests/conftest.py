@@ -193,6 +193,7 @@ def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # Compact JSON: the demo's random weights would pad JSON with whitespace to max_tokens.
         LORAPLEX_STRUCTURED_OUTPUTS_COMPACT_JSON="1",
         LORAPLEX_TOOL_CALL_PARSER="hermes",  # tool_choice "auto" (tests/e2e/test_tool_calls.py)
+        LORAPLEX_REASONING_PARSER="qwen3",  # enable_thinking: tests/e2e/test_reasoning.py
     )
     try:
         running.api_key = register_demo_adapters(running, demo)

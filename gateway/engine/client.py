@@ -112,6 +112,12 @@ class SamplingOptions:
     # False: special tokens stay in the output text (a tool-call parser whose markers are
     # special tokens must see them).
     skip_special_tokens: bool = True
+    # With a reasoning parser (LORAPLEX_REASONING_PARSER) and a constraint: False, the
+    # constraint applies from where the output's reasoning ends (the engine watches for it
+    # with the parser, given the chat template's switches, which some parsers read); True or
+    # None, from the first token (a completion has no reasoning).
+    reasoning_ended: bool | None = None
+    reasoning_switches: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

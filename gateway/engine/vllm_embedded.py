@@ -117,6 +117,8 @@ class EmbeddedVLLM:
             structured_outputs_config=StructuredOutputsConfig(
                 backend=s.structured_outputs_backend,
                 disable_any_whitespace=s.structured_outputs_compact_json,
+                # The engine's grammar then starts where a chat output's reasoning ends.
+                reasoning_parser=s.reasoning_parser or "",
             ),
             seed=s.seed,
         )
@@ -222,11 +224,20 @@ class EmbeddedVLLM:
             prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
             if options.cache_salt is not None:
                 prompt["cache_salt"] = options.cache_salt
+            extra: dict[str, Any] = {}
+            if self._settings.reasoning_parser and options.constraint is not None:
+                # Told always: left to judge by the prompt, the engine held a completion's
+                # constraint back until a </think> that never came.
+                extra["reasoning_ended"] = options.reasoning_ended is not False
+                if options.reasoning_ended is False:
+                    switches = options.reasoning_switches or {}
+                    extra["reasoning_parser_kwargs"] = {"chat_template_kwargs": switches}
             stream = engine.generate(
                 prompt,  # type: ignore[arg-type]  # a TokensPrompt
                 params,
                 request_id,
                 lora_request=lora_request(adapter),
+                **extra,
             )
             async with aclosing(stream):
                 async for output in stream:

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 from gateway.adapter_cache import HostAdapterCache
@@ -25,6 +24,7 @@ from gateway.engine.client import (
     GenerationUpdate,
     LoopGuard,
 )
+from gateway.engine.reasoning_parsing import ReasoningParsing
 from gateway.engine.tool_parsing import ToolCallParsing
 from gateway.errors import (
     EngineUnavailable,
@@ -37,7 +37,8 @@ from gateway.limits import TenantLimiter
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
-from gateway.services.auto_tool_calls import auto_call_plan, refuse_auto_without_parser
+from gateway.services.auto_tool_calls import refuse_auto_without_parser
+from gateway.services.chat_outputs import plan_chat_outputs
 from gateway.services.generation_job import (
     ChoiceResult,
     GenerationJob,
@@ -52,8 +53,6 @@ from gateway.services.generation_outcome import (
 )
 from gateway.services.prompts import PromptBuilder
 from gateway.services.sampling import SamplingResolver
-from gateway.services.tool_call_checks import CallChecker
-from gateway.services.tool_calls import forced_call_of
 from gateway.shadow import ShadowMirror
 from registry.service import Principal
 
@@ -77,21 +76,19 @@ class GenerationService:
         loop_guard: LoopGuard | None = None,
         grammar_ends_at_stop_tokens: bool = True,
         tool_parsing: ToolCallParsing | None = None,
+        reasoning_parsing: ReasoningParsing | None = None,
     ):
         """`grammar_ends_at_stop_tokens`: the grammar backend allows a stop token only where
         the constrained text may end (vLLM's xgrammar backend; guidance does not).
-        `tool_parsing`: the deployment's tool-call parser; None refuses tool_choice "auto"."""
+        `tool_parsing`, `reasoning_parsing`: the deployment's parsers (no tool-call parser:
+        tool_choice "auto" is refused; no reasoning parser: the output is all content)."""
         self._grammar_ends_at_stop_tokens = grammar_ends_at_stop_tokens
         self._tool_parsing = tool_parsing
-        self._engine = engine
+        self._reasoning_parsing = reasoning_parsing
+        self._engine, self._catalog, self._limiter, self._cache = engine, catalog, limiter, cache
         self._response_ids = response_ids
-        self._catalog = catalog
         self._prompts = PromptBuilder(tokenizer, engine)
-        self._limiter = limiter
-        self._cache = cache
-        self._controller = controller
-        self._faults = faults
-        self._shadow = shadow
+        self._controller, self._faults, self._shadow = controller, faults, shadow
         self._sampling = SamplingResolver(
             engine,
             limiter,
@@ -123,7 +120,9 @@ class GenerationService:
         role_tag = self._role_tag(served, caller)
         request_id = self._with_receipt(request_id, served, caller, role_tag)
         prompt = await self._prompts.chat(
-            [m.for_template() for m in body.messages], body.tools_for_template()
+            [m.for_template() for m in body.messages],
+            body.tools_for_template(),
+            body.template_switches(),
         )
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         options = self._sampling.options(
@@ -135,14 +134,10 @@ class GenerationService:
             default_max_tokens=self._sampling.model_max_tokens,
             max_tokens_param=body.max_tokens_param(),
         )
-        auto_calls = await auto_call_plan(self._tool_parsing, body, options.constraint)
-        if auto_calls is not None:
-            options = replace(
-                options,
-                constraint=auto_calls.constraint,
-                skip_special_tokens=auto_calls.skip_special_tokens,
-            )
-        prompts, options, copies = fan_out_greedy([prompt], options)
+        outputs = await plan_chat_outputs(
+            body, prompt, options, self._tool_parsing, self._reasoning_parsing
+        )
+        prompts, options, copies = fan_out_greedy([prompt], outputs.options)
         job = GenerationJob(
             request_id,
             "chat.completion",
@@ -151,9 +146,10 @@ class GenerationService:
             prompts,
             options,
             copies=copies,
-            forced_call=forced_call_of(body),
-            auto_calls=auto_calls,
-            call_checker=CallChecker(body.tools_for_template() or []) if auto_calls else None,
+            forced_call=outputs.forced_call,
+            auto_calls=outputs.auto_calls,
+            call_checker=outputs.call_checker,
+            reasoning=outputs.reasoning,
             role_tag=role_tag,
         )
         return await self._admit(job, caller, caller_key)

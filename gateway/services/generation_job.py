@@ -12,6 +12,7 @@ from typing import Any
 from gateway.adapter_cache import HostAdapterCache
 from gateway.catalog import ServedModel
 from gateway.engine.client import GenerationUpdate, SamplingOptions, TokenLogprob
+from gateway.engine.reasoning_parsing import ReasoningPlan
 from gateway.engine.tool_parsing import AutoToolPlan
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
@@ -43,6 +44,8 @@ class GenerationJob:
     # Chat with tools and tool_choice "auto": calls the parser finds become tool_calls.
     auto_calls: AutoToolPlan | None = None
     call_checker: CallChecker | None = None  # judges those calls for loraplex_tool_calls
+    # Chat with a reasoning parser: the output's reasoning is returned apart from its content.
+    reasoning: ReasoningPlan | None = None
     # The rollout role the version served in, for a request that judges it (0: none).
     role_tag: int = 0
     # Set by admission: the tenant's limits lease, this request's metrics, the adapter pin.

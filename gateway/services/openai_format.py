@@ -12,6 +12,7 @@ from gateway.engine.client import ChoiceDelta, GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, typed_error_body, unexpected_error_body
 from gateway.services import auto_tool_calls
 from gateway.services.generation_job import ChoiceResult, GenerationJob
+from gateway.services.reasoning_output import ReasoningChunks, split_whole
 from gateway.services.tool_calls import ToolCallStream, message_and_finish
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,11 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def usage(job: GenerationJob, completion_tokens: int) -> dict[str, Any]:
+def usage(
+    job: GenerationJob, completion_tokens: int, reasoning_tokens: int | None = None
+) -> dict[str, Any]:
+    """`reasoning_tokens`: of the completion tokens, those of reasoning (with a reasoning
+    parser, as vLLM's server reports them; None without)."""
     body: dict[str, Any] = {
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -36,6 +41,8 @@ def usage(job: GenerationJob, completion_tokens: int) -> dict[str, Any]:
     cached = job.cached_prompt_tokens
     if cached is not None:
         body["prompt_tokens_details"] = {"cached_tokens": cached}
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return body
 
 
@@ -81,10 +88,14 @@ def _envelope(job: GenerationJob, object_name: str) -> dict[str, Any]:
 
 def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str, Any]:
     body_choices = []
-    for c in choices:
+    reasoning_tokens = 0
+    for whole in choices:
+        # The reasoning apart; the rest of the output (c) is read for calls as any answer.
+        reasoning, c, reasoning_count, logprobs = split_whole(job, whole)
+        reasoning_tokens += reasoning_count
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish_reason = c.finish_reason
-        if job.forced_call is not None:
+        if job.forced_call is not None and (c is whole or c.text or c.logprobs):
             message, finish_reason = message_and_finish(job.forced_call, c.text, finish_reason)
         elif job.auto_calls is not None:
             plan = job.auto_calls
@@ -98,18 +109,26 @@ def chat_completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dic
                     plan, parsed, c.text, c.finish_reason, c.stop_reason, client_stops(job)
                 ),
             )
+        if c is not whole and message.get("content") == "":
+            message["content"] = None  # all reasoning, no answer (as vLLM's server)
+        if reasoning is not None:
+            message["reasoning"] = reasoning
         body_choices.append(
             {
                 "index": c.index,
                 "message": message,
-                "logprobs": _chat_logprobs(c.logprobs),
+                "logprobs": _chat_logprobs(logprobs),
                 "finish_reason": finish_reason,
             }
         )
     return {
         **_envelope(job, "chat.completion"),
         "choices": body_choices,
-        "usage": usage(job, sum(len(c.token_ids) for c in choices)),
+        "usage": usage(
+            job,
+            sum(len(c.token_ids) for c in choices),
+            reasoning_tokens if job.reasoning is not None else None,
+        ),
     }
 
 
@@ -141,11 +160,14 @@ def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str
 async def chat_stream(
     job: GenerationJob, updates: Updates, include_usage: bool, request_id: str
 ) -> AsyncGenerator[str]:
-    """chat.completion.chunk events: role first, then content deltas, finish, usage, [DONE]."""
+    """chat.completion.chunk events: role first, then reasoning and content deltas, finish,
+    usage, [DONE]."""
     choice_count = len(job.prompts) * job.options.n
+    reasoning = ReasoningChunks(job, job.reasoning) if job.reasoning is not None else None
     calls: ToolCallStream | auto_tool_calls.AutoCallStream | None = None
     if job.forced_call is not None:
-        calls = ToolCallStream(job.forced_call)
+        splits = job.reasoning is not None and job.reasoning.split
+        calls = ToolCallStream(job.forced_call, opens_late=splits)
     elif job.auto_calls is not None:
         calls = auto_tool_calls.AutoCallStream(
             job.auto_calls,
@@ -155,51 +177,70 @@ async def chat_stream(
         )
     if calls is not None:
         opening = [_chat_choice(index, calls.opening(index)) for index in range(choice_count)]
-
-        def call_choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
-            assert calls is not None
-            choices = []
-            for body, logprobs, finish_reason in calls.deltas(index, delta):
-                choice = _chat_choice(index, body, finish_reason=finish_reason)
-                choice["logprobs"] = _chat_logprobs(logprobs)
-                choices.append(choice)
-            return choices
-
-        async with aclosing(
-            _event_stream(
-                job,
-                updates,
-                include_usage,
-                request_id,
-                "chat.completion.chunk",
-                opening,
-                call_choices_of,
-            )
-        ) as events:
-            async for event in events:
-                yield event
-        return
-    opening = [
-        _chat_choice(index, {"role": "assistant", "content": ""}) for index in range(choice_count)
-    ]
-
-    def choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
-        choices = []
-        if delta.text or delta.logprobs:
-            choice = _chat_choice(index, {"content": delta.text})
-            choice["logprobs"] = _chat_logprobs(delta.logprobs)
-            choices.append(choice)
-        if delta.finish_reason:
-            choices.append(_chat_choice(index, {}, finish_reason=delta.finish_reason))
-        return choices
-
+        choices_of = _call_choices(calls)
+    else:
+        opening = [
+            _chat_choice(index, {"role": "assistant", "content": ""})
+            for index in range(choice_count)
+        ]
+        choices_of = _content_choices
     async with aclosing(
         _event_stream(
-            job, updates, include_usage, request_id, "chat.completion.chunk", opening, choices_of
+            job,
+            updates,
+            include_usage,
+            request_id,
+            "chat.completion.chunk",
+            opening,
+            _reasoning_first(reasoning, choices_of),
+            reasoning,
         )
     ) as events:
         async for event in events:
             yield event
+
+
+def _call_choices(calls: ToolCallStream | auto_tool_calls.AutoCallStream) -> ChoicesOf:
+    def call_choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        choices = []
+        for body, logprobs, finish_reason in calls.deltas(index, delta):
+            choice = _chat_choice(index, body, finish_reason=finish_reason)
+            choice["logprobs"] = _chat_logprobs(logprobs)
+            choices.append(choice)
+        return choices
+
+    return call_choices_of
+
+
+def _content_choices(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+    choices = []
+    if delta.text or delta.logprobs:
+        choice = _chat_choice(index, {"content": delta.text})
+        choice["logprobs"] = _chat_logprobs(delta.logprobs)
+        choices.append(choice)
+    if delta.finish_reason:
+        choices.append(_chat_choice(index, {}, finish_reason=delta.finish_reason))
+    return choices
+
+
+ChoicesOf = Callable[[int, ChoiceDelta], list[dict[str, Any]]]
+
+
+def _reasoning_first(reasoning: ReasoningChunks | None, choices_of: ChoicesOf) -> ChoicesOf:
+    """`choices_of` over each delta's content, after chunks of the reasoning it carried."""
+    if reasoning is None:
+        return choices_of
+
+    def split_choices_of(index: int, delta: ChoiceDelta) -> list[dict[str, Any]]:
+        said, content = reasoning.split(index, delta)
+        choices = []
+        for text, logprobs in said:
+            choice = _chat_choice(index, {"reasoning": text})
+            choice["logprobs"] = _chat_logprobs(logprobs)
+            choices.append(choice)
+        return choices + (choices_of(index, content) if content is not None else [])
+
+    return split_choices_of
 
 
 def _chat_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None):
@@ -242,7 +283,8 @@ async def _event_stream(
     request_id: str,
     object_name: str,
     opening: list[dict[str, Any]],
-    choices_of: Callable[[int, ChoiceDelta], list[dict[str, Any]]],
+    choices_of: ChoicesOf,
+    reasoning: ReasoningChunks | None = None,
 ) -> AsyncGenerator[str]:
     """The events of either stream: one per `opening` choice, one per choice that `choices_of`
     makes of each delta, then usage (when asked) and [DONE]; an engine failure ends it with
@@ -270,7 +312,10 @@ async def _event_stream(
             for choice in choices:
                 yield sse({**envelope, **extra, "choices": [choice]})
     if include_usage:
-        yield sse({**envelope, "choices": [], "usage": usage(job, completion_tokens)})
+        reasoning_tokens = reasoning.tokens() if reasoning is not None else None
+        yield sse(
+            {**envelope, "choices": [], "usage": usage(job, completion_tokens, reasoning_tokens)}
+        )
     yield DONE
 
 

@@ -8,6 +8,7 @@ which every other stream would stall.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -27,17 +28,25 @@ class PromptBuilder:
         self._engine = engine  # its max_model_len is the context (known once it started)
 
     async def chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        switches: dict[str, Any] | None = None,
     ) -> list[int]:
-        """`tools`: the function definitions the template renders (transformers' `tools=`)."""
+        """`tools`: the function definitions the template renders (transformers' `tools=`);
+        `switches`: the client's chat_template_kwargs, of which the template gets those it
+        reads (as vLLM's server: a switch another model's template has is no error)."""
         template = getattr(self._tokenizer, "chat_template", None)
         if template is None:
             raise InvalidRequest("This model has no chat template; use /v1/completions.")
         size = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages)
-        self._refuse_far_too_long([size + len(json.dumps(tools or ""))], "messages")
+        extra = len(json.dumps(tools or "")) + len(json.dumps(switches or "", default=str))
+        self._refuse_far_too_long([size + extra], "messages")
         if not _knows_developer_role(template):
             messages = _developer_as_system(messages)
-        return await asyncio.to_thread(self._chat_ids, messages, tools)
+        read = template_variables(template)
+        kwargs = {name: value for name, value in (switches or {}).items() if name in read}
+        return await asyncio.to_thread(self._chat_ids, messages, tools, kwargs)
 
     async def completion(
         self, prompt: str | list[str] | list[int] | list[list[int]]
@@ -47,14 +56,17 @@ class PromptBuilder:
         return await asyncio.to_thread(self._completion_prompts, prompt)
 
     def _chat_ids(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any],
     ) -> list[int]:
         # transformers renders chat templates with jinja2, which it imports only to do so.
         from jinja2 import TemplateError, TemplateSyntaxError
 
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except TemplateSyntaxError:
             raise  # the model's template is broken: the server's fault, a 500
@@ -63,6 +75,14 @@ class PromptBuilder:
             # its message is the reason, and the client can change the conversation.
             raise InvalidRequest(
                 f"The model's chat template refused these messages: {exc}", param="messages"
+            ) from exc
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            if not kwargs:
+                raise
+            # A switch of a type the template cannot use (a list where it adds a number).
+            raise InvalidRequest(
+                f"The model's chat template failed on chat_template_kwargs: {exc}",
+                param="chat_template_kwargs",
             ) from exc
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
@@ -133,6 +153,24 @@ class PromptBuilder:
                 )
             pairs.append((token, value))
         return tuple(pairs)
+
+
+@functools.lru_cache(maxsize=8)
+def _variables_of(text: str) -> frozenset[str]:
+    from jinja2 import Environment, TemplateSyntaxError, meta
+
+    try:
+        return frozenset(meta.find_undeclared_variables(Environment().parse(text)))
+    except TemplateSyntaxError:
+        return frozenset()  # rendering it fails the request with the template's own error
+
+
+def template_variables(template: str | dict[str, str]) -> frozenset[str]:
+    """The names a chat template reads that it does not set itself (enable_thinking, ...);
+    of a model's named templates, any (transformers picks "tool_use" when tools are sent)."""
+    if isinstance(template, str):
+        return _variables_of(template)
+    return frozenset().union(*(_variables_of(text) for text in template.values()))
 
 
 def _knows_developer_role(template: str | dict[str, str]) -> bool:

@@ -95,13 +95,18 @@ class ToolCallStream:
     since which functions it calls is known only from the whole array."""
 
     forced: ForcedCall
+    # A reasoning model's call opens after its reasoning (as vLLM's server streams it): with
+    # the first delta of the answer, not in the opening chunk.
+    opens_late: bool = False
     _held: dict[int, str] = field(default_factory=dict)
     _held_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    _opened: set[int] = field(default_factory=set)
 
     def opening(self, index: int) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": None}
-        if self.forced.function is not None:
+        if self.forced.function is not None and not self.opens_late:
             delta["tool_calls"] = [_call(0, self.forced.function, "")]
+            self._opened.add(index)
         return delta
 
     def deltas(self, index: int, delta: ChoiceDelta) -> list[Chunk]:
@@ -109,7 +114,10 @@ class ToolCallStream:
         if self.forced.function is not None:
             out: list[Chunk] = []
             if delta.text or delta.logprobs:
-                arguments = {"index": 0, "function": {"arguments": delta.text}}
+                arguments: dict[str, Any] = {"index": 0, "function": {"arguments": delta.text}}
+                if index not in self._opened:
+                    self._opened.add(index)
+                    arguments = _call(0, self.forced.function, delta.text)
                 out.append(({"tool_calls": [arguments]}, delta.logprobs, None))
             if delta.finish_reason:
                 out.append(({}, None, delta.finish_reason))

@@ -19,7 +19,7 @@ from tests.gateway.fake_engine import (
 )
 
 CHAT = [{"role": "user", "content": "hi"}]
-VOCAB = 693  # the demo tokenizer's size
+VOCAB = 695  # the demo tokenizer's size (<think> and </think> included)
 
 
 class ModelDefaultsEngine(ScriptedEngine):

@@ -14,7 +14,7 @@ from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollec
 from vllm.v1.metrics.stats import IterationStats
 from vllm.v1.serial_utils import MsgpackEncoder
 
-from gateway.engine.client import EngineError, EngineRejected, SamplingOptions
+from gateway.engine.client import EngineError, EngineRejected, OutputConstraint, SamplingOptions
 from gateway.engine.vllm_convert import generation_update as _update
 from gateway.engine.vllm_convert import sampling_params as _sampling_params
 from gateway.engine.vllm_embedded import EmbeddedVLLM
@@ -159,3 +159,56 @@ def test_a_non_streamed_output_carries_when_vllm_made_its_first_token():
 def test_the_embedded_engine_keeps_the_request_stats_first_token_times_come_from():
     args = EmbeddedVLLM(Settings(), "unused", "base")._engine_args()
     assert args.disable_log_stats is False
+
+
+class RecordingAsyncLLM:
+    """Records what AsyncLLM.generate was given beside the prompt and parameters."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.extra: list[dict] = []
+
+    async def generate(self, prompt, params, request_id, lora_request=None, **extra):
+        self.extra.append(extra)
+        yield run_final_only(delay_s=0.0)[0]
+
+
+@pytest.mark.parametrize(
+    ("parser", "ended", "constrained", "expected"),
+    [
+        # Without a reasoning parser vLLM is called as before, whatever the options say.
+        ("", None, True, {}),
+        ("", False, True, {}),
+        # A completion (None): constrained from the first token, not left to the engine's
+        # reading of the prompt, which held it back for a </think> that never came.
+        ("qwen3", None, True, {"reasoning_ended": True}),
+        ("qwen3", True, True, {"reasoning_ended": True}),
+        (
+            "qwen3",
+            False,
+            True,
+            {
+                "reasoning_ended": False,
+                # The engine's own reasoner reads the switches too, as vLLM's server sends them.
+                "reasoning_parser_kwargs": {"chat_template_kwargs": {"enable_thinking": True}},
+            },
+        ),
+        ("qwen3", False, False, {}),  # nothing constrained: nothing to tell
+    ],
+)
+async def test_the_engine_is_told_where_a_constraint_starts(parser, ended, constrained, expected):
+    engine = RecordingAsyncLLM()
+    client = EmbeddedVLLM(Settings(reasoning_parser=parser or None), "unused", "base")
+    client._engine = engine  # type: ignore[assignment]
+    options = SamplingOptions(
+        max_tokens=3,
+        constraint=OutputConstraint("json_object", None, "response_format")
+        if constrained
+        else None,
+        reasoning_ended=ended,
+        reasoning_switches={"enable_thinking": True},
+    )
+    async for _ in client.generate("r", [1, 2], options, None):
+        pass
+    assert engine.extra == [expected]

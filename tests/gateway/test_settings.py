@@ -238,3 +238,16 @@ def test_an_empty_tool_call_parser_leaves_auto_tool_choice_off(monkeypatch, valu
     """The model compose file passes LORAPLEX_TOOL_CALL_PARSER through, empty by default."""
     monkeypatch.setenv("LORAPLEX_TOOL_CALL_PARSER", value)
     assert Settings().tool_call_parser == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), (" ", None), ("qwen3", "qwen3")])
+def test_an_empty_reasoning_parser_leaves_outputs_unsplit(monkeypatch, value, expected):
+    """The model compose file passes LORAPLEX_REASONING_PARSER through, empty by default; the
+    engine gets the same parser (a constraint starts after the reasoning), or none."""
+    from gateway.engine.vllm_embedded import EmbeddedVLLM
+
+    monkeypatch.setenv("LORAPLEX_REASONING_PARSER", value)
+    settings = Settings()
+    assert settings.reasoning_parser == expected
+    config = EmbeddedVLLM(settings, "/nowhere", "m")._engine_args().structured_outputs_config
+    assert config.reasoning_parser == (expected or "")
