@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from gateway.engine.client import OutputConstraint
 from gateway.schemas.loop_guard import RepetitionDetection
+from gateway.schemas.reasoning import ReasoningFields
 from gateway.schemas.structured import ResponseFormat, StructuredOutputs
 from gateway.schemas.tools import (
     MAX_TOOLS,
@@ -47,33 +48,6 @@ MAX_PROMPTS = 2048
 # JSON's \ud800-style escapes can encode half a UTF-16 pair, which json.loads keeps as a lone
 # surrogate: not Unicode text, so the tokenizer (and vLLM's msgpack) fail on it with a 500.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# What the gateway itself gives a chat template (the conversation, the tools, the tokenizer's
-# own tokens) or transformers reads as options: chat_template_kwargs may set none of them.
-GATEWAY_TEMPLATE_ARGUMENTS = frozenset(
-    {
-        "messages",
-        "conversation",
-        "tools",
-        "documents",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template",
-        "tokenize",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_dict",
-        "return_assistant_tokens_mask",
-        "tokenizer_kwargs",
-        "bos_token",
-        "eos_token",
-        "pad_token",
-        "unk_token",
-        "raise_exception",
-        "strftime_now",
-    }
-)
 
 
 def _null_means(default: Any) -> Any:
@@ -99,8 +73,6 @@ def _text(value: str) -> str:
 FalseIfNull = Annotated[
     bool, BeforeValidator(_null_means(False), json_schema_input_type=bool | None)
 ]
-TrueIfNull = Annotated[bool, BeforeValidator(_null_means(True), json_schema_input_type=bool | None)]
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 Choices = Annotated[int, Field(ge=1, le=MAX_N)]
 ChoicesOrNull = Annotated[
     Choices, BeforeValidator(_null_means(1), json_schema_input_type=Choices | None)
@@ -254,7 +226,7 @@ class SamplingFields(OpenAIModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ReasoningFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -267,12 +239,6 @@ class ChatCompletionRequest(SamplingFields):
     # OpenAI's deprecated forms of tools and tool_choice.
     functions: list[Any] | None = None
     function_call: Any = None
-    # Reasoning models (LORAPLEX_REASONING_PARSER), with vLLM's names: whether the reasoning
-    # comes back, and the chat template's own switches (Qwen3's enable_thinking, ...).
-    include_reasoning: TrueIfNull = True
-    reasoning_effort: ReasoningEffort | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    thinking_token_budget: Any = None
     _forced_call: OutputConstraint | None = PrivateAttr(None)
 
     @field_validator("tools")
@@ -331,26 +297,6 @@ class ChatCompletionRequest(SamplingFields):
             raise _unsupported("function_call (deprecated: send tool_choice)")
         return value
 
-    @field_validator("thinking_token_budget")
-    @classmethod
-    def _no_thinking_budget(cls, value: Any) -> Any:
-        if value is not None:
-            raise _unsupported("thinking_token_budget")
-        return value
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_switches_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        taken = sorted(set(value or ()) & GATEWAY_TEMPLATE_ARGUMENTS)
-        if taken:
-            raise PydanticCustomError(
-                "template_argument",
-                "chat_template_kwargs cannot set {names}: the gateway renders those from the "
-                "request itself.",
-                {"names": ", ".join(taken)},
-            )
-        return value
-
     @model_validator(mode="after")
     def _forced_call_schema(self) -> ChatCompletionRequest:
         schema = forced_call_schema(self.tools or [], self.tool_choice, self.parallel_tool_calls)
@@ -370,16 +316,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def output_constraint(self) -> OutputConstraint | None:
         return self._forced_call or super().output_constraint()
-
-    def template_switches(self) -> dict[str, Any]:
-        """chat_template_kwargs with reasoning_effort's, as vLLM passes them: the effort
-        itself, and thinking on unless it is "none" (where the client set no enable_thinking
-        of its own)."""
-        switches = dict(self.chat_template_kwargs or {})
-        if self.reasoning_effort is not None:
-            switches["reasoning_effort"] = self.reasoning_effort
-            switches.setdefault("enable_thinking", self.reasoning_effort != "none")
-        return switches
 
     def tools_for_template(self) -> list[dict[str, Any]] | None:
         return [tool.for_template() for tool in self.tools] if self.tools else None
