@@ -45,26 +45,26 @@ def end_bias(demo):
     return {str(tokenizer.convert_tokens_to_ids("</think>")): END_BIAS}
 
 
+def forecast_request(model: str, end_bias) -> dict:
+    return {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": 120,
+        "temperature": 0,
+        "logit_bias": end_bias,
+        "response_format": FORECAST,
+    }
+
+
 async def forecast(aclient, model: str, end_bias, **extra):
     return await aclient.chat.completions.create(
-        model=model,
-        messages=MESSAGES,
-        max_tokens=120,
-        temperature=0,
-        logit_bias=end_bias,
-        response_format=FORECAST,
-        extra_body={**THINKING, **extra},
+        **forecast_request(model, end_bias), extra_body={**THINKING, **extra}
     )
 
 
 async def streamed_forecast(aclient, model: str, end_bias) -> tuple[str, str, int]:
     stream = await aclient.chat.completions.create(
-        model=model,
-        messages=MESSAGES,
-        max_tokens=120,
-        temperature=0,
-        logit_bias=end_bias,
-        response_format=FORECAST,
+        **forecast_request(model, end_bias),
         stream=True,
         stream_options={"include_usage": True},
         extra_body=THINKING,

@@ -86,6 +86,16 @@ def chat(client, stream: bool = False, **extra):
     return client.post("/v1/chat/completions", json=body)
 
 
+def logprob_tokens(chunks: list[dict]) -> list[str]:
+    """The tokens a chat stream's first choices carried logprobs for, in order."""
+    return [
+        entry["token"]
+        for chunk in chunks
+        if chunk["choices"] and chunk["choices"][0]["logprobs"]
+        for entry in chunk["choices"][0]["logprobs"]["content"]
+    ]
+
+
 def streamed(response) -> tuple[str, str, list[dict]]:
     """(reasoning, content, chunks) of a chat stream's first choice."""
     chunks = sse_chunks(response)
@@ -173,30 +183,21 @@ def test_include_reasoning_false_returns_only_the_answer_and_its_logprobs(demo_r
     assert [e["token"] for e in choice["logprobs"]["content"]] == answer_tokens
     assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
     assert (reasoning, content) == ("", ANSWER)
-    streamed_tokens = [
-        entry["token"]
-        for chunk in chunks
-        if chunk["choices"] and chunk["choices"][0]["logprobs"]
-        for entry in chunk["choices"][0]["logprobs"]["content"]
-    ]
-    assert streamed_tokens == answer_tokens
+    assert logprob_tokens(chunks) == answer_tokens
 
 
-def test_with_reasoning_the_logprobs_cover_every_token_whole_and_streamed(demo_root, tokenizer):
+@pytest.mark.parametrize("per_delta", [1, 3])  # one token: the markers' logprobs come alone
+def test_with_reasoning_the_logprobs_cover_every_token_whole_and_streamed(
+    demo_root, tokenizer, per_delta
+):
     written = f"{REASONING}</think>{ANSWER}"
     every = [tokenizer.decode([i]) for i in tokenizer.encode(written, add_special_tokens=False)]
     extra = {"chat_template_kwargs": THINKING, "logprobs": True}
-    with context(demo_root, TokenEngine(tokenizer, written, per_delta=3)) as (client, _, _):
+    with context(demo_root, TokenEngine(tokenizer, written, per_delta)) as (client, _, _):
         whole = chat(client, **extra).json()
         _, _, chunks = streamed(chat(client, stream=True, **extra))
     assert [e["token"] for e in whole["choices"][0]["logprobs"]["content"]] == every
-    streamed_tokens = [
-        entry["token"]
-        for chunk in chunks
-        if chunk["choices"] and chunk["choices"][0]["logprobs"]
-        for entry in chunk["choices"][0]["logprobs"]["content"]
-    ]
-    assert streamed_tokens == every
+    assert logprob_tokens(chunks) == every
 
 
 def test_an_output_cut_while_reasoning_has_reasoning_and_no_content(demo_root, tokenizer):
