@@ -23,7 +23,7 @@ from gateway.errors import install_error_handlers
 from gateway.faults import FaultInjector
 from gateway.feedback_ids import ResponseIds
 from gateway.http_utils import RequestIdMiddleware
-from gateway.limits import TenantLimiter
+from gateway.limits import AdmissionLimits, TenantLimiter
 from gateway.metrics import ENGINE_UP
 from gateway.registry_runtime import (
     adapter_demand,
@@ -55,6 +55,7 @@ from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
+from gateway.shared_limits import SharedLimiter
 from gateway.shutdown import StartupGuard, watch_engine
 from gateway.tenant_gate import TenantGate
 from registry.compat import safetensors_dtype
@@ -118,6 +119,7 @@ def create_app(
         catalog: RegistryCatalog | None = None
         authenticator: KeyAuthenticator | None = None
         mirror: ShadowMirror | None = None
+        shared_limits: SharedLimiter | None = None
         registry = await open_registry(settings, Path(base_path), model_name)
         served_engine: EngineClient
         embedded = None
@@ -185,6 +187,13 @@ def create_app(
                 settings.adapter_cache_bytes,
                 max(settings.max_cpu_loras, settings.max_loras),  # vLLM's own ceiling
             )
+            limiter: AdmissionLimits = TenantLimiter()
+            if settings.limits_redis_url is not None:
+                limiter = shared_limits = SharedLimiter(
+                    settings.limits_redis_url.get_secret_value(),
+                    prefix=settings.limits_redis_prefix,
+                )
+                await shared_limits.start()
             adapter_admin = AdapterAdmin(
                 registry,
                 cache,
@@ -246,7 +255,7 @@ def create_app(
                 served_engine,
                 catalog,
                 tokenizer,
-                TenantLimiter(),
+                limiter,
                 cache,
                 controller,
                 faults,
@@ -278,6 +287,8 @@ def create_app(
                 await mirror.close()  # before the engine stops under its requests
             if controller is not None:
                 await controller.close()
+            if shared_limits is not None:
+                await shared_limits.close()
             for registry_cache in (catalog, authenticator):
                 if registry_cache is not None:
                     await registry_cache.close()  # its outage probe, before the registry closes

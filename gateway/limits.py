@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
 
 from gateway.errors import InvalidRequest, LoraplexError
 from gateway.metrics import RATE_LIMITED
@@ -48,6 +49,120 @@ class MaxTokensAboveLimit(InvalidRequest):
     clients fix it instead of retrying."""
 
     code = "max_tokens_above_tenant_limit"
+
+
+def refuse_what_never_fits(
+    tenant: str, policy: TenantPolicy, *, sequences: int, prompt_tokens: int, max_tokens: int
+) -> None:
+    """400 for a request no wait can admit: more sequences than max_concurrent, or more
+    tokens than the whole tokens-per-minute budget (retrying cannot help, so not a 429)."""
+    limit = policy.max_concurrent
+    if limit is not None and sequences > limit:
+        RATE_LIMITED.labels(tenant, "max_concurrent").inc()
+        raise InvalidRequest(
+            f"This request runs {sequences} sequences (prompts x n) at once, more than "
+            f"this key's limit of {limit} concurrent sequences.",
+            param="n",
+            code="max_concurrent_exceeded",
+        )
+    budget, cost = policy.tokens_per_minute, prompt_tokens + max_tokens
+    if budget is not None and cost > budget:
+        RATE_LIMITED.labels(tenant, "tokens_per_minute").inc()
+        raise InvalidRequest(
+            f"This request needs up to {cost} tokens ({prompt_tokens} prompt + {max_tokens} "
+            f"max_tokens), more than the tokens-per-minute limit of {int(budget)}; lower "
+            "max_tokens.",
+            param="max_tokens",
+            code="tokens_per_minute_exceeded",
+        )
+
+
+def refuse_concurrent(tenant: str, policy: TenantPolicy) -> NoReturn:
+    _refuse(
+        tenant,
+        "max_concurrent",
+        "requests",
+        f"Too many concurrent sequences: limit {policy.max_concurrent} (a request counts its "
+        "prompts x n). Retry when one of your requests finishes.",
+        1.0,
+    )
+
+
+def refuse_requests(tenant: str, policy: TenantPolicy, wait: float) -> NoReturn:
+    _refuse(
+        tenant,
+        "requests_per_second",
+        "requests",
+        f"Rate limit reached on requests per second: limit {policy.requests_per_second:g}. "
+        f"Please try again in {wait:.2f}s.",
+        wait,
+    )
+
+
+def refuse_tokens(tenant: str, policy: TenantPolicy, cost: int, wait: float) -> NoReturn:
+    _refuse(
+        tenant,
+        "tokens_per_minute",
+        "tokens",
+        f"Rate limit reached on tokens per minute: limit {policy.tokens_per_minute}, "
+        f"requested {cost}. Please try again in {wait:.2f}s.",
+        wait,
+    )
+
+
+def _refuse(tenant: str, limit: str, kind: str, message: str, wait: float) -> NoReturn:
+    RATE_LIMITED.labels(tenant, limit).inc()
+    raise RateLimited(message, limit=limit, error_type=kind, retry_after_s=wait)
+
+
+def effective_max_tokens(
+    tenant: str,
+    policy: TenantPolicy,
+    requested: int | None,
+    room: int,
+    *,
+    prompt_tokens: int = 0,
+    sequences: int = 1,
+) -> int:
+    """The completion budget: what the client asked for, else all the room left, never
+    above the tenant's cap (a missing max_tokens means "up to the cap", not an error).
+    Left out, it also fits the tokens-per-minute limit beside the prompt: the default
+    was the whole context, which that limit then refused with "lower max_tokens" to a
+    client that had sent none. Above the cap: refused, and counted as limit max_tokens."""
+    cap = policy.max_tokens
+    if requested is not None:
+        if cap is not None and requested > cap:
+            RATE_LIMITED.labels(tenant, "max_tokens").inc()
+            raise MaxTokensAboveLimit(
+                f"max_tokens {requested} is above this key's limit of {cap}.",
+                param="max_tokens",
+            )
+        return requested
+    default = room if cap is None else min(room, cap)
+    if policy.tokens_per_minute is not None:
+        per_sequence = (int(policy.tokens_per_minute) - prompt_tokens) // max(1, sequences)
+        if per_sequence >= 1:  # else the prompt alone is over it: admit() says so
+            default = min(default, per_sequence)
+    return default
+
+
+class AdmissionLimits(Protocol):
+    """What the generation service asks of a tenant limiter: this process's own
+    (TenantLimiter) or one shared by every replica (gateway.shared_limits)."""
+
+    async def acquire(
+        self,
+        tenant: str,
+        policy: TenantPolicy,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        sequences: int = 1,
+    ) -> Lease: ...
+
+
+class LeaseOwner(Protocol):
+    def _release(self, lease: Lease, completion_tokens: int, *, ran: bool) -> None: ...
 
 
 @dataclass
@@ -91,7 +206,7 @@ class _TenantState:
 class Lease:
     """One admitted request. `release` is idempotent: call it in every exit path."""
 
-    limiter: TenantLimiter
+    limiter: LeaseOwner
     tenant: str
     reserved_completion_tokens: int
     sequences: int = 1  # concurrent slots held: prompts x n
@@ -114,37 +229,6 @@ class TenantLimiter:
         self._clock = clock
         self._tenants: dict[str, _TenantState] = {}
 
-    def effective_max_tokens(
-        self,
-        tenant: str,
-        policy: TenantPolicy,
-        requested: int | None,
-        room: int,
-        *,
-        prompt_tokens: int = 0,
-        sequences: int = 1,
-    ) -> int:
-        """The completion budget: what the client asked for, else all the room left, never
-        above the tenant's cap (a missing max_tokens means "up to the cap", not an error).
-        Left out, it also fits the tokens-per-minute limit beside the prompt: the default
-        was the whole context, which that limit then refused with "lower max_tokens" to a
-        client that had sent none. Above the cap: refused, and counted as limit max_tokens."""
-        cap = policy.max_tokens
-        if requested is not None:
-            if cap is not None and requested > cap:
-                RATE_LIMITED.labels(tenant, "max_tokens").inc()
-                raise MaxTokensAboveLimit(
-                    f"max_tokens {requested} is above this key's limit of {cap}.",
-                    param="max_tokens",
-                )
-            return requested
-        default = room if cap is None else min(room, cap)
-        if policy.tokens_per_minute is not None:
-            per_sequence = (int(policy.tokens_per_minute) - prompt_tokens) // max(1, sequences)
-            if per_sequence >= 1:  # else the prompt alone is over it: admit() says so
-                default = min(default, per_sequence)
-        return default
-
     def admit(
         self,
         tenant: str,
@@ -157,74 +241,47 @@ class TenantLimiter:
         """Admit one request of `sequences` generations (prompts x n) or raise RateLimited
         (nothing is charged on refusal). max_concurrent counts sequences: one request of 64
         prompts x n 16 ran 1024 of them under a limit of 1."""
+        refuse_what_never_fits(
+            tenant, policy, sequences=sequences, prompt_tokens=prompt_tokens, max_tokens=max_tokens
+        )
+        cost = prompt_tokens + max_tokens
         state = self._state(tenant, policy)
         now = self._clock()
         limit = policy.max_concurrent
-        if limit is not None and sequences > limit:
-            RATE_LIMITED.labels(tenant, "max_concurrent").inc()
-            raise InvalidRequest(
-                f"This request runs {sequences} sequences (prompts x n) at once, more than "
-                f"this key's limit of {limit} concurrent sequences.",
-                param="n",
-                code="max_concurrent_exceeded",
-            )
         if limit is not None and state.running + sequences > limit:
-            self._refuse(
-                tenant,
-                "max_concurrent",
-                "requests",
-                f"Too many concurrent sequences: limit {policy.max_concurrent} (a request "
-                "counts its prompts x n). Retry when one of your requests finishes.",
-                1.0,
-            )
+            refuse_concurrent(tenant, policy)
         if state.requests is not None:
             wait = state.requests.try_take(1, now)
             if wait:
-                self._refuse(
-                    tenant,
-                    "requests_per_second",
-                    "requests",
-                    f"Rate limit reached on requests per second: limit "
-                    f"{policy.requests_per_second:g}. Please try again in {wait:.2f}s.",
-                    wait,
-                )
-        cost = prompt_tokens + max_tokens
+                refuse_requests(tenant, policy, wait)
         lease = Lease(self, tenant, max_tokens, sequences)
         if state.tokens is not None:
-            if cost > state.tokens.capacity:
-                if state.requests is not None:
-                    state.requests.give_back(1)
-                RATE_LIMITED.labels(tenant, "tokens_per_minute").inc()
-                raise InvalidRequest(
-                    f"This request needs up to {cost} tokens ({prompt_tokens} prompt + "
-                    f"{max_tokens} max_tokens), more than the tokens-per-minute limit of "
-                    f"{int(state.tokens.capacity)}; lower max_tokens.",
-                    param="max_tokens",
-                    code="tokens_per_minute_exceeded",
-                )
             wait = state.tokens.try_take(cost, now)
             if wait:
                 if state.requests is not None:
                     state.requests.give_back(1)
-                self._refuse(
-                    tenant,
-                    "tokens_per_minute",
-                    "tokens",
-                    f"Rate limit reached on tokens per minute: limit {policy.tokens_per_minute}, "
-                    f"requested {cost}. Please try again in {wait:.2f}s.",
-                    wait,
-                )
+                refuse_tokens(tenant, policy, cost, wait)
             lease.charged_tokens = cost
         state.running += sequences
         return lease
 
+    async def acquire(
+        self,
+        tenant: str,
+        policy: TenantPolicy,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        sequences: int = 1,
+    ) -> Lease:
+        """`admit` as AdmissionLimits has it (the shared limiter asks its store)."""
+        return self.admit(
+            tenant, policy, prompt_tokens=prompt_tokens, max_tokens=max_tokens, sequences=sequences
+        )
+
     def running(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return 0 if state is None else state.running
-
-    def _refuse(self, tenant: str, limit: str, kind: str, message: str, wait: float) -> None:
-        RATE_LIMITED.labels(tenant, limit).inc()
-        raise RateLimited(message, limit=limit, error_type=kind, retry_after_s=wait)
 
     def _release(self, lease: Lease, completion_tokens: int, *, ran: bool) -> None:
         state = self._tenants.get(lease.tenant)

@@ -232,6 +232,28 @@ ENGINE_UP = Gauge(
     "1 while the engine answers its health probe, else 0.",
     multiprocess_mode="liveall",
 )
+LIMIT_STORE_UP = Gauge(
+    "loraplex_limit_store_up",
+    "1 while the shared limits store (LORAPLEX_LIMITS_REDIS_URL) answers, else 0: each "
+    "replica then enforces tenant limits on its own. No series when the setting is unset "
+    "(hence the label: an unlabelled gauge is exported as 0 from the start).",
+    ["store"],
+    multiprocess_mode="liveall",
+)
+LIMIT_STORE_ERRORS = Counter(
+    "loraplex_limit_store_errors",
+    "Failed calls to the shared limits store (operation: admit, release, renew).",
+    ["operation"],
+)
+LIMIT_STORE_FALLBACKS = Counter(
+    "loraplex_limit_store_fallbacks",
+    "Requests admitted under this replica's own limits because the limits store was unreachable.",
+)
+LIMIT_STORE_ADMISSION_DURATION = Histogram(
+    "loraplex_limit_store_admission_seconds",
+    "Round trip of one admission to the shared limits store.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 REGISTRY_OPERATIONS = Counter(
     "loraplex_registry_operations",
     "Registry writes through the admin API (operation: register, retire, delete, "

@@ -164,6 +164,19 @@ class Settings(EngineSettings, BaseSettings):
         default_factory=list, description="Local roots adapters may be registered from by path."
     )
 
+    limits_redis_url: SecretStr | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL of a Redis every replica shares: tenant "
+        "limits then hold for the deployment as a whole (gateway/shared_limits.py). Unset: "
+        "each replica enforces them on its own. While it cannot be reached, each replica "
+        "falls back to its own.",
+    )
+    limits_redis_prefix: str = Field(
+        "loraplex",
+        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="Key prefix in that Redis, so deployments sharing one Redis keep apart.",
+    )
+
     prefix_cache_scope: Literal["tenant", "shared"] = Field(
         "tenant",
         description="tenant: a prompt reuses cached prefixes only of its own tenant's requests "
@@ -204,6 +217,7 @@ class Settings(EngineSettings, BaseSettings):
         "rollout_min_tool_call_validity",
         "tool_call_parser",
         "reasoning_parser",
+        "limits_redis_url",
         mode="before",
     )
     @classmethod
@@ -230,6 +244,23 @@ class Settings(EngineSettings, BaseSettings):
             raise ValueError("a token may hold only visible ASCII characters (no spaces)")
         return SecretStr(token)
 
+    @field_validator("limits_redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value().strip()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            # The URL may carry a password: the message never repeats it.
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        try:
+            from redis.connection import parse_url
+
+            parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc.__class__.__name__})") from None
+        return SecretStr(url)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _known_log_level(cls, value: object) -> object:
@@ -252,6 +283,15 @@ class Settings(EngineSettings, BaseSettings):
                     f"LORAPLEX_{name.upper()} is a shipped placeholder "
                     f"({PLACEHOLDER_TOKEN_PREFIX}...): set a real secret (e.g. `openssl rand "
                     "-hex 32`), or LORAPLEX_DEMO=true for a local demo"
+                )
+        if self.limits_redis_url is not None:
+            from redis.connection import parse_url
+
+            password = parse_url(self.limits_redis_url.get_secret_value()).get("password", "")
+            if password.startswith(PLACEHOLDER_TOKEN_PREFIX):
+                raise ValueError(
+                    "LORAPLEX_LIMITS_REDIS_URL holds the shipped placeholder password "
+                    f"({PLACEHOLDER_TOKEN_PREFIX}...): set the Redis password you deployed"
                 )
         return self
 

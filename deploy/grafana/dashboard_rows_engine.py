@@ -262,4 +262,37 @@ def tenancy_row() -> list[Member]:
             8,
             8,
         ),
+        (
+            timeseries(
+                "Shared limits store: replicas up, fallbacks/s, errors/s",
+                "Replicas that reach the Redis behind LORAPLEX_LIMITS_REDIS_URL. While one "
+                "cannot, it admits under its own limits (fallbacks): a tenant can then get "
+                "up to replicas x its policy. No series: the setting is unset.",
+                [
+                    ("sum(loraplex_limit_store_up)", "replicas up"),
+                    ("count(loraplex_limit_store_up == 0)", "replicas down"),
+                    (
+                        "sum(rate(loraplex_limit_store_fallbacks_total[$__rate_interval]))",
+                        "fallback admissions/s",
+                    ),
+                    (
+                        "sum by (operation) "
+                        "(rate(loraplex_limit_store_errors_total[$__rate_interval]))",
+                        "errors/s {{operation}}",
+                    ),
+                ],
+            ),
+            12,
+            8,
+        ),
+        (
+            timeseries(
+                "Shared limits store: admission round trip",
+                "One admission's script on the limits store, as each request waits for it.",
+                quantiles("loraplex_limit_store_admission_seconds", "", qs=(0.5, 0.95, 0.99)),
+                unit="s",
+            ),
+            12,
+            8,
+        ),
     ]

@@ -33,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.faults import FaultInjector
 from gateway.feedback_ids import ResponseIds
-from gateway.limits import TenantLimiter
+from gateway.limits import AdmissionLimits
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
@@ -66,7 +66,7 @@ class GenerationService:
         engine: EngineClient,
         catalog: ModelCatalog,
         tokenizer: Any,
-        limiter: TenantLimiter,
+        limiter: AdmissionLimits,
         cache: HostAdapterCache,
         controller: RolloutController | None = None,
         faults: FaultInjector | None = None,
@@ -91,7 +91,6 @@ class GenerationService:
         self._controller, self._faults, self._shadow = controller, faults, shadow
         self._sampling = SamplingResolver(
             engine,
-            limiter,
             self._prompts,
             prefix_cache_per_tenant=prefix_cache_per_tenant,
             loop_guard=loop_guard,
@@ -222,7 +221,7 @@ class GenerationService:
 
     async def _admit(self, job: GenerationJob, caller: Principal, caller_key: str) -> GenerationJob:
         sequences = len(job.prompts) * job.options.n
-        job.lease = self._limiter.admit(
+        job.lease = await self._limiter.acquire(
             caller.tenant,
             caller.policy,
             prompt_tokens=job.prompt_tokens,

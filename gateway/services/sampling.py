@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.engine.client import EngineClient, LoopGuard, SamplingOptions
 from gateway.errors import ContextLengthExceeded, InvalidRequest, LoraplexError
-from gateway.limits import TenantLimiter
+from gateway.limits import effective_max_tokens
 from gateway.schemas.openai import ChatCompletionRequest, SamplingFields
 from gateway.services.prompts import PromptBuilder
 from registry.service import Principal
@@ -30,7 +30,6 @@ class SamplingResolver:
     def __init__(
         self,
         engine: EngineClient,
-        limiter: TenantLimiter,
         prompts: PromptBuilder,
         *,
         prefix_cache_per_tenant: bool = True,
@@ -39,7 +38,6 @@ class SamplingResolver:
         """`loop_guard`: the deployment's, for requests that send no repetition_detection."""
         self._loop_guard = loop_guard
         self._engine = engine  # its max_model_len is the context (known once it started)
-        self._limiter = limiter
         self._prompts = prompts
         self._defaults = engine.default_sampling()
         self._prefix_cache_per_tenant = prefix_cache_per_tenant
@@ -126,7 +124,7 @@ class SamplingResolver:
                 param=max_tokens_param,
             )
         try:
-            return self._limiter.effective_max_tokens(
+            return effective_max_tokens(
                 caller.tenant,
                 caller.policy,
                 max_tokens,

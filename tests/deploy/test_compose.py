@@ -22,7 +22,7 @@ COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"
 OVERRIDES = [COMPOSE_DIR / "docker-compose.gpu.yml", COMPOSE_DIR / "docker-compose.model.yml"]
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-SERVICES = {"gateway", "postgres", "prometheus", "grafana"}
+SERVICES = {"gateway", "postgres", "redis", "prometheus", "grafana"}
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
 REQUIRED = "/required-at-run-time/"
 
@@ -90,6 +90,15 @@ def test_gateway_is_healthy_only_when_its_engine_is_ready(services):
     assert f":{port}/readyz" in " ".join(check["test"])
     # The engine needs minutes on a real model; compose must not give up before that.
     assert int(check["start_period"].rstrip("s")) >= 300
+
+
+def test_gateway_shares_its_tenant_limits_through_the_compose_redis(services):
+    env = services["gateway"]["environment"]
+    url = urlsplit(interpolate(env["LORAPLEX_LIMITS_REDIS_URL"]))
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert services["gateway"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    command = services["redis"]["command"]
+    assert command[command.index("--save") + 1] == ""  # nothing on disk to keep
 
 
 def test_gateway_uses_the_compose_postgres(services):

@@ -295,6 +295,25 @@ def test_registry_credentials_agree():
     assert statefulset["spec"]["volumeClaimTemplates"]
 
 
+def test_limits_store_credentials_agree():
+    password = find("Secret", "loraplex-redis")["stringData"]["REDIS_PASSWORD"]
+    url = urlsplit(find("Secret", "loraplex-secrets")["stringData"]["LORAPLEX_LIMITS_REDIS_URL"])
+    service = find("Service", "loraplex-redis")
+    redis = find("Deployment", "loraplex-redis")
+    assert url.scheme == "redis" and url.password == password
+    assert url.hostname == service["metadata"]["name"]
+    assert url.port == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["clusterIP"] == "None"
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--save") + 1] == ""
+    names = {env["name"] for env in container["env"]}
+    assert {"REDIS_PASSWORD", "REDISCLI_AUTH"} <= names  # the probes authenticate too
+
+
 def test_settings_are_ones_the_gateway_reads(monkeypatch):
     from gateway.settings import Settings
 

@@ -195,6 +195,9 @@ SCOPED_MUTATIONS = {
     "auth surge for 10m → 11m": ("LoraplexAuthFailureSurge", "for: 10m", "for: 11m"),
     "auth surge window 5m → 1h": ("LoraplexAuthFailureSurge", "[5m]", "[1h]"),
     "auth surge window 5m → 1m": ("LoraplexAuthFailureSurge", "[5m]", "[1m]"),
+    "limits store down for 2m → 1m": ("LoraplexLimitStoreDown", "for: 2m", "for: 1m"),
+    "limits store down for 2m → 3m": ("LoraplexLimitStoreDown", "for: 2m", "for: 3m"),
+    "limits store down == 0 → < 2": ("LoraplexLimitStoreDown", "== 0", "< 2"),
 }
 
 ALERT_START = "      - alert: "

@@ -127,9 +127,16 @@ def test_every_alert_rule_evaluates_cleanly(prometheus):
     assert loaded.keys() == expected
     for name, rule in loaded.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
-    # A healthy gateway: nothing about it is pending or firing.
-    for name in ("LoraplexGatewayDown", "LoraplexEngineDown", "LoraplexAdapterErrorRate"):
+    # A healthy gateway: nothing about it is pending or firing. It has no shared limits store:
+    # no store series either, so no alert says it is down.
+    for name in (
+        "LoraplexGatewayDown",
+        "LoraplexEngineDown",
+        "LoraplexAdapterErrorRate",
+        "LoraplexLimitStoreDown",
+    ):
         assert loaded[name]["state"] == "inactive", name
+    assert query(prometheus, "loraplex_limit_store_up") == []
 
 
 def test_every_dashboard_query_runs(prometheus):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.limits import MaxTokensAboveLimit, RateLimited, TenantLimiter
+from gateway.limits import MaxTokensAboveLimit, RateLimited, TenantLimiter, effective_max_tokens
 from gateway.metrics import RATE_LIMITED
 from registry.tenancy import TenantPolicy
 
@@ -200,17 +200,14 @@ def test_retry_after_is_a_bounded_whole_number_of_seconds():
 
 
 def test_max_tokens_cap(clock):
-    limiter = TenantLimiter(clock)
     policy = TenantPolicy(max_tokens=64)
-    assert (
-        limiter.effective_max_tokens("acme", policy, None, room=1000) == 64
-    )  # the cap is the default
-    assert limiter.effective_max_tokens("acme", policy, None, room=10) == 10
-    assert limiter.effective_max_tokens("acme", policy, 64, room=1000) == 64
+    assert effective_max_tokens("acme", policy, None, room=1000) == 64  # the cap is the default
+    assert effective_max_tokens("acme", policy, None, room=10) == 10
+    assert effective_max_tokens("acme", policy, 64, room=1000) == 64
     with pytest.raises(MaxTokensAboveLimit) as info:
-        limiter.effective_max_tokens("acme", policy, 65, room=1000)
+        effective_max_tokens("acme", policy, 65, room=1000)
     assert info.value.status_code == 400 and info.value.param == "max_tokens"
-    assert limiter.effective_max_tokens("acme", TenantPolicy(), None, room=1000) == 1000
+    assert effective_max_tokens("acme", TenantPolicy(), None, room=1000) == 1000
 
 
 def test_a_left_out_max_tokens_fits_the_tokens_per_minute_limit(clock):
@@ -218,18 +215,16 @@ def test_a_left_out_max_tokens_fits_the_tokens_per_minute_limit(clock):
     "lower max_tokens", to a client that sent none (review)."""
     limiter = TenantLimiter(clock)
     policy = TenantPolicy(tokens_per_minute=1000)
-    default = limiter.effective_max_tokens("acme", policy, None, room=2040, prompt_tokens=8)
+    default = effective_max_tokens("acme", policy, None, room=2040, prompt_tokens=8)
     assert default == 992
     assert admit(limiter, policy, prompt=8, out=default)  # admitted, not a 400
-    two = limiter.effective_max_tokens(
-        "acme", policy, None, room=2040, prompt_tokens=16, sequences=2
-    )
+    two = effective_max_tokens("acme", policy, None, room=2040, prompt_tokens=16, sequences=2)
     assert two == (1000 - 16) // 2
     capped = TenantPolicy(tokens_per_minute=1000, max_tokens=64)
-    assert limiter.effective_max_tokens("acme", capped, None, room=2040, prompt_tokens=8) == 64
-    assert limiter.effective_max_tokens("acme", policy, 1500, room=2040, prompt_tokens=8) == 1500
+    assert effective_max_tokens("acme", capped, None, room=2040, prompt_tokens=8) == 64
+    assert effective_max_tokens("acme", policy, 1500, room=2040, prompt_tokens=8) == 1500
     # A prompt over the whole limit keeps the plain default: admission explains the refusal.
-    assert limiter.effective_max_tokens("acme", policy, None, room=2040, prompt_tokens=1200) == 2040
+    assert effective_max_tokens("acme", policy, None, room=2040, prompt_tokens=1200) == 2040
 
 
 def test_refusals_are_counted_per_tenant_and_limit(clock):
@@ -246,11 +241,10 @@ def test_refusals_are_counted_per_tenant_and_limit(clock):
 def test_a_max_tokens_refusal_is_counted_as_limit_max_tokens(clock):
     """loraplex_rate_limited documents limit="max_tokens": a request above the key's cap
     counts there, like every other limit's refusal (review)."""
-    limiter = TenantLimiter(clock)
     counter = RATE_LIMITED.labels("capped", "max_tokens")
     before = counter._value.get()
-    assert limiter.effective_max_tokens("capped", TenantPolicy(max_tokens=64), 64, room=1000)
+    assert effective_max_tokens("capped", TenantPolicy(max_tokens=64), 64, room=1000)
     assert counter._value.get() == before  # at the cap: no refusal
     with pytest.raises(MaxTokensAboveLimit):
-        limiter.effective_max_tokens("capped", TenantPolicy(max_tokens=64), 65, room=1000)
+        effective_max_tokens("capped", TenantPolicy(max_tokens=64), 65, room=1000)
     assert counter._value.get() == before + 1

@@ -251,3 +251,47 @@ def test_an_empty_reasoning_parser_leaves_outputs_unsplit(monkeypatch, value, ex
     assert settings.reasoning_parser == expected
     config = EmbeddedVLLM(settings, "/nowhere", "m")._engine_args().structured_outputs_config
     assert config.reasoning_parser == (expected or "")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", None),
+        ("  ", None),
+        ("redis://:s3cret@redis:6379/2", "redis://:s3cret@redis:6379/2"),
+        ("rediss://redis.internal", "rediss://redis.internal"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_the_limits_store_url_is_a_redis_url_or_unset(monkeypatch, value, expected):
+    monkeypatch.setenv("LORAPLEX_LIMITS_REDIS_URL", value)
+    url = Settings().limits_redis_url
+    assert (url.get_secret_value() if url is not None else None) == expected
+    assert "s3cret" not in repr(Settings())  # a password in the URL is never printed
+
+
+@pytest.mark.parametrize(
+    "bad", ["http://:s3cret@redis:6379", "redis://:s3cret@redis:port", "s3cret", "redis:s3cret"]
+)
+def test_a_limits_store_url_that_is_not_redis_is_refused_without_its_password(monkeypatch, bad):
+    monkeypatch.setenv("LORAPLEX_LIMITS_REDIS_URL", bad)
+    with pytest.raises(ValidationError, match="limits_redis_url") as refused:
+        Settings()
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 65, "{tenant}"])
+def test_the_limits_key_prefix_is_a_plain_name(monkeypatch, bad):
+    monkeypatch.setenv("LORAPLEX_LIMITS_REDIS_PREFIX", bad)
+    with pytest.raises(ValidationError, match="limits_redis_prefix"):
+        Settings()
+
+
+def test_the_shipped_redis_password_is_refused_outside_demo_mode(monkeypatch):
+    monkeypatch.setenv(
+        "LORAPLEX_LIMITS_REDIS_URL", "redis://:change-me-redis@loraplex-redis:6379/0"
+    )
+    assert Settings(demo=True).limits_redis_url is not None
+    with pytest.raises(ValidationError, match="placeholder password") as refused:
+        Settings(demo=False)
+    assert "change-me-redis" not in str(refused.value)
