@@ -11,8 +11,9 @@ Two questions, each against a real Redis (default the machine's, 127.0.0.1:6379)
 
     python -m benchmarks.limits --out benchmarks/results/limits/run-DATE
 
-It measures the limiters only (no HTTP, no engine): the number to hold a gateway request's
-latency budget against is the per-admission round trip.
+It measures the limiters only (no HTTP, no engine), with one replica writing counts in the cost
+part: the number to hold a gateway request's latency budget against is the per-admission round
+trip. A run in which the store did not answer (a fallback admission) stops with an error.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import redis
 
 from gateway.limits import AdmissionLimits, RateLimited, TenantLimiter
-from gateway.shared_limits import SharedLimiter
+from gateway.shared_limits import FallbackLease, SharedLimiter
 from registry.tenancy import TenantPolicy
 
 NEVER_REFUSES = TenantPolicy(
@@ -54,6 +55,9 @@ async def measure_cost(
             lease = await limiter.acquire(tenant, NEVER_REFUSES, prompt_tokens=100, max_tokens=100)
             lease.release(50)
             latencies.append(time.perf_counter() - started)
+            if isinstance(lease, FallbackLease):
+                raise RuntimeError("the store did not answer: this would measure local limits")
+            await asyncio.sleep(0)  # the in-process limiter never yields: let the others run
 
     began = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -82,6 +86,8 @@ async def measure_accuracy(
             except RateLimited:
                 pass
             else:
+                if isinstance(lease, FallbackLease):
+                    raise RuntimeError("the store did not answer: not a shared admission")
                 admitted += 1
                 lease.release(1)
             await asyncio.sleep(0.005)

@@ -5,13 +5,13 @@ each admission is one Redis script (gateway.shared_limit_scripts) that checks an
 tenant's requests-per-second and tokens-per-minute buckets and its concurrent sequences over all
 replicas at once, with the store's clock: the policy holds for the deployment as a whole.
 
-Concurrency: this process knows exactly which sequences it runs per tenant (`_counts`, counted
-from the moment a request asks, so two of its admissions in flight see each other) and writes
-that whole count, versioned, with every admission and release and again every `renew_s`. The
-store keeps each replica's newest count with a deadline: a replica that crashed with requests
-in flight stops counting once it passes (`alive_s`) instead of holding the tenant's slots for
-good, and whatever went wrong with a write (lost, late, cut by a timeout or a client that hung
-up, a store restarted empty) is right again at the next one.
+Concurrency: this process knows exactly which sequences it runs per tenant (counted from the
+moment a request asks, so two of its admissions in flight see each other) and writes that whole
+count, versioned, with every admission and release and again every `renew_s`
+(gateway/shared_limit_counts.py). The store keeps each replica's newest count with a deadline:
+a replica that crashed with requests in flight stops counting once it passes (`alive_s`)
+instead of holding the tenant's slots for good, and whatever went wrong with a write (lost,
+late, cut by a timeout, a store restarted empty) is right again at the next one.
 
 When the store does not answer, that request is admitted under this process's own limits (as
 without the setting; its concurrency still counts what this replica runs) rather than refused:
@@ -33,15 +33,11 @@ import os
 import secrets
 import socket
 import time
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeout
 
 from gateway.limits import (
     Lease,
@@ -57,7 +53,8 @@ from gateway.metrics import (
     LIMIT_STORE_FALLBACKS,
     LIMIT_STORE_UP,
 )
-from gateway.shared_limit_scripts import ADMIT, REPORT
+from gateway.shared_limit_counts import STORE_ERRORS, ReplicaCounts
+from gateway.shared_limit_scripts import ADMIT
 from registry.tenancy import TenantPolicy
 
 logger = logging.getLogger(__name__)
@@ -71,7 +68,6 @@ FAILURES_TO_DOWN = 3  # one slow answer (a stalled event loop) is not an outage
 ALIVE_S = 10.0  # a crashed replica's running sequences stop counting after this
 RENEW_S = 1.0
 KEEP_S = 600.0  # the count hashes of a tenant no replica writes vanish after this
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 REFUSALS = {1: "max_concurrent", 2: "requests", 3: "tokens"}
 
 
@@ -104,20 +100,27 @@ class SharedLimiter:
         self._pool, self._client = _client(url, MAX_CONNECTIONS, timeout_s)
         self._writer_pool, self._writer = _client(url, WRITER_CONNECTIONS, timeout_s)
         self._admit = self._client.register_script(ADMIT)
-        self._report = self._client.register_script(REPORT)
         self._prefix = prefix
         self._local = TenantLimiter()  # the buckets of fallback admissions
         self._alive_ms = round(alive_s * 1000)
         self._keep_ms = round(max(KEEP_S, 2 * alive_s) * 1000)
         self._renew_s = renew_s
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._counts: Counter[str] = Counter()  # tenant -> sequences this replica runs
-        self._version = 0  # increased on every change of _counts: the store keeps the newest
-        self._dirty: set[str] = set()  # tenants whose newest count the store may lack
-        self._refunds: Counter[str] = Counter()  # tenant -> tokens owed to its shared bucket
+        self.counts = ReplicaCounts(
+            self._writer,
+            self._keys,
+            replica=self.replica,
+            alive_ms=self._alive_ms,
+            keep_ms=self._keep_ms,
+            timeout_s=timeout_s,
+            may_write=lambda: self._up and not self._closed,
+            on_failure=self._failed,
+        )
         self._failures = 0  # in a row
         self._up = True
-        self._flushing: asyncio.Task[None] | None = None  # writes released counts
+        self._closed = False
+        self._stop = asyncio.Event()
+        self._timeout_s = timeout_s
         self._renewing: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -132,15 +135,21 @@ class SharedLimiter:
         self._renewing = asyncio.create_task(self._renew_forever(), name="limit-store-renew")
 
     async def close(self) -> None:
-        if self._renewing is not None:
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-        if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
-        if self._up:
+        """Stop writing, and take this replica's counts out of the store. A request that
+        outlives it is admitted (and released) under this process's own limits."""
+        self._closed = True
+        self._stop.set()
+        reachable, self._up = self._up, False  # from here on: no round trips
+        tasks = {task for task in (self._renewing, self.counts.flushing) if task is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # redis-py can swallow a cancellation in flight (the loop then goes on): bounded.
+            await asyncio.wait(tasks, timeout=2 * self._timeout_s + 1)
+        if reachable:
             # Sequences still running stop counting now rather than at their deadline.
             pipe = self._writer.pipeline(transaction=False)
-            for tenant in set(self._counts) | self._dirty:
+            for tenant in set(self.counts.counts) | self.counts.dirty:
                 pipe.hdel(self._key(tenant, "run"), self.replica)
                 pipe.hdel(self._key(tenant, "alive"), self.replica)
             try:
@@ -171,8 +180,27 @@ class SharedLimiter:
         )
         if unlimited:
             return Lease(self, tenant, max_tokens, sequences)
-        self._change(tenant, sequences)
-        count, version = self._counts[tenant], self._version
+        # A client that hangs up cancels its request here. The admission goes on (the store
+        # may be running its script): a lease it yields is given back, tokens refunded.
+        admission = asyncio.ensure_future(
+            self._admit_counted(tenant, policy, prompt_tokens, max_tokens, sequences)
+        )
+        try:
+            return await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(_give_back_abandoned)
+            raise
+
+    def running(self, tenant: str) -> int:
+        """Sequences this replica runs for `tenant` (store-admitted and fallback leases)."""
+        return self.counts.counts[tenant]
+
+    # ---- admission -----------------------------------------------------------------------
+    async def _admit_counted(
+        self, tenant: str, policy: TenantPolicy, prompt_tokens: int, max_tokens: int, sequences: int
+    ) -> Lease:
+        self.counts.change(tenant, sequences)
+        count, version = self.counts.counts[tenant], self.counts.version
         try:
             if not self._up:
                 return self._fallback(tenant, policy, prompt_tokens, max_tokens, sequences)
@@ -180,17 +208,13 @@ class SharedLimiter:
                 tenant, policy, prompt_tokens, max_tokens, sequences, count, version
             )
         except BaseException:
-            # Refused, failed, or the client hung up (cancelled) while the script ran: this
-            # request no longer counts, and the store may hold a count with it.
-            self._change(tenant, -sequences)
-            self._dirty.add(tenant)
+            # Refused or failed: this request no longer counts, and a count written meanwhile
+            # (a concurrent admission's, a renewal's) may hold it.
+            self.counts.change(tenant, -sequences)
+            self.counts.dirty.add(tenant)
+            self.counts.flush_soon()
             raise
 
-    def running(self, tenant: str) -> int:
-        """Sequences this replica runs for `tenant` (store-admitted and fallback leases)."""
-        return self._counts[tenant]
-
-    # ---- admission -----------------------------------------------------------------------
     async def _admit_shared(
         self,
         tenant: str,
@@ -205,22 +229,25 @@ class SharedLimiter:
         rps, tpm = policy.requests_per_second, policy.tokens_per_minute
         started = time.perf_counter()
         try:
-            verdict, wait_ms = await self._admit(
-                keys=self._keys(tenant, "run", "alive", "requests", "tokens"),
-                args=[
-                    self.replica,
-                    self._alive_ms,
-                    self._keep_ms,
-                    count,
-                    version,
-                    -1 if policy.max_concurrent is None else policy.max_concurrent,
-                    float(policy.bucket_size or 0),
-                    repr(0.0 if rps is None else rps / 1000.0),
-                    repr(0.0 if tpm is None else float(tpm)),
-                    repr(0.0 if tpm is None else tpm / 60000.0),
-                    cost,
-                ],
-            )
+            # One bound for the whole call: waiting for a connection, connecting, sending and
+            # reading each have their own timeout in redis-py.
+            async with asyncio.timeout(self._timeout_s):
+                verdict, wait_ms = await self._admit(
+                    keys=self._keys(tenant, "run", "alive", "requests", "tokens"),
+                    args=[
+                        self.replica,
+                        self._alive_ms,
+                        self._keep_ms,
+                        count,
+                        version,
+                        -1 if policy.max_concurrent is None else policy.max_concurrent,
+                        float(policy.bucket_size or 0),
+                        repr(0.0 if rps is None else rps / 1000.0),
+                        repr(0.0 if tpm is None else float(tpm)),
+                        repr(0.0 if tpm is None else tpm / 60000.0),
+                        cost,
+                    ],
+                )
         except STORE_ERRORS as exc:
             self._failed("admit", exc)
             return self._fallback(tenant, policy, prompt_tokens, max_tokens, sequences)
@@ -245,7 +272,7 @@ class SharedLimiter:
         """This process's own buckets; its concurrency is every sequence this replica runs for
         the tenant, those the store admitted included (counted already, this request too)."""
         limit = policy.max_concurrent
-        if limit is not None and self._counts[tenant] > limit:
+        if limit is not None and self.counts.counts[tenant] > limit:
             refuse_concurrent(tenant, policy)
         local = self._local.admit(
             tenant,
@@ -267,100 +294,32 @@ class SharedLimiter:
             if ran:
                 refund = min(refund, lease.reserved_completion_tokens - completion_tokens)
             if refund > 0:
-                self._refunds[lease.tenant] += refund
+                self.counts.refunds[lease.tenant] += refund
         else:
             return  # an unlimited tenant's: nothing was counted
-        self._change(lease.tenant, -lease.sequences)
-        self._dirty.add(lease.tenant)
-        if self._up and self._flushing is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop to write from: the next renewal does
-                return
-            # A request's last step must not wait on the store; one flush at a time writes
-            # every count released meanwhile in one pipeline.
-            self._flushing = loop.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        try:
-            while self._dirty and self._up:
-                error = await self._write(set(self._dirty))
-                if error is not None:
-                    self._failed("release", error)
-                    return  # the renewal retries
-        finally:
-            self._flushing = None
+        self.counts.change(lease.tenant, -lease.sequences)
+        self.counts.dirty.add(lease.tenant)
+        self.counts.flush_soon()
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._renew_s)
+        # Woken by close() through the event, not by cancelling: on Python 3.11 a cancellation
+        # that arrives as redis-py's wait_for completes is dropped (CPython gh-86296), and a
+        # loop that missed it would never end.
+        while not self._closed:
             try:
-                if not self._up:
-                    await self._writer.ping()
-                await self.renew_once()
+                await asyncio.wait_for(self._stop.wait(), self._renew_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.counts.renew()
                 self._set_up(True)
             except STORE_ERRORS as exc:
                 self._failed("renew", exc)
             except Exception:  # never let the loop die: counts would stop being renewed
                 logger.exception("renewing this replica's counts in the limits store failed")
 
-    async def renew_once(self) -> None:
-        """Write this replica's count and deadline for every tenant it runs sequences of, and
-        for those whose newest count or owed tokens may not have reached the store."""
-        error = await self._write(set(self._counts) | self._dirty)
-        if error is not None:
-            raise error
-
-    async def _write(self, tenants: Iterable[str]) -> BaseException | None:
-        """Each tenant's count as it is now, with the version it is now, and the tokens owed
-        to it, in one pipeline; the store's error, if it failed. Then the counts stay dirty
-        for the next write, and so do the tokens unless the store may have applied them (a
-        timeout): a refund is given at most once."""
-        snapshot = [
-            (tenant, self._counts.get(tenant, 0), self._refunds.pop(tenant, 0))
-            for tenant in list(tenants)
-        ]
-        if not snapshot:
-            return None
-        version = self._version
-        self._dirty.difference_update(tenant for tenant, _, _ in snapshot)
-        try:
-            await self._send_reports(snapshot, version)
-        except BaseException as exc:
-            unknown = isinstance(exc, (asyncio.TimeoutError, TimeoutError, RedisTimeout))
-            for tenant, _, refund in snapshot:
-                self._dirty.add(tenant)
-                if refund and not unknown:
-                    self._refunds[tenant] += refund
-            if not isinstance(exc, STORE_ERRORS):
-                raise
-            return exc
-        return None
-
-    async def _send_reports(self, snapshot: list[tuple[str, int, int]], version: int) -> None:
-        # EVALSHA straight into the pipeline: redis-py's script objects would ask the store
-        # whether the script exists before every pipeline, a round trip each time.
-        for attempt in range(2):
-            pipe = self._writer.pipeline(transaction=False)
-            for tenant, count, refund in snapshot:
-                keys = self._keys(tenant, "run", "alive", "tokens")
-                args = (self.replica, self._alive_ms, self._keep_ms, count, version, refund)
-                pipe.evalsha(self._report.sha, len(keys), *keys, *args)
-            try:
-                await pipe.execute()
-                return
-            except NoScriptError:  # the store restarted empty: every call failed alike
-                if attempt:
-                    raise
-                await self._writer.script_load(REPORT)
-
     # ---- state ---------------------------------------------------------------------------
-    def _change(self, tenant: str, sequences: int) -> None:
-        self._counts[tenant] += sequences
-        if self._counts[tenant] <= 0:
-            del self._counts[tenant]
-        self._version += 1
-
     def _failed(self, operation: str, error: BaseException) -> None:
         LIMIT_STORE_ERRORS.labels(operation).inc()
         self._failures += 1
@@ -368,6 +327,8 @@ class SharedLimiter:
             self._set_up(False, error)
 
     def _set_up(self, up: bool, error: BaseException | None = None) -> None:
+        if self._closed:
+            return  # a renewal that outlived close() must not open the store again
         if up:
             self._failures = 0
             if not self._up:
@@ -400,3 +361,10 @@ def _client(
         retry=Retry(NoBackoff(), 0),  # a retry doubles the wait of every request in an outage
     )
     return pool, redis.Redis(connection_pool=pool)
+
+
+def _give_back_abandoned(admission: asyncio.Future[Lease]) -> None:
+    """The lease of a request whose client left while it was being admitted: it never ran."""
+    if admission.cancelled() or admission.exception() is not None:
+        return
+    admission.result().release(0, ran=False)

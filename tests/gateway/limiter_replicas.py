@@ -53,8 +53,8 @@ async def refused(limiter, policy, **kwargs) -> RateLimited:
 
 async def settled(limiter: SharedLimiter) -> None:
     """Releases are written by a task of their own (a request's end never waits on the store)."""
-    while limiter._flushing is not None:
-        await asyncio.gather(limiter._flushing, return_exceptions=True)
+    while limiter.counts.flushing is not None:
+        await asyncio.gather(limiter.counts.flushing, return_exceptions=True)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> bool:

@@ -213,7 +213,7 @@ async def test_an_older_count_never_replaces_a_newer_one(store):
     late: a call the store ran after the replica gave up on it): the newest version stays."""
     async with replicas(*store, count=1, renew_s=3600) as (a,):
         keys = a._keys("acme", "run", "alive", "tokens")
-        report = a._report
+        report = a.counts._report
         await report(keys=keys, args=[a.replica, 10_000, 600_000, 0, 12, 0])
         await report(keys=keys, args=[a.replica, 10_000, 600_000, 5, 11, 0])
         stored = redis.Redis.from_url(store[0]).hget(keys[0], a.replica)
