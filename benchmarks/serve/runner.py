@@ -1,10 +1,15 @@
-"""Run the scenarios against each system, one server at a time, and collect the raw results.
+"""Run the scenarios against each system and collect the raw results.
 
 Servers are grouped: scenarios that need the same server (system, engine flags, registered
-adapters) run back to back on one process. For each group the systems run one after the other,
-never together, the first system (the baseline) first: its closed-loop throughput sets the
-open-loop arrival rate for both. Per load scenario: warm-up (excluded), closed loop, open loop.
-Per cold scenario: for each probe adapter, one request (cold) then the same again (warm).
+adapters) run back to back on one process per system. Every system's server of a group is
+started (one after the other) before any load, and the systems then take turns, never loaded
+together: each phase's requests are split in two halves, sent as A B B A (the first system,
+the baseline, first and last). The machine's speed drifts (other tenants of a shared host,
+thermal limits): measured one after the other, the same commit of loraplex came out 0.79x or
+1.07x vLLM's req/s depending on which ran first; taking turns cancels a steady drift, and both
+systems see the same requests. Per load scenario: warm-up (excluded), closed loop, open loop
+(at open_load x the baseline's closed-loop req/s). Per cold scenario: for each probe adapter,
+one request (cold) then the same again (warm).
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks.serve import load, stats
 from benchmarks.serve.assets import Assets
+from benchmarks.serve.load import PhaseRun, RequestSpec
 from benchmarks.serve.scenarios import (
     LoadSettings,
     Scenario,
@@ -37,6 +43,7 @@ from benchmarks.serve.servers import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RunAborted(RuntimeError):
@@ -126,18 +133,20 @@ def run(
     }
     try:
         for count, group in plan.server_groups:
-            for system in plan.systems:
-                spec = ServerSpec.make(system, group[0].flags(system), count)
-                progress.step(f"{spec.label()} starting")
-                server = start_server(spec, assets, log_dir)
-                servers.append(_server_record(server, assets))
-                try:
-                    for scenario in group:
-                        results[scenario.name]["systems"][system] = _run_scenario(
-                            plan, scenario, server, results[scenario.name], cold_names, progress
-                        )
-                finally:
-                    progress.step(f"{spec.label()} stopping")
+            running: dict[str, RunningServer] = {}
+            try:
+                for system in plan.systems:
+                    spec = ServerSpec.make(system, group[0].flags(system), count)
+                    progress.step(f"{spec.label()} starting")
+                    running[system] = start_server(spec, assets, log_dir)
+                    servers.append(_server_record(running[system], assets))
+                for scenario in group:
+                    results[scenario.name]["systems"] = _run_scenario(
+                        plan, scenario, running, cold_names, progress
+                    )
+            finally:
+                for server in running.values():
+                    progress.step(f"{server.spec.label()} stopping")
                     stop_server(server)
     except BaseException as exc:  # Ctrl-C too: what was measured is kept
         raise RunAborted({"servers": servers, "scenarios": list(results.values())}) from exc
@@ -172,68 +181,116 @@ def _server_record(server: RunningServer, assets: Assets) -> dict[str, Any]:
 def _run_scenario(
     plan: RunPlan,
     scenario: Scenario,
-    server: RunningServer,
-    result: dict[str, Any],
+    running: dict[str, RunningServer],
     cold_names: dict[str, list[str]],
     progress: Progress,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """Every system's phases of one scenario, each phase taken in turns (A B B A halves)."""
     s = plan.settings
-    label = f"{server.spec.system} · {scenario.name}"
-    out: dict[str, Any] = {"server": server.spec.label(), "phases": {}}
+    out: dict[str, dict[str, Any]] = {
+        system: {"server": server.spec.label(), "phases": {}} for system, server in running.items()
+    }
+
+    def turns(
+        phase: str, halves: tuple[Any, Any], run_half: Callable[..., T]
+    ) -> dict[str, list[T]]:
+        """Each system's runs of the two halves, taken in A B B A order."""
+        runs: dict[str, list[T]] = {system: [] for system in running}
+        for half, system in _abba(list(running)):
+            progress.step(f"{system} · {scenario.name} · {phase} ({half + 1}/2)")
+            runs[system].append(run_half(running[system].base_url, halves[half], half))
+        return runs
+
     if scenario.kind == "cold":
-        # The same adapters for both systems: the tail to skip is vLLM's CPU cache size.
+        # The same adapters for every system: the tail to skip is vLLM's CPU cache size.
         names = cold_names[scenario.name]
-        progress.step(f"{label} · cold probes")
-        cold, warm = asyncio.run(_cold_probes(server.base_url, names, s, progress.advance))
-        out["adapters"] = names
-        out["phases"]["cold"] = stats.summarize(cold)
-        out["phases"]["warm"] = stats.summarize(warm)
+
+        def probe(base_url: str, half: list[str], _: int) -> tuple[PhaseRun, PhaseRun]:
+            return asyncio.run(_cold_probes(base_url, half, s, progress.advance))
+
+        for system, parts in turns("cold probes", _halves(names), probe).items():
+            out[system]["adapters"] = names
+            out[system]["phases"]["cold"] = stats.summarize(_joined([p[0] for p in parts]))
+            out[system]["phases"]["warm"] = stats.summarize(_joined([p[1] for p in parts]))
         return out
-    progress.step(f"{label} · warm-up")
-    asyncio.run(
-        load.closed_loop(
-            server.base_url,
-            workload(scenario, s, "warmup", s.warmup),
-            s.concurrency,
-            s.max_tokens,
-            progress.advance,
+
+    for system, server in running.items():
+        progress.step(f"{system} · {scenario.name} · warm-up")
+        warmup = workload(scenario, s, "warmup", s.warmup)
+        asyncio.run(
+            load.closed_loop(server.base_url, warmup, s.concurrency, s.max_tokens, progress.advance)
         )
-    )
-    progress.step(f"{label} · closed loop x{s.concurrency}")
-    closed = asyncio.run(
-        load.closed_loop(
-            server.base_url,
-            workload(scenario, s, "closed", s.requests),
-            s.concurrency,
-            s.max_tokens,
-            progress.advance,
+    requests = workload(scenario, s, "closed", s.requests)
+    middle = len(requests) // 2
+
+    def closed_half(base_url: str, half: list[RequestSpec], index: int) -> PhaseRun:
+        run = asyncio.run(
+            load.closed_loop(base_url, half, s.concurrency, s.max_tokens, progress.advance)
         )
+        return _numbered(run, index * middle)
+
+    for system, parts in turns("closed loop", _halves(requests), closed_half).items():
+        closed = {"concurrency": s.concurrency, **stats.summarize(_joined(parts))}
+        out[system]["phases"]["closed"] = closed
+
+    rate = _open_rate(plan, scenario, out)
+    requests = workload(scenario, s, "open", s.requests)
+    arrivals = poisson_arrivals(scenario, s, rate)
+    # The second half's clock starts at its first arrival: a Poisson process has no memory.
+    restarted = [t - arrivals[middle] for t in arrivals[middle:]]
+    timed = (
+        list(zip(requests[:middle], arrivals[:middle], strict=True)),
+        list(zip(requests[middle:], restarted, strict=True)),
     )
-    out["phases"]["closed"] = {"concurrency": s.concurrency, **stats.summarize(closed)}
-    rate = _open_rate(plan, scenario, result, out)
-    progress.step(f"{label} · open loop {rate:.1f} req/s")
-    opened = asyncio.run(
-        load.open_loop(
-            server.base_url,
-            workload(scenario, s, "open", s.requests),
-            poisson_arrivals(scenario, s, rate),
-            s.max_tokens,
-            progress.advance,
-        )
-    )
-    out["phases"]["open"] = {"rate": round(rate, 3), **stats.summarize(opened)}
+
+    def open_half(base_url: str, half: list[tuple[RequestSpec, float]], index: int) -> PhaseRun:
+        specs, times = [spec for spec, _ in half], [at for _, at in half]
+        run = asyncio.run(load.open_loop(base_url, specs, times, s.max_tokens, progress.advance))
+        return _numbered(run, index * middle)
+
+    for system, parts in turns(f"open loop {rate:.1f} req/s", timed, open_half).items():
+        out[system]["phases"]["open"] = {"rate": round(rate, 3), **stats.summarize(_joined(parts))}
     return out
 
 
-def _open_rate(
-    plan: RunPlan, scenario: Scenario, result: dict[str, Any], current: dict[str, Any]
-) -> float:
-    """open_load x the first system's closed-loop req/s (this system's if it is the first)."""
+def _abba(systems: list[str]) -> list[tuple[int, str]]:
+    """(half, system) in the order they run: every system's first half in the given order,
+    then every second half in the reverse order (A B B A)."""
+    return [(0, system) for system in systems] + [(1, system) for system in reversed(systems)]
+
+
+def _halves(items: list[Any]) -> tuple[list[Any], list[Any]]:
+    middle = len(items) // 2
+    return items[:middle], items[middle:]
+
+
+def _numbered(run: PhaseRun, first_index: int) -> PhaseRun:
+    """A half's samples numbered by their place in the whole phase's workload (the output
+    comparison between systems matches requests by it)."""
+    for sample in run.samples:
+        sample.index += first_index
+    return run
+
+
+def _joined(parts: list[PhaseRun]) -> PhaseRun:
+    """One phase of a system from its halves: their samples, time and stalls added up (the
+    second half's send times continue after the first's)."""
+    joined = PhaseRun()
+    for part in parts:
+        for sample in part.samples:
+            sample.sent_s += joined.duration_s
+        joined.samples += part.samples
+        joined.duration_s += part.duration_s
+        joined.client_stalls_s += part.client_stalls_s
+    return joined
+
+
+def _open_rate(plan: RunPlan, scenario: Scenario, out: dict[str, dict[str, Any]]) -> float:
+    """open_load x the first system's (the baseline's) closed-loop req/s."""
     fixed = plan.open_rates.get(scenario.name, plan.open_rates.get(""))
     if fixed is not None:
         return fixed
-    first = result["systems"].get(plan.systems[0], current)
-    throughput = float(first["phases"]["closed"]["req_per_s"])
+    throughput = float(out[plan.systems[0]]["phases"]["closed"]["req_per_s"])
     if throughput <= 0:
         raise RuntimeError(f"scenario {scenario.name}: no closed-loop throughput to scale from")
     return plan.settings.open_load * throughput

@@ -3,7 +3,7 @@
 Checks that the harness works and its numbers are sane, never how fast anything is: both
 systems ran every scenario, no request failed, throughput is positive, percentiles are ordered,
 every output had the fixed length, and the JSON, markdown and PNG reports were written.
-About 2 minutes on 2 CPU cores (two real servers, one after the other).
+About 2 minutes on 2 CPU cores (two real servers, loaded in turns).
 """
 
 from __future__ import annotations

@@ -116,12 +116,14 @@ def test_plans_group_scenarios_that_share_a_server() -> None:
     assert shared.total_requests() == 4 * (32 + 2 * 200) + 2 * settings.cold_probes
 
     base, lora3 = scenarios.FULL_SCENARIOS[:2]
-    measured = {"phases": {"closed": {"req_per_s": 40.0}}}
-    result = {"systems": {"vllm": measured}}
-    assert runner._open_rate(plan, base, result, {}) == pytest.approx(0.7 * 40)
+    measured = {
+        "vllm": {"phases": {"closed": {"req_per_s": 40.0}}},
+        "loraplex": {"phases": {"closed": {"req_per_s": 80.0}}},
+    }
+    assert runner._open_rate(plan, base, measured) == pytest.approx(0.7 * 40)  # the baseline's
     pinned = runner.RunPlan((base, lora3), settings, ("vllm",), open_rates={"lora3": 9.0})
-    assert runner._open_rate(pinned, lora3, result, {}) == 9.0
-    assert runner._open_rate(pinned, base, result, {}) == pytest.approx(28)
+    assert runner._open_rate(pinned, lora3, measured) == 9.0
+    assert runner._open_rate(pinned, base, measured) == pytest.approx(28)
 
 
 def test_summary_percentiles_tpot_and_ratios() -> None:
@@ -253,7 +255,9 @@ def test_a_run_that_stops_part_way_keeps_what_it_measured(
     monkeypatch.setattr(runner, "stop_server", lambda server: None)
     monkeypatch.setattr(runner, "_server_record", lambda server, assets: {"label": "x"})
     monkeypatch.setattr(
-        runner, "_run_scenario", lambda plan, sc, *a: {"phases": {"closed": {"req_per_s": 1.0}}}
+        runner,
+        "_run_scenario",
+        lambda plan, sc, *a: {"vllm": {"phases": {"closed": {"req_per_s": 1.0}}}},
     )
     fake = Assets(root=tmp_path, base=tmp_path / "base", adapter_names=(), adapter_ranks={})
     with pytest.raises(runner.RunAborted) as caught:
