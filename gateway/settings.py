@@ -204,7 +204,9 @@ class Settings(EngineSettings, BaseSettings):
     feedback_max_age_s: int = Field(
         7 * 24 * 3600,
         gt=0,
-        description="Feedback on a response older than this is refused (default 7 days).",
+        le=10 * 366 * 24 * 3600,  # the registry keeps verdicts this long: years, not forever
+        description="Feedback on a response older than this is refused (default 7 days, at "
+        "most 10 years); the registry keeps each verdict this long.",
     )
 
     @field_validator(

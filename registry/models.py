@@ -273,6 +273,22 @@ class RolloutEvent(Base):
     actor: Mapped[str] = mapped_column(String(200))
 
 
+class FeedbackVerdict(Base):
+    """The verdict a caller gave one response (POST /v1/feedback), the first one recorded by
+    any replica: keyed by the sha256 of the response id, so no id, prompt or output is stored.
+    Rows older than the feedback window are pruned (an expired id is refused before it is
+    looked up)."""
+
+    __tablename__ = "feedback_verdicts"
+
+    response_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    recorded_at: Mapped[datetime] = mapped_column(index=True)
+    # A random token of the call that recorded it: a caller whose commit raised can tell
+    # whether its row was written anyway (its answer lost) or another call's was.
+    recorded_by: Mapped[str] = mapped_column(String(32))
+
+
 MUTABLE_VERSION_COLUMNS = frozenset({"state", "state_changed_at"})
 
 
@@ -300,3 +316,8 @@ def _rollout_events_are_append_only(
     mapper: Mapper[RolloutEvent], connection: Any, target: RolloutEvent
 ) -> None:
     raise ValueError("rollout events are append-only")
+
+
+@event.listens_for(FeedbackVerdict, "before_update")
+def _verdicts_are_final(mapper: Mapper[FeedbackVerdict], connection: Any, target: Any) -> None:
+    raise ValueError("a recorded verdict is final")

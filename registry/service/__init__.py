@@ -13,6 +13,7 @@ from registry.service.base_models import (
     list_base_models,
     register_base_model,
 )
+from registry.service.feedback import prune_verdicts, record_verdict, verdict_of
 from registry.service.keys import (
     IssuedKey,
     Principal,
@@ -96,7 +97,9 @@ __all__ = [
     "mark_evaluated",
     "pause_rollout",
     "promote",
+    "prune_verdicts",
     "rank_profile",
+    "record_verdict",
     "register_adapter_version",
     "register_base_model",
     "removed_versions",
@@ -118,5 +121,6 @@ __all__ = [
     "stop_shadow",
     "unshare_adapter",
     "update_tenant_policy",
+    "verdict_of",
     "version_address",
 ]

@@ -42,6 +42,8 @@ def test_environment_overrides_and_real_model(monkeypatch, tmp_path):
         {"max_loras": 0},
         {"dtype": "int3"},
         {"http_keep_alive_s": 0},
+        # Verdicts are kept this long: "never" overflowed the prune's date arithmetic (a 500).
+        {"feedback_max_age_s": 10**11},
     ],
 )
 def test_invalid_settings_are_refused(bad):

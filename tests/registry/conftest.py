@@ -154,6 +154,7 @@ async def blank_engine(
 
 
 TABLES = (
+    "feedback_verdicts",
     "rollout_events",
     "audit_log",
     "adapter_shares",

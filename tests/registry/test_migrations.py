@@ -20,7 +20,7 @@ from registry.compat import BaseModelFingerprint
 from registry.db import alembic_config, make_session_factory, migrate
 from registry.store.local import LocalArtifactStore
 
-HEAD = "0004"
+HEAD = "0005"
 SHADOW_COLUMNS = {"shadow_version", "shadow_percent"}
 ROLLOUT_COLUMNS = {
     "canary_percent",
@@ -215,6 +215,32 @@ async def test_a_0003_database_upgrades_to_shadows(
     await downgrade(blank_engine, "0003")  # the shadow pointer goes, the adapter stays
     revision, _, columns = await schema(blank_engine)
     assert revision == "0003" and not SHADOW_COLUMNS & columns and columns >= ROLLOUT_COLUMNS
+
+
+async def test_a_0004_database_upgrades_to_feedback_verdicts(
+    blank_engine: AsyncEngine, base_fp: BaseModelFingerprint
+):
+    await migrate(blank_engine, revision="0004")
+    await write_old_rows(blank_engine, base_fp)
+    assert "feedback_verdicts" not in (await schema(blank_engine))[1]
+    await migrate(blank_engine)
+    revision, tables, _ = await schema(blank_engine)
+    assert revision == HEAD and "feedback_verdicts" in tables
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        first = await service.record_verdict(
+            session,
+            response_sha256="ab" * 32,
+            outcome="success",
+            at=datetime.now(UTC),
+            token="call-1",
+        )
+        assert first is None
+        assert (await service.rollout_status(session, name="acme-private")).stable_version == 1
+
+    await downgrade(blank_engine, "0004")  # the verdicts go, the adapters stay
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == "0004" and "feedback_verdicts" not in tables and columns >= SHADOW_COLUMNS
 
 
 async def test_downgrade_and_upgrade_again(
