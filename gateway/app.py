@@ -37,6 +37,7 @@ from gateway.rollout_controller import RolloutController
 from gateway.rollout_router import RolloutRouter
 from gateway.routes import (
     admin_adapters,
+    admin_datasets,
     admin_faults,
     admin_registry,
     admin_rollouts,
@@ -49,6 +50,7 @@ from gateway.routes import (
     models,
 )
 from gateway.services.adapter_admin import AdapterAdmin, S3Import
+from gateway.services.dataset_admin import DatasetAdmin
 from gateway.services.feedback import FeedbackService
 from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
@@ -221,6 +223,7 @@ def create_app(
             app.state.catalog = catalog
             app.state.rollout_router = router  # tests replay a lagging replica's view
             app.state.adapter_admin = adapter_admin
+            app.state.dataset_admin = DatasetAdmin(registry, adapter_admin)
             app.state.authenticator = authenticator
             app.state.tenant_admin = TenantAdmin(registry, authenticator, catalog)
             defaults = Thresholds(
@@ -297,6 +300,7 @@ def create_app(
                 "generation",
                 "catalog",
                 "adapter_admin",
+                "dataset_admin",
                 "authenticator",
                 "tenant_admin",
                 "rollout_admin",
@@ -340,6 +344,7 @@ def create_app(
         models.router,
         health.router,
         admin_adapters.router,
+        admin_datasets.router,
         admin_registry.router,
         admin_tenants.router,
         admin_rollouts.router,

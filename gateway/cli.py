@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gateway.cli_admin import adapters_app, keys_app, tenants_app
+from gateway.cli_datasets import datasets_app
 from gateway.cli_rollout import faults_app, rollout_app
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_i
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(datasets_app, name="datasets")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(rollout_app, name="rollout")

@@ -17,6 +17,7 @@ from gateway.engine.client import EngineClient
 from gateway.errors import EngineUnavailable
 from gateway.registry_runtime import RegistryRuntime
 from gateway.services.adapter_admin import AdapterAdmin
+from gateway.services.dataset_admin import DatasetAdmin
 from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
@@ -54,6 +55,11 @@ async def get_adapter_admin(request: Request) -> AdapterAdmin:
     return admin
 
 
+async def get_dataset_admin(request: Request) -> DatasetAdmin:
+    admin: DatasetAdmin = _state(request, "dataset_admin")
+    return admin
+
+
 async def get_tenant_admin(request: Request) -> TenantAdmin:
     admin: TenantAdmin = _state(request, "tenant_admin")
     return admin
@@ -69,5 +75,6 @@ EngineDep = Annotated[EngineClient, Depends(get_engine)]
 CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 RegistryDep = Annotated[RegistryRuntime, Depends(get_registry)]
 AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]
+DatasetAdminDep = Annotated[DatasetAdmin, Depends(get_dataset_admin)]
 TenantAdminDep = Annotated[TenantAdmin, Depends(get_tenant_admin)]
 RolloutAdminDep = Annotated[RolloutAdmin, Depends(get_rollout_admin)]

@@ -57,6 +57,12 @@ class InvalidInput(RegistryError):
     code = "invalid_input"
 
 
+class PartnerOnlyData(InvalidInput):
+    """Sharing an adapter that serves a version trained on PARTNER_ONLY data."""
+
+    code = "license_partner_only"
+
+
 class InvalidPolicy(InvalidInput):
     """A tenant policy was refused; `problems` lists every reason found, not only the first."""
 

@@ -45,6 +45,7 @@ class ProblemCode(StrEnum):
     DUPLICATE_ARTIFACT = "duplicate_artifact"
     ROLLBACK_PATH_INVALID = "rollback_path_invalid"
     ROLLBACK_TARGET_FAILING = "rollback_target_failing"
+    LICENSE_PARTNER_ONLY = "license_partner_only"
 
 
 MAX_ITEM_CHARS = 200

@@ -29,6 +29,7 @@ from registry.service.lifecycle import (
     removed_versions,
     retire_version,
 )
+from registry.service.lineage import TrainedOn, dataset_digest, versions_trained_on
 from registry.service.queries import (
     get_adapter,
     get_version,
@@ -72,11 +73,13 @@ __all__ = [
     "IssuedKey",
     "Principal",
     "ResolvedAdapter",
+    "TrainedOn",
     "authenticate_api_key",
     "change_generation",
     "change_tenant_policy",
     "create_api_key",
     "create_tenant",
+    "dataset_digest",
     "delete_version",
     "deleted_artifacts",
     "get_adapter",
@@ -123,4 +126,5 @@ __all__ = [
     "update_tenant_policy",
     "verdict_of",
     "version_address",
+    "versions_trained_on",
 ]

@@ -40,6 +40,7 @@ from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import name_problem
 from registry.service.audit import record
 from registry.service.base_models import get_served_base
+from registry.service.licenses import audience_problems
 from registry.service.queries import (
     current_version,
     find_adapter,
@@ -189,6 +190,7 @@ async def _problems(
             )
         )
     problems += upload.card_problems
+    problems += await audience_problems(session, adapter, visibility, upload.card)
     problems += _binding_problems(adapter, upload.base)
     problems += upload.gate_problems
     if upload.card is not None and upload.named:

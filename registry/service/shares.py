@@ -14,19 +14,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from registry.errors import InvalidInput
 from registry.models import AdapterShare, Tenant
 from registry.service.audit import record
-from registry.service.queries import get_adapter, is_shared_with
+from registry.service.licenses import refuse_sharing_partner_data
+from registry.service.queries import get_adapter, is_shared_with, lock_adapter
 from registry.service.tenants import get_tenant
 
 
 async def share_adapter(session: AsyncSession, *, name: str, tenant: str, actor: str) -> None:
     """Let `tenant` use adapter `name`. Raises AdapterNotFound, TenantNotFound, or InvalidInput
-    when `tenant` owns the adapter."""
+    when `tenant` owns the adapter or it serves a PARTNER_ONLY version (registry.service.
+    licenses)."""
     adapter = await get_adapter(session, name=name)
     grantee = await get_tenant(session, name=tenant)
     if adapter.tenant_id == grantee.id:
         raise InvalidInput(f"tenant {tenant!r} owns adapter {name!r}; it needs no share")
     if await is_shared_with(session, adapter_id=adapter.id, tenant_id=grantee.id):
         return
+    await lock_adapter(session, name)  # a registration racing this share decides after it
+    await refuse_sharing_partner_data(session, adapter)
     session.add(AdapterShare(adapter_id=adapter.id, tenant_id=grantee.id))
     record(
         session,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 import shutil
 from dataclasses import replace
 
@@ -218,3 +220,40 @@ async def test_a_base_one_bit_off_refuses_to_start(demo, tmp_path):
     with pytest.raises(RuntimeError, match="gateway exited early") as info:
         start_gateway(replace(demo, base=flipped), tmp_path)
     assert "BaseModelMismatch" in str(info.value), str(info.value)[-3000:]
+
+
+def test_a_withdrawn_dataset_is_found_and_taken_out_of_service_from_the_cli(
+    gateway, demo, tmp_path
+):
+    digest = secrets.token_hex(32)
+    card = tmp_path / "card.json"
+    dataset = {"name": "partner-tickets", "sha256": digest, "license": "PARTNER_ONLY"}
+    card.write_text(json.dumps({"owner": "ml@demo", "objective": "sft", "datasets": [dataset]}))
+    source = DEMO_ADAPTERS[-1].name
+    registered = cli(
+        gateway,
+        "adapters",
+        "register",
+        str(demo.adapters[source]),
+        "--name",
+        "partner-bot",
+        "--tenant",
+        DEMO_TENANT,
+        "--card",
+        str(card),
+    )
+    assert registered.returncode == 0, registered.stderr
+    assert chat(gateway, "partner-bot") == chat(gateway, source)
+
+    listed = cli(gateway, "datasets", "adapters", f"sha256:{digest}")
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)["data"]
+    assert [(f["adapter"], f["version"], f["tenant"]) for f in found] == [
+        ("partner-bot", 1, DEMO_TENANT)
+    ]
+    revoked = cli(gateway, "datasets", "revoke", digest, "--reason", "contract ended")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["versions"][0]["outcome"] == "retired"
+    with pytest.raises(openai.NotFoundError):
+        chat(gateway, "partner-bot")
+    assert chat(gateway, source)  # the adapter it was copied from is another line

@@ -1,0 +1,95 @@
+"""Dataset lineage: the adapter versions a dataset went into, read from their Adaptation Cards
+(`datasets[].sha256`), so that a dataset withdrawn (a partner's contract ended, consent
+revoked, contamination found) leads to every version trained on it (seed §6 and (a)12)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import String, cast, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import InvalidInput
+from registry.models import Adapter, AdapterVersion, Tenant
+from registry.states import VersionState, Visibility
+
+SHA256 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """One adapter version whose card lists the dataset, with what the card says of it."""
+
+    adapter: str
+    tenant: str
+    version: int
+    state: VersionState
+    visibility: Visibility
+    dataset_name: str
+    dataset_license: str | None
+    stable_version: int | None  # the adapter's pinned stable (None: its newest serves)
+
+
+def dataset_digest(value: str) -> str:
+    """A dataset's sha256 as cards store it (64 lowercase hex digits), from that or with a
+    `sha256:` prefix, in either case. Raises InvalidInput."""
+    match = SHA256.fullmatch(value.strip().lower())
+    if match is None:
+        raise InvalidInput("a dataset is named by its sha256: 64 hex digits")
+    return match[1]
+
+
+async def versions_trained_on(session: AsyncSession, *, dataset_sha256: str) -> list[TrainedOn]:
+    """Every adapter version whose card lists the dataset, in every state (deleted ones too:
+    lineage is also the record of what was served), by adapter name then version.
+
+    The database keeps only the cards whose text holds the digest (JSON on SQLite, JSONB on
+    PostgreSQL, both readable as text), which are then read properly: a digest elsewhere in a
+    card (its base_sha256, an eval's name) is no dataset."""
+    digest = dataset_digest(dataset_sha256)
+    rows = await session.execute(
+        select(
+            AdapterVersion.card,
+            AdapterVersion.version,
+            AdapterVersion.state,
+            Adapter.name,
+            Adapter.visibility,
+            Adapter.stable_version,
+            Tenant.name,
+        )
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .join(Tenant, Adapter.tenant_id == Tenant.id)
+        .where(cast(AdapterVersion.card, String).contains(digest))
+        .order_by(Adapter.name, AdapterVersion.version)
+    )
+    found: list[TrainedOn] = []
+    for card, version, state, adapter, visibility, stable, tenant in rows:
+        for dataset in _datasets(card):
+            if _digest_of(dataset) == digest:
+                license_tag = dataset.get("license")
+                found.append(
+                    TrainedOn(
+                        adapter=adapter,
+                        tenant=tenant,
+                        version=version,
+                        state=state,
+                        visibility=visibility,
+                        dataset_name=str(dataset.get("name", "")),
+                        dataset_license=None if license_tag is None else str(license_tag),
+                        stable_version=stable,
+                    )
+                )
+                break  # a card listing the dataset twice is one version
+    return found
+
+
+def _datasets(card: Any) -> list[dict[str, Any]]:
+    datasets = card.get("datasets") if isinstance(card, dict) else None
+    return [d for d in datasets if isinstance(d, dict)] if isinstance(datasets, list) else []
+
+
+def _digest_of(dataset: dict[str, Any]) -> str | None:
+    match = SHA256.fullmatch(str(dataset.get("sha256", "")).strip().lower())
+    return match[1] if match else None
