@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one server per system for all scenarios (default with --quick)",
     )
     share.add_argument("--no-share-servers", dest="share", action="store_false")
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="one server up at a time, the systems one after the other (for engines whose "
+        "memory does not fit twice, a GPU at a high gpu_memory_utilization); a drift in the "
+        "machine's speed then falls on one system",
+    )
     for field in dataclasses.fields(FULL_SETTINGS):
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
@@ -128,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     share = args.quick if args.share is None else args.share
     out_dir = args.out or (QUICK_OUT if args.quick else FULL_OUT)
     plan = runner.RunPlan(
-        scenarios, settings, systems, share_servers=share, open_rates=_open_rates(args.open_rate)
+        scenarios,
+        settings,
+        systems,
+        share_servers=share,
+        open_rates=_open_rates(args.open_rate),
+        in_turns=not args.one_at_a_time,
     )
 
     client_raised = servers.raise_client_priority()
@@ -142,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**dataclasses.asdict(settings), "open_rates": plan.open_rates},
         "systems": list(systems),
         "share_servers": share,
+        "in_turns": plan.in_turns,
         "client_nice": servers.CLIENT_NICE if client_raised else 0,
     }
     assets = prepare_assets(args.data_dir, max(s.adapters for s in scenarios), seed=settings.seed)

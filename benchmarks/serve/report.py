@@ -113,9 +113,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"closed loop at concurrency {s['concurrency']}; open loop Poisson at "
         f"{_open_rule(s)}; streaming /v1/completions, {s['max_tokens']} output "
         f"tokens (ignore_eos), ~{s['prompt_words']}-word prompts; seed {s['seed']}",
-        "- order: every system's server up, loaded one at a time; each phase in two halves, "
-        "the systems in turns A B B A (baseline first and last), so a drift in the machine's "
-        "speed falls on both",
+        (
+            "- order: every system's server up, loaded one at a time; each phase in two halves, "
+            "the systems in turns A B B A (baseline first and last), so a drift in the "
+            "machine's speed falls on both"
+            if meta.get("in_turns", True)
+            else "- order: one server up at a time, the systems one after the other, the "
+            "baseline first (--one-at-a-time): a drift in the machine's speed falls on one"
+        ),
         "- latencies in ms as p50 / p95 / p99; ratio rows are loraplex ÷ vLLM "
         "(> 1 is better for throughput, < 1 is better for latency)",
         "",

@@ -7,7 +7,9 @@ together: each phase's requests are split in two halves, sent as A B B A (the fi
 the baseline, first and last). The machine's speed drifts (other tenants of a shared host,
 thermal limits): measured one after the other, the same commit of loraplex came out 0.79x or
 1.07x vLLM's req/s depending on which ran first; taking turns cancels a steady drift, and both
-systems see the same requests. Per load scenario: warm-up (excluded), closed loop, open loop
+systems see the same requests (`in_turns=False`, `--one-at-a-time`: one server up at a time,
+for engines whose memory does not fit twice). Per load scenario: warm-up (excluded), closed
+loop, open loop
 (at open_load x the baseline's closed-loop req/s). Per cold scenario: for each probe adapter,
 one request (cold) then the same again (warm).
 """
@@ -68,6 +70,9 @@ class RunPlan:
     settings: LoadSettings
     systems: tuple[str, ...]
     share_servers: bool = False  # one server per system for every scenario (quick mode)
+    # Every system's server up, loaded in turns (A B B A); False: one server at a time, the
+    # systems one after the other (engines whose memory does not fit twice).
+    in_turns: bool = True
     # Fixed open-loop req/s by scenario name ("" for all) instead of open_load x baseline.
     open_rates: dict[str, float] = field(default_factory=dict)
     server_groups: list[tuple[int, list[Scenario]]] = field(default_factory=list)
@@ -133,21 +138,24 @@ def run(
     }
     try:
         for count, group in plan.server_groups:
-            running: dict[str, RunningServer] = {}
-            try:
-                for system in plan.systems:
-                    spec = ServerSpec.make(system, group[0].flags(system), count)
-                    progress.step(f"{spec.label()} starting")
-                    running[system] = start_server(spec, assets, log_dir)
-                    servers.append(_server_record(running[system], assets))
-                for scenario in group:
-                    results[scenario.name]["systems"] = _run_scenario(
-                        plan, scenario, running, cold_names, progress
-                    )
-            finally:
-                for server in running.values():
-                    progress.step(f"{server.spec.label()} stopping")
-                    stop_server(server)
+            together = [list(plan.systems)] if plan.in_turns else [[s] for s in plan.systems]
+            for systems in together:
+                running: dict[str, RunningServer] = {}
+                try:
+                    for system in systems:
+                        spec = ServerSpec.make(system, group[0].flags(system), count)
+                        progress.step(f"{spec.label()} starting")
+                        running[system] = start_server(spec, assets, log_dir)
+                        servers.append(_server_record(running[system], assets))
+                    for scenario in group:
+                        measured = results[scenario.name]["systems"]
+                        measured.update(
+                            _run_scenario(plan, scenario, running, cold_names, progress, measured)
+                        )
+                finally:
+                    for server in running.values():
+                        progress.step(f"{server.spec.label()} stopping")
+                        stop_server(server)
     except BaseException as exc:  # Ctrl-C too: what was measured is kept
         raise RunAborted({"servers": servers, "scenarios": list(results.values())}) from exc
     for result in results.values():
@@ -184,8 +192,11 @@ def _run_scenario(
     running: dict[str, RunningServer],
     cold_names: dict[str, list[str]],
     progress: Progress,
+    earlier: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every system's phases of one scenario, each phase taken in turns (A B B A halves)."""
+    """The running systems' phases of one scenario, each phase taken in turns (A B B A
+    halves). `earlier`: what systems run before measured (one server at a time), of which the
+    baseline's closed loop paces the open loop."""
     s = plan.settings
     out: dict[str, dict[str, Any]] = {
         system: {"server": server.spec.label(), "phases": {}} for system, server in running.items()
@@ -233,7 +244,7 @@ def _run_scenario(
         closed = {"concurrency": s.concurrency, **stats.summarize(_joined(parts))}
         out[system]["phases"]["closed"] = closed
 
-    rate = _open_rate(plan, scenario, out)
+    rate = _open_rate(plan, scenario, {**(earlier or {}), **out})
     requests = workload(scenario, s, "open", s.requests)
     arrivals = poisson_arrivals(scenario, s, rate)
     # The second half's clock starts at its first arrival: a Poisson process has no memory.

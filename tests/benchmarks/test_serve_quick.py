@@ -84,6 +84,7 @@ def test_quick_run_writes_reports_with_machine_info(quick_run):
     assert all(s["startup_s"] > 0 for s in results["servers"])
     table = (out / "results.md").read_text()
     assert "QUICK RUN" in table and "**ratio**" in table
+    assert meta["in_turns"] is True and "the systems in turns A B B A" in table
     for scenario in FULL_SCENARIOS:
         assert f"| {scenario.name}" in table
     for name in ("latency_cdf.png", "throughput_vs_adapters.png"):

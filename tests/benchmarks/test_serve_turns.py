@@ -137,3 +137,33 @@ def test_cold_probes_take_turns_over_the_same_adapters(fakes: Servers) -> None:
     for system in SYSTEMS:
         assert out[system]["adapters"] == names
         assert out[system]["phases"]["cold"]["ok"] == out[system]["phases"]["warm"]["ok"] == 4
+
+
+def test_one_at_a_time_runs_each_system_alone_and_paces_both_by_the_baseline(
+    fakes: Servers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--one-at-a-time (engines whose memory does not fit twice): each system's server alone,
+    the baseline first; the open loop still paced by the baseline's closed loop."""
+    up: list[str] = []
+
+    def start(spec: servers.ServerSpec, *args: object) -> servers.RunningServer:
+        assert not up, f"{spec.system} started while {up} ran"
+        up.append(spec.system)
+        return fakes.running[spec.system]
+
+    monkeypatch.setattr(runner, "start_server", start)
+    monkeypatch.setattr(runner, "stop_server", lambda server: up.remove(server.spec.system))
+    monkeypatch.setattr(runner, "_server_record", lambda server, assets: {"label": "x"})
+    base = next(s for s in scenarios.FULL_SCENARIOS if s.name == "base")
+    plan = runner.RunPlan((base,), SETTINGS, SYSTEMS, in_turns=False)
+    fake = runner.Assets(root=tmp_path, base=tmp_path, adapter_names=(), adapter_ranks={})
+    measured = runner.run(plan, fake, tmp_path)
+
+    systems = [system for system, _ in itertools.groupby(s for s, *_ in fakes.log)]
+    assert systems == ["vllm", "loraplex"]
+    (result,) = measured["scenarios"]
+    closed_rate = result["systems"]["vllm"]["phases"]["closed"]["req_per_s"]
+    for system in SYSTEMS:
+        rate = result["systems"][system]["phases"]["open"]["rate"]
+        assert rate == pytest.approx(SETTINGS.open_load * closed_rate, rel=1e-3)
+    assert result["output_agreement"]["closed"] == {"compared": 10, "identical": 10}
