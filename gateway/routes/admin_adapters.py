@@ -7,7 +7,13 @@ from fastapi import APIRouter, File, Form, UploadFile
 from gateway.admin_auth import AdminDep
 from gateway.audit_log import registry_operation
 from gateway.deps import AdapterAdminDep, RegistryDep
-from gateway.schemas.admin import AdapterOut, ChangeReason, ImportAdapter, VersionOut
+from gateway.schemas.admin import (
+    AdapterOut,
+    ChangeReason,
+    ImportAdapter,
+    StackAdapter,
+    VersionOut,
+)
 from registry import service
 
 router = APIRouter(prefix="/admin/v1/adapters", tags=["admin: adapters"])
@@ -62,6 +68,22 @@ async def register_adapter_path(
         visibility=body.visibility,
         card=body.card,
         base_sha256=body.base_sha256,
+        actor=actor,
+    )
+    return VersionOut.of(row)
+
+
+@router.post("/stack", status_code=201)
+async def register_stack(body: StackAdapter, actor: AdminDep, admin: AdapterAdminDep) -> VersionOut:
+    """Register a version that serves several adapters together (their ranks side by side,
+    exact): each component's card must allow the others; every refusal is listed (422)."""
+    row = await admin.register_stack(
+        [(c.adapter, c.weight) for c in body.components],
+        name=body.name,
+        tenant=body.tenant,
+        visibility=body.visibility,
+        description=body.description,
+        rollback_path=body.rollback_path,
         actor=actor,
     )
     return VersionOut.of(row)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.models import Adapter, AdapterVersion
 from registry.service.keys import MAX_KEY_DAYS
+from registry.service.stacking import MAX_COMPONENTS as MAX_STACK_COMPONENTS
 from registry.tenancy import MAX_LIMIT, MIN_REQUESTS_PER_SECOND
 from registry.text_checks import nul_path
 
@@ -71,6 +72,41 @@ class ImportAdapter(Payload):
                 {"path": "/models/adapters/support-bot", "name": "support-bot", "tenant": "acme"}
             ]
         },
+    )
+
+
+class StackComponent(Payload):
+    adapter: str = Field(max_length=80, description="An adapter (its stable) or name@N.")
+    weight: float = Field(
+        1.0,
+        ge=-16,
+        le=16,
+        allow_inf_nan=False,
+        description="What its delta is multiplied by in the stack (1: as trained).",
+    )
+
+    @model_validator(mode="after")
+    def _nonzero(self) -> Self:
+        if self.weight == 0:
+            raise ValueError("a component of weight 0 changes nothing: leave it out")
+        return self
+
+
+class StackAdapter(Payload):
+    name: str
+    tenant: str = Field(description="The owning tenant; the components resolve as it would.")
+    components: list[StackComponent] = Field(min_length=2, max_length=MAX_STACK_COMPONENTS)
+    # A new adapter's visibility (default private); omitted, a new version keeps the adapter's.
+    visibility: Literal["private", "shared"] | None = None
+    description: str | None = Field(None, max_length=4000)
+    rollback_path: str = Field("base", max_length=80, description="'base' or name[@N].")
+
+    model_config = example(
+        {
+            "name": "support-bot-guarded",
+            "tenant": "acme",
+            "components": [{"adapter": "support-bot"}, {"adapter": "safety-guard@3"}],
+        }
     )
 
 

@@ -3,6 +3,7 @@ each kept in sync with the engine so a retired version stops being served at onc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,9 +20,11 @@ from gateway.catalog import RegistryCatalog
 from gateway.errors import InvalidRequest
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
+from registry.errors import ArtifactNotFound, RegistryConflict
 from registry.ingest import ingest_upload, receive_stream, stage_local_path
 from registry.ingest_s3 import check_s3_uri, stage_s3_uri
 from registry.models import AdapterVersion
+from registry.stack_weights import StackInput, write_stack
 from registry.states import Visibility
 from registry.store.s3 import make_s3_client
 
@@ -77,6 +80,7 @@ class AdapterAdmin:
         self._max_bytes = upload_max_bytes
         self._import_roots = import_roots
         self._s3 = s3_import or S3Import()
+        self._stack_builds = asyncio.Semaphore(1)
 
     async def register_upload(self, files: list[UploadFile], **fields: Any) -> AdapterVersion:
         """Either the two PEFT files, or one .tar/.zip of a PEFT folder; streamed to disk."""
@@ -108,6 +112,68 @@ class AdapterAdmin:
                 row = await self._register(folder, **fields)
         self._catalog.invalidate()
         return row
+
+    async def register_stack(
+        self,
+        components: list[tuple[str, float]],
+        *,
+        description: str | None,
+        rollback_path: str,
+        **fields: Any,
+    ) -> AdapterVersion:
+        """A new version holding `components` ((address, weight), as the tenant addresses
+        them) side by side; refused with every reason when their cards do not allow it."""
+        runtime = self._runtime
+        base_sha256 = runtime.base.weights_sha256
+        with tempfile.TemporaryDirectory(prefix="loraplex-stack-") as work:
+            async with _registering(fields):
+                async with runtime.sessions() as session:
+                    parts, problems = await service.resolve_stack(
+                        session,
+                        store=runtime.store,
+                        tenant=fields["tenant"],
+                        components=components,
+                        base_sha256=base_sha256,
+                    )
+                    problems += service.stacking_problems(
+                        parts, max_lora_rank=runtime.max_lora_rank
+                    )
+                    if problems:
+                        await service.refuse_stack(
+                            session,
+                            actor=fields["actor"],
+                            name=fields["name"],
+                            tenant=fields["tenant"],
+                            problems=problems,
+                        )
+                folder = await self._build_stack(parts, Path(work) / "stack")
+                card = service.stack_card(
+                    parts,
+                    tenant=fields["tenant"],
+                    base_sha256=base_sha256,
+                    description=description,
+                    rollback_path=rollback_path,
+                )
+                row = await self._register(folder, card=card, base_sha256=None, **fields)
+        self._catalog.invalidate()
+        return row
+
+    async def _build_stack(self, parts: list[service.StackPart], folder: Path) -> Path:
+        """The stacked PEFT folder, from the components' artifacts fetched outside any session;
+        one build at a time per replica (each holds up to a module's matrices of every
+        component, and the whole output on disk)."""
+        try:
+            paths = [await self._runtime.store.get_path(p.artifact_sha256) for p in parts]
+            inputs = [
+                StackInput(path, part.weight) for path, part in zip(paths, parts, strict=True)
+            ]
+            async with self._stack_builds:
+                await asyncio.to_thread(write_stack, inputs, folder, max_bytes=self._max_bytes)
+        except (ArtifactNotFound, FileNotFoundError):
+            raise RegistryConflict(
+                "a component was deleted while the stack was being built; retry"
+            ) from None
+        return folder
 
     async def _receive(self, files: list[UploadFile], work: Path) -> Path:
         names = sorted(Path(f.filename or "").name for f in files)

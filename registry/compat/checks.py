@@ -216,6 +216,7 @@ def check_tensors(
     embedding, dora, unknown, out_of_range = [], [], [], []
     misplaced: dict[str, str] = {}  # tensor name → the name peft gives it on this base
     pairs: dict[str, set[str]] = defaultdict(set)
+    spelled: dict[str, set[str]] = defaultdict(set)  # base module → the names used for it
     shape_problems: list[Problem] = []
     lora_tensors = 0
     for tensor in a.tensors:
@@ -239,6 +240,7 @@ def check_tensors(
             misplaced[tensor.name] = lora_tensor_name(spellings[0], key.ab)
             continue
         pairs[key.module_path].add(key.ab)
+        spelled[spellings[0]].add(key.module_path)
         if key.layer >= base.num_layers:
             out_of_range.append(tensor.name)
         if (shape_problem := _shape_problem(tensor, key, dims, a.rank)) is not None:
@@ -291,6 +293,16 @@ def check_tensors(
     problems += capped(
         shape_problems, limit=MAX_SHAPE_PROBLEMS, code=ProblemCode.SHAPE_MISMATCH, what="shapes"
     )
+    twice = [f"{' and '.join(sorted(names))}" for names in spelled.values() if len(names) > 1]
+    if twice:
+        # vLLM maps both names onto the one module and keeps whichever it loads last
+        problems.append(
+            Problem(
+                ProblemCode.MODULE_NAMED_TWICE,
+                f"tensors name one base module under two spellings (one would silently replace "
+                f"the other): {listed(twice)}",
+            )
+        )
     unpaired = [path for path, ab in pairs.items() if len(ab) < 2]
     if unpaired:
         problems.append(

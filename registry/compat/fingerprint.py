@@ -214,6 +214,16 @@ def adaptable_modules(dims: Mapping[str, Any]) -> dict[str, ModuleDims]:
 _LANGUAGE_MODEL_SPELLINGS = (("language_model.model.", "model.language_model."),)
 
 
+def live_module_path(path: str) -> str:
+    """A module path in PEFT's live-module spelling: a multimodal base's
+    `language_model.model.layers…` reads as `model.language_model.layers…` (the same module
+    to vLLM); any other path as it is."""
+    for saved, live in _LANGUAGE_MODEL_SPELLINGS:
+        if path.startswith(saved):
+            return live + path.removeprefix(saved)
+    return path
+
+
 def default_module_path(module: str) -> str:
     return f"model.layers.{{layer}}.{LLAMA_PARENTS[module]}.{module}"
 

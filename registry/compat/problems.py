@@ -37,6 +37,7 @@ class ProblemCode(StrEnum):
     LAYER_OUT_OF_RANGE = "layer_out_of_range"
     SHAPE_MISMATCH = "shape_mismatch"
     UNPAIRED_TENSOR = "unpaired_lora_tensor"
+    MODULE_NAMED_TWICE = "module_named_twice"
     NO_LORA_WEIGHTS = "no_lora_weights"
     # registry-level
     INVALID_NAME = "invalid_name"
@@ -46,6 +47,9 @@ class ProblemCode(StrEnum):
     ROLLBACK_PATH_INVALID = "rollback_path_invalid"
     ROLLBACK_TARGET_FAILING = "rollback_target_failing"
     LICENSE_PARTNER_ONLY = "license_partner_only"
+    # stacks (registry.service.stacking)
+    STACK_COMPONENT = "stack_component_invalid"
+    STACKING_REFUSED = "stacking_refused"
 
 
 MAX_ITEM_CHARS = 200

@@ -61,6 +61,13 @@ from registry.service.rollout_views import (
     rollout_status,
 )
 from registry.service.shares import list_adapter_shares, share_adapter, unshare_adapter
+from registry.service.stacking import (
+    StackPart,
+    refuse_stack,
+    resolve_stack,
+    stack_card,
+    stacking_problems,
+)
 from registry.service.tenants import (
     change_tenant_policy,
     create_tenant,
@@ -73,6 +80,7 @@ __all__ = [
     "IssuedKey",
     "Principal",
     "ResolvedAdapter",
+    "StackPart",
     "TrainedOn",
     "authenticate_api_key",
     "change_generation",
@@ -103,11 +111,13 @@ __all__ = [
     "prune_verdicts",
     "rank_profile",
     "record_verdict",
+    "refuse_stack",
     "register_adapter_version",
     "register_base_model",
     "removed_versions",
     "resolve_adapter",
     "resolve_rollout_version",
+    "resolve_stack",
     "restore_stable",
     "resume_rollout",
     "retire_version",
@@ -119,6 +129,8 @@ __all__ = [
     "set_rollback_path",
     "set_thresholds",
     "share_adapter",
+    "stack_card",
+    "stacking_problems",
     "start_rollout",
     "start_shadow",
     "stop_shadow",

@@ -35,7 +35,7 @@ from registry.compat.engine_limits import EngineLimits
 from registry.compat.fingerprint import BaseModelFingerprint
 from registry.compat.lora_keys import parse_lora_key
 from registry.compat.problems import Problem, ProblemCode
-from registry.errors import AdapterRejected, ArtifactError, DuplicateAdapter, RegistryConflict
+from registry.errors import ArtifactError, DuplicateAdapter, RegistryConflict
 from registry.models import Adapter, AdapterVersion, BaseModel, Tenant
 from registry.naming import name_problem
 from registry.service.audit import record
@@ -47,6 +47,7 @@ from registry.service.queries import (
     lock_artifact,
     next_version_number,
 )
+from registry.service.refusals import reject_registration
 from registry.service.rollback_paths import rollback_path_problems
 from registry.service.rollout_log import touch, touch_if_tracked
 from registry.service.rollout_views import arms_fallback
@@ -117,21 +118,22 @@ async def register_adapter_version(
     )
     adapter = await find_adapter(session, name) if upload.named else None
     if refused := await _problems(session, adapter, upload):
-        await _reject(session, actor=actor, name=name, tenant=tenant, problems=refused)
+        await reject_registration(session, actor=actor, name=name, tenant=tenant, problems=refused)
 
     expected = upload.expected
     assert expected is not None  # the gate refuses artifacts without both files
     # An upload takes minutes (up to 2 GiB to S3): a transaction left open meanwhile holds its
     # pooled connection idle in transaction (and on PostgreSQL a snapshot), so a few uploads
     # at once starved every request of connections. Only reads happened; committing (not
-    # rolling back) ends it without expiring the rows read, or the caller's (see _reject).
+    # rolling back) ends it without expiring the rows read, or the caller's (as a refusal's
+    # audit row does: reject_registration).
     await session.commit()
     digest = await _put(store, Path(artifact_dir), expected)
     # Decided again under the lock, on what committed since the first look: a concurrent
     # registration of the same files, or of the adapter's first version by another tenant.
     adapter = await find_adapter(session, name, for_update=True)
     if refused := await _problems(session, adapter, upload):
-        await _reject(session, actor=actor, name=name, tenant=tenant, problems=refused)
+        await reject_registration(session, actor=actor, name=name, tenant=tenant, problems=refused)
     # Until this version's row commits, a delete of another version with the same files
     # must not remove the object; one that committed since put_dir may have removed it.
     await lock_artifact(session, expected)
@@ -297,22 +299,6 @@ async def _duplicate_artifact(
             "immutable, so a new version must change something",
         )
     ]
-
-
-async def _reject(
-    session: AsyncSession, *, actor: str, name: str, tenant: str, problems: list[Problem]
-) -> None:
-    # Nothing but reads happened in this transaction, so committing the audit row stores only
-    # the refusal (and releases the row lock) without expiring the caller's loaded objects.
-    record(
-        session,
-        actor=actor,
-        action="adapter_version.reject",
-        target=f"adapter:{name[:80]}",
-        details={"tenant": tenant, "problems": [p.as_dict() for p in problems]},
-    )
-    await session.commit()
-    raise AdapterRejected(problems)
 
 
 async def _insert_version(

@@ -23,12 +23,34 @@ def merged_model(base: Path, adapter: Path | None) -> Any:
     return model.eval()
 
 
+@lru_cache(maxsize=2)
+def merged_stack_model(base: Path, components: tuple[tuple[Path, float], ...]) -> Any:
+    """The base with each (adapter, weight) merged in turn, its lora_B multiplied by the
+    weight first: W' = W + Σ weight·scale·B·A, by peft's own scaling of each adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for adapter, weight in components:
+        model = PeftModel.from_pretrained(model, adapter)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.mul_(weight)
+        model = model.merge_and_unload()
+    return model.eval()
+
+
 def greedy_tokens(
     base: Path, adapter: Path | None, prompt_ids: list[int], max_new_tokens: int
 ) -> list[int]:
+    return greedy_tokens_of(merged_model(base, adapter), prompt_ids, max_new_tokens)
+
+
+def greedy_tokens_of(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     import torch
 
-    model = merged_model(base, adapter)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]),

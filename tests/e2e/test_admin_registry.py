@@ -10,9 +10,11 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from gateway.demo import DEMO_ADAPTERS, DemoAdapterSpec, build_adapter
 from tests.conftest import ADMIN_TOKEN, BASE_NAME, DEMO_TENANT, bearer, cli, start_gateway
+from tests.e2e.merged_reference import greedy_tokens_of, merged_stack_model
 
 pytestmark = pytest.mark.engine
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -257,3 +259,91 @@ def test_a_withdrawn_dataset_is_found_and_taken_out_of_service_from_the_cli(
     with pytest.raises(openai.NotFoundError):
         chat(gateway, "partner-bot")
     assert chat(gateway, source)  # the adapter it was copied from is another line
+
+
+def test_a_stack_serves_the_weighted_sum_of_its_components(gateway, demo, tmp_path):
+    """Two demo adapters (q/k/v/o r8 and all seven r16, different alphas) stacked from the CLI
+    with weights 1 and 0.5: the stack (rank 24, one slot) answers what HF gives with both
+    merged into the base that way, and neither component alone does."""
+    cards = {
+        "stack-task": {
+            "objective": "sft",
+            "stacking": {"mode": "allow_listed", "with_objectives": ["safety_guardrail"]},
+        },
+        "stack-guard": {
+            "objective": "safety_guardrail",
+            "stacking": {"mode": "allow_listed", "with_adapters": ["stack-task"]},
+        },
+    }
+    sources = {"stack-task": "demo-qkvo-r8", "stack-guard": "demo-all-r16"}
+    for name, card in cards.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"owner": "ml@demo", **card}))
+        registered = cli(
+            gateway,
+            "adapters",
+            "register",
+            str(demo.adapters[sources[name]]),
+            "--name",
+            name,
+            "--tenant",
+            DEMO_TENANT,
+            "--card",
+            str(path),
+        )
+        assert registered.returncode == 0, registered.stderr
+    refused = cli(
+        gateway,
+        "adapters",
+        "stack",
+        "stack-guard",
+        "demo-mlp-r4",
+        "--name",
+        "demo-stack",
+        "--tenant",
+        DEMO_TENANT,
+    )
+    assert refused.returncode == 1 and "has no Adaptation Card" in refused.stderr
+    bad_weight = cli(
+        gateway,
+        "adapters",
+        "stack",
+        "stack-task",
+        "stack-guard:x",
+        "--name",
+        "demo-stack",
+        "--tenant",
+        DEMO_TENANT,
+    )
+    assert bad_weight.returncode == 2
+    stacked = cli(
+        gateway,
+        "adapters",
+        "stack",
+        "stack-task",
+        "stack-guard@1:0.5",
+        "--name",
+        "demo-stack",
+        "--tenant",
+        DEMO_TENANT,
+    )
+    assert stacked.returncode == 0, stacked.stderr
+    assert json.loads(stacked.stdout)["rank"] == 24
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    components = ((demo.adapters["demo-qkvo-r8"], 1.0), (demo.adapters["demo-all-r16"], 0.5))
+    reference = merged_stack_model(demo.base, components)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
+    for prompt in ("The gateway serves", "Hello world, what is the rank of"):
+        want_ids = greedy_tokens_of(reference, tokenizer.encode(prompt), 16)
+        want = tokenizer.decode(want_ids, skip_special_tokens=True).rstrip("\ufffd")
+        texts = {
+            model: client.completions.create(
+                model=model, prompt=prompt, max_tokens=16, temperature=0
+            )
+            .choices[0]
+            .text
+            for model in ("demo-stack", "stack-task", "stack-guard")
+        }
+        assert texts["demo-stack"] == want, (prompt, texts, want)
+        assert texts["stack-task"] != want and texts["stack-guard"] != want, texts

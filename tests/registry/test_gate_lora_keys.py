@@ -22,7 +22,7 @@ from registry.compat import (
 )
 from registry.compat.lora_keys import LoraKey, parse_lora_key
 from registry.compat.problems import Problem
-from tests.registry.helpers import WEIGHTS, read_raw, write_raw
+from tests.registry.helpers import WEIGHTS, edit_tensors, read_raw, write_raw
 
 LIMITS = EngineLimits(max_lora_rank=16)
 C = ProblemCode
@@ -262,3 +262,23 @@ def test_a_multimodal_bases_language_model_is_reached_under_either_spelling(llav
         "language_model.model.layers.1.self_attn.q_proj",
         "model.language_model.layers.1.self_attn.q_proj",
     )
+
+
+def test_one_module_under_both_spellings_is_refused(llava, tmp_path):
+    """vLLM maps both names onto the one module and keeps whichever it loads last: one of the
+    two deltas would silently not apply."""
+    base, adapter = llava
+    copy = tmp_path / "both"
+    shutil.copytree(adapter, copy)
+    live = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    saved = "base_model.model.language_model.model.layers.0.self_attn.q_proj"
+
+    def both(tensors):
+        for ab in ("A", "B"):
+            tensors[f"{saved}.lora_{ab}.weight"] = tensors[f"{live}.lora_{ab}.weight"].clone()
+        return tensors
+
+    edit_tensors(copy, both)
+    problems = run_gate(inspect_adapter(copy), fingerprint_base_model(base), EngineLimits(16))
+    assert [p.code.value for p in problems] == ["module_named_twice"]
+    assert "language_model.model.layers.0.self_attn.q_proj and " in problems[0].message
