@@ -13,6 +13,7 @@ import typer
 from gateway.cli_admin import adapters_app, keys_app, tenants_app
 from gateway.cli_datasets import datasets_app
 from gateway.cli_rollout import faults_app, rollout_app
+from gateway.cli_weights import add_weight_commands
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 app = typer.Typer(help="loraplex: multi-tenant LoRA serving gateway.", no_args_is_help=True)
 demo_app = typer.Typer(help="The local demo model and adapters.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+add_weight_commands(adapters_app)
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(tenants_app, name="tenants")

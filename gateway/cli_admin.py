@@ -98,49 +98,6 @@ def register(
     _register_upload(Path(path), name, tenant, shared, card)
 
 
-@adapters_app.command("stack")
-def stack(
-    components: Annotated[
-        list[str],
-        typer.Argument(
-            help="Two or more adapters as the tenant addresses them, NAME or NAME@N, each "
-            "optionally :WEIGHT (default 1), e.g. support-bot safety-guard@3:0.5."
-        ),
-    ],
-    name: Annotated[str, typer.Option(help="The stack's adapter name (new or existing).")],
-    tenant: Annotated[str, typer.Option(help="Owning tenant (required).")],
-    shared: Annotated[bool, typer.Option("--shared", help="Usable by every tenant.")] = False,
-    description: Annotated[str | None, typer.Option(help="For the stack's card.")] = None,
-    rollback_path: Annotated[str, typer.Option(help="'base' or NAME[@N].")] = "base",
-) -> None:
-    """Register a version serving several adapters together (their cards must allow it)."""
-    body: dict[str, Any] = {
-        "name": name,
-        "tenant": tenant,
-        "components": [_component(text) for text in components],
-        "rollback_path": rollback_path,
-    }
-    if shared:
-        body["visibility"] = "shared"
-    if description is not None:
-        body["description"] = description
-    _print(_call("POST", "/adapters/stack", json=body))
-
-
-def _component(text: str) -> dict[str, Any]:
-    address, sep, weight = text.partition(":")
-    if not sep:
-        return {"adapter": address}
-    try:
-        value = float(weight)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        typer.echo(f"error: {text!r}: the weight after ':' must be a number", err=True)
-        raise typer.Exit(2)
-    return {"adapter": address, "weight": value}
-
-
 def _card_text(card: Path) -> str:
     try:
         return card.read_text()

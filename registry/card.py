@@ -29,6 +29,7 @@ from registry.naming import name_problem
 from registry.text_checks import nul_path
 
 MAX_CARD_BYTES = 256 * 1024
+MAX_TRAINING_FIELDS = 64
 
 
 def _strip_sha_prefix(value: str) -> str:
@@ -154,7 +155,7 @@ class AdaptationCard(_Strict):
     licenses: list[LicenseTag] = Field(default_factory=list, max_length=8)
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     training: dict[Annotated[str, StringConstraints(max_length=64)], Scalar] = Field(
-        default_factory=dict, max_length=64
+        default_factory=dict, max_length=MAX_TRAINING_FIELDS
     )
     chat_template: str | None = Field(None, max_length=65_536)
 
@@ -227,3 +228,19 @@ def _non_finite(data: Any) -> list[tuple[str, str]]:
 def card_json(card: AdaptationCard) -> dict[str, Any]:
     """The normalised JSON stored with the version (defaults filled in, enums as strings)."""
     return card.model_dump(mode="json")
+
+
+def derived_card(card: Mapping[str, Any] | None, **training: Scalar) -> dict[str, Any] | None:
+    """The card of a version made from another's weights (e.g. truncated to a lower rank):
+    the same record with no evaluations, since it is a new behaviour to be evaluated as itself,
+    and `training` added to how it was made. None for a source without a card. Raises
+    ValueError when the record would exceed MAX_TRAINING_FIELDS."""
+    if card is None:
+        return None
+    joined = {**(card.get("training") or {}), **training}
+    if len(joined) > MAX_TRAINING_FIELDS:
+        raise ValueError(
+            f"its card's training record has {len(joined) - len(training)} fields; with the "
+            f"{len(training)} this adds it would pass the card's limit of {MAX_TRAINING_FIELDS}"
+        )
+    return {**card, "evals": [], "training": joined}

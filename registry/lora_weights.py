@@ -4,9 +4,10 @@ not defined beyond a ValueError.
 
 Memory stays at one module's matrices, however big the adapters: a source is read one module's
 A and B at a time, and the result is streamed into its safetensors file, whose header is known
-before any tensor is computed. bf16 and fp16 widen to float64 exactly, the tools compute in
-float64 and results are written in float32, so the engine's cast to its dtype at load is the
-only rounding after the tools' own arithmetic.
+before any tensor is computed. bf16 and fp16 widen to float64 exactly and the tools compute in
+float64; results are written in float32 (exact tools: then the engine's cast to its dtype at
+load is the only rounding after their arithmetic) or in the source's own dtype (tools that
+approximate anyway, rounded to nearest even).
 
 Module paths are read in one spelling: a multimodal base's language model may be named
 `language_model.model.layers…` (its checkpoint) or `model.language_model.layers…` (PEFT's live
@@ -40,7 +41,7 @@ LAYOUT_FIELDS = (
     "exclude_modules",
 )
 _FLOATS = {"F16": "<f2", "F32": "<f4"}
-F32_BYTES = 4
+ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 
 # A module's (A: r x in, B: out x r), float64.
 Pair = tuple[np.ndarray, np.ndarray]
@@ -68,6 +69,9 @@ class LoraFile:
         self._weights = folder / ADAPTER_WEIGHTS
         header = read_header(self._weights)
         self._data_start = header.data_start
+        dtypes = {entry.dtype for entry in header.tensors}
+        # the one dtype every tensor has (what tools that approximate write back), else F32
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
         entries: dict[str, dict[str, TensorEntry]] = {}
         for entry in header.tensors:
             key = parse_lora_key(entry.name)
@@ -103,9 +107,9 @@ class LoraFile:
         return values.astype(np.float64).reshape(entry.shape)
 
 
-def lora_bytes(rank: int, shapes: Mapping[str, ModuleShape]) -> int:
-    """The float32 weight bytes of a rank-`rank` adapter of these modules."""
-    return sum(rank * (s.width_in + s.width_out) * F32_BYTES for s in shapes.values())
+def lora_bytes(rank: int, shapes: Mapping[str, ModuleShape], dtype: str = "F32") -> int:
+    """The weight bytes of a rank-`rank` adapter of these modules in `dtype`."""
+    return sum(rank * (s.width_in + s.width_out) * ITEM_BYTES[dtype] for s in shapes.values())
 
 
 def write_lora(
@@ -115,19 +119,22 @@ def write_lora(
     rank: int,
     shapes: Mapping[str, ModuleShape],
     module: Callable[[str], Pair],
+    dtype: str = "F32",
 ) -> None:
     """A new PEFT folder at `dest` (its parent must exist) with one (A, B) per path of `shapes`,
-    computed by `module(path)` one at a time, at scale 1 (r = lora_alpha = rank, no rsLoRA):
-    the config is `template` without its layout fields, target_modules the modules written."""
+    computed by `module(path)` one at a time, at scale 1 (r = lora_alpha = rank, no rsLoRA),
+    stored in `dtype` (F32, F16 or BF16): the config is `template` without its layout
+    fields, target_modules the modules written."""
+    item = ITEM_BYTES[dtype]
     paths = sorted(shapes)
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for path in paths:
         shape = shapes[path]
         for ab, dims in (("A", [rank, shape.width_in]), ("B", [shape.width_out, rank])):
-            end = offset + dims[0] * dims[1] * F32_BYTES
+            end = offset + dims[0] * dims[1] * item
             header[lora_tensor_name(path, ab)] = {
-                "dtype": "F32",
+                "dtype": dtype,
                 "shape": dims,
                 "data_offsets": [offset, end],
             }
@@ -151,4 +158,13 @@ def write_lora(
             if a.shape != (rank, shape.width_in) or b.shape != (shape.width_out, rank):
                 raise ValueError(f"{path}: computed {a.shape} / {b.shape}, not rank {rank}")
             for matrix in (a, b):
-                out.write(np.ascontiguousarray(matrix, dtype="<f4").tobytes())
+                out.write(_encoded(matrix, dtype))
+
+
+def _encoded(matrix: np.ndarray, dtype: str) -> bytes:
+    if dtype != "BF16":
+        return np.ascontiguousarray(matrix, dtype=_FLOATS[dtype]).tobytes()
+    # bf16 is float32's upper half: round to nearest, ties to even, on the bits
+    bits = np.ascontiguousarray(matrix, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()

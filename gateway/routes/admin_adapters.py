@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
 from gateway.admin_auth import AdminDep
 from gateway.audit_log import registry_operation
@@ -11,12 +11,18 @@ from gateway.schemas.admin import (
     AdapterOut,
     ChangeReason,
     ImportAdapter,
+    ModuleSpectrumOut,
+    SpectrumOut,
     StackAdapter,
+    TruncateVersion,
     VersionOut,
 )
 from registry import service
+from registry.rank_spectrum import rank_needed, rank_warnings
 
 router = APIRouter(prefix="/admin/v1/adapters", tags=["admin: adapters"])
+# Bounded so a number past the database's integer is a 400, not an overflow in the query.
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.post("", status_code=201)
@@ -113,7 +119,7 @@ async def get_adapter(name: str, actor: AdminDep, registry: RegistryDep) -> Adap
 @router.post("/{name}/versions/{version}/evaluate")
 async def evaluate_version(
     name: str,
-    version: int,
+    version: VersionNumber,
     actor: AdminDep,
     registry: RegistryDep,
     body: ChangeReason | None = None,
@@ -129,10 +135,56 @@ async def evaluate_version(
     return VersionOut.of(row)
 
 
+@router.get("/{name}/versions/{version}/spectrum")
+async def version_spectrum(
+    name: str,
+    version: VersionNumber,
+    actor: AdminDep,
+    admin: AdapterAdminDep,
+    energy: Annotated[float, Query(gt=0, le=1, allow_inf_nan=False)] = 0.95,
+) -> SpectrumOut:
+    """How much of its rank a version uses: each module's singular values and the rank that
+    keeps `energy` of its delta (seed: the SVD rank diagnostic at 95 %)."""
+    row, modules = await admin.spectrum(name, version)
+    needed = rank_needed(modules, energy)
+    return SpectrumOut(
+        name=name,
+        version=version,
+        rank=row.rank,
+        energy=energy,
+        rank_needed=needed,
+        warnings=rank_warnings(row.rank, needed, energy),
+        modules=[
+            ModuleSpectrumOut(
+                module=m.path,
+                rank_needed=m.rank_for(energy),
+                singular_values=list(m.singular_values),
+            )
+            for m in modules
+        ],
+    )
+
+
+@router.post("/{name}/versions/{version}/truncate", status_code=201)
+async def truncate_version(
+    name: str,
+    version: VersionNumber,
+    body: TruncateVersion,
+    actor: AdminDep,
+    admin: AdapterAdminDep,
+) -> VersionOut:
+    """Register a new version with every module cut to its best rank-k approximation (a new
+    version: it reaches the name through a canary, like any)."""
+    row = await admin.truncate(
+        name, version, rank=body.rank, energy=body.energy, reason=body.reason, actor=actor
+    )
+    return VersionOut.of(row)
+
+
 @router.post("/{name}/versions/{version}/retire")
 async def retire_version(
     name: str,
-    version: int,
+    version: VersionNumber,
     actor: AdminDep,
     admin: AdapterAdminDep,
     body: ChangeReason | None = None,
@@ -145,7 +197,7 @@ async def retire_version(
 @router.delete("/{name}/versions/{version}")
 async def delete_version(
     name: str,
-    version: int,
+    version: VersionNumber,
     actor: AdminDep,
     admin: AdapterAdminDep,
     reason: str | None = None,

@@ -110,6 +110,62 @@ class StackAdapter(Payload):
     )
 
 
+class ModuleSpectrumOut(Strict):
+    module: str
+    rank_needed: int
+    singular_values: list[float]
+
+
+class SpectrumOut(Strict):
+    """How much of its rank a version uses: per module, the singular values of its delta
+    (scale·B·A) and the rank that keeps `energy` of it."""
+
+    name: str
+    version: int
+    rank: int
+    energy: float
+    rank_needed: int = Field(description="The rank at which every module keeps `energy`.")
+    warnings: list[str]
+    modules: list[ModuleSpectrumOut]
+
+    model_config = example(
+        {
+            "name": "support-bot",
+            "version": 2,
+            "rank": 16,
+            "energy": 0.95,
+            "rank_needed": 5,
+            "warnings": [
+                "every module keeps 95% of its delta at rank 5 of 16: a version truncated to "
+                "rank 5 takes 31% of the memory"
+            ],
+            "modules": [
+                {
+                    "module": "model.layers.0.self_attn.q_proj",
+                    "rank_needed": 4,
+                    "singular_values": [3.1, 1.2, 0.4, 0.2, 0.05],
+                }
+            ],
+        }
+    )
+
+
+class TruncateVersion(Payload):
+    """Exactly one of `rank` or `energy`."""
+
+    rank: int | None = Field(None, ge=1, le=512)
+    energy: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    reason: str | None = Field(None, max_length=500)
+
+    model_config = example({"energy": 0.95, "reason": "frees pool pages"})
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        return self
+
+
 class ChangeReason(Payload):
     reason: str | None = Field(None, max_length=500)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import UploadFile
 
@@ -20,15 +20,18 @@ from gateway.catalog import RegistryCatalog
 from gateway.errors import InvalidRequest
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
-from registry.errors import ArtifactNotFound, RegistryConflict
+from registry.card import derived_card
+from registry.errors import ArtifactNotFound, InvalidInput, RegistryConflict
 from registry.ingest import ingest_upload, receive_stream, stage_local_path
 from registry.ingest_s3 import check_s3_uri, stage_s3_uri
 from registry.models import AdapterVersion
+from registry.rank_spectrum import ModuleSpectrum, rank_needed, spectra, write_truncated
 from registry.stack_weights import StackInput, write_stack
-from registry.states import Visibility
+from registry.states import VersionState, Visibility
 from registry.store.s3 import make_s3_client
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -80,7 +83,7 @@ class AdapterAdmin:
         self._max_bytes = upload_max_bytes
         self._import_roots = import_roots
         self._s3 = s3_import or S3Import()
-        self._stack_builds = asyncio.Semaphore(1)
+        self._weight_jobs = asyncio.Semaphore(1)
 
     async def register_upload(self, files: list[UploadFile], **fields: Any) -> AdapterVersion:
         """Either the two PEFT files, or one .tar/.zip of a PEFT folder; streamed to disk."""
@@ -159,21 +162,94 @@ class AdapterAdmin:
         return row
 
     async def _build_stack(self, parts: list[service.StackPart], folder: Path) -> Path:
-        """The stacked PEFT folder, from the components' artifacts fetched outside any session;
-        one build at a time per replica (each holds up to a module's matrices of every
-        component, and the whole output on disk)."""
-        try:
-            paths = [await self._runtime.store.get_path(p.artifact_sha256) for p in parts]
-            inputs = [
-                StackInput(path, part.weight) for path, part in zip(paths, parts, strict=True)
-            ]
-            async with self._stack_builds:
-                await asyncio.to_thread(write_stack, inputs, folder, max_bytes=self._max_bytes)
-        except (ArtifactNotFound, FileNotFoundError):
-            raise RegistryConflict(
-                "a component was deleted while the stack was being built; retry"
-            ) from None
+        """The stacked PEFT folder, from the components' artifacts fetched outside any session."""
+        inputs = [StackInput(await self._fetch(p.artifact_sha256), p.weight) for p in parts]
+        await self._on_weights(write_stack, inputs, folder, max_bytes=self._max_bytes)
         return folder
+
+    async def spectrum(
+        self, name: str, version: int
+    ) -> tuple[AdapterVersion, list[ModuleSpectrum]]:
+        """The version's row and every module's singular values (read from its artifact)."""
+        async with self._runtime.sessions() as session:
+            row = await service.get_version(session, name=name, version=version)
+        _refuse_out_of_service(row)
+        return row, await self._on_weights(spectra, await self._fetch(row.artifact_sha256))
+
+    async def truncate(
+        self,
+        name: str,
+        version: int,
+        *,
+        rank: int | None,
+        energy: float | None,
+        reason: str | None,
+        actor: str,
+    ) -> AdapterVersion:
+        """A new version of `name` with every module of `version` cut to its best rank-k
+        approximation (k given, or the least that keeps `energy` of every module)."""
+        target_label = {"rank": rank} if rank is not None else {"energy": energy}
+        async with registry_operation(
+            "truncate", actor, adapter=name, version=version, **target_label
+        ):
+            row, modules = await self.spectrum(name, version)
+            if row.state == VersionState.ROLLED_BACK:
+                raise InvalidInput(
+                    f"{name}@{version} was rolled back: a truncation would release it again "
+                    "under new files; register a fixed version instead"
+                )
+            target = rank if rank is not None else rank_needed(modules, energy or 1.0)
+            if target >= row.rank:
+                raise InvalidInput(
+                    f"{name}@{version} has rank {row.rank}: truncating to {target} saves nothing"
+                )
+            kept = min(module.energy_at(target) for module in modules)
+            try:
+                card = derived_card(
+                    row.card,
+                    truncated_from=f"{name}@{version}",
+                    truncated_rank=target,
+                    energy_kept=round(kept, 6),
+                    truncation_reason=reason,
+                )
+            except ValueError as exc:
+                raise InvalidInput(f"{name}@{version}: {exc}") from None
+            with tempfile.TemporaryDirectory(prefix="loraplex-truncate-") as work:
+                folder = Path(work) / "truncated"
+                path = await self._fetch(row.artifact_sha256)
+                await self._on_weights(
+                    write_truncated, path, folder, target, max_bytes=self._max_bytes
+                )
+                async with self._runtime.sessions() as session:  # retired or deleted meanwhile?
+                    _refuse_out_of_service(
+                        await service.get_version(session, name=name, version=version)
+                    )
+                new = await self._register(
+                    folder,
+                    name=name,
+                    tenant=row.adapter.tenant.name,
+                    visibility=None,
+                    card=card,
+                    base_sha256=None,
+                    actor=actor,
+                )
+        self._catalog.invalidate()
+        return new
+
+    async def _fetch(self, digest: str) -> Path:
+        try:
+            return await self._runtime.store.get_path(digest)
+        except ArtifactNotFound:
+            raise _deleted_meanwhile() from None
+
+    async def _on_weights(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`work` on adapter weights in a thread, one such job at a time per replica (each holds
+        a module's matrices of every input, and its output on disk)."""
+        try:
+            async with self._weight_jobs:
+                return await asyncio.to_thread(work, *args, **kwargs)
+        except FileNotFoundError:
+            raise _deleted_meanwhile() from None
 
     async def _receive(self, files: list[UploadFile], work: Path) -> Path:
         names = sorted(Path(f.filename or "").name for f in files)
@@ -277,3 +353,14 @@ class AdapterAdmin:
         loaded copy is dropped once no running request holds it."""
         self._catalog.forget(row.id)
         await self._cache.forget(row.id)
+
+
+def _refuse_out_of_service(row: AdapterVersion) -> None:
+    if row.state in (VersionState.RETIRED, VersionState.DELETED):
+        raise InvalidInput(
+            f"{row.adapter.name}@{row.version} is {row.state.value}: its weights are not worked on"
+        )
+
+
+def _deleted_meanwhile() -> RegistryConflict:
+    return RegistryConflict("an artifact being read was deleted meanwhile; retry")

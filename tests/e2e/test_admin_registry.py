@@ -13,8 +13,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from gateway.demo import DEMO_ADAPTERS, DemoAdapterSpec, build_adapter
+from registry.rank_spectrum import write_truncated
 from tests.conftest import ADMIN_TOKEN, BASE_NAME, DEMO_TENANT, bearer, cli, start_gateway
-from tests.e2e.merged_reference import greedy_tokens_of, merged_stack_model
+from tests.e2e.merged_reference import greedy_tokens, greedy_tokens_of, merged_stack_model
 
 pytestmark = pytest.mark.engine
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -347,3 +348,48 @@ def test_a_stack_serves_the_weighted_sum_of_its_components(gateway, demo, tmp_pa
         }
         assert texts["demo-stack"] == want, (prompt, texts, want)
         assert texts["stack-task"] != want and texts["stack-guard"] != want, texts
+
+
+def test_a_truncated_version_serves_what_hf_gives_with_it_merged(gateway, demo, tmp_path):
+    """`loraplex adapters spectrum` and `truncate` from the CLI; the rank-6 version of a rank-16
+    adapter answers as HF does with the same truncation merged into the base."""
+    source = demo.adapters["demo-all-r16"]
+    registered = cli(
+        gateway,
+        "adapters",
+        "register",
+        str(source),
+        "--name",
+        "trunc-bot",
+        "--tenant",
+        DEMO_TENANT,
+    )
+    assert registered.returncode == 0, registered.stderr
+    spectrum = cli(gateway, "adapters", "spectrum", "trunc-bot@1", "--energy", "0.9")
+    assert spectrum.returncode == 0, spectrum.stderr
+    report = json.loads(spectrum.stdout)
+    assert report["rank"] == 16 and 1 <= report["rank_needed"] <= 16
+    assert "singular_values" not in report["modules"][0]
+    truncated = cli(gateway, "adapters", "truncate", "trunc-bot@1", "--rank", "6")
+    assert truncated.returncode == 0, truncated.stderr
+    assert json.loads(truncated.stdout)["rank"] == 6
+    neither = cli(gateway, "adapters", "truncate", "trunc-bot@1")
+    assert neither.returncode == 2
+
+    write_truncated(source, tmp_path / "r6", 6)  # the same arithmetic, for the reference
+    tokenizer = AutoTokenizer.from_pretrained(demo.base)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.api_key, max_retries=0)
+    differs = False
+    for prompt in ("The gateway serves", "Hello world, what is the rank of"):
+        ids = greedy_tokens(demo.base, tmp_path / "r6", tokenizer.encode(prompt), 16)
+        differs |= ids != greedy_tokens(demo.base, source, tokenizer.encode(prompt), 16)
+        want = tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        got = (
+            client.completions.create(
+                model="trunc-bot@2", prompt=prompt, max_tokens=16, temperature=0
+            )
+            .choices[0]
+            .text
+        )
+        assert got == want, (prompt, got, want)
+    assert differs  # the truncation changed the output: the test tells the versions apart
