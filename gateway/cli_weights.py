@@ -1,4 +1,4 @@
-"""`loraplex adapters stack|spectrum|truncate`: versions made from other versions' weights,
+"""`loraplex adapters stack|spectrum|truncate|derived`: versions made from other versions' weights,
 through the admin HTTP API (see cli_admin for the environment and exit codes)."""
 
 from __future__ import annotations
@@ -98,8 +98,16 @@ def _component(text: str) -> dict[str, Any]:
     return {"adapter": address, "weight": value}
 
 
+def derived(address: Annotated[str, typer.Argument(help="NAME@VERSION")]) -> None:
+    """Versions made from this version's weights (stacks, truncations): retiring it leaves
+    them serving."""
+    name, version = _split(address)
+    _print(_call("GET", f"/adapters/{name}/versions/{version}/derived"))
+
+
 def add_weight_commands(app: typer.Typer) -> None:
     """Register these commands on `loraplex adapters`."""
     app.command("stack")(stack)
     app.command("spectrum")(spectrum)
     app.command("truncate")(truncate)
+    app.command("derived")(derived)

@@ -257,7 +257,7 @@ LIMIT_STORE_ADMISSION_DURATION = Histogram(
 REGISTRY_OPERATIONS = Counter(
     "loraplex_registry_operations",
     "Registry writes through the admin API (operation: register, retire, delete, "
-    "tenant_create, key_create, key_revoke, limits_update, share, unshare, truncate; "
+    "tenant_create, key_create, key_revoke, limits_update, share, unshare, stack, truncate; "
     "result: ok, refused, error).",
     ["operation", "result"],
 )

@@ -230,13 +230,16 @@ def card_json(card: AdaptationCard) -> dict[str, Any]:
     return card.model_dump(mode="json")
 
 
-def derived_card(card: Mapping[str, Any] | None, **training: Scalar) -> dict[str, Any] | None:
+def derived_card(
+    card: Mapping[str, Any] | None, *, owner: str, **training: Scalar
+) -> dict[str, Any]:
     """The card of a version made from another's weights (e.g. truncated to a lower rank):
     the same record with no evaluations, since it is a new behaviour to be evaluated as itself,
-    and `training` added to how it was made. None for a source without a card. Raises
-    ValueError when the record would exceed MAX_TRAINING_FIELDS."""
+    and `training` added to how it was made. A source without a card gets a minimal one
+    (`owner`, objective "other"), so the derivation is on record for lineage all the same.
+    Raises ValueError when the record would exceed MAX_TRAINING_FIELDS."""
     if card is None:
-        return None
+        return {"owner": owner, "objective": TrainingObjective.OTHER.value, "training": training}
     joined = {**(card.get("training") or {}), **training}
     if len(joined) > MAX_TRAINING_FIELDS:
         raise ValueError(

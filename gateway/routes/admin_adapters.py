@@ -7,15 +7,14 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from gateway.admin_auth import AdminDep
 from gateway.audit_log import registry_operation
 from gateway.deps import AdapterAdminDep, RegistryDep
-from gateway.schemas.admin import (
-    AdapterOut,
-    ChangeReason,
-    ImportAdapter,
+from gateway.schemas.admin import AdapterOut, ChangeReason, ImportAdapter, VersionOut
+from gateway.schemas.admin_weights import (
+    DerivedOut,
+    DerivedVersionOut,
     ModuleSpectrumOut,
     SpectrumOut,
     StackAdapter,
     TruncateVersion,
-    VersionOut,
 )
 from registry import service
 from registry.rank_spectrum import rank_needed, rank_warnings
@@ -161,6 +160,31 @@ async def version_spectrum(
                 singular_values=list(m.singular_values),
             )
             for m in modules
+        ],
+    )
+
+
+@router.get("/{name}/versions/{version}/derived")
+async def derived_versions(
+    name: str, version: VersionNumber, actor: AdminDep, registry: RegistryDep
+) -> DerivedOut:
+    """Versions made from this version's weights (stacks holding it, its truncations), in any
+    tenant and state: retiring it leaves them serving."""
+    async with registry.sessions() as session:
+        await service.get_version(session, name=name, version=version)  # unknown: 404
+        found = await service.versions_derived_from(session, name=name, version=version)
+    return DerivedOut(
+        adapter=name,
+        version=version,
+        data=[
+            DerivedVersionOut(
+                adapter=d.adapter,
+                tenant=d.tenant,
+                version=d.version,
+                state=d.state.value,
+                how="stack" if d.how == "stack" else "truncation",
+            )
+            for d in found
         ],
     )
 

@@ -128,8 +128,15 @@ class AdapterAdmin:
         them) side by side; refused with every reason when their cards do not allow it."""
         runtime = self._runtime
         base_sha256 = runtime.base.weights_sha256
+        recipe = " ".join(f"{weight!r}x{address}" for address, weight in components)
         with tempfile.TemporaryDirectory(prefix="loraplex-stack-") as work:
-            async with _registering(fields):
+            async with registry_operation(
+                "stack",
+                fields["actor"],
+                adapter=fields["name"],
+                tenant=fields["tenant"],
+                components=recipe,
+            ):
                 async with runtime.sessions() as session:
                     parts, problems = await service.resolve_stack(
                         session,
@@ -207,6 +214,7 @@ class AdapterAdmin:
             try:
                 card = derived_card(
                     row.card,
+                    owner=row.adapter.tenant.name,
                     truncated_from=f"{name}@{version}",
                     truncated_rank=target,
                     energy_kept=round(kept, 6),

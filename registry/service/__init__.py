@@ -29,7 +29,13 @@ from registry.service.lifecycle import (
     removed_versions,
     retire_version,
 )
-from registry.service.lineage import TrainedOn, dataset_digest, versions_trained_on
+from registry.service.lineage import (
+    DerivedVersion,
+    TrainedOn,
+    dataset_digest,
+    versions_derived_from,
+    versions_trained_on,
+)
 from registry.service.queries import (
     get_adapter,
     get_version,
@@ -77,6 +83,7 @@ from registry.service.tenants import (
 )
 
 __all__ = [
+    "DerivedVersion",
     "IssuedKey",
     "Principal",
     "ResolvedAdapter",
@@ -138,5 +145,6 @@ __all__ = [
     "update_tenant_policy",
     "verdict_of",
     "version_address",
+    "versions_derived_from",
     "versions_trained_on",
 ]

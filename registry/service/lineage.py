@@ -1,6 +1,8 @@
-"""Dataset lineage: the adapter versions a dataset went into, read from their Adaptation Cards
+"""Lineage read from Adaptation Cards: the adapter versions a dataset went into
 (`datasets[].sha256`), so that a dataset withdrawn (a partner's contract ended, consent
-revoked, contamination found) leads to every version trained on it (seed §6 and (a)12)."""
+revoked, contamination found) leads to every version trained on it (seed §6 and (a)12); and the
+versions made from another's weights (stacks: `training.stack_of`; truncations:
+`training.truncated_from`), which keep serving its weights after it is retired."""
 
 from __future__ import annotations
 
@@ -82,6 +84,47 @@ async def versions_trained_on(session: AsyncSession, *, dataset_sha256: str) -> 
                     )
                 )
                 break  # a card listing the dataset twice is one version
+    return found
+
+
+@dataclass(frozen=True)
+class DerivedVersion:
+    """One adapter version made from the weights of the version asked about."""
+
+    adapter: str
+    tenant: str
+    version: int
+    state: VersionState
+    how: str  # "stack" (it is one component) or "truncation"
+
+
+async def versions_derived_from(
+    session: AsyncSession, *, name: str, version: int
+) -> list[DerivedVersion]:
+    """Every version whose card records it was made from `name@version`'s weights, in every
+    state, by adapter name then version. As for datasets, the database keeps the cards whose
+    text holds the address and each is then read: `a@1` is not `a@10` nor `ba@1`."""
+    address = f"{name}@{version}"
+    rows = await session.execute(
+        select(AdapterVersion.card, AdapterVersion.version, AdapterVersion.state, Adapter.name)
+        .add_columns(Tenant.name)
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .join(Tenant, Adapter.tenant_id == Tenant.id)
+        .where(cast(AdapterVersion.card, String).contains(address))
+        .order_by(Adapter.name, AdapterVersion.version)
+    )
+    found = []
+    for card, derived_version, state, adapter, tenant in rows:
+        training = card.get("training") if isinstance(card, dict) else None
+        if not isinstance(training, dict):
+            continue
+        if address in str(training.get("stack_of", "")).split():
+            how = "stack"
+        elif training.get("truncated_from") == address:
+            how = "truncation"
+        else:
+            continue
+        found.append(DerivedVersion(adapter, tenant, derived_version, state, how))
     return found
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.demo import DemoAdapterSpec, build_adapter
 from registry import service
@@ -124,6 +125,16 @@ def test_a_stack_of_allowed_adapters_registers_and_serves_as_one_adapter(demo_ro
         assert again.status_code == 201, again.text
         assert again.json()["version"] == 2
 
+        # what keeps serving the task's weights if it is retired
+        derived = client.get(f"/admin/v1/adapters/{task}/versions/1/derived", headers=ADMIN)
+        assert derived.status_code == 200, derived.text
+        assert [(d["adapter"], d["version"], d["how"]) for d in derived.json()["data"]] == [
+            (stacked, 1, "stack"),
+            (stacked, 2, "stack"),
+        ]
+        missing = client.get(f"/admin/v1/adapters/{task}/versions/7/derived", headers=ADMIN)
+        assert missing.status_code == 404
+
 
 def test_every_refusal_is_listed_audited_and_stores_nothing(demo_root):
     tag = uuid.uuid4().hex[:6]
@@ -157,6 +168,10 @@ def test_every_refusal_is_listed_audited_and_stores_nothing(demo_root):
 
         rejected = [e for e in client.portal.call(audited) if e.action.endswith("reject")]
         assert len(rejected) == 3 and all(e.details["stack"] for e in rejected)
+        refused = REGISTRY.get_sample_value(
+            "loraplex_registry_operations_total", {"operation": "stack", "result": "refused"}
+        )
+        assert refused is not None and refused >= 3
 
 
 def test_only_the_tenants_own_and_globally_shared_adapters_can_be_stacked(demo_root):

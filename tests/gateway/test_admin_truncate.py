@@ -94,11 +94,16 @@ def test_spectrum_then_truncate_to_a_servable_lower_rank_version(demo_root):
         )
         assert by_energy.status_code == 201, by_energy.text
         assert (by_energy.json()["version"], by_energy.json()["rank"]) == (3, needed(energy))
+        derived = client.get(f"/admin/v1/adapters/{name}/versions/1/derived", headers=ADMIN)
+        assert [(d["version"], d["how"]) for d in derived.json()["data"]] == [
+            (2, "truncation"),
+            (3, "truncation"),
+        ]
         kept = by_energy.json()["card"]["training"]["energy_kept"]
         assert kept >= energy - 1e-6
 
 
-def test_a_version_without_a_card_truncates_without_one(demo_root):
+def test_a_version_without_a_card_truncates_with_a_minimal_one_for_lineage(demo_root):
     name = f"bare-{uuid.uuid4().hex[:6]}"
     with client_for(demo_root, ScriptedEngine(["a"])) as client:
         register(client, demo_root, name)
@@ -106,7 +111,11 @@ def test_a_version_without_a_card_truncates_without_one(demo_root):
             f"/admin/v1/adapters/{name}/versions/1/truncate", json={"rank": 2}, headers=ADMIN
         )
         assert response.status_code == 201, response.text
-        assert response.json()["card"] is None
+        card = response.json()["card"]
+        assert (card["owner"], card["objective"]) == (client.tenant, "other")
+        assert card["training"]["truncated_from"] == f"{name}@1"
+        derived = client.get(f"/admin/v1/adapters/{name}/versions/1/derived", headers=ADMIN)
+        assert [(d["version"], d["how"]) for d in derived.json()["data"]] == [(2, "truncation")]
 
 
 def test_pointless_or_malformed_truncations_are_refused(demo_root):

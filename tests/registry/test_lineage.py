@@ -71,3 +71,27 @@ async def test_a_digest_elsewhere_in_a_card_is_no_dataset(world, base_fp) -> Non
 async def test_a_dataset_is_named_by_its_sha256(session, value: str) -> None:
     with pytest.raises(InvalidInput):
         await service.versions_trained_on(session, dataset_sha256=value)
+
+
+def made_from(**training: str) -> dict:
+    return {"owner": "ml@acme", "objective": "sft", "training": training}
+
+
+async def test_versions_derived_from_a_version_are_found_by_its_exact_address(world):
+    await world.register("src", 1, card=made_from())
+    await world.register("guarded", 2, card=made_from(stack_of="src@1 guard@3"))
+    await world.register("guarded", 3, card=made_from(stack_of="other@1 src@10"))  # not src@1
+    await world.register("small", 4, card=made_from(truncated_from="src@1"))
+    await world.register("small", 5, card=made_from(truncated_from="xsrc@1"))  # another name
+    await world.register("copy", 6, tenant="globex", card=made_from(stack_of="guard@3 src@1"))
+    await world.register("notes", 7, card=made_from(note="src@1 was the source"))  # free text
+    found = await service.versions_derived_from(world.session, name="src", version=1)
+    assert [(d.adapter, d.version, d.tenant, d.how) for d in found] == [
+        ("copy", 1, "globex", "stack"),
+        ("guarded", 1, "acme", "stack"),
+        ("small", 1, "acme", "truncation"),
+    ]
+    await service.retire_version(world.session, name="small", version=1, actor="root")
+    again = await service.versions_derived_from(world.session, name="src", version=1)
+    assert [(d.adapter, d.state.value) for d in again][-1] == ("small", "retired")
+    assert await service.versions_derived_from(world.session, name="src", version=2) == []
