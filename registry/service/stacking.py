@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.card import AdaptationCard
+from registry.card import AdaptationCard, parse_card
 from registry.compat.problems import Problem, ProblemCode, capped
 from registry.errors import AdapterNotFound, VersionNotFound
 from registry.service.licenses import PARTNER_ONLY
@@ -105,7 +105,16 @@ async def resolve_stack(
             )
             continue
         row = await get_version(session, name=found.name, version=found.version)
-        card = AdaptationCard.model_validate(row.card) if row.card is not None else None
+        card, unreadable = parse_card(row.card)
+        if unreadable:  # stored under an older schema: its policy cannot be read today
+            problems.append(
+                Problem(
+                    ProblemCode.STACK_COMPONENT,
+                    f"{found.address}'s stored card no longer validates "
+                    f"({unreadable[0].message}): register a version with a current card",
+                )
+            )
+            continue
         owned = found.tenant == tenant
         parts.append(
             StackPart(

@@ -89,3 +89,22 @@ async def test_resolving_downloads_nothing(world):
         base_sha256=world.base_fp.weights_sha256,
     )
     assert problems == [] and [p.weight for p in parts] == [1.0, 2.0]
+
+
+async def test_a_stored_card_that_no_longer_validates_is_a_reason_not_a_crash(world):
+    from sqlalchemy import update
+
+    from registry.models import AdapterVersion
+
+    await world.register("legacy", 1, card=CARD)
+    await world.register("fresh", 2, card=CARD)
+    row = await service.get_version(world.session, name="legacy", version=1)
+    # as if stored under an older schema that had no `objective`
+    await world.session.execute(
+        update(AdapterVersion).where(AdapterVersion.id == row.id).values(card={"owner": "x"})
+    )
+    await world.session.commit()
+    parts, problems = await resolve(world, "legacy", "fresh")
+    assert [p.address for p in parts] == ["fresh@1"]
+    assert [p.code for p in problems] == [ProblemCode.STACK_COMPONENT]
+    assert problems[0].message.startswith("legacy@1's stored card no longer validates")
