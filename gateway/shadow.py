@@ -32,9 +32,15 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache
+from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache, load_failure
 from gateway.catalog import ModelCatalog
-from gateway.engine.client import AdapterHandle, EngineClient, GenerationUpdate, SamplingOptions
+from gateway.engine.client import (
+    AdapterHandle,
+    EngineClient,
+    EngineError,
+    GenerationUpdate,
+    SamplingOptions,
+)
 from gateway.faults import FaultInjector
 from gateway.metrics import (
     SHADOW_DIVERGENCE,
@@ -205,17 +211,22 @@ class ShadowMirror:
         adapter = served.adapter
         if adapter is None or served.version != plan.version:
             raise LookupError(f"{plan.address} did not resolve to itself")
-        await self._cache.acquire(adapter, (served.adapter_name, served.version_label))
+        load = await self._cache.acquire(adapter, (served.adapter_name, served.version_label))
         try:
             if self._faults is not None:
                 await self._faults.apply(served.adapter_name, served.version)
-            runs = (self._one(plan, i, adapter, first) for i in range(len(plan.prompts)))
+            runs = (self._one(plan, i, adapter, first, load) for i in range(len(plan.prompts)))
             return list(await asyncio.gather(*runs))
         finally:
             self._cache.release(adapter)
 
     async def _one(
-        self, plan: ShadowPlan, index: int, adapter: AdapterHandle, first: list[float]
+        self,
+        plan: ShadowPlan,
+        index: int,
+        adapter: AdapterHandle,
+        first: list[float],
+        load: asyncio.Task[None] | None,
     ) -> list[int]:
         request_id = f"shadow-{uuid.uuid4().hex}-{index}"
         tokens: list[int] = []
@@ -225,6 +236,9 @@ class ShadowMirror:
                 request_id, plan.prompts[index], plan.options, adapter
             ):
                 finished = update.finished
+                if any(delta.finish_reason == "error" for delta in update.choices):
+                    # vLLM failed it (with its adapter's load, or later): no output to judge.
+                    raise await load_failure(load) or EngineError("the engine failed it")
                 for delta in update.choices:
                     if delta.token_ids and not tokens:
                         first.append(time.perf_counter())

@@ -5,7 +5,9 @@ whatever loraplex changes inside the engine is installed here. It reaches into v
 whose layout changes between minor releases, hence the hard version check: on any vLLM other
 than 0.32.x it refuses to start rather than patch the wrong thing.
 
-Always installed: kernels.cpu_lora_ops (rows without an adapter get zero LoRA delta), and
+Always installed: kernels.cpu_lora_ops (rows without an adapter get zero LoRA delta),
+kernels.engine_core_loads (a request's adapter is loaded when the request reaches the engine
+core, and a failed load refuses that request rather than killing an engine step), and
 kernels.engine_process (a status RPC the gateway checks; children exit with their parent).
 In slot mode (paged mode off), kernels.slot_scheduler: a request that waited longer than
 LORAPLEX_PAGED_MAX_WAIT_MS for an adapter slot holds back requests for other adapters, so one
@@ -235,13 +237,15 @@ def register() -> None:
     """Entry point: verify the vLLM version, then install loraplex's engine-side changes."""
     import vllm
 
-    from kernels import cpu_lora_ops
+    from kernels import cpu_lora_ops, engine_core_loads
     from kernels.engine_process import exit_with_parent
 
     check_vllm_version(vllm.__version__)
     exit_with_parent()
     patched = cpu_lora_ops.install()
     logger.debug("loraplex plugin: masked no-adapter rows in %s", ", ".join(patched))
+    patched = engine_core_loads.install()
+    logger.debug("loraplex plugin: adapters load on arrival in %s", ", ".join(patched))
     install_worker_methods()
     config = paged_config_from_env(os.environ)
     if config is None:

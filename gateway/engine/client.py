@@ -169,6 +169,10 @@ class EngineClient(Protocol):
     # The dtype the engine holds LoRA weights in, as torch names it ("float16"); known once
     # started, None before (the registry judges adapters' values against it).
     lora_dtype: str | None
+    # Whether a request may be sent with its adapter's load still in flight: the engine loads
+    # a request's adapter before scheduling it and refuses the request (finish reason "error")
+    # when that load fails (loraplex's plugin, kernels.engine_core_loads). Known once started.
+    loads_adapters_on_arrival: bool
 
     async def start(self) -> None: ...
 

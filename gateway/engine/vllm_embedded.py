@@ -89,6 +89,7 @@ class EmbeddedVLLM:
         self._engine: AsyncLLM | None = None
         self.max_model_len = settings.max_model_len
         self.lora_dtype: str | None = None
+        self.loads_adapters_on_arrival = False  # learned from the engine core in start()
         # The registered adapters (rank, modules, count), set before start(): paged mode
         # splits its pool between layer groups by them (kernels.page_groups).
         self.paged_demand: tuple[DemandEntry, ...] = ()
@@ -161,6 +162,7 @@ class EmbeddedVLLM:
                     stop_descendants(spare=present)
             raise
         await self._check_plugin()
+        self.loads_adapters_on_arrival = await self._loads_on_arrival()
         self.max_model_len = self._engine.model_config.max_model_len
         lora_config = self._engine.vllm_config.lora_config
         if lora_config is not None:  # vLLM resolved "auto" to the model's dtype at start
@@ -190,6 +192,24 @@ class EmbeddedVLLM:
             raise RuntimeError(
                 f"loraplex's tenant-safe CPU LoRA ops are not installed in every worker: {statuses}"
             )
+
+    async def _loads_on_arrival(self) -> bool:
+        """Whether the engine core runs kernels.engine_core_loads (the plugin, unless vLLM was
+        told to skip it): only then may a request go with its adapter's load in flight."""
+        from kernels.engine_core_loads import STATUS_UTILITY
+
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S * 10):
+                installed = await self.engine.engine_core.call_utility_async(STATUS_UTILITY)
+        except Exception as exc:
+            logger.warning(
+                "the engine core does not load adapters on arrival (%s): every first use of "
+                "an adapter waits for its load",
+                exc,
+            )
+            return False
+        logger.info("the engine core loads adapters on arrival: requests go with their load")
+        return bool(installed)
 
     async def stop(self) -> None:
         if self._engine is not None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_cache import HostAdapterCache, load_failure
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
     EngineClient,
@@ -241,7 +241,7 @@ class GenerationService:
         job.controller = self._controller
         if served.adapter is not None:
             try:
-                await self._cache.acquire(
+                job.adapter_load = await self._cache.acquire(
                     served.adapter, (served.adapter_name, served.version_label)
                 )
             except BaseException as exc:
@@ -353,7 +353,8 @@ class GenerationService:
                 async for update in generation:
                     finished = update.finished
                     if any(choice.finish_reason == "error" for choice in update.choices):
-                        raise ended_in_error(job)
+                        # Refused with its adapter's load: the load's failure is the answer.
+                        raise await load_failure(job.adapter_load) or ended_in_error(job)
                     yield update
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc

@@ -3,6 +3,7 @@ while running (the tenant's limits lease, the adapter pin, its metrics and monit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -52,6 +53,7 @@ class GenerationJob:
     lease: Lease | None = None
     recorder: GenerationRecorder | None = None
     cache: HostAdapterCache | None = None
+    adapter_load: asyncio.Task[None] | None = None  # the pinned adapter's load, if in flight
     controller: RolloutController | None = None
     shadow: ShadowPlan | None = None  # a copy for the adapter's shadow, sent once complete
     # Prompt index → prompt tokens the engine served from its prefix cache, as reported.

@@ -34,6 +34,9 @@ class ScriptedEngine:
     cached_prompt_tokens: int | None = None  # reported on every update when set
     finish_reason = "length"  # how every choice ends ("error": as vLLM ends a failed request)
     stop_reason: str | int | None = None  # what ended it, with finish_reason "stop"
+    # True plays loraplex's engine core (kernels.engine_core_loads): requests go with their
+    # adapter's load in flight (a subclass then ends refused ones with finish_reason "error").
+    loads_adapters_on_arrival = False
 
     def __init__(
         self,

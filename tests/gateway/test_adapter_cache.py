@@ -15,6 +15,8 @@ from gateway.metrics import ADAPTER_EVICTIONS, ADAPTER_RESIDENT_BYTES
 
 
 class RecordingEngine:
+    loads_adapters_on_arrival = False  # every load is awaited before its request goes
+
     def __init__(self, load_delay_s: float = 0.0, failing: set[int] | None = None):
         self.loaded: list[int] = []
         self.removed: list[int] = []

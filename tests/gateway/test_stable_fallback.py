@@ -12,6 +12,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway.engine.client import ChoiceDelta, GenerationUpdate
 from tests.gateway.fake_engine import ScriptedEngine, client_for
 from tests.gateway.rollout_helpers import ADMIN, build_demo_root, complete, register, wait_for
 
@@ -181,40 +182,59 @@ def test_a_refused_manual_fallback_is_a_409_listing_why(demo_root):
 
 
 class FailingLoads(ScriptedEngine):
-    """Loads fail once `fail` is set (a corrupt or incompatible artifact)."""
+    """Loads fail once `fail` is set (a corrupt or incompatible artifact). Loading on arrival,
+    the engine refuses the requests for an adapter it could not load, as
+    kernels.engine_core_loads does: they end with finish_reason "error"."""
 
     fail = False
+
+    def __init__(self, words, *, on_arrival: bool):
+        super().__init__(words)
+        self.loads_adapters_on_arrival = on_arrival
+        self.loaded: set[int] = set()
 
     async def add_adapter(self, adapter):
         if self.fail:
             raise RuntimeError("corrupt weights")
+        self.loaded.add(adapter.engine_id)
         return await super().add_adapter(adapter)
 
+    async def generate(self, request_id, prompt_token_ids, options, adapter):
+        if self.fail and adapter is not None and adapter.engine_id not in self.loaded:
+            choice = ChoiceDelta(index=0, text="", token_ids=[], finish_reason="error")
+            yield GenerationUpdate(prompt_tokens=len(prompt_token_ids), choices=[choice])
+            return
+        async for update in super().generate(request_id, prompt_token_ids, options, adapter):
+            yield update
 
-def test_a_canary_that_cannot_load_is_rolled_back_by_its_errors(demo_root):
+
+@pytest.mark.parametrize("on_arrival", [False, True], ids=["awaited", "on-arrival"])
+def test_a_canary_that_cannot_load_is_rolled_back_by_its_errors(demo_root, on_arrival):
     """Every canary caller got 500 and the canary stayed: the failed load ended the request
-    before its metrics existed, so its window never saw it (review)."""
-    engine = FailingLoads(["a"])
+    before its metrics existed, so its window never saw it (review). Loading on arrival, the
+    refused request's answer is the load's error, not a generation failure."""
+    engine = FailingLoads(["a"], on_arrival=on_arrival)
+    name = "lf-arrival" if on_arrival else "lf"  # the demo root is shared by the module
     with client_for(demo_root, engine) as client:
-        register(client, demo_root, "lf", "v1")
-        register(client, demo_root, "lf", "v2")
-        assert complete(client, "lf@1") == 200  # v1 loaded
+        register(client, demo_root, name, "v1")
+        register(client, demo_root, name, "v2")
+        assert complete(client, f"{name}@1") == 200  # v1 loaded
         engine.fail = True
-        evaluated = client.post("/admin/v1/adapters/lf/versions/2/evaluate", headers=ADMIN)
+        evaluated = client.post(f"/admin/v1/adapters/{name}/versions/2/evaluate", headers=ADMIN)
         assert evaluated.status_code == 200, evaluated.text
-        arm(client, "lf", None)  # window 10
+        arm(client, name, None)  # window 10
         started = client.post(
-            "/admin/v1/rollouts/lf/start", json={"version": 2, "percent": 50}, headers=ADMIN
+            f"/admin/v1/rollouts/{name}/start", json={"version": 2, "percent": 50}, headers=ADMIN
         )
         assert started.status_code == 200, started.text
-        body = {"model": "lf", "prompt": "x", "max_tokens": 1}
-        codes = [
-            client.post("/v1/completions", json={**body, "user": f"u{i}"}).status_code
-            for i in range(60)
+        body = {"model": name, "prompt": "x", "max_tokens": 1}
+        answers = [
+            client.post("/v1/completions", json={**body, "user": f"u{i}"}) for i in range(60)
         ]
-        assert 500 in codes
-        assert wait_for(lambda: status(client, "lf")["canary_version"] is None)
-        assert status(client, "lf")["stage"] == "rolled_back"
+        failed = [a.json()["error"]["code"] for a in answers if a.status_code == 500]
+        assert failed and set(failed) == {"adapter_load_failed"}
+        assert wait_for(lambda: status(client, name)["canary_version"] is None)
+        assert status(client, name)["stage"] == "rolled_back"
         after = [
             client.post("/v1/completions", json={**body, "user": f"u{i}"}).status_code
             for i in range(20)
