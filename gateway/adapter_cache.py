@@ -20,7 +20,8 @@ TTFT p50): the engine refuses the requests sent with a failed load (finish reaso
 their callers learn why from the load. Until it answers the version is resident and in use.
 
 A retired or deleted version (`forget`) is never served again: new requests for it are refused
-(also one that resolved it just before and is still loading it), and the engine keeps it only
+(also one that resolved it just before and is still waiting for the engine to load it; one sent
+with its load in flight is already the engine's to serve or refuse), and the engine keeps it only
 until its last running request ends. vLLM reloads a removed adapter from its path at the next
 step of any request that still uses it, and a deleted version's files are gone: removing it
 under a running request would kill the engine for every tenant.
@@ -33,10 +34,12 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from gateway.engine.client import AdapterHandle, EngineClient, EngineDead
-from gateway.errors import EngineUnavailable, LoraplexError, ModelNotFound
+from gateway.adapter_loads import AdapterCapacityFull, AdapterLoadFailed, retrieve_quietly
+from gateway.engine.client import AdapterHandle, EngineClient, EngineDead, EngineStalled
+from gateway.errors import EngineUnavailable, ModelNotFound
 from gateway.metrics import (
     ADAPTER_EVICTIONS,
     ADAPTER_LOAD_BYTES,
@@ -54,23 +57,6 @@ TIER = "host"
 ADAPTER_WAIT_S = 30.0
 
 
-class AdapterLoadFailed(LoraplexError):
-    status_code = 500
-    error_type = "server_error"
-    code = "adapter_load_failed"
-
-
-class AdapterCapacityFull(LoraplexError):
-    """Every adapter the engine can hold is in use by running requests."""
-
-    status_code = 503
-    error_type = "service_unavailable"
-    code = "adapter_capacity_full"
-
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": "1"}
-
-
 @dataclass
 class _Entry:
     size_bytes: int
@@ -78,6 +64,10 @@ class _Entry:
     # The load in flight, for an engine that loads adapters on arrival: requests already sent
     # with it await it when the engine refuses them. None once it answered.
     load: asyncio.Task[None] | None = None
+    # Its last load failed while requests held it: the engine holds nothing, the next request
+    # loads it again, and it leaves the cache with its last pin (one entry per version, so a
+    # request's release can never take a pin off a later load's requests).
+    failed: bool = False
 
     @property
     def in_use(self) -> bool:
@@ -149,6 +139,9 @@ class HostAdapterCache:
             if entry is not None:
                 entry.pins += 1
                 self._entries.move_to_end(version_id)
+                if entry.failed:
+                    entry.failed = False
+                    entry.load = self._load_alongside(adapter, labels, entry)
                 return entry.load
             pending = self._loading.get(version_id)
             if pending is None:
@@ -195,6 +188,9 @@ class HostAdapterCache:
         if entry is None or entry.pins == 0:
             return
         entry.pins -= 1
+        if entry.pins == 0 and entry.failed:  # the engine holds nothing to remove
+            self._drop(version_id)
+            return
         if entry.pins == 0:
             self._room_changed()
         if entry.pins == 0 and entry.load is None and version_id in self._forgotten:
@@ -222,20 +218,24 @@ class HostAdapterCache:
     def _load_alongside(
         self, adapter: AdapterHandle, labels: tuple[str, str], entry: _Entry
     ) -> asyncio.Task[None]:
-        """The engine load of a version already entered, in its own task: requests for it go
-        to the engine meanwhile. A failure takes the entry out (the engine holds nothing: it
-        refuses requests for an adapter whose last load failed, without another attempt)."""
+        """The engine load of a version already entered: sent now, so it reaches the engine
+        before the requests sent after it (one socket, in order), and answered in its own task.
+        A failure leaves the engine holding nothing (it refuses requests for an adapter whose
+        last load failed, without another attempt): the entry goes, or fails until its pins
+        do. A load that stalled (no answer in time) may still happen: it stays counted."""
         version_id = adapter.engine_id
+        answer = self._engine.start_adapter_load(adapter)
 
         async def load() -> None:
             try:
-                await self._engine_load(adapter, labels)
-            except BaseException:
-                if self._entries.get(version_id) is entry:
-                    del self._entries[version_id]
-                    self._bytes -= entry.size_bytes
-                    self._publish()
-                    self._room_changed()
+                await self._engine_load(adapter, labels, answer)
+            except BaseException as exc:
+                stalled = isinstance(exc.__cause__, EngineStalled)
+                if self._entries.get(version_id) is entry and not stalled:
+                    if entry.pins:
+                        entry.failed = True
+                    else:
+                        self._drop(version_id)
                 raise
             finally:
                 entry.load = None
@@ -249,14 +249,16 @@ class HostAdapterCache:
 
         task = asyncio.get_running_loop().create_task(load())
         self._loads.add(task)
-        task.add_done_callback(_settled)
+        task.add_done_callback(retrieve_quietly)
         task.add_done_callback(self._loads.discard)
         return task
 
-    async def _engine_load(self, adapter: AdapterHandle, labels: tuple[str, str]) -> None:
+    async def _engine_load(
+        self, adapter: AdapterHandle, labels: tuple[str, str], answer: Awaitable[None] | None = None
+    ) -> None:
         started = time.perf_counter()
         try:
-            await self._engine.add_adapter(adapter)
+            await (self._engine.add_adapter(adapter) if answer is None else answer)
         except EngineDead as exc:
             raise EngineUnavailable("The inference engine is unavailable.") from exc
         except Exception as exc:
@@ -266,6 +268,13 @@ class HostAdapterCache:
         ADAPTER_LOAD_DURATION.observe(time.perf_counter() - started)
         ADAPTER_LOADS.labels(*labels, "ok").inc()
         ADAPTER_LOAD_BYTES.inc(adapter.size_bytes)
+
+    def _drop(self, version_id: int) -> None:
+        """Out of the cache without an engine call: the engine does not hold it."""
+        entry = self._entries.pop(version_id)
+        self._bytes -= entry.size_bytes
+        self._publish()
+        self._room_changed()
 
     def _enter(self, adapter: AdapterHandle) -> _Entry:
         entry = self._entries[adapter.engine_id] = _Entry(adapter.size_bytes)
@@ -367,6 +376,12 @@ class HostAdapterCache:
             ADAPTER_EVICTIONS.labels(TIER, reason).inc()
             self._publish()
             self._room_changed()
+        if self._engine.loads_adapters_on_arrival:
+            # Sent now, ahead of the load it makes room for (one socket, in order): nothing
+            # has to wait for the answer, and a dead engine fails that load.
+            removal = asyncio.ensure_future(self._engine.start_adapter_removal(version_id))
+            removal.add_done_callback(retrieve_quietly)
+            return True
         try:
             await self._engine.remove_adapter(version_id)
         except EngineDead:
@@ -378,22 +393,3 @@ class HostAdapterCache:
     def _publish(self) -> None:
         ADAPTERS_RESIDENT.labels(TIER).set(len(self._entries))
         ADAPTER_RESIDENT_BYTES.labels(TIER).set(self._bytes)
-
-
-async def load_failure(load: asyncio.Task[None] | None) -> LoraplexError | None:
-    """Why a request sent with `load` (HostAdapterCache.acquire) was refused, if the load is
-    why: its error (AdapterLoadFailed, or EngineUnavailable for a dead engine). The engine
-    answers the load before or just after it refuses the request, so this waits for it."""
-    if load is None:
-        return None
-    await asyncio.wait({load})  # neither raises its error nor cancels it with the caller
-    if load.cancelled():
-        return None
-    error = load.exception()
-    return error if isinstance(error, LoraplexError) else None
-
-
-def _settled(task: asyncio.Task[None]) -> None:
-    # A failed load nobody awaited was logged and counted already: no "never retrieved".
-    if not task.cancelled():
-        task.exception()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from gateway.adapter_cache import AdapterLoadFailed
+from gateway.adapter_loads import AdapterLoadFailed
 from gateway.engine.client import AdapterHandle
 from gateway.errors import ModelNotFound, ModelUnavailable, RegistryUnavailable
 from gateway.registry_outage import RegistryOutage

@@ -32,7 +32,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from gateway.adapter_cache import AdapterCapacityFull, HostAdapterCache, load_failure
+from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_loads import AdapterCapacityFull, load_failure
 from gateway.catalog import ModelCatalog
 from gateway.engine.client import (
     AdapterHandle,

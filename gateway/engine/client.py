@@ -8,7 +8,7 @@ path resolved by the gateway — never a client-supplied name.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -19,6 +19,10 @@ class EngineError(Exception):
 
 class EngineDead(EngineError):
     """The engine is gone; no request can be served until the gateway restarts."""
+
+
+class EngineStalled(EngineError):
+    """The engine did not answer a call in time; it may still carry it out."""
 
 
 class EngineRejected(Exception):
@@ -192,6 +196,15 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     async def add_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    def start_adapter_load(self, adapter: AdapterHandle) -> Awaitable[None]:
+        """Send the load now, ahead of any request sent after this returns, and return its
+        answer (raising as add_adapter does). For engines that load adapters on arrival."""
+        ...
+
+    def start_adapter_removal(self, engine_id: int) -> Awaitable[None]:
+        """remove_adapter, sent now as start_adapter_load is."""
+        ...
 
     async def remove_adapter(self, engine_id: int) -> None: ...
 

@@ -16,6 +16,23 @@ from gateway.engine.client import (
     TokenLogprob,
 )
 
+# What building or encoding a request raises for values vLLM cannot take (an int beyond
+# int64 fails msgpack with OverflowError): the client's request, refused, not an engine fault.
+REJECTED_ERRORS = (ValueError, OverflowError, TypeError)
+# Where vLLM 0.32 checks a request's structured-output constraint (SamplingParams.verify
+# compiles its grammar): an error raised in there is about the constraint.
+STRUCTURED_CHECKS = frozenset({"_validate_structured_outputs"})
+
+
+def raised_in(exc: BaseException, functions: frozenset[str]) -> bool:
+    """Whether `exc` was raised inside a function of one of these names (its traceback)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name in functions:
+            return True
+        frame = frame.tb_next
+    return False
+
 
 def lora_request(adapter: AdapterHandle | None) -> Any:
     if adapter is None:

@@ -16,13 +16,23 @@ from gateway.engine.client import (
     EngineError,
     EngineHealth,
     EngineRejected,
+    EngineStalled,
     GenerationUpdate,
     SamplingOptions,
 )
 from gateway.engine.daemon_thread import run_in_daemon_thread
 from gateway.engine.processes import descendants, stop_descendants
-from gateway.engine.vllm_convert import generation_update, lora_request, sampling_params
+from gateway.engine.vllm_convert import (
+    REJECTED_ERRORS,
+    STRUCTURED_CHECKS,
+    generation_update,
+    lora_request,
+    raised_in,
+    sampling_params,
+)
+from gateway.engine.vllm_utility import engine_core_has, raised, send_utility
 from gateway.settings import Settings
+from kernels.engine_core_loads import STATUS_UTILITY as LOADS_ON_ARRIVAL
 from kernels.page_groups import DemandEntry
 from kernels.vllm_plugin import paged_environment
 
@@ -39,12 +49,6 @@ HEALTH_PROBE_TIMEOUT_S = 3.0
 ADAPTER_CALL_TIMEOUT_S = 120.0
 DEATH_POLL_S = 0.5  # how soon a utility call pending on a dead engine fails
 T = TypeVar("T")
-# What building or encoding a request raises for values vLLM cannot take (an int beyond
-# int64 fails msgpack with OverflowError): the client's request, refused, not an engine fault.
-REJECTED_ERRORS = (ValueError, OverflowError, TypeError)
-# Where vLLM 0.32 checks a request's structured-output constraint (SamplingParams.verify
-# compiles its grammar): an error raised in there is about the constraint.
-STRUCTURED_CHECKS = frozenset({"_validate_structured_outputs"})
 
 
 def paged_environment_for(
@@ -61,16 +65,6 @@ def paged_environment_for(
         max_oversubscription=settings.paged_max_oversubscription,
         demand=demand if settings.paged_split == "demand" else (),
     )
-
-
-def _raised_in(exc: BaseException, functions: frozenset[str]) -> bool:
-    """Whether `exc` was raised inside a function of one of these names (its traceback)."""
-    frame = exc.__traceback__
-    while frame is not None:
-        if frame.tb_frame.f_code.co_name in functions:
-            return True
-        frame = frame.tb_next
-    return False
 
 
 def _cuda_available() -> bool:
@@ -162,7 +156,11 @@ class EmbeddedVLLM:
                     stop_descendants(spare=present)
             raise
         await self._check_plugin()
-        self.loads_adapters_on_arrival = await self._loads_on_arrival()
+        # kernels.engine_core_loads, in the engine core unless vLLM was told to skip the plugin:
+        # only then may a request go with its adapter's load in flight.
+        self.loads_adapters_on_arrival = await engine_core_has(
+            self.engine, LOADS_ON_ARRIVAL, HEALTH_PROBE_TIMEOUT_S * 10
+        )
         self.max_model_len = self._engine.model_config.max_model_len
         lora_config = self._engine.vllm_config.lora_config
         if lora_config is not None:  # vLLM resolved "auto" to the model's dtype at start
@@ -192,24 +190,6 @@ class EmbeddedVLLM:
             raise RuntimeError(
                 f"loraplex's tenant-safe CPU LoRA ops are not installed in every worker: {statuses}"
             )
-
-    async def _loads_on_arrival(self) -> bool:
-        """Whether the engine core runs kernels.engine_core_loads (the plugin, unless vLLM was
-        told to skip it): only then may a request go with its adapter's load in flight."""
-        from kernels.engine_core_loads import STATUS_UTILITY
-
-        try:
-            async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_S * 10):
-                installed = await self.engine.engine_core.call_utility_async(STATUS_UTILITY)
-        except Exception as exc:
-            logger.warning(
-                "the engine core does not load adapters on arrival (%s): every first use of "
-                "an adapter waits for its load",
-                exc,
-            )
-            return False
-        logger.info("the engine core loads adapters on arrival: requests go with their load")
-        return bool(installed)
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -267,7 +247,7 @@ class EmbeddedVLLM:
             raise EngineDead("the inference engine stopped") from exc
         except VLLMValidationError as exc:
             param = None
-            if options.constraint is not None and _raised_in(exc, STRUCTURED_CHECKS):
+            if options.constraint is not None and raised_in(exc, STRUCTURED_CHECKS):
                 param = options.constraint.param  # vLLM's error names no field for these
             raise EngineRejected(str(exc), param=param) from exc
         except REJECTED_ERRORS as exc:
@@ -300,6 +280,36 @@ class EmbeddedVLLM:
             raise
         if not added:
             raise EngineError(f"engine refused adapter {adapter.engine_name}")
+
+    def start_adapter_load(self, adapter: AdapterHandle) -> Awaitable[None]:
+        """add_adapter's call, sent (or queued, in order) before this returns
+        (gateway.engine.vllm_utility): the requests sent after it go after it."""
+        refused = f"engine refused adapter {adapter.engine_name}"
+        return self._sent_now("add_lora", lora_request(adapter), "loading an adapter", refused)
+
+    def start_adapter_removal(self, engine_id: int) -> Awaitable[None]:
+        """remove_adapter's call, sent before this returns: ahead of the load it makes room
+        for. False (it was not loaded) is no error."""
+        return self._sent_now("remove_lora", engine_id, "removing an adapter")
+
+    def _sent_now(
+        self, method: str, arg: Any, what: str, refused: str | None = None
+    ) -> Awaitable[None]:
+        try:
+            sent, answer = send_utility(self.engine, method, arg)
+        except EngineDead as exc:
+            return raised(exc)
+
+        async def answered() -> None:
+            try:
+                await sent
+            except Exception as exc:  # the socket is closed: the engine is gone
+                raise EngineDead(f"the inference engine is not running: {exc}") from exc
+            done = await self._while_alive(lambda _: answer, what, ADAPTER_CALL_TIMEOUT_S)
+            if not done and refused is not None:
+                raise EngineError(refused)
+
+        return answered()
 
     def _unload_later(self, engine_id: int) -> None:
         engine = self._engine
@@ -338,7 +348,7 @@ class EmbeddedVLLM:
         except EngineDeadError as exc:
             raise EngineDead(f"the inference engine died while {what}") from exc
         except TimeoutError as exc:
-            raise EngineError(f"{what} took longer than {timeout_s:.0f} s") from exc
+            raise EngineStalled(f"{what} took longer than {timeout_s:.0f} s") from exc
         finally:
             pending.cancel()
 

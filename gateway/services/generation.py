@@ -14,7 +14,8 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from gateway.adapter_cache import HostAdapterCache, load_failure
+from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_loads import load_failure
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.engine.client import (
     EngineClient,

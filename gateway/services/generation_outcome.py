@@ -4,7 +4,7 @@ counts against the adapter version that served it (the rollout monitor's input).
 
 from __future__ import annotations
 
-from gateway.adapter_cache import AdapterCapacityFull
+from gateway.adapter_loads import AdapterCapacityFull
 from gateway.engine.client import ChoiceDelta, GenerationUpdate, SamplingOptions
 from gateway.errors import InvalidRequest, LoraplexError
 from gateway.request_metrics import GenerationRecorder

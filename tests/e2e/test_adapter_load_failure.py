@@ -19,7 +19,8 @@ SOURCES = ("demo-qkvo-r8", "demo-mlp-r4", "demo-qv-rs32")
 def test_a_failed_load_is_that_requests_500_and_the_engine_serves_on(demo, tmp_path):
     gateway = start_gateway(demo, tmp_path, LORAPLEX_MAX_LORAS="2", LORAPLEX_MAX_CPU_LORAS="2")
     try:
-        assert "loads adapters on arrival" in gateway.log_path.read_text(errors="replace")
+        started = gateway.log_path.read_text(errors="replace")
+        assert "the engine core has loraplex_loads_on_arrival: True" in started
         key = tenant_with_key(gateway, "lf")
         for source in SOURCES:
             registered = cli(
@@ -55,6 +56,11 @@ def test_a_failed_load_is_that_requests_500_and_the_engine_serves_on(demo, tmp_p
             if line.startswith("loraplex_adapter_loads_total") and SOURCES[0] in line
         ]
         assert any('result="error"' in line and line.endswith(" 2.0") for line in loads), loads
+        # The load went ahead of its request (send_utility): one attempt per request, the
+        # engine core's, and the request refused on the load's answer without trying again.
+        log = gateway.log_path.read_text(errors="replace")
+        assert log.count("Invocation of add_lora method failed") == 2
+        assert "request refused" not in log  # kernels.engine_core_loads' own attempt failing
     finally:
         stop_gateway(gateway)
 

@@ -114,6 +114,12 @@ class ScriptedEngine:
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         pass
 
+    def start_adapter_load(self, adapter: AdapterHandle) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.add_adapter(adapter))
+
+    def start_adapter_removal(self, engine_id: int) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.remove_adapter(engine_id))
+
     async def remove_adapter(self, engine_id: int) -> None:
         pass
 

@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from gateway.adapter_cache import AdapterLoadFailed, HostAdapterCache
+from gateway.adapter_cache import HostAdapterCache
+from gateway.adapter_loads import AdapterLoadFailed
 from gateway.engine.client import AdapterHandle, EngineError
 from gateway.errors import ModelNotFound
 from gateway.metrics import ADAPTER_EVICTIONS, ADAPTER_RESIDENT_BYTES
@@ -234,7 +235,7 @@ async def test_with_every_slot_pinned_a_load_waits_for_a_release_instead_of_evic
 
 
 async def test_a_load_that_finds_no_free_slot_in_time_is_a_503_and_leaves_nothing_behind():
-    from gateway.adapter_cache import AdapterCapacityFull
+    from gateway.adapter_loads import AdapterCapacityFull
 
     engine = VllmLru(capacity=1)
     cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=0.05)  # type: ignore[arg-type]
@@ -280,7 +281,7 @@ async def test_a_failed_load_gives_its_slot_to_the_next_waiting_one():
 
 async def test_requests_waiting_on_a_load_that_found_no_slot_get_its_answer_not_a_new_wait():
     """Each follower became the next loader with a fresh wait: the k-th waited k x wait_s."""
-    from gateway.adapter_cache import AdapterCapacityFull
+    from gateway.adapter_loads import AdapterCapacityFull
 
     engine = RecordingEngine()
     cache = HostAdapterCache(engine, 10**9, max_adapters=1, wait_s=0.3)  # type: ignore[arg-type]

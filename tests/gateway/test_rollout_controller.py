@@ -151,7 +151,7 @@ def test_only_server_side_errors_count_against_the_version():
     assert the_versions_fault(GenerationFailed("engine failed"))
     assert the_versions_fault(EngineUnavailable("down"))
     assert the_versions_fault(RuntimeError("corrupt weights"))
-    from gateway.adapter_cache import AdapterCapacityFull
+    from gateway.adapter_loads import AdapterCapacityFull
 
     assert not the_versions_fault(AdapterCapacityFull("every slot in use"))  # the engine's
 
