@@ -15,9 +15,8 @@ engine when the version had been deleted meanwhile. The byte budget stays soft (
 count bytes): over it with everything in use, the cache runs over budget rather than wait.
 
 With an engine that loads adapters on arrival (kernels.engine_core_loads) a request follows its
-load without waiting for the answer, which cost a first use an engine step boundary (+8-9 ms
-TTFT p50): the engine refuses the requests sent with a failed load (finish reason "error"), and
-their callers learn why from the load. Until it answers the version is resident and in use.
+load without awaiting the answer (an engine step boundary, +8-9 ms TTFT p50 on a first use); a
+failed load's requests are refused (finish reason "error") and learn why from the load.
 
 A retired or deleted version (`forget`) is never served again: new requests for it are refused
 (also one that resolved it just before and is still waiting for the engine to load it; one sent
@@ -37,7 +36,12 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from gateway.adapter_loads import AdapterCapacityFull, AdapterLoadFailed, retrieve_quietly
+from gateway.adapter_loads import (
+    AdapterCapacityFull,
+    AdapterLoadFailed,
+    CacheEntry,
+    retrieve_quietly,
+)
 from gateway.engine.client import AdapterHandle, EngineClient, EngineDead, EngineStalled
 from gateway.errors import EngineUnavailable, ModelNotFound
 from gateway.metrics import (
@@ -55,23 +59,6 @@ TIER = "host"
 
 # How long a request waits for a host-cache slot when every resident adapter is in use.
 ADAPTER_WAIT_S = 30.0
-
-
-@dataclass
-class _Entry:
-    size_bytes: int
-    pins: int = 0
-    # The load in flight, for an engine that loads adapters on arrival: requests already sent
-    # with it await it when the engine refuses them. None once it answered.
-    load: asyncio.Task[None] | None = None
-    # Its last load failed while requests held it: the engine holds nothing, the next request
-    # loads it again, and it leaves the cache with its last pin (one entry per version, so a
-    # request's release can never take a pin off a later load's requests).
-    failed: bool = False
-
-    @property
-    def in_use(self) -> bool:
-        return self.pins > 0 or self.load is not None
 
 
 @dataclass
@@ -95,7 +82,7 @@ class HostAdapterCache:
         self._budget = budget_bytes
         self._max_adapters = max_adapters
         self._wait_s = wait_s
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._entries: OrderedDict[int, CacheEntry] = OrderedDict()
         self._loading: dict[int, _Loading] = {}
         # Loads past the room check: version id -> bytes. They count against the caps until
         # they are entries (or failed), so concurrent loads make room for each other.
@@ -108,7 +95,7 @@ class HostAdapterCache:
         # reused (deleted versions stay as tombstones), so this only grows by retirements.
         self._forgotten: set[int] = set()
         self._removals: set[asyncio.Task[bool]] = set()
-        self._loads: set[asyncio.Task[None]] = set()
+        self._loads: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     @property
     def resident_bytes(self) -> int:
@@ -139,8 +126,8 @@ class HostAdapterCache:
             if entry is not None:
                 entry.pins += 1
                 self._entries.move_to_end(version_id)
-                if entry.failed:
-                    entry.failed = False
+                if entry.failed or entry.unsure:
+                    entry.failed = entry.unsure = False
                     entry.load = self._load_alongside(adapter, labels, entry)
                 return entry.load
             pending = self._loading.get(version_id)
@@ -216,13 +203,11 @@ class HostAdapterCache:
         return version_id in self._forgotten
 
     def _load_alongside(
-        self, adapter: AdapterHandle, labels: tuple[str, str], entry: _Entry
+        self, adapter: AdapterHandle, labels: tuple[str, str], entry: CacheEntry
     ) -> asyncio.Task[None]:
-        """The engine load of a version already entered: sent now, so it reaches the engine
-        before the requests sent after it (one socket, in order), and answered in its own task.
-        A failure leaves the engine holding nothing (it refuses requests for an adapter whose
-        last load failed, without another attempt): the entry goes, or fails until its pins
-        do. A load that stalled (no answer in time) may still happen: it stays counted."""
+        """A version's engine load, sent now (ahead of the requests sent after it, in order on
+        one socket) and answered in its own task. A failed load leaves the engine holding
+        nothing: the entry goes, or fails until its pins do. A stalled one stays counted."""
         version_id = adapter.engine_id
         answer = self._engine.start_adapter_load(adapter)
 
@@ -230,28 +215,35 @@ class HostAdapterCache:
             try:
                 await self._engine_load(adapter, labels, answer)
             except BaseException as exc:
-                stalled = isinstance(exc.__cause__, EngineStalled)
-                if self._entries.get(version_id) is entry and not stalled:
-                    if entry.pins:
-                        entry.failed = True
-                    else:
-                        self._drop(version_id)
-                raise
-            finally:
                 entry.load = None
-            if self._entries.get(version_id) is not entry:
-                return  # removed while it loaded (forgotten with no request left)
-            if version_id in self._forgotten and entry.pins == 0:
-                await self._remove(version_id, reason="retired")
-            else:  # in use until now: it may be over the budget
-                self._room_changed()
-                await self._evict(reason="capacity")
+                if self._entries.get(version_id) is not entry:
+                    raise
+                if isinstance(exc.__cause__, EngineStalled):
+                    entry.unsure = True
+                    await self._load_ended(version_id, entry)
+                elif entry.pins:
+                    entry.failed = True
+                else:
+                    self._drop(version_id)
+                raise
+            entry.load = None
+            await self._load_ended(version_id, entry)
 
         task = asyncio.get_running_loop().create_task(load())
         self._loads.add(task)
         task.add_done_callback(retrieve_quietly)
         task.add_done_callback(self._loads.discard)
         return task
+
+    async def _load_ended(self, version_id: int, entry: CacheEntry) -> None:
+        """Its load answered (or never will): a retired version with no request left goes."""
+        if self._entries.get(version_id) is not entry:
+            return  # removed while it loaded (forgotten with no request left)
+        if version_id in self._forgotten and entry.pins == 0:
+            await self._remove(version_id, reason="retired")
+        else:  # in use until now: it may be over the budget
+            self._room_changed()
+            await self._evict(reason="capacity")
 
     async def _engine_load(
         self, adapter: AdapterHandle, labels: tuple[str, str], answer: Awaitable[None] | None = None
@@ -276,8 +268,8 @@ class HostAdapterCache:
         self._publish()
         self._room_changed()
 
-    def _enter(self, adapter: AdapterHandle) -> _Entry:
-        entry = self._entries[adapter.engine_id] = _Entry(adapter.size_bytes)
+    def _enter(self, adapter: AdapterHandle) -> CacheEntry:
+        entry = self._entries[adapter.engine_id] = CacheEntry(adapter.size_bytes)
         self._bytes += adapter.size_bytes
         self._publish()
         return entry

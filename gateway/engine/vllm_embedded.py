@@ -282,14 +282,12 @@ class EmbeddedVLLM:
             raise EngineError(f"engine refused adapter {adapter.engine_name}")
 
     def start_adapter_load(self, adapter: AdapterHandle) -> Awaitable[None]:
-        """add_adapter's call, sent (or queued, in order) before this returns
-        (gateway.engine.vllm_utility): the requests sent after it go after it."""
+        """add_adapter's call, sent before this returns (gateway.engine.vllm_utility)."""
         refused = f"engine refused adapter {adapter.engine_name}"
         return self._sent_now("add_lora", lora_request(adapter), "loading an adapter", refused)
 
     def start_adapter_removal(self, engine_id: int) -> Awaitable[None]:
-        """remove_adapter's call, sent before this returns: ahead of the load it makes room
-        for. False (it was not loaded) is no error."""
+        """remove_adapter's, sent now; False (it was not loaded) is no error."""
         return self._sent_now("remove_lora", engine_id, "removing an adapter")
 
     def _sent_now(
@@ -299,6 +297,8 @@ class EmbeddedVLLM:
             sent, answer = send_utility(self.engine, method, arg)
         except EngineDead as exc:
             return raised(exc)
+        except Exception as exc:  # not sent: the caller's bookkeeping must see a failure
+            return raised(EngineError(f"sending {method} failed: {exc}"))
 
         async def answered() -> None:
             try:

@@ -187,7 +187,24 @@ async def test_a_stalled_load_stays_counted_the_engine_may_still_carry_it_out():
     assert isinstance(await load_failure(load), AdapterLoadFailed)
     cache.release(handle(1))
     assert cache.resident() == [1] and cache.resident_bytes == 100
-    assert await cache.acquire(handle(1), LABELS) is None  # no new load: it is there
+    # The engine may have refused it since (and would refuse every request until the next
+    # load): the next request sends a load again, cheap if the engine holds it.
+    engine.stalled = False
+    again = await cache.acquire(handle(1), LABELS)
+    assert again is not None and engine.sent == [("load", 1), ("load", 1)]
+    assert await load_failure(again) is None
+
+
+async def test_a_version_retired_during_a_stalled_load_with_no_request_left_is_removed():
+    engine = LoadingEngine()
+    engine.stalled = True
+    cache = HostAdapterCache(engine, budget_bytes=1000)  # type: ignore[arg-type]
+    load = await cache.acquire(handle(1), LABELS)
+    cache.release(handle(1))
+    await cache.forget(1)
+    engine.answer.set()
+    await load_failure(load)
+    assert engine.sent == [("load", 1), ("remove", 1)] and cache.resident() == []
 
 
 async def test_room_is_made_by_a_removal_sent_ahead_of_the_load_without_waiting_for_it():
