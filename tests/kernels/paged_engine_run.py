@@ -51,6 +51,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             use_tqdm=False,
         )
         out["outputs"] = [list(r.outputs[0].token_ids) for r in results]
+        out["finish_reasons"] = [r.outputs[0].finish_reason for r in results]
         out["stats"] = llm.collective_rpc("loraplex_paged_pool_stats")[0]
         out["pool_groups"] = llm.collective_rpc("loraplex_paged_pool_groups")[0]
         out["paged_layers"] = llm.collective_rpc("loraplex_paged_layers")[0]

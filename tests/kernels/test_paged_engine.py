@@ -166,7 +166,9 @@ def test_an_adapter_with_embedding_weights_is_refused_not_half_served(
     tmp_path, tmp_path_factory, demo, prompt_ids
 ):
     """The registry refuses embed_tokens / lm_head deltas; an adapter that reaches the engine
-    with them anyway fails its step loudly instead of being served without them."""
+    with them anyway is refused loudly instead of being served without them: its load fails
+    when its request arrives (kernels.engine_core_loads), which ends that request with finish
+    reason "error" and no output, where it used to fail the whole step."""
     folder = tmp_path_factory.mktemp("embedding-adapter")
     spec = DemoAdapterSpec("emb-r8", 8, 16, ["q_proj", "embed_tokens"], seed=41)
     build_adapter(demo.base, folder / spec.name, spec)
@@ -179,8 +181,10 @@ def test_an_adapter_with_embedding_weights_is_refused_not_half_served(
         pool_bytes=pages(32) * PAGE_SIZE * ROW_BYTES,
         max_lora_rank=32,
     )
-    assert out["outputs"] is None and out["error"] is not None
+    assert out["error"] is None, out["error"]
+    assert out["outputs"] == [[]] and out["finish_reasons"] == ["error"]
     assert "embed_tokens" in log and "linear projections only" in log, log[-4000:]
+    assert "request refused" in log
 
 
 def check_outputs(demo, adapters, jobs, outputs) -> None:
