@@ -12,6 +12,7 @@ import typer
 
 from gateway.cli_admin import adapters_app, keys_app, tenants_app
 from gateway.cli_datasets import datasets_app
+from gateway.cli_merge import merge
 from gateway.cli_rollout import faults_app, rollout_app
 from gateway.cli_weights import add_weight_commands
 
@@ -30,6 +31,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(faults_app, name="faults")
+app.command("merge")(merge)
 
 
 def load_settings(overrides: dict[str, object]) -> Settings:

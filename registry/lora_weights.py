@@ -99,12 +99,16 @@ class LoraFile:
 
     def _read(self, handle: Any, entry: TensorEntry) -> np.ndarray:
         handle.seek(self._data_start + entry.begin)
-        raw = handle.read(entry.nbytes)
-        if entry.dtype == "BF16":
-            values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            values = np.frombuffer(raw, dtype=_FLOATS[entry.dtype])
-        return values.astype(np.float64).reshape(entry.shape)
+        return decode(handle.read(entry.nbytes), entry.dtype, entry.shape)
+
+
+def decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A safetensors tensor's bytes (BF16, F16 or F32) as float64 (exact for all three)."""
+    if dtype == "BF16":
+        values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, dtype=_FLOATS[dtype])
+    return values.astype(np.float64).reshape(shape)
 
 
 def lora_bytes(rank: int, shapes: Mapping[str, ModuleShape], dtype: str = "F32") -> int:
@@ -158,10 +162,12 @@ def write_lora(
             if a.shape != (rank, shape.width_in) or b.shape != (shape.width_out, rank):
                 raise ValueError(f"{path}: computed {a.shape} / {b.shape}, not rank {rank}")
             for matrix in (a, b):
-                out.write(_encoded(matrix, dtype))
+                out.write(encode(matrix, dtype))
 
 
-def _encoded(matrix: np.ndarray, dtype: str) -> bytes:
+def encode(matrix: np.ndarray, dtype: str) -> bytes:
+    """`matrix` as a safetensors tensor's bytes in `dtype` (F32, F16 or BF16, rounded to nearest
+    even)."""
     if dtype != "BF16":
         return np.ascontiguousarray(matrix, dtype=_FLOATS[dtype]).tobytes()
     # bf16 is float32's upper half: round to nearest, ties to even, on the bits
