@@ -32,6 +32,7 @@ def merge(
     ] = 1.0,
 ) -> None:
     """Merge adapters into the base's weights; the compatibility gate checks each first."""
+    from registry.errors import RegistryError
     from registry.merge_weights import METHODS, merge_into_base
 
     if method not in METHODS:
@@ -43,7 +44,7 @@ def merge(
     inputs = [_input(text) for text in adapters]
     try:
         record = merge_into_base(base, inputs, out, method=method, density=density)  # type: ignore[arg-type]
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RegistryError) as exc:  # RegistryError: an unreadable base
         _fail(str(exc))
     typer.echo(json.dumps({"out": str(out), **record}, indent=2))
 

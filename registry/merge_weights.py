@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -42,6 +43,10 @@ from registry.lora_weights import LoraFile, decode, encode
 
 METHODS = ("linear", "ties")
 MERGE_RECORD = "loraplex-merge.json"
+SHARD_INDEX = "model.safetensors.index.json"
+# Other copies of the weights a model folder may hold (pytorch .bin, Mistral's consolidated
+# file, GGUF): left out of the merged folder, which would otherwise serve them un-merged.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _MERGEABLE = ("BF16", "F16", "F32")
 
 
@@ -97,10 +102,22 @@ def gate_problems(base: BaseModelFingerprint, folders: Sequence[Path]) -> list[s
     return problems
 
 
+def served_weight_files(base: Path) -> list[str]:
+    """The safetensors files transformers and vLLM load: an index's shards, else
+    model.safetensors, else every *.safetensors."""
+    index = base / SHARD_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        return sorted(set(weight_map.values()))
+    if (base / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    return sorted(p.name for p in base.glob("*.safetensors") if p.is_file())
+
+
 def base_tensors(base: Path) -> dict[str, _BaseTensor]:
-    """Every tensor of the base's safetensors files (one file, or an index's shards) by name."""
+    """Every tensor of the base's served safetensors files by name."""
     found: dict[str, _BaseTensor] = {}
-    for path in sorted(base.glob("*.safetensors")):
+    for path in (base / name for name in served_weight_files(base)):
         header = read_header(path)
         for entry in header.tensors:
             if entry.name in found:
@@ -126,8 +143,10 @@ def merge_into_base(
         raise ValueError("nothing to merge: give at least one adapter")
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    if not 0 < density <= 1:
-        raise ValueError(f"density {density} is not within (0, 1]")
+    if not 0 < density <= 1 or (method == "linear" and density != 1):
+        raise ValueError(f"density {density}: within (0, 1], and only for ties")
+    if not all(math.isfinite(item.weight) for item in inputs):
+        raise ValueError("adapter weights must be finite numbers")
     if dest.exists():
         raise ValueError(f"{dest} exists: the merge writes a new folder")
     fingerprint = fingerprint_base_model(base)
@@ -153,10 +172,14 @@ def merge_into_base(
             modules.setdefault(path, []).append(index)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    work.chmod(0o755)  # mkdtemp's 0700 would keep the model from its server's user
+    work.chmod(0o755)  # a plain folder's mode, not mkdtemp's 0700
+    served = set(served_weight_files(base))
+    files = sorted(p for p in base.iterdir() if p.is_file())
+    left_out = [p.name for p in files if p.suffix in WEIGHT_SUFFIXES and p.name not in served]
     try:
-        for source in sorted(p for p in base.iterdir() if p.is_file()):
-            shutil.copyfile(source, work / source.name)
+        for source in files:
+            if source.name not in left_out:
+                shutil.copyfile(source, work / source.name)
         for path, users in sorted(modules.items()):
             loras = [(adapters[i], inputs[i].weight) for i in users]
             _merge_module(work, by_module[path], path, loras, method, density)
@@ -176,6 +199,7 @@ def merge_into_base(
                 for item, lora in zip(inputs, adapters, strict=True)
             ],
             "modules_merged": len(modules),
+            "left_out": left_out,
         }
         (work / MERGE_RECORD).write_text(json.dumps(record, indent=2))
         work.rename(dest)
@@ -205,8 +229,12 @@ def _merge_module(
     with (work / target.file).open("r+b") as handle:
         handle.seek(target.data_start + entry.begin)
         original = decode(handle.read(entry.nbytes), entry.dtype, entry.shape)
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            merged = encode(original + delta, entry.dtype)
+        if not np.isfinite(decode(merged, entry.dtype, entry.shape)).all():
+            raise ValueError(f"{path}: the merged weight overflows {entry.dtype}")
         handle.seek(target.data_start + entry.begin)
-        handle.write(encode(original + delta, entry.dtype))
+        handle.write(merged)
 
 
 def _sha256(path: Path) -> str:

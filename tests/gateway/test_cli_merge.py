@@ -67,3 +67,13 @@ def test_a_missing_adapter_folder_or_an_existing_destination_exits_2(demo, tmp_p
         app, ["merge", str(demo.base), str(demo.adapters[QKVO]), "--out", str(tmp_path / "taken")]
     )
     assert taken.exit_code == 2 and "exists" in taken.output
+
+
+def test_a_folder_that_is_no_model_exits_2_not_a_traceback(demo, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(
+        app,
+        ["merge", str(tmp_path / "empty"), str(demo.adapters[QKVO]), "--out", str(tmp_path / "m")],
+    )
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.output.startswith("error:") and not (tmp_path / "m").exists()

@@ -5,6 +5,7 @@ served. Through the real libraries: PEFT, transformers, safetensors, the demo mo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,12 @@ def test_an_adapter_the_gate_refuses_is_not_merged_and_nothing_is_written(demo, 
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"method": "slerp"}, "method"), ({"density": 0.0}, "density"), ({"density": 1.5}, "density")],
+    [
+        ({"method": "slerp"}, "method"),
+        ({"method": "ties", "density": 0.0}, "density"),
+        ({"method": "ties", "density": 1.5}, "density"),
+        ({"method": "linear", "density": 0.5}, "only for ties"),
+    ],
 )
 def test_bad_options_are_refused_before_any_work(demo, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
@@ -144,3 +150,30 @@ def test_an_existing_destination_is_never_overwritten(demo, tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ValueError, match="exists"):
         merge_into_base(demo.base, [MergeInput(demo.adapters[QKVO])], tmp_path / "m")
+
+
+def test_copies_of_the_weights_the_merge_does_not_rewrite_are_left_out(demo, tmp_path):
+    """A pytorch .bin or Mistral's consolidated file beside the safetensors would serve the
+    plain base from the merged folder."""
+    base = tmp_path / "base"
+    shutil.copytree(demo.base, base)
+    shutil.copyfile(base / "model.safetensors", base / "consolidated.safetensors")
+    (base / "pytorch_model.bin").write_bytes(b"not merged")
+    out = tmp_path / "merged"
+    record = merge_into_base(base, [MergeInput(demo.adapters[QKVO])], out)
+    assert record["left_out"] == ["consolidated.safetensors", "pytorch_model.bin"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".safetensors")) == [
+        "model.safetensors"
+    ]
+
+
+def test_a_merge_that_overflows_the_bases_dtype_is_refused(demo, tmp_path):
+    base = tmp_path / "base-f16"
+    shutil.copytree(demo.base, base)
+    tensors = load_file(base / "model.safetensors")
+    half = {name: t.half() for name, t in tensors.items()}
+    half["model.layers.0.self_attn.q_proj.weight"].fill_(65504.0)  # float16's largest
+    save_file(half, base / "model.safetensors")
+    with pytest.raises(ValueError, match="overflows F16"):
+        merge_into_base(base, [MergeInput(demo.adapters[QKVO], 1e4)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
