@@ -51,6 +51,7 @@ from gateway.routes import (
 )
 from gateway.services.adapter_admin import AdapterAdmin, S3Import
 from gateway.services.dataset_admin import DatasetAdmin
+from gateway.services.eval_evidence import EvalEvidence
 from gateway.services.feedback import FeedbackService
 from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
@@ -240,8 +241,12 @@ def create_app(
             )
             app.state.rollout_admin = RolloutAdmin(registry, router, controller)
             response_ids = _response_ids(settings)
+            app.state.response_ids = response_ids
             app.state.feedback = FeedbackService(
                 response_ids, registry, controller, model_name, settings.feedback_max_age_s
+            )
+            app.state.eval_evidence = EvalEvidence(
+                response_ids, registry, settings.feedback_max_age_s
             )
             faults = FaultInjector() if settings.enable_faults else None
             app.state.faults = faults

@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gateway.cli_admin import adapters_app, keys_app, tenants_app
+from gateway.cli_card import card_app
+from gateway.cli_costs import break_even
 from gateway.cli_datasets import datasets_app
+from gateway.cli_eval import eval_app
 from gateway.cli_merge import merge
 from gateway.cli_rollout import faults_app, rollout_app
 from gateway.cli_weights import add_weight_commands
@@ -31,6 +34,9 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(faults_app, name="faults")
+app.add_typer(eval_app, name="eval")
+app.add_typer(card_app, name="card")
+app.command("break-even")(break_even)
 app.command("merge")(merge)
 
 

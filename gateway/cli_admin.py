@@ -329,7 +329,21 @@ def unshare(
 
 
 @adapters_app.command("evaluate")
-def evaluate(address: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+def evaluate(
+    address: str,
+    reason: Annotated[str | None, typer.Option()] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="An eval report from `loraplex eval run` (checked by the gateway)."),
+    ] = None,
+) -> None:
     """Mark NAME@VERSION evaluated (passed its evals): it may then start a canary."""
     name, version = _split(address)
-    _print(_call("POST", f"/adapters/{name}/versions/{version}/evaluate", json={"reason": reason}))
+    body: dict[str, Any] = {"reason": reason}
+    if report is not None:
+        try:
+            body["report"] = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            typer.echo(f"error: cannot read the report {report}: {exc!r}", err=True)
+            raise typer.Exit(2) from exc
+    _print(_call("POST", f"/adapters/{name}/versions/{version}/evaluate", json=body))

@@ -18,6 +18,7 @@ from gateway.errors import EngineUnavailable
 from gateway.registry_runtime import RegistryRuntime
 from gateway.services.adapter_admin import AdapterAdmin
 from gateway.services.dataset_admin import DatasetAdmin
+from gateway.services.eval_evidence import EvalEvidence
 from gateway.services.generation import GenerationService
 from gateway.services.rollout_admin import RolloutAdmin
 from gateway.services.tenant_admin import TenantAdmin
@@ -65,6 +66,11 @@ async def get_tenant_admin(request: Request) -> TenantAdmin:
     return admin
 
 
+async def get_eval_evidence(request: Request) -> EvalEvidence:
+    evidence: EvalEvidence = _state(request, "eval_evidence")
+    return evidence
+
+
 async def get_rollout_admin(request: Request) -> RolloutAdmin:
     admin: RolloutAdmin = _state(request, "rollout_admin")
     return admin
@@ -78,3 +84,4 @@ AdapterAdminDep = Annotated[AdapterAdmin, Depends(get_adapter_admin)]
 DatasetAdminDep = Annotated[DatasetAdmin, Depends(get_dataset_admin)]
 TenantAdminDep = Annotated[TenantAdmin, Depends(get_tenant_admin)]
 RolloutAdminDep = Annotated[RolloutAdmin, Depends(get_rollout_admin)]
+EvalEvidenceDep = Annotated[EvalEvidence, Depends(get_eval_evidence)]

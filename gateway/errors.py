@@ -149,7 +149,11 @@ def typed_error_body(exc: LoraplexError, request_id: str) -> dict[str, Any]:
     message = exc.message
     if exc.status_code >= 500:
         message = f"{message} (request id {request_id})"
-    return error_body(message, exc.error_type, param=exc.param, code=exc.code)
+    body = error_body(message, exc.error_type, param=exc.param, code=exc.code)
+    problems: list[tuple[str, str]] | None = getattr(exc, "problems", None)
+    if problems:  # every reason a request was refused, as the registry's refusals list them
+        body["error"]["problems"] = [{"code": code, "message": text} for code, text in problems]
+    return body
 
 
 def unexpected_error_body(request_id: str) -> dict[str, Any]:

@@ -38,6 +38,10 @@ _TOKEN_CHARS = _TOKEN_BYTES // 3 * 4
 _BASE64URL = re.compile(f"[A-Za-z0-9_-]{{{_TOKEN_CHARS}}}")
 PREFIXES = ("chatcmpl", "cmpl")
 MIN_SECRET_BYTES = 16
+ANSWER_MAC_BYTES = 18  # 144 bits; a multiple of 3, so its base64url has one spelling
+# Sent by a client (`loraplex eval run`) that wants its non-streamed answer's receipt, which
+# comes back in the response header of the same name.
+ANSWER_RECEIPT_HEADER = "x-loraplex-answer-receipt"
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,26 @@ class ResponseIds:
             _xor(ciphertext, self._keystream(head))
         )
         return Receipt(version_id or None, bool(judged), issued_at, role_tag)
+
+    def answer_receipt(self, response_id: str, request_body: bytes, text: str) -> str:
+        """A receipt binding an answer's text to the exact request bytes it answered and to its
+        response id (which binds version and tenant): what an eval report's answers carry, so
+        the gateway can tell its own answers from edited ones (gateway/services/eval_evidence)."""
+        return base64.urlsafe_b64encode(self._answer_mac(response_id, request_body, text)).decode()
+
+    def answer_matches(
+        self, receipt: str, response_id: str, request_body: bytes, text: str
+    ) -> bool:
+        expected = self.answer_receipt(response_id, request_body, text)
+        return hmac.compare_digest(receipt.encode(), expected.encode())
+
+    def _answer_mac(self, response_id: str, request_body: bytes, text: str) -> bytes:
+        message = b"answer\x00%s\x00%s\x00%s" % (
+            response_id.encode(),
+            hashlib.sha256(request_body).digest(),
+            hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest(),
+        )
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:ANSWER_MAC_BYTES]
 
     def _keystream(self, head: str) -> bytes:
         # Unique per id: the head's random part is 128 bits.

@@ -208,6 +208,12 @@ class Settings(EngineSettings, BaseSettings):
         description="Feedback on a response older than this is refused (default 7 days, at "
         "most 10 years); the registry keeps each verdict this long.",
     )
+    evaluate_requires_report: bool = Field(
+        False,
+        description="Marking a version evaluated needs an eval report from `loraplex eval run` "
+        "whose gates pass (seed: no promotion past evaluated without gate results); false: an "
+        "operator's reason is enough, a report is checked when given.",
+    )
 
     @field_validator(
         "admin_token",

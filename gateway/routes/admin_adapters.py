@@ -2,12 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 
 from gateway.admin_auth import AdminDep
 from gateway.audit_log import registry_operation
-from gateway.deps import AdapterAdminDep, RegistryDep
-from gateway.schemas.admin import AdapterOut, ChangeReason, ImportAdapter, VersionOut
+from gateway.deps import AdapterAdminDep, RegistryDep, get_eval_evidence
+from gateway.schemas.admin import (
+    AdapterOut,
+    ChangeReason,
+    EvaluateVersion,
+    ImportAdapter,
+    VersionOut,
+)
 from gateway.schemas.admin_weights import (
     DerivedOut,
     DerivedVersionOut,
@@ -16,6 +22,7 @@ from gateway.schemas.admin_weights import (
     StackAdapter,
     TruncateVersion,
 )
+from gateway.services.eval_evidence import ReportRequired
 from registry import service
 from registry.rank_spectrum import rank_needed, rank_warnings
 
@@ -121,16 +128,28 @@ async def evaluate_version(
     version: VersionNumber,
     actor: AdminDep,
     registry: RegistryDep,
-    body: ChangeReason | None = None,
+    request: Request,
+    body: EvaluateVersion | None = None,
 ) -> VersionOut:
-    """Record that a version passed its evaluation (compatible → evaluated): a canary can start."""
-    async with (
-        registry_operation("evaluate", actor, adapter=name, version=version),
-        registry.sessions() as session,
-    ):
-        row = await service.mark_evaluated(
-            session, name=name, version=version, actor=actor, reason=body.reason if body else None
-        )
+    """Record that a version passed its evaluation (compatible → evaluated): a canary can start.
+    With `report` (from `loraplex eval run`), the gateway checks its response ids and judges its
+    gates again first (422 `eval_gate_failed` / `eval_evidence_invalid`, every problem listed);
+    with LORAPLEX_EVALUATE_REQUIRES_REPORT a report is required (422 `eval_report_required`)."""
+    reason = body.reason if body else None
+    report = body.report if body else None
+    if report is None and request.app.state.settings.evaluate_requires_report:
+        raise ReportRequired()
+    async with registry_operation("evaluate", actor, adapter=name, version=version):
+        if report is not None:
+            evidence = await get_eval_evidence(request)
+            row = await evidence.mark_evaluated(
+                name=name, version=version, actor=actor, reason=reason, report=report
+            )
+        else:
+            async with registry.sessions() as session:
+                row = await service.mark_evaluated(
+                    session, name=name, version=version, actor=actor, reason=reason
+                )
     return VersionOut.of(row)
 
 

@@ -4,6 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from gateway.answer_receipts import attach_answer_receipt
 from gateway.auth import TenantDep
 from gateway.deps import ServiceDep
 from gateway.errors import request_id_of
@@ -19,7 +20,11 @@ router = APIRouter(prefix="/v1/chat", tags=["openai"])
 
 @router.post("/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, service: ServiceDep, caller: TenantDep
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    caller: TenantDep,
 ) -> dict[str, Any] | Response:
     """Create a chat completion with the base model or the adapter named by `model`."""
     key = sticky_key(body.user, request.headers.get("x-session-id"), caller.key_id)
@@ -56,4 +61,6 @@ async def create_chat_completion(
         return Response(status_code=499)
     finally:
         job.finish()
-    return chat_completion_body(job, choices)
+    answer = chat_completion_body(job, choices)
+    await attach_answer_receipt(request, response, answer)
+    return answer

@@ -7,6 +7,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.evals.gates import EvalReport
 from registry.models import Adapter, AdapterVersion
 from registry.service.keys import MAX_KEY_DAYS
 from registry.tenancy import MAX_LIMIT, MIN_REQUESTS_PER_SECOND
@@ -78,6 +79,23 @@ class ChangeReason(Payload):
     reason: str | None = Field(None, max_length=500)
 
     model_config = example({"reason": "regressed on the eval set"})
+
+
+class EvaluateVersion(Strict):
+    reason: str | None = Field(None, max_length=500)
+    report: EvalReport | None = Field(
+        None,
+        description="An eval report from `loraplex eval run` against this exact version: "
+        "its response ids must be this gateway's, its gates are judged again here.",
+    )
+
+    model_config = example({"reason": "eval suite support-v3 passed", "report": None})
+
+    @model_validator(mode="after")
+    def _reason_without_nul(self) -> Self:
+        if self.reason is not None and "\x00" in self.reason:
+            raise ValueError("reason must not contain NUL characters")
+        return self
 
 
 class VersionOut(Strict):

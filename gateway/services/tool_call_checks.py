@@ -56,6 +56,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: strict JSON clients refuse them
 
 
+def parse_strict_json(text: str) -> tuple[bool, Any]:
+    """(True, value) for strict JSON that Python's parser holds; (False, None) otherwise
+    (invalid, NaN/Infinity, or numbers past what the checker judges)."""
+    try:
+        return True, json.loads(text, parse_constant=_no_constants, parse_int=_int)
+    except (_Unjudged, RecursionError, ValueError):
+        return False, None
+
+
 class CallChecker:
     def __init__(self, tools: list[dict[str, Any]]):
         """`tools`: as chat templates take them ({"type": "function", "function": {...}})."""
@@ -81,13 +90,19 @@ class CallChecker:
         schema = self._parameters[name]
         if not schema:
             return "valid"
+        fits = self.fits_schema(value, schema)
+        return None if fits is None else "valid" if fits else "invalid_arguments"
+
+    def fits_schema(self, value: Any, schema: Any) -> bool | None:
+        """Whether a parsed JSON `value` matches `schema`; None when it cannot be judged
+        within the bounds above (the steps are shared with every other check of this checker)."""
         if self._steps_left <= 0 or not isinstance(schema, dict):
             return None
         self._root = schema
         dialect = schema.get("$schema")
         self._before_2020 = isinstance(dialect, str) and ("draft-0" in dialect or "2019" in dialect)
         try:
-            return "valid" if self._fits(value, schema) else "invalid_arguments"
+            return self._fits(value, schema)
         except (_Unjudged, RecursionError):
             return None
 

@@ -30,19 +30,29 @@ DIGESTS_PER_QUERY = 500  # well under SQLite's and PostgreSQL's bound parameter 
 
 
 async def mark_evaluated(
-    session: AsyncSession, *, name: str, version: int, actor: str, reason: str | None = None
+    session: AsyncSession,
+    *,
+    name: str,
+    version: int,
+    actor: str,
+    reason: str | None = None,
+    evidence: dict[str, object] | None = None,
 ) -> AdapterVersion:
     """Record that a compatible version passed its evaluation (compatible → evaluated), the
-    state a canary starts from. `reason`: what was run (e.g. an eval report's id)."""
+    state a canary starts from. `reason`: what was run (e.g. an eval report's id); `evidence`:
+    a summary of the eval report the gateway checked, kept in the audit row."""
     row = await get_version(session, name=name, version=version, for_update=True)
     previous = row.state
     move_state(row, VersionState.EVALUATED)
+    details: dict[str, object] = {"version": version, "from": previous.value, "reason": reason}
+    if evidence is not None:
+        details["evidence"] = evidence
     record(
         session,
         actor=actor,
         action="adapter_version.evaluate",
         target=f"adapter:{name}",
-        details={"version": version, "from": previous.value, "reason": reason},
+        details=details,
     )
     await session.commit()
     return row
