@@ -25,6 +25,7 @@ from gateway.feedback_ids import ResponseIds
 from gateway.http_utils import RequestIdMiddleware
 from gateway.limits import AdmissionLimits, TenantLimiter
 from gateway.metrics import ENGINE_UP
+from gateway.prompt_drift import PromptDrift, registry_cards
 from gateway.registry_runtime import (
     adapter_demand,
     ensure_start_key,
@@ -259,6 +260,12 @@ def create_app(
                 faults,
                 max_inflight=settings.shadow_max_inflight,
             )
+            app.state.prompt_drift = drift = PromptDrift(
+                sample_rate=settings.drift_sample_rate,
+                max_prompt_tokens=settings.drift_max_prompt_tokens,
+                reference_samples=settings.drift_reference_samples,
+                card_of=registry_cards(registry),
+            )
             app.state.generation = GenerationService(
                 served_engine,
                 catalog,
@@ -274,6 +281,7 @@ def create_app(
                 grammar_ends_at_stop_tokens=settings.structured_outputs_backend == "xgrammar",
                 tool_parsing=tool_parsing,
                 reasoning_parsing=reasoning_parsing,
+                drift=drift,
             )
             app.state.engine = served_engine
             freeze_startup_heap()

@@ -226,6 +226,29 @@ SHADOW_DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# --- prompt drift (gateway/prompt_drift.py) ------------------------------------------------
+PROMPT_PERPLEXITY = Gauge(
+    "loraplex_prompt_perplexity",
+    "Perplexity of an adapter version's sampled prompts under it: window 24h (the last 24 "
+    "hours on this replica) or reference (its card's dev set, else its first sampled prompts).",
+    ["adapter", "version", "window"],
+    multiprocess_mode="liveall",
+)
+PROMPT_DRIFT_RATIO = Gauge(
+    "loraplex_prompt_drift_ratio",
+    "An adapter version's prompt perplexity over the last 24 hours divided by its reference "
+    "(set once the window holds at least 100 sampled prompts).",
+    ["adapter", "version"],
+    multiprocess_mode="liveall",
+)
+PROMPT_DRIFT_LIMIT = Gauge(
+    "loraplex_prompt_drift_limit_ratio",
+    "The drift ratio above which an adapter version's traffic has drifted (its card's "
+    "drift.max_ratio, else 1.5).",
+    ["adapter", "version"],
+    multiprocess_mode="liveall",
+)
+
 # --- engine and registry ------------------------------------------------------------------
 ENGINE_UP = Gauge(
     "loraplex_engine_up",

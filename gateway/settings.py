@@ -142,6 +142,29 @@ class Settings(EngineSettings, BaseSettings):
         description="Mirrored requests to one adapter's shadow version running at once per "
         "process; more are dropped and counted (0 mirrors nothing).",
     )
+    drift_sample_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of adapter requests whose prompt perplexity is measured for drift "
+        "(gateway/prompt_drift.py; such a request reads no prefix cache). 0: off.",
+    )
+    drift_max_prompt_tokens: int = Field(
+        512,
+        ge=1,
+        # vLLM's start-up memory profile leaves prompt logits out: 4096 tokens of a 152k
+        # vocabulary are ~6 GB for a moment.
+        le=4096,
+        description="Longest prompt sampled for drift: its logprobs take prompt tokens x "
+        "vocabulary of engine memory in one step.",
+    )
+    drift_reference_samples: int = Field(
+        200,
+        ge=10,
+        le=1_000_000,
+        description="Without a card's drift.dev_perplexity, a version's first this many sampled "
+        "prompts on a replica are its reference.",
+    )
     enable_faults: bool = Field(
         False, description="Mount /admin/v1/faults (latency/error injection per version)."
     )

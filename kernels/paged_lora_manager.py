@@ -60,7 +60,7 @@ from kernels.paged_config import PagedLoraConfig
 from kernels.paged_lora_layers import PagedLinearMixin, effective_rank
 from kernels.paged_residency import PoolExhausted, Residency
 from kernels.paged_stats import PagedPoolStats
-from kernels.paged_vocab import unwrap_vocab_layers
+from kernels.paged_vocab import refuse_vocab_weights, unwrap_vocab_layers
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +101,6 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         """Put the base embedding and logits layers back in place of vLLM's LoRA wrappers."""
         self.unwrapped_vocab_layers = unwrap_vocab_layers(self.model, self.modules)
         self.stats.vocab_layers_unwrapped = len(self.unwrapped_vocab_layers)
-
-    def _refuse_vocab_weights(self, lora_id: int, lora: LoRAModel) -> None:
-        carried = [
-            name
-            for name in self.unwrapped_vocab_layers
-            if self._get_lora_layer_weights(lora, name) is not None
-        ]
-        if carried:
-            raise ValueError(
-                f"adapter {lora_id} has LoRA weights for {', '.join(carried)}: paged LoRA "
-                "serves linear projections only (loraplex's registry refuses such adapters)"
-            )
 
     @property
     def paged_modules(self) -> dict[str, PagedLinearMixin]:
@@ -214,7 +202,7 @@ class PagedLRUCacheLoRAModelManager(LRUCacheLoRAModelManager):
         cached = self._pages_cache.get(lora_id)
         if cached is not None and cached[0]() is lora:
             return cached[1]
-        self._refuse_vocab_weights(lora_id, lora)
+        refuse_vocab_weights(self, lora_id, lora, self.unwrapped_vocab_layers)
         ranks = [0] * len(self.pool_groups.groups)
         max_rank = self.lora_config.max_lora_rank
         for name in self.paged_modules:

@@ -253,6 +253,9 @@ def register() -> None:
 
         max_wait_s = _positive_int(os.environ, MAX_WAIT_ENV, DEFAULT_MAX_WAIT_MS) / 1000
         rebound = slot_scheduler.install(max_wait_s)
+        from kernels import slot_vocab
+
+        rebound += slot_vocab.install()
         logger.debug("loraplex plugin: slot mode, rebound %s", ", ".join(rebound))
     else:
         from kernels import paged_worker

@@ -122,6 +122,14 @@ class RollbackTriggers(_Strict):
     tool_call_validity_min: float | None = Field(None, ge=0, le=1)
 
 
+class DriftReference(_Strict):
+    """Prompt drift (gateway/prompt_drift.py): the dev set's prompt perplexity under this
+    adapter on its base, and the ratio above which live traffic has drifted from it."""
+
+    dev_perplexity: float | None = Field(None, ge=1, le=1e9)
+    max_ratio: float = Field(1.5, gt=1, le=1000)
+
+
 class DatasetRef(_Strict):
     name: Text
     sha256: Sha256
@@ -150,6 +158,7 @@ class AdaptationCard(_Strict):
     rollback_path: RollbackTarget = "base"
     sla: ServingSLA | None = None
     rollback: RollbackTriggers | None = None
+    drift: DriftReference | None = None
     datasets: list[DatasetRef] = Field(default_factory=list, max_length=100)
     evals: list[EvalResult] = Field(default_factory=list, max_length=200)
     licenses: list[LicenseTag] = Field(default_factory=list, max_length=8)

@@ -109,6 +109,7 @@ def launch_gateway(
         "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
         "LORAPLEX_METRICS_TOKEN": METRICS_TOKEN,
         **model_env,
+        "LORAPLEX_DRIFT_SAMPLE_RATE": "0",  # sampled at random otherwise: tests that opt in
         "LORAPLEX_MAX_LORAS": str(MAX_LORAS),
         "LORAPLEX_MAX_LORA_RANK": "32",
         "LORAPLEX_MAX_MODEL_LEN": "2048",
@@ -194,6 +195,10 @@ def gateway(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         LORAPLEX_STRUCTURED_OUTPUTS_COMPACT_JSON="1",
         LORAPLEX_TOOL_CALL_PARSER="hermes",  # tool_choice "auto" (tests/e2e/test_tool_calls.py)
         LORAPLEX_REASONING_PARSER="qwen3",  # enable_thinking: tests/e2e/test_reasoning.py
+        # Every adapter request measures its prompt's perplexity (tests/e2e/test_prompt_drift.py),
+        # so every adapter test also shows that leaves its output alone.
+        LORAPLEX_DRIFT_SAMPLE_RATE="1",
+        LORAPLEX_DRIFT_REFERENCE_SAMPLES="10",
     )
     try:
         running.api_key = register_demo_adapters(running, demo)

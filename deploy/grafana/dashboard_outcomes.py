@@ -1,6 +1,6 @@
-"""Dashboard panels about what callers got: their verdicts (POST /v1/feedback), whether
-constrained outputs came out whole, whether the tool calls models wrote were valid, and loops
-the guard stopped."""
+"""Dashboard panels about what callers got: their verdicts (POST /v1/feedback), whether their
+prompts drifted from what the adapter was made for, whether constrained outputs came out whole,
+whether the tool calls models wrote were valid, and loops the guard stopped."""
 
 from __future__ import annotations
 
@@ -43,6 +43,46 @@ def outcome_panels(adapter_filter: str) -> list[Member]:
                     )
                 ],
                 unit="percentunit",
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Prompt drift",
+                "Per version, its sampled prompts' perplexity over the last 24 hours divided by "
+                "its reference (card drift.dev_perplexity, else its first sampled prompts), "
+                "highest replica, with its limit (LoraplexPromptDrift: above it for 1 h).",
+                [
+                    (
+                        "max by (adapter, version) "
+                        f"(loraplex_prompt_drift_ratio{{{adapter_filter}}})",
+                        "{{adapter}} v{{version}}",
+                    ),
+                    (
+                        "max by (adapter, version) "
+                        f"(loraplex_prompt_drift_limit_ratio{{{adapter_filter}}})",
+                        "{{adapter}} v{{version}} limit",
+                    ),
+                ],
+                unit="none",
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Prompt perplexity",
+                "Perplexity of each version's sampled prompts under it (LORAPLEX_DRIFT_SAMPLE_"
+                "RATE): window 24h, and its reference.",
+                [
+                    (
+                        "max by (adapter, version, window) "
+                        f"(loraplex_prompt_perplexity{{{adapter_filter}}})",
+                        "{{adapter}} v{{version}} {{window}}",
+                    )
+                ],
+                unit="none",
             ),
             8,
             8,

@@ -122,6 +122,10 @@ class SamplingOptions:
     # None, from the first token (a completion has no reasoning).
     reasoning_ended: bool | None = None
     reasoning_switches: dict[str, Any] | None = None
+    # The prompt's token logprobs under the request's adapter, summed into
+    # GenerationUpdate.prompt_surprisal (gateway/prompt_drift.py); the engine then reads no
+    # prefix cache for the request.
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ class GenerationUpdate:
     # it does not say. A non-streamed request's only update comes at its end: without this,
     # its time to first token would be its whole latency.
     first_token_at: float | None = None
+    # With SamplingOptions.prompt_logprobs, once: (sum of the prompt tokens' negative logprobs,
+    # tokens scored: every prompt token after the first).
+    prompt_surprisal: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True)

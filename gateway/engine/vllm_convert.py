@@ -4,6 +4,7 @@ so the gateway's modules import without it)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -77,6 +78,8 @@ def sampling_params(options: SamplingOptions) -> Any:
             kwargs[name] = value
     if options.constraint is not None:
         kwargs["structured_outputs"] = structured_outputs(options.constraint)
+    if options.prompt_logprobs:
+        kwargs["prompt_logprobs"] = 0  # the prompt's own tokens only
     if options.loop_guard is not None:
         from vllm.sampling_params import RepetitionDetectionParams
 
@@ -144,7 +147,25 @@ def generation_update(output: Any, prompt_tokens: int, top_k: int | None) -> Gen
         finished=output.finished,
         cached_prompt_tokens=output.num_cached_tokens,
         first_token_at=_first_token_at(getattr(output, "metrics", None)),
+        prompt_surprisal=_surprisal(output),
     )
+
+
+def _surprisal(output: Any) -> tuple[float, int] | None:
+    """vLLM's prompt logprobs: None for the first position, then per position a dict that holds
+    the prompt's own token (with prompt_logprobs=0, only it)."""
+    positions = getattr(output, "prompt_logprobs", None)
+    token_ids = getattr(output, "prompt_token_ids", None)
+    if not positions or not token_ids:
+        return None
+    total, count = 0.0, 0
+    for token_id, position in zip(token_ids, positions, strict=False):
+        entry = position.get(token_id) if position else None
+        if entry is None or not math.isfinite(entry.logprob):
+            continue
+        total -= entry.logprob
+        count += 1
+    return (total, count) if count else None
 
 
 def _first_token_at(stats: Any) -> float | None:

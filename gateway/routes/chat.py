@@ -12,7 +12,7 @@ from gateway.http_utils import ClientDisconnected, event_stream, until_disconnec
 from gateway.request_metrics import note_generation, note_scope
 from gateway.rollout_router import sticky_key
 from gateway.schemas.openai import ChatCompletionRequest
-from gateway.services.generation import new_request_id
+from gateway.services.generation_job import new_request_id
 from gateway.services.openai_format import chat_completion_body, chat_stream
 
 router = APIRouter(prefix="/v1/chat", tags=["openai"])

@@ -67,6 +67,9 @@ async def metrics(request: Request, reader: MetricsReaderDep) -> Response:
         if pool is None:
             pool = request.app.state.pool_metrics = PoolMetrics()
         await pool.refresh(engine)
+    drift = getattr(request.app.state, "prompt_drift", None)
+    if drift is not None:
+        drift.refresh()  # windows slide with the clock, samples or not
     body = generate_latest(Exposed(_registry()))
     _forget_dropped()
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -35,6 +34,7 @@ from gateway.errors import (
 from gateway.faults import FaultInjector
 from gateway.feedback_ids import ResponseIds
 from gateway.limits import AdmissionLimits
+from gateway.prompt_drift import PromptDrift
 from gateway.request_metrics import GenerationRecorder, MetricScope
 from gateway.rollout_controller import RolloutController
 from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest
@@ -78,6 +78,7 @@ class GenerationService:
         grammar_ends_at_stop_tokens: bool = True,
         tool_parsing: ToolCallParsing | None = None,
         reasoning_parsing: ReasoningParsing | None = None,
+        drift: PromptDrift | None = None,
     ):
         """`grammar_ends_at_stop_tokens`: the grammar backend allows a stop token only where
         the constrained text may end (vLLM's xgrammar backend; guidance does not).
@@ -87,7 +88,7 @@ class GenerationService:
         self._tool_parsing = tool_parsing
         self._reasoning_parsing = reasoning_parsing
         self._engine, self._catalog, self._limiter, self._cache = engine, catalog, limiter, cache
-        self._response_ids = response_ids
+        self._response_ids, self._drift = response_ids, drift
         self._prompts = PromptBuilder(tokenizer, engine)
         self._controller, self._faults, self._shadow = controller, faults, shadow
         self._sampling = SamplingResolver(
@@ -253,6 +254,8 @@ class GenerationService:
             job.cache = self._cache
         if self._shadow is not None:
             job.shadow = self._shadow.plan(job, caller, caller_key)
+        if self._drift is not None:
+            job.options = self._drift.plan(job.served, job.prompts, job.options, job.copies)
         return job
 
     # ---- running ---------------------------------------------------------------------------
@@ -273,6 +276,8 @@ class GenerationService:
                         record_update(recorder, job, update, self._grammar_ends_at_stop_tokens)
                     if job.shadow is not None:
                         job.shadow.observe(index, update)
+                    if update.prompt_surprisal is not None and self._drift is not None:
+                        self._drift.observe(job.served, update)
                     yield index, update
             if recorder is not None:
                 recorder.completed = True
@@ -386,10 +391,6 @@ class GenerationService:
                         choice.finish_reason = delta.finish_reason
                         choice.stop_reason = delta.stop_reason
         return [choices[i] for i in sorted(choices)]
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _scope_of(served: ServedModel, caller: Principal) -> MetricScope:

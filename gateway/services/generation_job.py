@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -184,3 +185,7 @@ def fan_out_greedy(
     copies = options.n
     expanded = [prompt for prompt in prompts for _ in range(copies)]
     return expanded, replace(options, n=1), copies
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -198,6 +198,18 @@ SCOPED_MUTATIONS = {
     "limits store down for 2m → 1m": ("LoraplexLimitStoreDown", "for: 2m", "for: 1m"),
     "limits store down for 2m → 3m": ("LoraplexLimitStoreDown", "for: 2m", "for: 3m"),
     "limits store down == 0 → < 2": ("LoraplexLimitStoreDown", "== 0", "< 2"),
+    "prompt drift for 1h → 50m": ("LoraplexPromptDrift", "for: 1h", "for: 50m"),
+    "prompt drift for 1h → 70m": ("LoraplexPromptDrift", "for: 1h", "for: 70m"),
+    "prompt drift limit ignored": (
+        "LoraplexPromptDrift",
+        "max by (adapter, version) (loraplex_prompt_drift_limit_ratio)",
+        "1.5",
+    ),
+    "prompt drift: min over replicas": (
+        "LoraplexPromptDrift",
+        "max by (adapter, version) (loraplex_prompt_drift_ratio)",
+        "min by (adapter, version) (loraplex_prompt_drift_ratio)",
+    ),
 }
 
 ALERT_START = "      - alert: "

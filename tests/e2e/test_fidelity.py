@@ -66,6 +66,9 @@ def served(request, gateway, demo, tmp_path_factory):
         LORAPLEX_IMPORT_TENANT=DEMO_TENANT,
         # The other grammar backend: the constrained fidelity test holds it to the same masks.
         LORAPLEX_STRUCTURED_OUTPUTS_BACKEND="guidance",
+        # Prompt logprobs on every adapter request (gateway/prompt_drift.py), as the session
+        # gateway: the paged layers serve prompt positions' logits too.
+        LORAPLEX_DRIFT_SAMPLE_RATE="1",
     )
     try:
         running.api_key = issue_key(running, DEMO_TENANT)

@@ -153,6 +153,7 @@ def client_for(demo_root: Path, engine: Any, **overrides: Any) -> KeyedClient:
         "adapter_dir": None,
         "data_dir": demo_root / "data",
         "admin_token": ADMIN_TOKEN,
+        "drift_sample_rate": 0,  # sampled at random otherwise (tests/gateway/test_prompt_drift)
     }
     settings = Settings(**{**defaults, **overrides})
     return KeyedClient(create_app(settings, engine=engine), raise_server_exceptions=False)

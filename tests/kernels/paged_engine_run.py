@@ -37,7 +37,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     )
     ids = {name: i + 1 for i, name in enumerate(spec["adapters"])}
     requests = {name: LoRARequest(name, ids[name], path) for name, path in spec["adapters"].items()}
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
+    prompt_logprobs = 0 if spec.get("prompt_logprobs") else None
+    params = SamplingParams(
+        temperature=0, max_tokens=spec["max_tokens"], prompt_logprobs=prompt_logprobs
+    )
     out: dict[str, Any] = {"outputs": None, "error": None}
     try:
         for name in spec.get("prefetch", []):  # what the gateway's add_adapter does
@@ -52,6 +55,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         )
         out["outputs"] = [list(r.outputs[0].token_ids) for r in results]
         out["finish_reasons"] = [r.outputs[0].finish_reason for r in results]
+        if prompt_logprobs is not None:  # as the gateway reads them (gateway/prompt_drift.py)
+            from gateway.engine.vllm_convert import _surprisal
+
+            out["prompt_surprisal"] = [_surprisal(r) for r in results]
+        if not spec.get("paged", True):
+            return out
         out["stats"] = llm.collective_rpc("loraplex_paged_pool_stats")[0]
         out["pool_groups"] = llm.collective_rpc("loraplex_paged_pool_groups")[0]
         out["paged_layers"] = llm.collective_rpc("loraplex_paged_layers")[0]

@@ -1,4 +1,5 @@
-"""A real vLLM engine with paged LoRA on serves every request its own adapter's output.
+"""A real vLLM engine with paged LoRA on serves every request its own adapter's output (and,
+at the end of the slot-mode section, vLLM's own slots with the plugin's slot-mode changes).
 
 Each engine runs in its own process (tests/kernels/paged_engine_run.py) with LORAPLEX_PAGED_*
 set, so the plugin pages the weights in every vLLM process and nothing leaks into this session.
@@ -72,8 +73,11 @@ def run_engine(
     pool_bytes: int,
     max_lora_rank: int = 64,
     prefetch: tuple[str, ...] = (),
+    paged: bool = True,
+    prompt_logprobs: bool = False,
     **extra_env: str,
 ) -> tuple[dict, str]:
+    """`paged` False: vLLM's own slot buffers, with the plugin's slot-mode changes."""
     spec = {
         "base": str(demo.base),
         "adapters": {name: str(path) for name, path in adapters.items()},
@@ -84,15 +88,23 @@ def run_engine(
         },
         "max_tokens": MAX_TOKENS,
         "prefetch": list(prefetch),
+        "paged": paged,
+        "prompt_logprobs": prompt_logprobs,
         "jobs": [{"adapter": name, "prompt_ids": ids} for name, ids in jobs],
     }
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")},
-        "LORAPLEX_PAGED_LORA": "1",
-        "LORAPLEX_PAGED_POOL_BYTES": str(pool_bytes),
-        "LORAPLEX_PAGED_PAGE_SIZE": str(PAGE_SIZE),
+        **(
+            {
+                "LORAPLEX_PAGED_LORA": "1",
+                "LORAPLEX_PAGED_POOL_BYTES": str(pool_bytes),
+                "LORAPLEX_PAGED_PAGE_SIZE": str(PAGE_SIZE),
+            }
+            if paged
+            else {}
+        ),
         **extra_env,
     }
     proc = subprocess.run(
@@ -185,6 +197,71 @@ def test_an_adapter_with_embedding_weights_is_refused_not_half_served(
     assert out["outputs"] == [[]] and out["finish_reasons"] == ["error"]
     assert "embed_tokens" in log and "linear projections only" in log, log[-4000:]
     assert "request refused" in log
+
+
+def prompt_surprisal(demo, adapter: Path | None, ids: list[int]) -> float:
+    """HF's sum of -log p(token | earlier) over the prompt's tokens after the first."""
+    import torch
+
+    from tests.e2e.merged_reference import merged_model
+
+    with torch.no_grad():
+        logits = merged_model(demo.base, adapter)(torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return -sum(float(logprobs[t, ids[t + 1]]) for t in range(len(ids) - 1))
+
+
+def test_slot_mode_serves_prompt_logprobs_in_a_full_mixed_batch(tmp_path, demo, prompt_ids):
+    """vLLM's own slots (no paged pool), every slot full plus the base, every request asking
+    for its prompt's logprobs (gateway/prompt_drift.py): vLLM 0.32's lm_head LoRA wrapper
+    failed such a step (one adapter index per request, prompt positions for rows); the plugin
+    takes the vocab wrappers out in slot mode too (kernels.slot_vocab). Each output is its own
+    adapter's and each prompt's logprobs are its adapter's, as HF gives them."""
+    names = list(demo.adapters)
+    assert len(names) == 4
+    jobs = [(name, ids) for ids in prompt_ids for name in [*names, None]]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        demo.adapters,
+        jobs,
+        max_loras=4,
+        pool_bytes=0,
+        max_lora_rank=32,
+        paged=False,
+        prompt_logprobs=True,
+    )
+    assert out["error"] is None, (out["error"], log[-4000:])
+    check_outputs(demo, demo.adapters, jobs, out["outputs"])
+    for (name, ids), (total, count) in zip(jobs, out["prompt_surprisal"], strict=True):
+        assert count == len(ids) - 1
+        want = prompt_surprisal(demo, demo.adapters[name] if name else None, ids)
+        assert total == pytest.approx(want, rel=1e-4), name
+
+
+def test_slot_mode_refuses_an_adapter_with_embedding_weights(
+    tmp_path, tmp_path_factory, demo, prompt_ids
+):
+    """Without the vocab wrappers such an adapter would be served without its embedding
+    delta; it is refused when it is added instead (its request ends with "error")."""
+    folder = tmp_path_factory.mktemp("slot-embedding-adapter")
+    spec = DemoAdapterSpec("slot-emb-r8", 8, 16, ["q_proj", "embed_tokens"], seed=43)
+    build_adapter(demo.base, folder / spec.name, spec)
+    jobs = [(spec.name, prompt_ids[0]), (None, prompt_ids[1])]
+    out, log = run_engine(
+        tmp_path,
+        demo,
+        {spec.name: folder / spec.name},
+        jobs,
+        max_loras=1,
+        pool_bytes=0,
+        max_lora_rank=32,
+        paged=False,
+    )
+    assert out["error"] is None, out["error"]
+    assert out["finish_reasons"][0] == "error" and out["outputs"][0] == []
+    check_outputs(demo, {}, jobs[1:], out["outputs"][1:])
+    assert "embed_tokens" in log and "linear projections only" in log, log[-4000:]
 
 
 def check_outputs(demo, adapters, jobs, outputs) -> None:
