@@ -266,6 +266,7 @@ def create_app(
                 reference_samples=settings.drift_reference_samples,
                 card_of=registry_cards(registry),
             )
+            await drift.warm_up(served_engine)
             app.state.generation = GenerationService(
                 served_engine,
                 catalog,

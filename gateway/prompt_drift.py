@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from gateway.catalog import ServedModel
-from gateway.engine.client import GenerationUpdate, SamplingOptions
+from gateway.engine.client import EngineClient, GenerationUpdate, SamplingOptions
 from gateway.metrics import PROMPT_DRIFT_LIMIT, PROMPT_DRIFT_RATIO, PROMPT_PERPLEXITY
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
@@ -94,6 +94,19 @@ class PromptDrift:
             and self._rng.random() < self._rate
         )
         return replace(options, prompt_logprobs=True) if sampled else options
+
+    async def warm_up(self, engine: EngineClient) -> None:
+        """One prompt-logprobs request before the gateway is ready: vLLM compiles the ranking
+        its logprobs take (torch.compile) on first use, which held every request in flight for
+        ~3 s on this machine when the first sampled request came in the middle of traffic."""
+        if self._rate <= 0:
+            return
+        options = SamplingOptions(max_tokens=1, stream=False, prompt_logprobs=True)
+        try:
+            async for _ in engine.generate("loraplex-drift-warm-up", [0, 1], options, None):
+                pass
+        except Exception:  # drift is a monitor: it never stops the gateway from starting
+            logger.warning("drift: prompt-logprobs warm-up failed", exc_info=True)
 
     def observe(self, served: ServedModel, update: GenerationUpdate) -> None:
         if update.prompt_surprisal is not None:

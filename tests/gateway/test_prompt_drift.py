@@ -211,3 +211,24 @@ def test_vllms_prompt_logprobs_become_the_prompts_surprisal():
     assert (
         _surprisal(SimpleNamespace(prompt_token_ids=[1, 2], prompt_logprobs=[None, None])) is None
     )
+
+
+def test_the_warm_up_asks_for_prompt_logprobs_once_and_never_stops_a_start():
+    class Engine:
+        def __init__(self, fail: bool):
+            self.fail, self.calls = fail, []
+
+        async def generate(self, request_id, prompt, options, adapter):
+            self.calls.append((request_id, prompt, options, adapter))
+            if self.fail:
+                raise RuntimeError("engine refused")
+            yield GenerationUpdate(prompt_tokens=len(prompt), finished=True)
+
+    working, failing, off = Engine(False), Engine(True), Engine(False)
+    asyncio.run(drift().warm_up(working))
+    asyncio.run(drift().warm_up(failing))  # logged, not raised
+    asyncio.run(drift(sample_rate=0).warm_up(off))
+    ((_, prompt, options, adapter),) = working.calls
+    assert len(prompt) == 2
+    assert options.prompt_logprobs and options.max_tokens == 1 and adapter is None
+    assert len(failing.calls) == 1 and off.calls == []
