@@ -125,7 +125,9 @@ def test_bad_settings_are_refused_by_name(environ, message):
         paged_config_from_env(environ)
 
 
-def test_register_with_paged_mode_off_installs_no_paged_layer(monkeypatch):
+def test_register_with_paged_mode_off_installs_no_paged_layer_and_the_slot_manager(
+    monkeypatch,
+):
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
@@ -147,7 +149,11 @@ def test_register_with_paged_mode_off_installs_no_paged_layer(monkeypatch):
     monkeypatch.delenv("LORAPLEX_PAGED_LORA", raising=False)
     vllm_plugin.register()
     assert not any(c.__name__.startswith("Paged") for c in lora_utils._all_lora_classes)
-    assert runner_mixin.LRUCacheWorkerLoRAManager is LRUCacheWorkerLoRAManager
+    # Slot mode's own manager: vLLM's, without the vocab LoRA wrappers (kernels.slot_vocab).
+    from kernels.slot_vocab import SlotLRUCacheWorkerLoRAManager
+
+    assert runner_mixin.LRUCacheWorkerLoRAManager is SlotLRUCacheWorkerLoRAManager
+    assert issubclass(SlotLRUCacheWorkerLoRAManager, LRUCacheWorkerLoRAManager)
     # The read-only stats RPC is always there, answering None without paged mode.
     for name in WORKER_METHODS:
         assert callable(getattr(WorkerWrapperBase, name))
