@@ -247,7 +247,10 @@ def create_app(
                 response_ids, registry, controller, model_name, settings.feedback_max_age_s
             )
             app.state.eval_evidence = EvalEvidence(
-                response_ids, registry, settings.feedback_max_age_s
+                response_ids,
+                registry,
+                settings.feedback_max_age_s,
+                requires_ngram_filters=settings.evaluate_requires_ngram_filters,
             )
             faults = FaultInjector() if settings.enable_faults else None
             app.state.faults = faults
@@ -283,6 +286,7 @@ def create_app(
                 tool_parsing=tool_parsing,
                 reasoning_parsing=reasoning_parsing,
                 drift=drift,
+                echo_logprobs_max_prompt_tokens=settings.echo_logprobs_max_prompt_tokens,
             )
             app.state.engine = served_engine
             freeze_startup_heap()
@@ -345,7 +349,10 @@ def create_app(
     app.add_middleware(
         BodySizeLimit,
         limit_for=limits_by_route(
-            settings.upload_max_bytes, settings.max_request_bytes, settings.admin_token
+            settings.upload_max_bytes,
+            settings.max_request_bytes,
+            settings.admin_token,
+            settings.ngram_filter_max_bytes,
         ),
     )
     app.add_middleware(AdminGate)

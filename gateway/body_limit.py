@@ -6,7 +6,8 @@ had been read under a 1 MiB limit. This pure ASGI middleware refuses a body over
 the declared Content-Length at once, and counts the bytes of one without it (chunked), answering
 413 as soon as the count passes the limit. The upload route's limit is
 LORAPLEX_UPLOAD_MAX_BYTES plus room for the multipart framing, for the admin only (anyone else
-could make the gateway spool gigabytes before the route's own auth ran); every other request's
+could make the gateway spool gigabytes before the route's own auth ran), and a dataset n-gram
+filter's PUT LORAPLEX_NGRAM_FILTER_MAX_BYTES plus its header, likewise; every other request's
 is LORAPLEX_MAX_REQUEST_BYTES (JSON requests: prompts, admin calls). gateway.admin_auth.AdminGate,
 ahead of this layer, answers /admin/* without reading the body when the admin token is missing,
 and gateway.tenant_gate.TenantGate, behind it, answers /v1/* so when the tenant key is wrong.
@@ -15,6 +16,7 @@ and gateway.tenant_gate.TenantGate, behind it, answers /v1/* so when the tenant 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from pydantic import SecretStr
@@ -26,6 +28,8 @@ from gateway.http_utils import route_path
 
 # Multipart boundaries, part headers and the small form fields beside the files.
 MULTIPART_SLACK_BYTES = 1024 * 1024
+# A dataset n-gram filter's first two lines (registry.ngram_filter.MAX_HEADER_BYTES and more).
+NGRAM_FILTER_SLACK_BYTES = 8 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -105,18 +109,26 @@ async def _refuse(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+NGRAM_FILTER_PATH = re.compile(r"/admin/v1/datasets/[^/]+/ngram-filter")
+
+
 def limits_by_route(
-    upload_max_bytes: int, max_request_bytes: int, admin_token: SecretStr | None
+    upload_max_bytes: int,
+    max_request_bytes: int,
+    admin_token: SecretStr | None,
+    ngram_filter_max_bytes: int = 0,
 ) -> Callable[[Scope], int]:
     upload = upload_max_bytes + MULTIPART_SLACK_BYTES
+    ngram_filter = ngram_filter_max_bytes + NGRAM_FILTER_SLACK_BYTES
 
     def limit_for(scope: Scope) -> int:
-        if (
-            scope.get("method") == "POST"
-            and route_path(scope).rstrip("/") == "/admin/v1/adapters"
-            and holds_admin_token(HTTPConnection(scope), admin_token)
-        ):
-            return upload
-        return max_request_bytes
+        method, path = scope.get("method"), route_path(scope).rstrip("/")
+        if method == "POST" and path == "/admin/v1/adapters":
+            limit = upload
+        elif method == "PUT" and NGRAM_FILTER_PATH.fullmatch(path):
+            limit = ngram_filter
+        else:
+            return max_request_bytes
+        return limit if holds_admin_token(HTTPConnection(scope), admin_token) else max_request_bytes
 
     return limit_for

@@ -83,13 +83,16 @@ class PromptDrift:
     ) -> SamplingOptions:
         """`options`, asking for prompt logprobs when this request is sampled. Not with n > 1
         or a greedy n fanned out into `copies`: vLLM would score the one prompt once per
-        sequence, each without the prefix cache the copies are there to share."""
+        sequence, each without the prefix cache the copies are there to share. Not an echo with
+        logprobs: an eval harness scoring answers (`loraplex eval perplexity`, lm-evaluation-
+        harness) is no traffic the adapter serves."""
         sampled = (
             served.adapter is not None
             and served.version is not None
             and self._rate > 0
             and options.n == 1
             and copies == 1
+            and options.echo_logprobs is None
             and 0 < max(len(prompt) for prompt in prompts) <= self._max_prompt_tokens
             and self._rng.random() < self._rate
         )
@@ -175,12 +178,12 @@ class PromptDrift:
         adapter, version = key[0], str(key[1])
         current, reference, prompts = self.perplexity(*key)
         if current is not None:
-            PROMPT_PERPLEXITY.labels(adapter, version, "24h").set(current)
+            _set(PROMPT_PERPLEXITY, current, adapter, version, "24h")
         if reference is not None:
-            PROMPT_PERPLEXITY.labels(adapter, version, "reference").set(reference)
-        PROMPT_DRIFT_LIMIT.labels(adapter, version).set(state.max_ratio)
+            _set(PROMPT_PERPLEXITY, reference, adapter, version, "reference")
+        _set(PROMPT_DRIFT_LIMIT, state.max_ratio, adapter, version)
         if current is not None and reference is not None and prompts >= MIN_WINDOW_SAMPLES:
-            PROMPT_DRIFT_RATIO.labels(adapter, version).set(current / reference)
+            _set(PROMPT_DRIFT_RATIO, current / reference, adapter, version)
         else:  # too few prompts left in the window: an old ratio must not stand for them
             _drop(PROMPT_DRIFT_RATIO, adapter, version)
         if current is None:
@@ -220,11 +223,22 @@ def _expire(state: _Version, hour: int) -> None:
         state.buckets.popleft()
 
 
+# The series this process has set (gauge, labels): only those are removed (setting one that
+# never existed to 0 would create it, and under PROMETHEUS_MULTIPROC_DIR leave it exported).
+_LIVE: set[tuple[int, tuple[str, ...]]] = set()
+
+
+def _set(gauge: Gauge, value: float, *labels: str) -> None:
+    gauge.labels(*labels).set(value)
+    _LIVE.add((id(gauge), labels))
+
+
 def _drop(gauge: Gauge, *labels: str) -> None:
     """Remove a series if it exists. Set to 0 first: under PROMETHEUS_MULTIPROC_DIR the value
     lives in a file that remove() leaves behind (as gateway/rollout_router.py does)."""
-    if labels not in gauge._metrics:  # never set: nothing to export or remove
+    if (id(gauge), labels) not in _LIVE:  # never set: nothing to export or remove
         return
+    _LIVE.discard((id(gauge), labels))
     gauge.labels(*labels).set(0)
     with contextlib.suppress(KeyError):
         gauge.remove(*labels)

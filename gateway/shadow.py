@@ -151,8 +151,9 @@ class ShadowMirror:
             version=route.version,
             caller=caller,
             prompts=job.prompts[:: job.copies],
-            # Streamed, to time the candidate's first token; no logprobs, nothing reads them.
-            options=replace(job.options, n=1, logprobs=None, stream=True),
+            # Streamed, to time the candidate's first token; no logprobs (nor an echo's prompt
+            # logprobs, which would also skip the prefix cache): nothing reads them.
+            options=replace(job.options, n=1, logprobs=None, echo_logprobs=None, stream=True),
             copies=job.copies,
         )
 

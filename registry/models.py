@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     UniqueConstraint,
@@ -287,6 +288,30 @@ class FeedbackVerdict(Base):
     # A random token of the call that recorded it: a caller whose commit raised can tell
     # whether its row was written anyway (its answer lost) or another call's was.
     recorded_by: Mapped[str] = mapped_column(String(32))
+
+
+class DatasetNgramFilter(Base):
+    """A Bloom filter of one training dataset's 8-word n-grams (registry/ngram_filter.py),
+    keyed by the dataset's sha256 as Adaptation Cards list it: eval suites are checked against
+    the datasets a version's card names before it is marked evaluated. Holds no text. Replaced
+    whole when registered again."""
+
+    __tablename__ = "dataset_ngram_filters"
+
+    dataset_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ngram_words: Mapped[int] = mapped_column(Integer)
+    hash_count: Mapped[int] = mapped_column(Integer)
+    bit_count: Mapped[int] = mapped_column(BigInteger)
+    # Measured from the bits when registered (the builder's counts are not relied on).
+    false_positive_rate: Mapped[float] = mapped_column(Float)
+    # The builder's report: n-grams inserted, texts, lines and bytes of the dataset file.
+    ngrams: Mapped[int] = mapped_column(BigInteger)
+    texts: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(BigInteger)
+    dataset_bytes: Mapped[int] = mapped_column(BigInteger)
+    bits: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_by: Mapped[str] = mapped_column(String(200))
 
 
 MUTABLE_VERSION_COLUMNS = frozenset({"state", "state_changed_at"})

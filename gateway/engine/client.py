@@ -126,6 +126,9 @@ class SamplingOptions:
     # GenerationUpdate.prompt_surprisal (gateway/prompt_drift.py); the engine then reads no
     # prefix cache for the request.
     prompt_logprobs: bool = False
+    # A completion's echo with logprobs: every prompt token's logprob with this many top
+    # alternatives, in GenerationUpdate.prompt_logprobs (the engine reads no prefix cache).
+    echo_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class GenerationUpdate:
     # With SamplingOptions.prompt_logprobs, once: (sum of the prompt tokens' negative logprobs,
     # tokens scored: every prompt token after the first).
     prompt_surprisal: tuple[float, int] | None = None
+    # With SamplingOptions.echo_logprobs, once: per prompt token, its logprob and alternatives;
+    # None where the engine scores none (the first token, which nothing precedes).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,9 @@ def sampling_params(options: SamplingOptions) -> Any:
             kwargs[name] = value
     if options.constraint is not None:
         kwargs["structured_outputs"] = structured_outputs(options.constraint)
-    if options.prompt_logprobs:
+    if options.echo_logprobs is not None:
+        kwargs["prompt_logprobs"] = options.echo_logprobs
+    elif options.prompt_logprobs:
         kwargs["prompt_logprobs"] = 0  # the prompt's own tokens only
     if options.loop_guard is not None:
         from vllm.sampling_params import RepetitionDetectionParams
@@ -110,26 +112,42 @@ def structured_outputs(constraint: OutputConstraint) -> Any:
     return StructuredOutputsParams(grammar=spec)
 
 
-def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:
+def _entry(position: Any, token_id: int, top_k: int) -> TokenLogprob:
     """vLLM gives per position the k best tokens plus the chosen one (which may rank lower)."""
+    chosen = position[token_id]
+    ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)[:top_k]
+    return TokenLogprob(
+        token=chosen.decoded_token or "",
+        # -inf is not valid JSON; OpenAI clamps the same way.
+        logprob=max(chosen.logprob, -9999.0),
+        top=tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked),
+    )
+
+
+def _logprobs(output: Any, top_k: int | None) -> list[TokenLogprob] | None:
     if output.logprobs is None or top_k is None:
         return None
-    entries = []
-    for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
-        chosen = position[token_id]
-        ranked = sorted(position.values(), key=lambda lp: lp.rank or 0)[:top_k]
-        entries.append(
-            TokenLogprob(
-                token=chosen.decoded_token or "",
-                # -inf is not valid JSON; OpenAI clamps the same way.
-                logprob=max(chosen.logprob, -9999.0),
-                top=tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked),
-            )
-        )
-    return entries
+    return [
+        _entry(position, token_id, top_k)
+        for token_id, position in zip(output.token_ids, output.logprobs, strict=False)
+    ]
 
 
-def generation_update(output: Any, prompt_tokens: int, top_k: int | None) -> GenerationUpdate:
+def _prompt_logprobs(output: Any, top_k: int | None) -> list[TokenLogprob | None] | None:
+    """One entry per prompt token; None where vLLM scores none (its first)."""
+    positions = getattr(output, "prompt_logprobs", None)
+    if top_k is None or positions is None:
+        return None
+    return [
+        _entry(position, token_id, top_k) if position and token_id in position else None
+        for token_id, position in zip(output.prompt_token_ids, positions, strict=False)
+    ]
+
+
+def generation_update(
+    output: Any, prompt_tokens: int, options: SamplingOptions
+) -> GenerationUpdate:
+    top_k = options.logprobs
     choices = [
         ChoiceDelta(
             index=completion.index,
@@ -147,7 +165,9 @@ def generation_update(output: Any, prompt_tokens: int, top_k: int | None) -> Gen
         finished=output.finished,
         cached_prompt_tokens=output.num_cached_tokens,
         first_token_at=_first_token_at(getattr(output, "metrics", None)),
-        prompt_surprisal=_surprisal(output),
+        # Only when drift sampled the request (never an echo: an eval harness's, no traffic).
+        prompt_surprisal=_surprisal(output) if options.prompt_logprobs else None,
+        prompt_logprobs=_prompt_logprobs(output, options.echo_logprobs),
     )
 
 

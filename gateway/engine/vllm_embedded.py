@@ -242,7 +242,7 @@ class EmbeddedVLLM:
             async with aclosing(stream):
                 async for output in stream:
                     produced = True
-                    yield generation_update(output, len(prompt_token_ids), options.logprobs)
+                    yield generation_update(output, len(prompt_token_ids), options)
         except EngineDeadError as exc:
             raise EngineDead("the inference engine stopped") from exc
         except VLLMValidationError as exc:

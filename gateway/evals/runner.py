@@ -121,13 +121,13 @@ async def _ask(client: httpx.AsyncClient, model: str, case: Case, seed: int) -> 
         except httpx.HTTPError as exc:
             return Generation(case=case.id, error=f"{type(exc).__name__}: {exc}"[:2000])
         if response.status_code in RETRIED_STATUSES and attempt < MAX_ATTEMPTS - 1:
-            await asyncio.sleep(_retry_after(response, attempt))
+            await asyncio.sleep(retry_after(response, attempt))
             continue
         return _generation(case, response)
     raise AssertionError("unreachable: the last attempt returns")
 
 
-def _retry_after(response: httpx.Response, attempt: int) -> float:
+def retry_after(response: httpx.Response, attempt: int) -> float:
     try:
         wait = float(response.headers.get("retry-after", ""))
     except ValueError:

@@ -137,7 +137,10 @@ async def evaluate_version(
     with LORAPLEX_EVALUATE_REQUIRES_REPORT a report is required (422 `eval_report_required`)."""
     reason = body.reason if body else None
     report = body.report if body else None
-    if report is None and request.app.state.settings.evaluate_requires_report:
+    settings = request.app.state.settings
+    if report is None and (
+        settings.evaluate_requires_report or settings.evaluate_requires_ngram_filters
+    ):
         raise ReportRequired()
     async with registry_operation("evaluate", actor, adapter=name, version=version):
         if report is not None:

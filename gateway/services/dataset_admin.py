@@ -1,20 +1,25 @@
-"""Withdrawing a dataset: every adapter version whose card lists it taken out of service,
+"""Datasets' n-gram filters (registered, shown, deleted, an eval suite checked against one),
+and withdrawing a dataset: every adapter version whose card lists it taken out of service,
 through the same retire and delete paths as one version's (audit rows, the catalog and the
 engine's copy dropped on every replica), each version on its own so that one refusal leaves
 the others done and a second call finishes the job."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.evals.contamination import Contamination, check_suite
+from gateway.evals.suite import Suite
 from gateway.registry_runtime import RegistryRuntime
 from gateway.schemas.admin_datasets import DatasetRevokedOut, RevokedVersionOut
 from gateway.services.adapter_admin import AdapterAdmin
 from registry import service
 from registry.errors import InvalidStateTransition, RegistryError
+from registry.models import DatasetNgramFilter
 from registry.states import VersionState
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,46 @@ class DatasetAdmin:
         digest = service.dataset_digest(dataset_sha256)
         async with self._runtime.sessions() as session:
             return digest, await service.versions_trained_on(session, dataset_sha256=digest)
+
+    async def register_ngram_filter(
+        self, dataset_sha256: str, data: bytes, actor: str
+    ) -> DatasetNgramFilter:
+        # Decoding and counting a large filter's bits is CPU work: off the event loop.
+        header, ngram_filter, rate = await asyncio.to_thread(
+            service.read_ngram_filter, data, dataset_sha256=dataset_sha256
+        )
+        async with self._runtime.sessions() as session:
+            return await service.register_ngram_filter(
+                session,
+                header=header,
+                ngram_filter=ngram_filter,
+                false_positive_rate=rate,
+                actor=actor,
+            )
+
+    async def ngram_filter(self, dataset_sha256: str) -> DatasetNgramFilter:
+        async with self._runtime.sessions() as session:
+            return await service.get_ngram_filter_info(session, dataset_sha256=dataset_sha256)
+
+    async def delete_ngram_filter(self, dataset_sha256: str, actor: str) -> DatasetNgramFilter:
+        async with self._runtime.sessions() as session:
+            return await service.delete_ngram_filter(
+                session, dataset_sha256=dataset_sha256, actor=actor
+            )
+
+    async def check_suite(self, dataset_sha256: str, suite: Suite) -> Contamination:
+        """The suite against the dataset's filter. Raises NgramFilterNotFound."""
+        digest = service.dataset_digest(dataset_sha256)
+        async with self._runtime.sessions() as session:
+            filters = await service.load_ngram_filters(session, dataset_sha256s=[digest])
+        if digest not in filters:
+            raise service.NgramFilterNotFound(
+                f"no n-gram filter is registered for dataset sha256:{digest}"
+            )
+        row, ngram_filter = filters[digest]
+        return await asyncio.to_thread(
+            check_suite, digest, ngram_filter, row.false_positive_rate, suite
+        )
 
     async def revoke(
         self, dataset_sha256: str, action: Action, reason: str | None, actor: str

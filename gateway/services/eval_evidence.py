@@ -13,7 +13,11 @@ The gateway takes nothing in the report on its word:
   other than the candidate or the base; all to the report's tenant (the adapter's owner when it
   names none), each at most LORAPLEX_FEEDBACK_MAX_AGE_S ago, no id twice, no text edited;
 - each case has exactly `repeat` answers in each run, so a failure cannot be dropped;
-- the gates are judged again here (gateway/evals/gates.py); the report's verdict is ignored.
+- the gates are judged again here (gateway/evals/gates.py); the report's verdict is ignored;
+- the suite is checked against every dataset the version's card lists that has a registered
+  n-gram filter (gateway/evals/contamination.py): a case its training data held refuses the
+  evidence (`eval_contaminated`); with LORAPLEX_EVALUATE_REQUIRES_NGRAM_FILTERS a listed
+  dataset without a filter does too (`eval_dataset_unchecked`).
 What it cannot rule out: a whole suite run again under new run ids until a run at a
 temperature above 0 passed. A refusal lists every problem (422); what passed is recorded in the
 version's audit row, with the answers' own time range.
@@ -31,9 +35,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from gateway.errors import LoraplexError
+from gateway.evals.contamination import HashedItems, check_suite, hash_suite
 from gateway.evals.gates import EvalReport, Gate, Run, judge, structure_problems, verdict
 from gateway.evals.runner import encode_request, request_body, run_seed
-from gateway.evals.suite import pattern_problems
+from gateway.evals.suite import Suite, pattern_problems
 from gateway.feedback_ids import ResponseIds
 from gateway.registry_runtime import RegistryRuntime
 from registry import service
@@ -43,17 +48,21 @@ from registry.service.queries import current_version
 MAX_LISTED = 20  # problems named in a refusal; the rest counted
 
 
+# The refusal's code: the first of these among its problems.
+CODES = ("eval_evidence_invalid", "eval_contaminated", "eval_dataset_unchecked", "eval_gate_failed")
+
+
 class EvidenceRefused(LoraplexError):
     status_code = 422
     error_type = "invalid_request_error"
 
     def __init__(self, problems: list[tuple[str, str]]):
-        invalid = any(code == "eval_evidence_invalid" for code, _ in problems)
+        found = {code for code, _ in problems}
         super().__init__(
             "The eval report does not show this version passing its gates: "
             + "; ".join(message for _, message in problems[:3]),
             param="report",
-            code="eval_evidence_invalid" if invalid else "eval_gate_failed",
+            code=next((code for code in CODES if code in found), CODES[-1]),
         )
         shown = problems[:MAX_LISTED]
         if len(problems) > MAX_LISTED:
@@ -69,7 +78,9 @@ class ReportRequired(LoraplexError):
     def __init__(self) -> None:
         super().__init__(
             "This gateway marks a version evaluated only on an eval report whose gates pass "
-            "(LORAPLEX_EVALUATE_REQUIRES_REPORT): run `loraplex eval run` against it.",
+            "(LORAPLEX_EVALUATE_REQUIRES_REPORT, or LORAPLEX_EVALUATE_REQUIRES_NGRAM_FILTERS: "
+            "the suite is checked against the training data): run `loraplex eval run` against "
+            "it.",
             param="report",
         )
 
@@ -89,11 +100,13 @@ class EvalEvidence:
         registry: RegistryRuntime,
         max_age_s: float,
         clock: Callable[[], float] = time.time,
+        requires_ngram_filters: bool = False,
     ):
         self._ids = ids
         self._registry = registry
         self._max_age_s = max_age_s
         self._clock = clock
+        self._requires_filters = requires_ngram_filters
 
     async def mark_evaluated(
         self, *, name: str, version: int, actor: str, reason: str | None, report: EvalReport
@@ -114,10 +127,15 @@ class EvalEvidence:
                 else None
             )
             version_id, tenant_id = row.id, tenant.id
+            datasets = service.card_datasets(row.card)
         # Re-judging runs every check over every answer: off the event loop every stream shares.
         problems, gates, issued = await asyncio.to_thread(
             self.problems, report, f"{name}@{version}", version_id, tenant_id, serving
         )
+        checked: dict[str, object] = {}
+        if not any(code == "eval_evidence_invalid" for code, _ in problems):
+            found, checked = await self.contamination(report.suite, datasets)
+            problems = found + problems
         if problems:
             raise EvidenceRefused(problems)
         async with self._registry.sessions() as session:
@@ -127,8 +145,58 @@ class EvalEvidence:
                 version=version,
                 actor=actor,
                 reason=reason,
-                evidence=summary(report, tenant.name, gates, issued),
+                evidence=summary(report, tenant.name, gates, issued) | {"datasets": checked},
             )
+
+    async def contamination(
+        self, suite: Suite, datasets: list[str]
+    ) -> tuple[list[tuple[str, str]], dict[str, object]]:
+        """The suite checked against each listed dataset's filter, one filter in memory at a
+        time: problems, and per dataset what the audit row keeps (None: no filter)."""
+        problems: list[tuple[str, str]] = []
+        checked: dict[str, object] = {}
+        if not datasets and self._requires_filters:
+            problems.append(
+                (
+                    "eval_dataset_unchecked",
+                    "the version's card lists no training dataset "
+                    "(LORAPLEX_EVALUATE_REQUIRES_NGRAM_FILTERS): nothing to check the suite "
+                    "against",
+                )
+            )
+        items = await asyncio.to_thread(hash_suite, suite) if datasets else []
+        for digest in datasets:
+            checked[digest], problem = await self._check_dataset(digest, items)
+            if problem is not None:
+                problems.append(problem)
+        return problems, checked
+
+    async def _check_dataset(
+        self, digest: str, items: HashedItems
+    ) -> tuple[dict[str, object] | None, tuple[str, str] | None]:
+        """One dataset's verdict for the audit row and its problem. Its filter (up to
+        LORAPLEX_NGRAM_FILTER_MAX_BYTES) is freed when this returns."""
+        async with self._registry.sessions() as session:
+            loaded = await service.load_ngram_filters(session, dataset_sha256s=[digest])
+        if digest not in loaded:
+            if not self._requires_filters:
+                return None, None
+            return None, (
+                "eval_dataset_unchecked",
+                f"dataset sha256:{digest} has no registered n-gram filter "
+                "(LORAPLEX_EVALUATE_REQUIRES_NGRAM_FILTERS): run `loraplex datasets "
+                "build-filter FILE --register`",
+            )
+        row, ngram_filter = loaded.pop(digest)
+        verdict = await asyncio.to_thread(
+            check_suite, digest, ngram_filter, row.false_positive_rate, items
+        )
+        summary = verdict.summary() | {
+            "filter_registered_at": row.registered_at.isoformat(),
+            "filter_bits": row.bit_count,
+        }
+        problem = verdict.problem()
+        return summary, None if problem is None else ("eval_contaminated", problem)
 
     def problems(
         self,

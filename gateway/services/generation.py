@@ -42,6 +42,7 @@ from gateway.services.auto_tool_calls import refuse_auto_without_parser
 from gateway.services.chat_outputs import plan_chat_outputs
 from gateway.services.generation_job import (
     ChoiceResult,
+    ChoiceResults,
     GenerationJob,
     Primed,
     fan_out_greedy,
@@ -79,6 +80,7 @@ class GenerationService:
         tool_parsing: ToolCallParsing | None = None,
         reasoning_parsing: ReasoningParsing | None = None,
         drift: PromptDrift | None = None,
+        echo_logprobs_max_prompt_tokens: int = 8192,
     ):
         """`grammar_ends_at_stop_tokens`: the grammar backend allows a stop token only where
         the constrained text may end (vLLM's xgrammar backend; guidance does not).
@@ -96,6 +98,7 @@ class GenerationService:
             self._prompts,
             prefix_cache_per_tenant=prefix_cache_per_tenant,
             loop_guard=loop_guard,
+            echo_logprobs_max_prompt_tokens=echo_logprobs_max_prompt_tokens,
         )
 
     # ---- preparing -------------------------------------------------------------------------
@@ -166,8 +169,6 @@ class GenerationService:
     ) -> GenerationJob:
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
-        if body.echo and body.logprobs is not None:
-            raise InvalidRequest("echo together with logprobs is not supported", param="echo")
         served = await self._catalog.resolve(body.model, caller, caller_key)
         if note_scope is not None:
             note_scope(_scope_of(served, caller))
@@ -374,23 +375,11 @@ class GenerationService:
                 await asyncio.shield(self._engine.abort(request_id))
 
     async def collect(self, job: GenerationJob) -> list[ChoiceResult]:
-        choices = {
-            job.choice_index(p, c): ChoiceResult(job.choice_index(p, c))
-            for p in range(len(job.prompts))
-            for c in range(job.options.n)
-        }
+        results = ChoiceResults(job, self._prompts.echo_logprobs)
         async with aclosing(self.stream(job)) as updates:
             async for prompt_index, update in updates:
-                for delta in update.choices:
-                    choice = choices[job.choice_index(prompt_index, delta.index)]
-                    choice.text += delta.text
-                    choice.token_ids.extend(delta.token_ids)
-                    if delta.logprobs is not None:
-                        choice.logprobs = (choice.logprobs or []) + delta.logprobs
-                    if delta.finish_reason:
-                        choice.finish_reason = delta.finish_reason
-                        choice.stop_reason = delta.stop_reason
-        return [choices[i] for i in sorted(choices)]
+                results.add(prompt_index, update)
+        return results.in_order()
 
 
 def _scope_of(served: ServedModel, caller: Principal) -> MetricScope:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ from gateway.engine.tool_parsing import AutoToolPlan
 from gateway.limits import Lease
 from gateway.request_metrics import GenerationRecorder
 from gateway.rollout_controller import RolloutController
+from gateway.services.prompts import EchoLogprob
 from gateway.services.tool_call_checks import CallChecker
 from gateway.services.tool_calls import ForcedCall
 from gateway.shadow import ShadowPlan
@@ -144,6 +145,45 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # what stopped it (ChoiceDelta.stop_reason)
+    # A completion's echo with logprobs: its prompt's tokens (PromptBuilder.echo_logprobs).
+    prompt_logprobs: list[EchoLogprob] | None = None
+
+
+class ChoiceResults:
+    """A non-streamed job's choices, gathered from its updates. `echo_logprobs`: a prompt's
+    token logprobs as its echo shows them (PromptBuilder.echo_logprobs)."""
+
+    def __init__(
+        self,
+        job: GenerationJob,
+        echo_logprobs: Callable[[list[int], list[TokenLogprob | None]], list[EchoLogprob]],
+    ):
+        self._job = job
+        self._echo_logprobs = echo_logprobs
+        self._choices = {
+            job.choice_index(p, c): ChoiceResult(job.choice_index(p, c))
+            for p in range(len(job.prompts))
+            for c in range(job.options.n)
+        }
+
+    def add(self, prompt_index: int, update: GenerationUpdate) -> None:
+        job = self._job
+        if update.prompt_logprobs is not None:
+            echo = self._echo_logprobs(job.prompts[prompt_index], update.prompt_logprobs)
+            for c in range(job.options.n):
+                self._choices[job.choice_index(prompt_index, c)].prompt_logprobs = echo
+        for delta in update.choices:
+            choice = self._choices[job.choice_index(prompt_index, delta.index)]
+            choice.text += delta.text
+            choice.token_ids.extend(delta.token_ids)
+            if delta.logprobs is not None:
+                choice.logprobs = (choice.logprobs or []) + delta.logprobs
+            if delta.finish_reason:
+                choice.finish_reason = delta.finish_reason
+                choice.stop_reason = delta.stop_reason
+
+    def in_order(self) -> list[ChoiceResult]:
+        return [self._choices[i] for i in sorted(self._choices)]
 
 
 class Primed(AsyncGenerator[tuple[int, GenerationUpdate], None]):

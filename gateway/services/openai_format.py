@@ -12,6 +12,7 @@ from gateway.engine.client import ChoiceDelta, GenerationUpdate, TokenLogprob
 from gateway.errors import LoraplexError, typed_error_body, unexpected_error_body
 from gateway.services import auto_tool_calls
 from gateway.services.generation_job import ChoiceResult, GenerationJob
+from gateway.services.prompts import EchoLogprob
 from gateway.services.reasoning_output import ReasoningChunks, split_whole
 from gateway.services.tool_calls import ToolCallStream, message_and_finish
 
@@ -71,7 +72,8 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dic
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top) for e in entries],
+        # The chosen token and the k best, as OpenAI's legacy API and vLLM's server give them.
+        "top_logprobs": [dict(e.top) | {e.token: e.logprob} for e in entries],
         "text_offset": offsets,
     }
 
@@ -138,15 +140,40 @@ def client_stops(job: GenerationJob) -> frozenset[str | int]:
     return frozenset((*job.options.stop, *job.options.stop_token_ids))
 
 
+def _echo_logprobs(prompt: list[EchoLogprob], entries: list[TokenLogprob] | None) -> dict[str, Any]:
+    """The prompt's tokens then the completion's, offsets counted from the prompt's start (as
+    vLLM's server does: the first token has no logprob and no alternatives)."""
+    completion = _completion_logprobs(entries or [], sum(len(e.token) for e in prompt)) or {}
+    offsets, offset = [], 0
+    for entry in prompt:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in prompt] + completion["tokens"],
+        "token_logprobs": [e.logprob for e in prompt] + completion["token_logprobs"],
+        "top_logprobs": [
+            None if e.top is None or e.logprob is None else dict(e.top) | {e.token: e.logprob}
+            for e in prompt
+        ]
+        + completion["top_logprobs"],
+        "text_offset": offsets + completion["text_offset"],
+    }
+
+
 def completion_body(job: GenerationJob, choices: list[ChoiceResult]) -> dict[str, Any]:
     body_choices = []
     for c in choices:
         prefix = job.echo_texts[c.index // job.options.n] if job.echo_texts else ""
+        logprobs = (
+            _echo_logprobs(c.prompt_logprobs, c.logprobs)
+            if c.prompt_logprobs is not None
+            else _completion_logprobs(c.logprobs, len(prefix))
+        )
         body_choices.append(
             {
                 "index": c.index,
                 "text": prefix + c.text,
-                "logprobs": _completion_logprobs(c.logprobs, len(prefix)),
+                "logprobs": logprobs,
                 "finish_reason": c.finish_reason,
             }
         )

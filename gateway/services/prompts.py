@@ -11,15 +11,26 @@ import asyncio
 import functools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from gateway.engine.client import EngineClient
+from gateway.engine.client import EngineClient, TokenLogprob
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 
 # Far more characters than any tokenizer packs into one token (English averages ~4). Text
 # longer than this many per token of the context cannot fit, and is refused before it is
 # tokenized: a 2.7 MB prompt took seconds to encode, only to be refused as too long.
 MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass(frozen=True)
+class EchoLogprob:
+    """One prompt token of an echo: its text, logprob and top alternatives (None for the first
+    token, which nothing precedes, as OpenAI's and vLLM's servers give it)."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None
 
 
 class PromptBuilder:
@@ -116,6 +127,18 @@ class PromptBuilder:
         if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
             return list(prompt)  # type: ignore[arg-type]
         return [self._tokenizer.decode(p, skip_special_tokens=True) for p in token_prompts]
+
+    def echo_logprobs(
+        self, token_ids: list[int], entries: list[TokenLogprob | None]
+    ) -> list[EchoLogprob]:
+        """A prompt's token logprobs as an echo shows them: the tokens the engine did not score
+        (the first) decoded here, as vLLM's server decodes them."""
+        return [
+            EchoLogprob(self._tokenizer.decode([token_id]), None, None)
+            if entry is None
+            else EchoLogprob(entry.token, entry.logprob, entry.top)
+            for token_id, entry in zip(token_ids, entries, strict=False)
+        ]
 
     def _encode(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text)

@@ -10,7 +10,7 @@ from typing import Any
 from gateway.engine.client import EngineClient, LoopGuard, SamplingOptions
 from gateway.errors import ContextLengthExceeded, InvalidRequest, LoraplexError
 from gateway.limits import effective_max_tokens
-from gateway.schemas.openai import ChatCompletionRequest, SamplingFields
+from gateway.schemas.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.services.prompts import PromptBuilder
 from registry.service import Principal
 
@@ -34,9 +34,14 @@ class SamplingResolver:
         *,
         prefix_cache_per_tenant: bool = True,
         loop_guard: LoopGuard | None = None,
+        echo_logprobs_max_prompt_tokens: int = 8192,
     ):
-        """`loop_guard`: the deployment's, for requests that send no repetition_detection."""
+        """`loop_guard`: the deployment's, for requests that send no repetition_detection.
+        `echo_logprobs_max_prompt_tokens`: the most prompt tokens (over its prompts) a
+        completion may echo with logprobs: each is an entry with its alternatives in the
+        answer, and the engine computes the logits of every prompt position."""
         self._loop_guard = loop_guard
+        self._echo_max_tokens = echo_logprobs_max_prompt_tokens
         self._engine = engine  # its max_model_len is the context (known once it started)
         self._prompts = prompts
         self._defaults = engine.default_sampling()
@@ -77,6 +82,7 @@ class SamplingResolver:
             name: _first(getattr(body, name), self._defaults.get(name)) for name in MODEL_DEFAULTED
         }
         return SamplingOptions(
+            echo_logprobs=self._echo_logprobs(body, prompts, logprobs),
             max_tokens=budget,
             n=body.n,
             seed=body.seed,
@@ -96,6 +102,29 @@ class SamplingResolver:
             ),
             **picked,
         )
+
+    def _echo_logprobs(
+        self, body: SamplingFields, prompts: list[list[int]], logprobs: int | None
+    ) -> int | None:
+        """A completion's echo with logprobs (what an eval harness scores answers with): the
+        prompt's logprobs, with as many alternatives as the completion's."""
+        if not isinstance(body, CompletionRequest) or not body.echo or logprobs is None:
+            return None
+        if body.stream:
+            raise InvalidRequest(
+                "echo with logprobs is not supported when streaming", param="stream"
+            )
+        if body.n != 1:  # vLLM would score the whole prompt again for every sequence
+            raise InvalidRequest("echo with logprobs takes n = 1", param="n")
+        total = sum(len(p) for p in prompts)
+        if total > self._echo_max_tokens:
+            raise InvalidRequest(
+                f"echo with logprobs scores every prompt token: at most "
+                f"{self._echo_max_tokens} prompt tokens per request "
+                f"(LORAPLEX_ECHO_LOGPROBS_MAX_PROMPT_TOKENS); this one has {total}",
+                param="prompt",
+            )
+        return logprobs
 
     def _budget(
         self,

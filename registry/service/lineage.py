@@ -128,6 +128,12 @@ async def versions_derived_from(
     return found
 
 
+def card_datasets(card: Any) -> list[str]:
+    """The sha256 of every dataset a card lists, once each, in the card's order."""
+    digests = [_digest_of(dataset) for dataset in _datasets(card)]
+    return list(dict.fromkeys(d for d in digests if d is not None))
+
+
 def _datasets(card: Any) -> list[dict[str, Any]]:
     datasets = card.get("datasets") if isinstance(card, dict) else None
     return [d for d in datasets if isinstance(d, dict)] if isinstance(datasets, list) else []

@@ -124,3 +124,59 @@ def test_a_wrong_key_or_address_and_a_bad_suite_are_usage_errors(gateway, tmp_pa
     assert nowhere.returncode == 2 and "its folder is missing or read-only" in nowhere.stderr
     no_report = cli(gateway, "adapters", "evaluate", "x@1", "--report", str(tmp_path / "none.json"))
     assert no_report.returncode == 2 and "cannot read the report" in no_report.stderr
+
+
+FITS = {"type": "max_words", "limit": 1000}
+
+
+def test_a_suite_the_training_data_held_is_no_evidence(gateway, demo, tmp_path):
+    """The operator's whole path: the dataset's filter built and registered with the CLI, the
+    suite checked against it (exit 1, the case named), and the report of a real run refused
+    for the version whose card lists that dataset."""
+    leaked = "Once upon a time there was a little fox who lived in a very big forest"
+    suite = tmp_path / "suite.json"
+    cases = [
+        {"id": "fox-tale", "prompt": leaked, "max_tokens": 6, "checks": [FITS]},
+        {"id": "fresh", "prompt": "Write a short poem about the sea and the sky", "checks": [FITS]},
+    ]
+    tales = {"name": "tales", "min_success": 1.0, "cases": cases}
+    suite.write_text(json.dumps(tales), encoding="utf-8")
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": "Tell me a story", "completion": leaked}] + [
+        {"text": f"an unrelated training line number {i} about cooking pasta"} for i in range(20)
+    ]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    built = cli(gateway, "datasets", "build-filter", str(train), "--register")
+    assert built.returncode == 0, built.stderr
+    digest = json.loads(built.stdout.split("\n}\n")[0] + "\n}")["dataset_sha256"]
+    checked = cli(gateway, "datasets", "contamination", digest, "--suite", str(suite))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["contaminated"] == ["fox-tale"]
+    assert "1 case(s) contaminated" in checked.stderr
+
+    name = f"leak-{uuid.uuid4().hex[:6]}"
+    card = tmp_path / "card.json"
+    card.write_text(
+        json.dumps(
+            {
+                "owner": "ml@example.com",
+                "objective": "sft",
+                "datasets": [{"name": "stories", "sha256": digest}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    args = ["adapters", "register", str(demo.adapters["demo-qkvo-r8"]), "--name", name]
+    registered = cli(gateway, *args, "--tenant", DEMO_TENANT, "--card", str(card))
+    assert registered.returncode == 0, registered.stderr
+    report = tmp_path / "report.json"
+    ran = run_eval(gateway, str(suite), "--model", f"{name}@1", "--out", str(report))
+    assert ran.returncode == 0, ran.stdout + ran.stderr  # the gates pass on their own
+    refused = cli(gateway, "adapters", "evaluate", f"{name}@1", "--report", str(report))
+    assert refused.returncode == 1, refused.stderr
+    problems = [line for line in refused.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and problems[0].startswith("  - [eval_contaminated] dataset sha256:")
+    assert problems[0].endswith(": fox-tale"), problems
+    deleted = cli(gateway, "datasets", "delete-filter", digest)
+    assert deleted.returncode == 0 and digest in deleted.stdout

@@ -246,3 +246,32 @@ def test_health_endpoints_and_request_id(gateway):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     echoed = httpx.get(f"{gateway.base_url}/healthz", headers={"X-Request-Id": "abc"}, timeout=10)
     assert echoed.headers["x-request-id"] == "abc"
+
+
+def test_echo_with_logprobs_scores_the_prompt_under_the_adapter(client, demo):
+    """lm-evaluation-harness's request (token ids, echo, logprobs 1, max_tokens 1): one entry per
+    prompt token then the new one; each prompt token's logprob is HF transformers' with the
+    adapter merged, and the greedy next token is the top alternative."""
+    import torch
+
+    from tests.e2e.merged_reference import merged_model
+
+    ids = [1, 45, 102, 306, 263, 124, 289, 45, 102, 600, 3]
+    response = client.completions.create(
+        model=ADAPTER, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 == len(logprobs.token_logprobs)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    model = merged_model(demo.base, demo.adapters[ADAPTER])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    for position in range(1, len(ids)):
+        want = float(reference[position - 1, ids[position]])
+        assert logprobs.token_logprobs[position] == pytest.approx(want, abs=2e-3), position
+    last = logprobs.token_logprobs[-1]
+    assert last == pytest.approx(max(logprobs.top_logprobs[-1].values()))
+    assert last == pytest.approx(float(reference[-1].max()), abs=2e-3)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    plain = client.completions.create(model=ADAPTER, prompt=ids, max_tokens=1, temperature=0)
+    assert response.choices[0].text.endswith(plain.choices[0].text)

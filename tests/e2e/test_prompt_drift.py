@@ -100,3 +100,32 @@ def test_a_cards_dev_set_perplexity_is_the_reference_and_its_limit_the_limit(
     found = gauges(gateway, name)
     assert found[("loraplex_prompt_perplexity", "reference")] == 42.5
     assert found[("loraplex_prompt_drift_limit_ratio", "")] == 2
+
+
+def test_eval_perplexity_measures_a_dev_set_as_drift_measures_traffic(gateway, demo, tmp_path):
+    """`loraplex eval perplexity` gives the number a card's drift.dev_perplexity holds: HF's
+    perplexity of the dev set with the adapter merged; its scoring requests are no traffic
+    (the version has no drift series after it, though this gateway samples every request)."""
+    import os
+    import subprocess
+    import sys
+
+    name = register(gateway, demo, tmp_path)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (FAMILIAR, STRANGE)))
+    env = {**os.environ, "LORAPLEX_URL": gateway.base_url, "LORAPLEX_API_KEY": gateway.api_key}
+    measured = subprocess.run(
+        [sys.executable, "-m", "gateway", "eval", "perplexity", str(dev), "--model", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    result = json.loads(measured.stdout)
+    familiar, strange = nll(demo, "demo-qkvo-r8", FAMILIAR), nll(demo, "demo-qkvo-r8", STRANGE)
+    expected = math.exp((familiar[0] + strange[0]) / (familiar[1] + strange[1]))
+    assert result["tokens"] == familiar[1] + strange[1] and result["prompts"] == 2
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-3)
+    assert result["card"] == {"drift": {"dev_perplexity": result["perplexity"]}}
+    assert gauges(gateway, name) == {}

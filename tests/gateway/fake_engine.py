@@ -21,11 +21,25 @@ from gateway.engine.client import (
     EngineHealth,
     GenerationUpdate,
     SamplingOptions,
+    TokenLogprob,
 )
 from gateway.settings import Settings
 
 BASE = "loraplex-demo-base"
 ADMIN_TOKEN = "fake-engine-admin"
+
+
+def scripted_prompt_logprobs(ids: list[int], top_k: int) -> list[TokenLogprob | None]:
+    """What the scripted engine says of a prompt's tokens: nothing of the first (as vLLM), then
+    token i is `<id>` with logprob -i/10 and the alternatives `alt0`, `alt1`... at -1, -2..."""
+    return [None] + [
+        TokenLogprob(f"<{token}>", -i / 10, _alternatives(top_k))
+        for i, token in enumerate(ids[1:], start=1)
+    ]
+
+
+def _alternatives(top_k: int) -> tuple[tuple[str, float], ...]:
+    return tuple((f"alt{k}", -1.0 - k) for k in range(top_k))
 
 
 class ScriptedEngine:
@@ -37,6 +51,8 @@ class ScriptedEngine:
     # True plays loraplex's engine core (kernels.engine_core_loads): requests go with their
     # adapter's load in flight (a subclass then ends refused ones with finish_reason "error").
     loads_adapters_on_arrival = False
+    # True: each token asked for logprobs has them, logprob -0.5, alternatives as a prompt's.
+    scripted_logprobs = False
 
     def __init__(
         self,
@@ -90,7 +106,7 @@ class ScriptedEngine:
             if pause:
                 await asyncio.sleep(pause)
             self.tokens_produced += 1
-            yield GenerationUpdate(
+            update = GenerationUpdate(
                 prompt_tokens=len(prompt_token_ids),
                 choices=[
                     ChoiceDelta(
@@ -99,6 +115,11 @@ class ScriptedEngine:
                         token_ids=[
                             i if i < len(self.words) and words[i] == self.words[i] else 1000 + i
                         ],
+                        logprobs=(
+                            [TokenLogprob(words[i], -0.5, _alternatives(options.logprobs))]
+                            if self.scripted_logprobs and options.logprobs is not None
+                            else None
+                        ),
                         finish_reason=self.finish_reason if last else None,
                         stop_reason=self.stop_reason if last else None,
                     )
@@ -107,6 +128,11 @@ class ScriptedEngine:
                 finished=last,
                 cached_prompt_tokens=self.cached_prompt_tokens,
             )
+            if i == 0 and options.echo_logprobs is not None:
+                update.prompt_logprobs = scripted_prompt_logprobs(
+                    prompt_token_ids, options.echo_logprobs
+                )
+            yield update
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

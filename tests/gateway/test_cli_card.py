@@ -91,3 +91,36 @@ def test_the_documents_worked_example_breaks_even_at_384_million_tokens():
         assert RUN.invoke(app, args).exit_code == 2
     zero = ["break-even", "--fixed-cost", "1", "--teacher-price", "2", "--student-price", "1"]
     assert RUN.invoke(app, [*zero, "--tokens-per-day", "0"]).exit_code == 2
+
+
+def test_dpo_check_prints_the_figures_and_fails_on_a_length_bias(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"q{i}", "chosen": "a b c d e f", "rejected": "a b c d e"} for i in range(600)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    passed = RUN.invoke(app, ["card", "dpo-check", str(data), "--scope", "narrow"])
+    assert passed.exit_code == 0, passed.output
+    assert "pair_length_diff       0.2" in passed.output
+    assert "warning  audit_error_rate: 0 pairs audited" in passed.output
+    assert RUN.invoke(app, ["card", "dpo-check", str(data), "--strict"]).exit_code == 1
+    rows = [
+        {"prompt": f"q{i}", "chosen": "a b c d e f g", "rejected": "a b c d e"} for i in range(600)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    failed = RUN.invoke(app, ["card", "dpo-check", str(data), "--json"])
+    assert failed.exit_code == 1, failed.output
+    body = json.loads(failed.output)
+    assert body["figures"]["pair_length_diff"] == 0.4
+    assert body["findings"][0]["field"] == "pair_length_diff"
+
+
+def test_dpo_check_bad_input_is_a_usage_error(tmp_path):
+    missing = RUN.invoke(app, ["card", "dpo-check", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 2 and "cannot read" in missing.output
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    scope = RUN.invoke(app, ["card", "dpo-check", str(data), "--scope", "wide"])
+    assert scope.exit_code == 2 and "--scope is narrow or broad" in scope.output
+    folder = RUN.invoke(app, ["card", "dpo-check", str(tmp_path)])
+    assert folder.exit_code == 2 and "cannot read" in folder.output

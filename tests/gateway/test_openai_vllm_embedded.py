@@ -149,7 +149,7 @@ def run_final_only(delay_s: float) -> tuple[object, float]:
 
 def test_a_non_streamed_output_carries_when_vllm_made_its_first_token():
     output, first = run_final_only(delay_s=0.2)
-    update = _update(output, 2, None)
+    update = _update(output, 2, SamplingOptions(max_tokens=2))
     assert update.finished and len(update.choices[0].token_ids) == 3
     assert update.first_token_at is not None
     # The first token came 0.4 s before this (only) update: TTFT must not include that.

@@ -18,10 +18,10 @@ def spec() -> dict[str, Any]:
 def has_example(spec: dict[str, Any], schema: dict[str, Any] | None) -> bool:
     if not schema:
         return False
+    if "example" in schema or "examples" in schema:  # beside a $ref too (a route's own)
+        return True
     if "$ref" in schema:
         return has_example(spec, spec["components"]["schemas"][schema["$ref"].split("/")[-1]])
-    if "example" in schema or "examples" in schema:
-        return True
     if schema.get("type") == "array":
         return has_example(spec, schema.get("items"))
     if any(

@@ -63,6 +63,9 @@ def test_only_adapter_prompts_within_the_cap_are_sampled_at_the_rate():
     many = SamplingOptions(max_tokens=4, n=2)
     assert every.plan(served("a"), [[1]], many, 1) is many
     assert every.plan(served("a"), [[1], [1]], options, 2) is options
+    # an echo with logprobs is an eval harness scoring answers, not the adapter's traffic
+    scoring = SamplingOptions(max_tokens=1, echo_logprobs=0)
+    assert every.plan(served("a"), [[1, 2]], scoring, 1) is scoring
     some = drift(sample_rate=0.25)
     picked = sum(some.plan(served("a"), [[1]], options, 1).prompt_logprobs for _ in range(10_000))
     assert 2300 < picked < 2700

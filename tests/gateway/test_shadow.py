@@ -155,6 +155,22 @@ def test_client_gets_the_stable_and_the_candidate_gets_a_copy(demo_root):
         assert wait_for(lambda: len(shadow_calls(engine)) == running + 2)
 
 
+def test_an_echo_with_logprobs_is_mirrored_without_its_prompt_logprobs(demo_root):
+    """Nothing reads a mirror's logprobs: asking for the prompt's would only cost the candidate
+    every prompt position's logits and its prefix cache."""
+    engine = ScriptedEngine(WORDS)
+    name = "sh-echo"
+    with client_for(demo_root, engine) as client:
+        with_shadow(client, engine, demo_root, name, 100)
+        answer = complete(client, name, user="user-1", echo=True, logprobs=1, max_tokens=2)
+        assert answer["choices"][0]["logprobs"]["token_logprobs"][0] is None
+        client_call = next(c for c in reversed(engine.calls) if not c[0].startswith("shadow-"))
+        assert client_call[2].echo_logprobs == 1
+        assert wait_for(lambda: len(shadow_calls(engine)) == 1)
+        mirrored = shadow_calls(engine)[0][2]
+        assert mirrored.echo_logprobs is None and mirrored.logprobs is None
+
+
 def test_mirrors_over_the_cap_are_dropped_and_failures_counted(demo_root):
     engine = ScriptedEngine(WORDS)
     name = "sh-cap"

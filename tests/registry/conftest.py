@@ -154,6 +154,7 @@ async def blank_engine(
 
 
 TABLES = (
+    "dataset_ngram_filters",
     "feedback_verdicts",
     "rollout_events",
     "audit_log",

@@ -18,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from registry import service
 from registry.compat import BaseModelFingerprint
 from registry.db import alembic_config, make_session_factory, migrate
+from registry.ngram_filter import FilterHeader, NgramFilter, ngram_hashes
 from registry.store.local import LocalArtifactStore
 
-HEAD = "0005"
+HEAD = "0006"
 SHADOW_COLUMNS = {"shadow_version", "shadow_percent"}
 ROLLOUT_COLUMNS = {
     "canary_percent",
@@ -241,6 +242,46 @@ async def test_a_0004_database_upgrades_to_feedback_verdicts(
     await downgrade(blank_engine, "0004")  # the verdicts go, the adapters stay
     revision, tables, columns = await schema(blank_engine)
     assert revision == "0004" and "feedback_verdicts" not in tables and columns >= SHADOW_COLUMNS
+
+
+async def test_a_0005_database_upgrades_to_dataset_ngram_filters(
+    blank_engine: AsyncEngine, base_fp: BaseModelFingerprint
+):
+    await migrate(blank_engine, revision="0005")
+    await write_old_rows(blank_engine, base_fp)
+    assert "dataset_ngram_filters" not in (await schema(blank_engine))[1]
+    await migrate(blank_engine)
+    revision, tables, _ = await schema(blank_engine)
+    assert revision == HEAD and "dataset_ngram_filters" in tables
+    ngram_filter = NgramFilter.sized_for(10)
+    ngram_filter.add(ngram_hashes("one two three four five six seven eight nine"))
+    header = FilterHeader(
+        dataset_sha256="ab" * 32,
+        ngram_words=8,
+        hash_count=ngram_filter.hash_count,
+        bit_count=ngram_filter.bit_count,
+        ngrams=2,
+        texts=1,
+        lines=1,
+        dataset_bytes=50,
+    )
+    sessions = make_session_factory(blank_engine)
+    async with sessions() as session:
+        await service.register_ngram_filter(
+            session,
+            header=header,
+            ngram_filter=ngram_filter,
+            false_positive_rate=ngram_filter.false_positive_rate(),
+            actor="root",
+        )
+        loaded = await service.load_ngram_filters(session, dataset_sha256s=["ab" * 32])
+        assert bytes(loaded["ab" * 32][1].bits) == bytes(ngram_filter.bits)
+        assert (await service.rollout_status(session, name="acme-private")).stable_version == 1
+
+    await downgrade(blank_engine, "0005")  # the filters go, the adapters stay
+    revision, tables, columns = await schema(blank_engine)
+    assert revision == "0005" and "dataset_ngram_filters" not in tables
+    assert "feedback_verdicts" in tables and columns >= SHADOW_COLUMNS
 
 
 async def test_downgrade_and_upgrade_again(
