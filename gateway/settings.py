@@ -237,26 +237,15 @@ class Settings(EngineSettings, BaseSettings):
         "whose gates pass (seed: no promotion past evaluated without gate results); false: an "
         "operator's reason is enough, a report is checked when given.",
     )
+    # Details of these three: README (settings table, "Eval contamination").
     echo_logprobs_max_prompt_tokens: int = Field(
-        8192,
-        ge=1,
-        le=131_072,
-        description="Most prompt tokens (over its prompts) one completion may echo with "
-        "logprobs: each becomes an entry with its alternatives in the answer, and the engine "
-        "computes logits over the vocabulary at every prompt position; more are refused 400.",
+        8192, ge=1, le=131_072, description="Most prompt tokens one echo with logprobs scores."
     )
     evaluate_requires_ngram_filters: bool = Field(
-        False,
-        description="An eval report is evidence only when every dataset the version's card "
-        "lists has a registered n-gram filter to check the suite against (seed: firewall eval "
-        "data), and evaluating needs a report; false: the datasets that have one are checked.",
+        False, description="Evaluate needs a report checked against every card dataset's filter."
     )
-    ngram_filter_max_bytes: int = Field(
-        64 * 1024**2,
-        gt=0,
-        le=512 * 1024**2,  # registry.ngram_filter.MAX_BITS
-        description="Largest dataset n-gram filter the admin API accepts (PUT "
-        "/admin/v1/datasets/{sha256}/ngram-filter).",
+    ngram_filter_max_bytes: int = Field(  # at most registry.ngram_filter.MAX_BITS / 8
+        64 * 1024**2, gt=0, le=512 * 1024**2, description="Largest dataset n-gram filter."
     )
 
     @field_validator(
